@@ -1,0 +1,172 @@
+//! The lease model and the [`LeaseStore`] trait (the Java KCL's `Lease` and
+//! `LeaseRefresher`).
+//!
+//! A lease is one item of the lease table per shard. Its `lease_counter` is the fencing
+//! token: every write that changes ownership or progress is conditional on the counter
+//! (and owner) the writer last saw, and increments it. Workers judge expiry by watching
+//! the counter change on their own monotonic clock, never by comparing wall clocks.
+//!
+//! `kcl-core` defines the trait; `kcl-dynamo` implements it on DynamoDB.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::LeaseStoreError;
+use crate::sequence::ExtendedSequenceNumber;
+
+/// The hash key range a shard covers, as decimal strings (kept for lineage decisions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashKeyRange {
+    /// `startingHashKey`, inclusive.
+    pub starting_hash_key: String,
+    /// `endingHashKey`, inclusive.
+    pub ending_hash_key: String,
+}
+
+/// One shard's lease, with the attributes of the Java KCL's lease item.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// `leaseKey`: the shard id.
+    pub lease_key: String,
+    /// `leaseOwner`: the worker id holding the lease, `None` when unowned.
+    pub lease_owner: Option<String>,
+    /// `leaseCounter`: incremented by every conditional write; the fencing token.
+    pub lease_counter: u64,
+    /// `checkpoint` + `checkpointSubSequenceNumber`: everything up to here is processed.
+    pub checkpoint: ExtendedSequenceNumber,
+    /// `pendingCheckpoint` (+ sub-sequence): a prepared, not yet committed, checkpoint.
+    pub pending_checkpoint: Option<ExtendedSequenceNumber>,
+    /// `pendingCheckpointState`: application state saved with a prepared checkpoint.
+    pub pending_checkpoint_state: Option<Bytes>,
+    /// `ownerSwitchesSinceCheckpoint`: how often the lease changed hands without progress.
+    pub owner_switches_since_checkpoint: u64,
+    /// `parentShardId`: the shards this one was split or merged from.
+    pub parent_shard_ids: BTreeSet<String>,
+    /// `childShardIds`: the shards this one was split or merged into, once known.
+    pub child_shard_ids: BTreeSet<String>,
+    /// `startingHashKey` / `endingHashKey`.
+    pub hash_key_range: Option<HashKeyRange>,
+    /// `checkpointOwner`: the worker a graceful handoff is addressed to, if any.
+    pub checkpoint_owner: Option<String>,
+}
+
+impl Lease {
+    /// A new, unowned lease for a shard, starting at `checkpoint`.
+    pub fn new(lease_key: impl Into<String>, checkpoint: ExtendedSequenceNumber) -> Self {
+        Self {
+            lease_key: lease_key.into(),
+            lease_owner: None,
+            lease_counter: 0,
+            checkpoint,
+            pending_checkpoint: None,
+            pending_checkpoint_state: None,
+            owner_switches_since_checkpoint: 0,
+            parent_shard_ids: BTreeSet::new(),
+            child_shard_ids: BTreeSet::new(),
+            hash_key_range: None,
+            checkpoint_owner: None,
+        }
+    }
+
+    /// Sets the parent shard ids.
+    pub fn with_parents(mut self, parents: impl IntoIterator<Item = String>) -> Self {
+        self.parent_shard_ids = parents.into_iter().collect();
+        self
+    }
+
+    /// Sets the hash key range.
+    pub fn with_hash_key_range(mut self, range: HashKeyRange) -> Self {
+        self.hash_key_range = Some(range);
+        self
+    }
+
+    /// True when `worker_id` is the recorded owner.
+    pub fn is_owned_by(&self, worker_id: &str) -> bool {
+        self.lease_owner.as_deref() == Some(worker_id)
+    }
+}
+
+/// Persistent storage of leases with conditional (fenced) writes.
+///
+/// Every method that changes a lease is conditional: it succeeds only when the stored
+/// item still has the counter (and, where stated, the owner) of the `lease` passed in.
+/// On success the method updates `lease` in place to what it wrote (counter incremented,
+/// owner changed, ...) and returns `Ok(true)`; when the condition fails it returns
+/// `Ok(false)` and leaves `lease` untouched. `Err` means the outcome is unknown or the
+/// store is unusable; the variants say how to react.
+///
+/// Implementations must be safe to call concurrently from many tasks.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + Debug + 'static {
+    /// Creates the lease table if it does not exist and waits until it is usable.
+    /// Returns `true` when it created the table.
+    ///
+    /// # Errors
+    /// [`LeaseStoreError::InvalidTable`] when a table of that name exists with another
+    /// key schema; [`LeaseStoreError::Dependency`] / [`LeaseStoreError::Throttled`] for
+    /// transient failures.
+    async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError>;
+
+    /// Reads every lease. Items that are not leases of this application (other kinds of
+    /// item in a shared table) are skipped; an item that looks like a lease but has a
+    /// corrupt attribute is an error naming the lease key.
+    ///
+    /// # Errors
+    /// [`LeaseStoreError::CorruptLease`], [`LeaseStoreError::TableNotFound`], transient errors.
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError>;
+
+    /// Reads one lease.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::list_leases`].
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError>;
+
+    /// Writes `lease` if no lease with its key exists. Returns `false` when one did.
+    ///
+    /// # Errors
+    /// Transient errors, [`LeaseStoreError::TableNotFound`].
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Renews a lease the caller holds: conditional on counter and owner; increments
+    /// the counter. Implementations should recover from a spurious failure of a retried
+    /// write by re-reading the item (owner still the caller, counter one higher).
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Takes a lease for `owner`: conditional on the counter (and the owner the caller
+    /// saw); sets the owner, increments the counter, and increments
+    /// `ownerSwitchesSinceCheckpoint` when the owner changes.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError>;
+
+    /// Releases a lease (the Java KCL's `evictLease`): conditional on the owner the
+    /// caller saw; clears the owner and increments the counter so that any worker can
+    /// take it at once.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Writes the checkpoint fields (`checkpoint`, `checkpointSubSequenceNumber`, the
+    /// three pending-checkpoint attributes — removed when `None` —, and
+    /// `ownerSwitchesSinceCheckpoint` reset to 0, and `childShardIds` when non-empty):
+    /// conditional on counter and owner; increments the counter.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Deletes a lease; conditional on nothing (used for finished shards' cleanup).
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
+}

@@ -1,0 +1,62 @@
+//! The record a processor receives (the Java KCL's `KinesisClientRecord`).
+
+use std::fmt;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+
+/// One user record. For a record that came out of a KPL aggregated record, the
+/// sequence number is the aggregated record's and `sub_sequence_number` its index.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The payload. Never logged by this library.
+    pub data: Bytes,
+    /// The partition key (for aggregated records, the user record's own key).
+    pub partition_key: String,
+    /// The explicit hash key, when the producer set one.
+    pub explicit_hash_key: Option<String>,
+    /// The Kinesis sequence number.
+    pub sequence_number: SequenceNumber,
+    /// The index inside an aggregated record; 0 for plain records.
+    pub sub_sequence_number: u64,
+    /// `ApproximateArrivalTimestamp`, when Kinesis reported one.
+    pub approximate_arrival_timestamp: Option<SystemTime>,
+    /// True when this record was unpacked from a KPL aggregated record.
+    pub aggregated: bool,
+}
+
+impl Record {
+    /// A plain (not aggregated) record.
+    pub fn new(data: Bytes, partition_key: impl Into<String>, sequence_number: SequenceNumber) -> Self {
+        Self {
+            data,
+            partition_key: partition_key.into(),
+            explicit_hash_key: None,
+            sequence_number,
+            sub_sequence_number: 0,
+            approximate_arrival_timestamp: None,
+            aggregated: false,
+        }
+    }
+
+    /// The record's position, for checkpoints and ordering.
+    pub fn extended_sequence_number(&self) -> ExtendedSequenceNumber {
+        ExtendedSequenceNumber::new(self.sequence_number.clone(), self.sub_sequence_number)
+    }
+}
+
+impl fmt::Debug for Record {
+    /// Payloads are never printed: they may hold personal data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("sequence_number", &self.sequence_number)
+            .field("sub_sequence_number", &self.sub_sequence_number)
+            .field("partition_key_len", &self.partition_key.len())
+            .field("data_len", &self.data.len())
+            .field("aggregated", &self.aggregated)
+            .finish()
+    }
+}
