@@ -1,12 +1,90 @@
-//! Kinesis Client Library core (work in progress).
+//! # kcl-core: the Kinesis Client Library for Rust
+//!
+//! A consumer framework for Amazon Kinesis Data Streams in the spirit of the Java KCL:
+//! workers share a stream's shards through leases kept in a lease table, hand each
+//! shard's records in order to your [`RecordProcessor`], and record progress as
+//! checkpoints in the lease. This crate has no DynamoDB dependency: the lease table is a
+//! [`LeaseStore`], implemented on DynamoDB by the crate `kcl-dynamo`.
+//!
+//! ```no_run
+//! use kcl_core::{ProcessRecordsInput, RecordProcessor, ProcessorError, Scheduler};
+//!
+//! struct Printer;
+//!
+//! #[async_trait::async_trait]
+//! impl RecordProcessor for Printer {
+//!     async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+//!         for record in &input.records {
+//!             println!("{} bytes at {}", record.data.len(), record.sequence_number);
+//!         }
+//!         input.checkpointer.checkpoint().await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run(kinesis: aws_sdk_kinesis::Client, store: impl kcl_core::LeaseStore) -> Result<(), Box<dyn std::error::Error>> {
+//! let scheduler = Scheduler::builder("my-stream")
+//!     .kinesis_client(kinesis)
+//!     .lease_store(store)
+//!     .processor_factory(|_shard_id: &str| Printer)
+//!     .build()?;
+//! let shutdown = scheduler.shutdown_handle();
+//! tokio::spawn(async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     shutdown.shutdown();
+//! });
+//! scheduler.run().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//! - [`processor`]: the [`RecordProcessor`] trait you implement, its inputs, and the factory.
+//! - [`checkpoint`]: the [`Checkpointer`] (validated, fenced) and two-phase checkpoints.
+//! - [`scheduler`]: the [`Scheduler`] that runs a worker, its builder and shutdown handle.
+//! - [`config`]: one config struct per area, with the Java KCL's defaults.
+//! - [`lease`]: the [`Lease`] model and the [`LeaseStore`] trait.
+//! - [`consumer`]: the per-shard state machine ([`ShardConsumerState`], [`ShutdownReason`]).
+//! - [`record`]: the [`Record`] handed to processors.
+//! - [`sequence`]: sequence numbers, checkpoint sentinels, [`ExtendedSequenceNumber`].
+//! - [`aggregation`]: KPL aggregated-record de-aggregation (and aggregation, for tests).
+//! - [`retry`]: the one retry policy (exponential backoff, full jitter).
+//! - [`metrics`]: the counters and gauges emitted, through the `metrics` facade.
+//! - [`error`]: typed errors, one variant per way to react.
+//!
+//! Internal modules: `coordinator` (lease renewal, taking, fenced writes), `shard_sync`
+//! (`ListShards` and lease creation), `retrieval` (polling `GetRecords` with bounded
+//! prefetch).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+pub mod aggregation;
+pub mod checkpoint;
+pub mod config;
+pub mod consumer;
+mod coordinator;
 pub mod error;
 pub mod lease;
+pub mod metrics;
+pub mod processor;
 pub mod record;
+mod retrieval;
+pub mod retry;
+pub mod scheduler;
 pub mod sequence;
+mod shard_sync;
 
-pub use error::{CheckpointError, ConfigError, LeaseStoreError, SchedulerError};
+pub use checkpoint::{Checkpointer, PreparedCheckpointer};
+pub use config::{
+    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, OnProcessorFailure, ProcessorErrorPolicy,
+    RetrievalConfig,
+};
+pub use consumer::{ShardConsumerState, ShutdownReason};
+pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};
 pub use lease::{Lease, LeaseStore};
+pub use processor::{
+    InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory, ShardEndedInput,
+    ShutdownRequestedInput,
+};
 pub use record::Record;
+pub use retry::RetryPolicy;
+pub use scheduler::{Scheduler, SchedulerBuilder, ShutdownHandle};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};

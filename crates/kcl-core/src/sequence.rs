@@ -26,7 +26,11 @@ impl SequenceNumber {
             return Err(InvalidSequenceNumber(s.to_owned()));
         }
         let trimmed = s.trim_start_matches('0');
-        Ok(Self(if trimmed.is_empty() { "0".to_owned() } else { trimmed.to_owned() }))
+        Ok(Self(if trimmed.is_empty() {
+            "0".to_owned()
+        } else {
+            trimmed.to_owned()
+        }))
     }
 
     /// The decimal form.
@@ -144,12 +148,18 @@ impl ExtendedSequenceNumber {
     pub const SHARD_END: Self = Self::sentinel(Checkpoint::ShardEnd);
 
     const fn sentinel(checkpoint: Checkpoint) -> Self {
-        Self { checkpoint, sub_sequence_number: 0 }
+        Self {
+            checkpoint,
+            sub_sequence_number: 0,
+        }
     }
 
     /// A position at a record.
     pub fn new(sequence_number: SequenceNumber, sub_sequence_number: u64) -> Self {
-        Self { checkpoint: Checkpoint::Sequence(sequence_number), sub_sequence_number }
+        Self {
+            checkpoint: Checkpoint::Sequence(sequence_number),
+            sub_sequence_number,
+        }
     }
 
     /// The sequence number, when this is not a sentinel.
@@ -181,9 +191,7 @@ impl PartialOrd for ExtendedSequenceNumber {
         match (self.rank(), other.rank()) {
             (0, 0) => (self.checkpoint == other.checkpoint).then_some(Ordering::Equal),
             (1, 1) => {
-                let (Checkpoint::Sequence(a), Checkpoint::Sequence(b)) =
-                    (&self.checkpoint, &other.checkpoint)
-                else {
+                let (Checkpoint::Sequence(a), Checkpoint::Sequence(b)) = (&self.checkpoint, &other.checkpoint) else {
                     return None;
                 };
                 Some(a.cmp(b).then(self.sub_sequence_number.cmp(&other.sub_sequence_number)))

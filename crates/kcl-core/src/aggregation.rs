@@ -1,0 +1,583 @@
+//! KPL de-aggregation (the Java KCL's `AggregatorUtil`): unpacks the user records that
+//! the Kinesis Producer Library packs into one Kinesis record, and packs them for tests
+//! and producers.
+//!
+//! An aggregated record's data is `MAGIC || protobuf(AggregatedRecord) || MD5(protobuf)`,
+//! as described in the KPL's `aggregation-format.md`. Each user record comes out as a
+//! [`Record`] with the outer record's sequence number and arrival timestamp, its index as
+//! `sub_sequence_number`, its own partition key (and explicit hash key, if any) and
+//! `aggregated = true`. Its data is a slice of the outer record's buffer, not a copy.
+//!
+//! Where the Java KCL silently delivers a broken aggregated record as if it were a plain
+//! one, this module returns a [`DeaggregationError`]: once the MD5 matches, the record is
+//! certainly aggregated, and delivering its raw bytes would hand the processor wrong data.
+//! Data that merely starts with the magic bytes but whose digest does not match is a
+//! plain record (a producer may write any bytes) and passes through unchanged, as in Java.
+//!
+//! The Java KCL also drops user records whose hash key falls outside the shard's range
+//! after a re-shard; this module does not.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use prost::Message;
+
+use crate::record::Record;
+use crate::sequence::SequenceNumber;
+
+/// The four bytes that open every KPL aggregated record (`AGGREGATED_RECORD_MAGIC` in the
+/// Java KCL).
+pub const AGGREGATED_RECORD_MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+
+/// Length of the MD5 digest that closes an aggregated record.
+const DIGEST_LEN: usize = 16;
+
+/// The KPL's protobuf messages (`messages.proto`), written by hand so that no build script
+/// or `protoc` is needed.
+///
+/// The schema is proto2. Its `required` fields are declared `optional` here so that a
+/// missing one is seen (prost would otherwise decode it as 0 or empty, and a missing
+/// `partition_key_index` would silently become the first key of the table); the wire
+/// format of a present field is the same either way.
+mod proto {
+    use bytes::Bytes;
+
+    /// `message AggregatedRecord`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct AggregatedRecord {
+        /// Partition keys, de-duplicated; user records point into it by index.
+        #[prost(string, repeated, tag = "1")]
+        pub(super) partition_key_table: Vec<String>,
+        /// Explicit hash keys, de-duplicated; user records point into it by index.
+        #[prost(string, repeated, tag = "2")]
+        pub(super) explicit_hash_key_table: Vec<String>,
+        /// The user records, in the order the producer added them.
+        #[prost(message, repeated, tag = "3")]
+        pub(super) records: Vec<UserRecord>,
+    }
+
+    /// `message Tag`. Decoded (so that a malformed tag is reported) but not used.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Tag {
+        /// `required string key = 1`.
+        #[prost(string, optional, tag = "1")]
+        pub(super) key: Option<String>,
+        /// `optional string value = 2`.
+        #[prost(string, optional, tag = "2")]
+        pub(super) value: Option<String>,
+    }
+
+    /// `message Record` (named `UserRecord` here to keep it apart from [`crate::record::Record`]).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct UserRecord {
+        /// `required uint64 partition_key_index = 1`.
+        #[prost(uint64, optional, tag = "1")]
+        pub(super) partition_key_index: Option<u64>,
+        /// `optional uint64 explicit_hash_key_index = 2`.
+        #[prost(uint64, optional, tag = "2")]
+        pub(super) explicit_hash_key_index: Option<u64>,
+        /// `required bytes data = 3`. `Bytes`, so that decoding from a `Bytes` buffer
+        /// slices it instead of copying.
+        #[prost(bytes = "bytes", optional, tag = "3")]
+        pub(super) data: Option<Bytes>,
+        /// `repeated Tag tags = 4`.
+        #[prost(message, repeated, tag = "4")]
+        pub(super) tags: Vec<Tag>,
+    }
+}
+
+/// Which key table of an aggregated record an index points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyTable {
+    /// `partition_key_table`.
+    PartitionKey,
+    /// `explicit_hash_key_table`.
+    ExplicitHashKey,
+}
+
+impl fmt::Display for KeyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::PartitionKey => "partition_key_table",
+            Self::ExplicitHashKey => "explicit_hash_key_table",
+        })
+    }
+}
+
+/// A record that is certainly KPL-aggregated (magic and MD5 match) but cannot be unpacked.
+///
+/// The producer wrote a broken record; retrying will not help. The caller decides whether
+/// to stop the shard or skip the record; delivering its raw bytes would be wrong data.
+/// No variant holds any of the payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeaggregationError {
+    /// The protobuf between the magic and the digest does not decode as an
+    /// `AggregatedRecord`, or a user record lacks a required field.
+    #[error("aggregated record {sequence_number} is malformed: {reason}")]
+    Malformed {
+        /// The Kinesis record's sequence number.
+        sequence_number: SequenceNumber,
+        /// The decoder's message (field names and wire errors, never data).
+        reason: String,
+    },
+    /// A user record points past the end of a key table.
+    #[error(
+        "aggregated record {sequence_number}, user record {sub_sequence_number}: \
+         index {index} is out of range of {table} (length {table_len})"
+    )]
+    IndexOutOfRange {
+        /// The Kinesis record's sequence number.
+        sequence_number: SequenceNumber,
+        /// The user record's position inside the aggregated record.
+        sub_sequence_number: u64,
+        /// The table the index points into.
+        table: KeyTable,
+        /// The index the user record holds.
+        index: u64,
+        /// The number of entries in the table.
+        table_len: usize,
+    },
+}
+
+/// Splits `data` into the protobuf and the digest when it opens with the magic and is
+/// long enough to hold the digest; `None` for anything else.
+fn split_aggregated(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = data.strip_prefix(&AGGREGATED_RECORD_MAGIC[..])?;
+    let protobuf_len = rest.len().checked_sub(DIGEST_LEN)?;
+    Some(rest.split_at(protobuf_len))
+}
+
+/// Unpacks one Kinesis record into its user records (the Java KCL's
+/// `AggregatorUtil.deaggregate`, for one record).
+///
+/// - Data that does not start with [`AGGREGATED_RECORD_MAGIC`], or is too short to hold
+///   the magic and the 16-byte digest, is a plain record: returned unchanged, alone.
+/// - Data that starts with the magic but whose MD5 does not match is also a plain record
+///   (a producer may write those bytes), returned unchanged; this is logged at `debug`.
+/// - Otherwise each user record becomes a [`Record`] with the outer sequence number and
+///   arrival timestamp, `sub_sequence_number` = its index (0, 1, ...), its own partition
+///   key and explicit hash key, its data (sharing the outer buffer) and
+///   `aggregated = true`. An aggregated record holding no user records yields an empty
+///   `Vec`. (Unlike the Java KCL, which needs at least one protobuf byte, the 20 bytes
+///   `MAGIC || MD5("")` count as such an empty aggregated record.)
+///
+/// Hash-key filtering after a re-shard, which the Java KCL also does here, is not done.
+///
+/// # Errors
+/// [`DeaggregationError::Malformed`] when the magic and MD5 match but the protobuf does
+/// not decode or a user record lacks a required field;
+/// [`DeaggregationError::IndexOutOfRange`] when a user record's key index is past the end
+/// of its table. Either way the record as a whole is rejected.
+pub fn deaggregate(record: Record) -> Result<Vec<Record>, DeaggregationError> {
+    let Some((protobuf, digest)) = split_aggregated(&record.data) else {
+        return Ok(vec![record]);
+    };
+    if Md5::digest(protobuf).as_slice() != digest {
+        tracing::debug!(
+            sequence_number = %record.sequence_number,
+            data_len = record.data.len(),
+            "record starts with the KPL magic but its MD5 does not match; \
+             delivering it as a plain record"
+        );
+        return Ok(vec![record]);
+    }
+
+    let start = AGGREGATED_RECORD_MAGIC.len();
+    let body = record.data.slice(start..start + protobuf.len());
+    let malformed = |reason: String| DeaggregationError::Malformed {
+        sequence_number: record.sequence_number.clone(),
+        reason,
+    };
+    let aggregated = proto::AggregatedRecord::decode(body).map_err(|e| malformed(e.to_string()))?;
+
+    let mut user_records = Vec::with_capacity(aggregated.records.len());
+    for (sub_sequence_number, user) in (0u64..).zip(aggregated.records) {
+        let lookup = |table: KeyTable, keys: &[String], index: u64| {
+            usize::try_from(index)
+                .ok()
+                .and_then(|i| keys.get(i))
+                .cloned()
+                .ok_or_else(|| DeaggregationError::IndexOutOfRange {
+                    sequence_number: record.sequence_number.clone(),
+                    sub_sequence_number,
+                    table,
+                    index,
+                    table_len: keys.len(),
+                })
+        };
+        let pk_index = user
+            .partition_key_index
+            .ok_or_else(|| malformed(format!("user record {sub_sequence_number} has no partition_key_index")))?;
+        let data = user
+            .data
+            .ok_or_else(|| malformed(format!("user record {sub_sequence_number} has no data")))?;
+        if user.tags.iter().any(|tag| tag.key.is_none()) {
+            return Err(malformed(format!(
+                "user record {sub_sequence_number} has a tag without a key"
+            )));
+        }
+        let partition_key = lookup(KeyTable::PartitionKey, &aggregated.partition_key_table, pk_index)?;
+        let explicit_hash_key = user
+            .explicit_hash_key_index
+            .map(|i| lookup(KeyTable::ExplicitHashKey, &aggregated.explicit_hash_key_table, i))
+            .transpose()?;
+        user_records.push(Record {
+            data,
+            partition_key,
+            explicit_hash_key,
+            sequence_number: record.sequence_number.clone(),
+            sub_sequence_number,
+            approximate_arrival_timestamp: record.approximate_arrival_timestamp,
+            aggregated: true,
+        });
+    }
+    Ok(user_records)
+}
+
+/// Unpacks every record of a batch with [`deaggregate`], keeping their order (the Java
+/// KCL's `AggregatorUtil.deaggregate(List)`).
+///
+/// # Errors
+/// The first [`DeaggregationError`] of the batch; records already unpacked are dropped
+/// with it, so the caller sees the whole batch or nothing.
+pub fn deaggregate_all(records: impl IntoIterator<Item = Record>) -> Result<Vec<Record>, DeaggregationError> {
+    let records = records.into_iter();
+    let mut out = Vec::with_capacity(records.size_hint().0);
+    for record in records {
+        out.extend(deaggregate(record)?);
+    }
+    Ok(out)
+}
+
+/// Packs user records into the data of one KPL aggregated record: the inverse of
+/// [`deaggregate`]. A helper for tests and for producers that aggregate without the KPL.
+///
+/// Each element is `(partition key, explicit hash key, data)`. Partition keys and
+/// explicit hash keys are de-duplicated into their tables, as the KPL does. An empty
+/// slice gives `MAGIC || MD5("")`, which [`deaggregate`] reads as zero user records.
+///
+/// Kinesis's limits are not checked: the result must still fit in one record (1 MiB),
+/// and Kinesis routes it by the partition key the caller puts on the outer record.
+pub fn encode_aggregated(user_records: &[(String, Option<String>, Bytes)]) -> Bytes {
+    fn index_of<'a>(key: &'a str, index: &mut HashMap<&'a str, u64>, table: &mut Vec<String>) -> u64 {
+        *index.entry(key).or_insert_with(|| {
+            table.push(key.to_owned());
+            // A table never has more entries than a slice has elements, so this fits.
+            (table.len() - 1) as u64
+        })
+    }
+
+    let mut pk_index = HashMap::new();
+    let mut ehk_index = HashMap::new();
+    let mut message = proto::AggregatedRecord::default();
+    for (partition_key, explicit_hash_key, data) in user_records {
+        let partition_key_index = index_of(partition_key, &mut pk_index, &mut message.partition_key_table);
+        let explicit_hash_key_index = explicit_hash_key
+            .as_deref()
+            .map(|ehk| index_of(ehk, &mut ehk_index, &mut message.explicit_hash_key_table));
+        message.records.push(proto::UserRecord {
+            partition_key_index: Some(partition_key_index),
+            explicit_hash_key_index,
+            data: Some(data.clone()),
+            tags: Vec::new(),
+        });
+    }
+
+    let protobuf = message.encode_to_vec();
+    let digest = Md5::digest(&protobuf);
+    let mut out = Vec::with_capacity(AGGREGATED_RECORD_MAGIC.len() + protobuf.len() + DIGEST_LEN);
+    out.extend_from_slice(&AGGREGATED_RECORD_MAGIC);
+    out.extend_from_slice(&protobuf);
+    out.extend_from_slice(&digest);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn seq(s: &str) -> SequenceNumber {
+        SequenceNumber::parse(s).expect("valid sequence number")
+    }
+
+    const OUTER_SEQ: &str = "49590338271490256608559692538361571095921575989136588898";
+
+    fn outer(data: Bytes) -> Record {
+        let mut record = Record::new(data, "outer-key", seq(OUTER_SEQ));
+        record.approximate_arrival_timestamp = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        record
+    }
+
+    /// Frames a hand-built protobuf as an aggregated record with a valid digest.
+    fn frame(protobuf: &[u8]) -> Bytes {
+        let mut out = AGGREGATED_RECORD_MAGIC.to_vec();
+        out.extend_from_slice(protobuf);
+        out.extend_from_slice(&Md5::digest(protobuf));
+        Bytes::from(out)
+    }
+
+    fn user(pk: &str, ehk: Option<&str>, data: &[u8]) -> (String, Option<String>, Bytes) {
+        (pk.to_owned(), ehk.map(str::to_owned), Bytes::copy_from_slice(data))
+    }
+
+    #[test]
+    fn round_trips_with_shared_keys_and_explicit_hash_key() {
+        let users = vec![
+            user("alpha", None, b"one"),
+            user("beta", Some("170141183460469231731687303715884105728"), b"two"),
+            user("alpha", None, b""),
+            user("beta", None, b"four"),
+            user("gamma", Some("170141183460469231731687303715884105728"), b"five"),
+        ];
+        let data = encode_aggregated(&users);
+
+        // The tables are de-duplicated.
+        let (protobuf, _) = split_aggregated(&data).expect("framed");
+        let message = proto::AggregatedRecord::decode(protobuf).expect("decodes");
+        assert_eq!(message.partition_key_table, ["alpha", "beta", "gamma"]);
+        assert_eq!(message.explicit_hash_key_table.len(), 1);
+
+        let input = outer(data);
+        let records = deaggregate(input.clone()).expect("deaggregates");
+        assert_eq!(records.len(), users.len());
+        for (i, (record, (pk, ehk, bytes))) in records.iter().zip(&users).enumerate() {
+            assert_eq!(&record.partition_key, pk);
+            assert_eq!(&record.explicit_hash_key, ehk);
+            assert_eq!(&record.data, bytes);
+            assert_eq!(record.sub_sequence_number, i as u64);
+            assert_eq!(record.sequence_number, input.sequence_number);
+            assert_eq!(
+                record.approximate_arrival_timestamp,
+                input.approximate_arrival_timestamp
+            );
+            assert!(record.aggregated);
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_are_outer_and_sub_sequence_numbers_count_up() {
+        let users: Vec<_> = (0..7)
+            .map(|i| user(&format!("pk{}", i % 2), None, &[i as u8]))
+            .collect();
+        let records = deaggregate(outer(encode_aggregated(&users))).expect("deaggregates");
+        let subs: Vec<u64> = records.iter().map(|r| r.sub_sequence_number).collect();
+        assert_eq!(subs, (0..7).collect::<Vec<u64>>());
+        assert!(records.iter().all(|r| r.sequence_number == seq(OUTER_SEQ)));
+        // Positions are strictly increasing, so checkpoints can name each user record.
+        for pair in records.windows(2) {
+            assert!(pair[0].extended_sequence_number() < pair[1].extended_sequence_number());
+        }
+    }
+
+    #[test]
+    fn user_data_shares_the_outer_buffer() {
+        let data = encode_aggregated(&[user("k", None, b"payload-bytes")]);
+        let range = data.as_ptr_range();
+        let records = deaggregate(outer(data.clone())).expect("deaggregates");
+        let inner = records[0].data.as_ptr_range();
+        assert!(range.start <= inner.start && inner.end <= range.end, "data was copied");
+    }
+
+    #[test]
+    fn plain_records_pass_through_unchanged() {
+        for data in [
+            &b""[..],
+            b"hello, world",
+            &AGGREGATED_RECORD_MAGIC[..2],
+            &AGGREGATED_RECORD_MAGIC[..],
+            // Magic plus fewer bytes than a digest.
+            &[
+                0xF3, 0x89, 0x9A, 0xC2, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+            ],
+        ] {
+            let input = outer(Bytes::copy_from_slice(data));
+            assert_eq!(deaggregate(input.clone()).expect("plain"), vec![input]);
+        }
+    }
+
+    #[test]
+    fn magic_with_wrong_md5_passes_through_unchanged() {
+        let mut data = encode_aggregated(&[user("k", None, b"v")]).to_vec();
+        let last = data.len() - 1;
+        data[last] ^= 0x01;
+        let input = outer(Bytes::from(data));
+        assert_eq!(deaggregate(input.clone()).expect("plain"), vec![input]);
+    }
+
+    #[test]
+    fn garbage_protobuf_with_valid_md5_is_an_error() {
+        // Wire type 7 does not exist.
+        let input = outer(frame(&[0xFF, 0xFF, 0xFF, 0x0F]));
+        match deaggregate(input) {
+            Err(DeaggregationError::Malformed {
+                sequence_number,
+                reason,
+            }) => {
+                assert_eq!(sequence_number, seq(OUTER_SEQ));
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_required_fields_are_errors() {
+        let no_pk_index = proto::AggregatedRecord {
+            partition_key_table: vec!["k".to_owned()],
+            explicit_hash_key_table: Vec::new(),
+            records: vec![proto::UserRecord {
+                partition_key_index: None,
+                explicit_hash_key_index: None,
+                data: Some(Bytes::from_static(b"v")),
+                tags: Vec::new(),
+            }],
+        };
+        let mut no_data = no_pk_index.clone();
+        no_data.records[0].partition_key_index = Some(0);
+        no_data.records[0].data = None;
+        let mut tag_without_key = no_pk_index.clone();
+        tag_without_key.records[0].partition_key_index = Some(0);
+        tag_without_key.records[0].tags = vec![proto::Tag {
+            key: None,
+            value: Some("v".to_owned()),
+        }];
+        for message in [no_pk_index, no_data, tag_without_key] {
+            let result = deaggregate(outer(frame(&message.encode_to_vec())));
+            assert!(
+                matches!(result, Err(DeaggregationError::Malformed { .. })),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_out_of_range_is_an_error() {
+        let message = proto::AggregatedRecord {
+            partition_key_table: vec!["a".to_owned(), "b".to_owned()],
+            explicit_hash_key_table: vec!["1".to_owned()],
+            records: vec![
+                proto::UserRecord {
+                    partition_key_index: Some(1),
+                    explicit_hash_key_index: None,
+                    data: Some(Bytes::from_static(b"ok")),
+                    tags: Vec::new(),
+                },
+                proto::UserRecord {
+                    partition_key_index: Some(2),
+                    explicit_hash_key_index: None,
+                    data: Some(Bytes::from_static(b"bad pk")),
+                    tags: Vec::new(),
+                },
+            ],
+        };
+        let err = deaggregate(outer(frame(&message.encode_to_vec()))).expect_err("out of range");
+        assert_eq!(
+            err,
+            DeaggregationError::IndexOutOfRange {
+                sequence_number: seq(OUTER_SEQ),
+                sub_sequence_number: 1,
+                table: KeyTable::PartitionKey,
+                index: 2,
+                table_len: 2,
+            }
+        );
+        assert!(!err.to_string().contains("bad pk"));
+
+        let mut bad_ehk = message;
+        bad_ehk.records[1].partition_key_index = Some(0);
+        bad_ehk.records[0].explicit_hash_key_index = Some(u64::MAX);
+        let err = deaggregate(outer(frame(&bad_ehk.encode_to_vec()))).expect_err("out of range");
+        assert_eq!(
+            err,
+            DeaggregationError::IndexOutOfRange {
+                sequence_number: seq(OUTER_SEQ),
+                sub_sequence_number: 0,
+                table: KeyTable::ExplicitHashKey,
+                index: u64::MAX,
+                table_len: 1,
+            }
+        );
+    }
+
+    #[test]
+    fn empty_aggregated_record_yields_no_records() {
+        assert!(deaggregate(outer(encode_aggregated(&[]))).expect("empty").is_empty());
+        // Tables but no records.
+        let message = proto::AggregatedRecord {
+            partition_key_table: vec!["k".to_owned()],
+            ..Default::default()
+        };
+        let framed = frame(&message.encode_to_vec());
+        assert!(deaggregate(outer(framed)).expect("empty").is_empty());
+    }
+
+    #[test]
+    fn deaggregate_all_keeps_order_and_mixes_plain_records() {
+        let plain = outer(Bytes::from_static(b"plain"));
+        let agg = outer(encode_aggregated(&[user("a", None, b"1"), user("b", None, b"2")]));
+        let empty = outer(encode_aggregated(&[]));
+        let out = deaggregate_all([plain.clone(), agg, empty, plain.clone()]).expect("ok");
+        let datas: Vec<&[u8]> = out.iter().map(|r| &r.data[..]).collect();
+        assert_eq!(datas, [&b"plain"[..], b"1", b"2", b"plain"]);
+        assert!(!out[0].aggregated && out[1].aggregated && !out[3].aggregated);
+
+        let broken = outer(frame(&[0xFF]));
+        assert!(deaggregate_all([plain, broken]).is_err());
+    }
+
+    /// SplitMix64: a small deterministic generator, so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn aggregate_then_deaggregate_is_identity() {
+        let key_pool = ["", "a", "partition-ключ", "🦀", "k-0123456789"];
+        let ehk_pool = ["0", "340282366920938463463374607431768211455", "42"];
+        let mut rng = Rng(0x5EED);
+        for case in 0..400 {
+            let n = rng.below(24) as usize;
+            let users: Vec<_> = (0..n)
+                .map(|_| {
+                    let pk = if rng.below(4) == 0 {
+                        format!("pk-{}", rng.next())
+                    } else {
+                        key_pool[rng.below(key_pool.len() as u64) as usize].to_owned()
+                    };
+                    let ehk =
+                        (rng.below(3) == 0).then(|| ehk_pool[rng.below(ehk_pool.len() as u64) as usize].to_owned());
+                    let len = rng.below(80) as usize;
+                    let mut data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    // Some user payloads look aggregated themselves; they must stay opaque.
+                    if rng.below(8) == 0 {
+                        data.splice(0..0, AGGREGATED_RECORD_MAGIC);
+                    }
+                    (pk, ehk, Bytes::from(data))
+                })
+                .collect();
+            let records = deaggregate(outer(encode_aggregated(&users))).unwrap_or_else(|e| panic!("case {case}: {e}"));
+            let round_tripped: Vec<_> = records
+                .into_iter()
+                .map(|r| (r.partition_key, r.explicit_hash_key, r.data))
+                .collect();
+            assert_eq!(round_tripped, users, "case {case}");
+        }
+    }
+}

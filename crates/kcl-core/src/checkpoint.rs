@@ -1,0 +1,324 @@
+//! The [`Checkpointer`] (the Java KCL's `RecordProcessorCheckpointer`) and the
+//! two-phase [`PreparedCheckpointer`].
+//!
+//! Every checkpoint is validated before it is written: never before the stored
+//! checkpoint (never backwards), never past the last record delivered to the processor
+//! (nothing unprocessed is marked done). The write is fenced on the lease counter, so a
+//! worker that lost the lease cannot checkpoint: it gets [`CheckpointError::LeaseLost`].
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::coordinator::{HeldLease, LeaseCoordinator, WriteOutcome};
+use crate::error::{CheckpointError, InvalidCheckpointReason, LeaseStoreError};
+use crate::record::Record;
+use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+
+/// What the consumer has delivered, which bounds what may be checkpointed.
+#[derive(Debug)]
+struct Progress {
+    /// The position of the last record delivered; starts at the lease's checkpoint.
+    last_delivered: ExtendedSequenceNumber,
+    /// Set once every record of the shard was delivered: `SHARD_END` becomes allowed.
+    shard_ended: bool,
+}
+
+struct Inner {
+    shard_id: String,
+    coordinator: Arc<LeaseCoordinator>,
+    held: Arc<HeldLease>,
+    /// A std mutex: read and written in short sections, never across an await.
+    progress: Mutex<Progress>,
+}
+
+/// Records progress of one shard in its lease. Cheap to clone; every clone checkpoints
+/// the same shard. Obtained from the inputs of
+/// [`RecordProcessor`](crate::RecordProcessor) methods.
+#[derive(Clone)]
+pub struct Checkpointer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("shard_id", &self.inner.shard_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a write did not happen, before it reached the store.
+enum Refusal {
+    Invalid(ExtendedSequenceNumber, InvalidCheckpointReason),
+}
+
+impl Checkpointer {
+    pub(crate) fn new(coordinator: Arc<LeaseCoordinator>, held: Arc<HeldLease>, start: ExtendedSequenceNumber) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shard_id: held.shard_id.clone(),
+                coordinator,
+                held,
+                progress: Mutex::new(Progress {
+                    last_delivered: start,
+                    shard_ended: false,
+                }),
+            }),
+        }
+    }
+
+    /// The shard this checkpointer writes to.
+    pub fn shard_id(&self) -> &str {
+        &self.inner.shard_id
+    }
+
+    pub(crate) fn set_last_delivered(&self, position: ExtendedSequenceNumber) {
+        self.progress().last_delivered = position;
+    }
+
+    pub(crate) fn set_shard_ended(&self) {
+        self.progress().shard_ended = true;
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.inner.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The largest position that may be checkpointed now: `SHARD_END` once the shard
+    /// was read to its end, else the last record delivered.
+    fn largest_permitted(&self) -> ExtendedSequenceNumber {
+        let p = self.progress();
+        if p.shard_ended {
+            ExtendedSequenceNumber::SHARD_END
+        } else {
+            p.last_delivered.clone()
+        }
+    }
+
+    /// The checkpoint currently stored in the lease, as this worker last wrote it.
+    pub async fn last_checkpoint(&self) -> ExtendedSequenceNumber {
+        self.inner.held.lease.lock().await.checkpoint.clone()
+    }
+
+    /// Checkpoints at the last record delivered to the processor, or `SHARD_END` when
+    /// called from [`shard_ended`](crate::RecordProcessor::shard_ended).
+    ///
+    /// # Errors
+    /// [`CheckpointError::LeaseLost`]: stop, do not retry. `Throttled` / `Dependency`:
+    /// the store failed; retrying is safe.
+    pub async fn checkpoint(&self) -> Result<(), CheckpointError> {
+        let target = self.largest_permitted();
+        self.write(target, None).await
+    }
+
+    /// Checkpoints at a delivered record.
+    ///
+    /// # Errors
+    /// As [`checkpoint_at`](Self::checkpoint_at).
+    pub async fn checkpoint_record(&self, record: &Record) -> Result<(), CheckpointError> {
+        self.write(record.extended_sequence_number(), None).await
+    }
+
+    /// Checkpoints at `(sequence_number, sub_sequence_number)`: everything up to and
+    /// including that record is processed.
+    ///
+    /// # Errors
+    /// [`CheckpointError::InvalidSequenceNumber`] when the position is before the stored
+    /// checkpoint or after the last delivered record; otherwise as
+    /// [`checkpoint`](Self::checkpoint).
+    pub async fn checkpoint_at(
+        &self,
+        sequence_number: &SequenceNumber,
+        sub_sequence_number: u64,
+    ) -> Result<(), CheckpointError> {
+        self.write(
+            ExtendedSequenceNumber::new(sequence_number.clone(), sub_sequence_number),
+            None,
+        )
+        .await
+    }
+
+    /// First phase of a two-phase checkpoint at the last delivered record: records it
+    /// as the lease's *pending* checkpoint, with optional application state, and returns
+    /// a [`PreparedCheckpointer`] that commits it. A worker taking over the lease sees
+    /// the pending checkpoint in [`InitializationInput`](crate::InitializationInput).
+    ///
+    /// # Errors
+    /// As [`checkpoint`](Self::checkpoint).
+    pub async fn prepare_checkpoint(
+        &self,
+        application_state: Option<Bytes>,
+    ) -> Result<PreparedCheckpointer, CheckpointError> {
+        let target = self.largest_permitted();
+        self.prepare(target, application_state).await
+    }
+
+    /// First phase of a two-phase checkpoint at a given position.
+    ///
+    /// # Errors
+    /// As [`checkpoint_at`](Self::checkpoint_at).
+    pub async fn prepare_checkpoint_at(
+        &self,
+        sequence_number: &SequenceNumber,
+        sub_sequence_number: u64,
+        application_state: Option<Bytes>,
+    ) -> Result<PreparedCheckpointer, CheckpointError> {
+        let target = ExtendedSequenceNumber::new(sequence_number.clone(), sub_sequence_number);
+        self.prepare(target, application_state).await
+    }
+
+    async fn prepare(
+        &self,
+        target: ExtendedSequenceNumber,
+        state: Option<Bytes>,
+    ) -> Result<PreparedCheckpointer, CheckpointError> {
+        self.write(target.clone(), Some(state)).await?;
+        Ok(PreparedCheckpointer {
+            checkpointer: self.clone(),
+            pending: target,
+        })
+    }
+
+    /// Validates and writes. `pending` = `Some(state)` writes a pending checkpoint
+    /// (leaving the committed one alone); `None` commits `target` and clears any
+    /// pending checkpoint.
+    async fn write(
+        &self,
+        target: ExtendedSequenceNumber,
+        pending: Option<Option<Bytes>>,
+    ) -> Result<(), CheckpointError> {
+        let largest = self.largest_permitted();
+        let shard_id = &self.inner.shard_id;
+        let outcome = self
+            .inner
+            .coordinator
+            .update_checkpoint(&self.inner.held, |lease| {
+                validate(&target, &lease.checkpoint, &largest)
+                    .map_err(|reason| Refusal::Invalid(target.clone(), reason))?;
+                match &pending {
+                    Some(state) => {
+                        lease.pending_checkpoint = Some(target.clone());
+                        lease.pending_checkpoint_state = state.clone();
+                    }
+                    None => {
+                        lease.checkpoint = target.clone();
+                        lease.pending_checkpoint = None;
+                        lease.pending_checkpoint_state = None;
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match outcome {
+            Err(Refusal::Invalid(requested, reason)) => Err(CheckpointError::InvalidSequenceNumber {
+                shard_id: shard_id.clone(),
+                requested: requested.to_string(),
+                reason,
+            }),
+            Ok(WriteOutcome::Written) => {
+                tracing::debug!(shard_id = %shard_id, checkpoint = %target, pending = pending.is_some(), "checkpoint written");
+                Ok(())
+            }
+            Ok(WriteOutcome::LeaseLost) => Err(CheckpointError::LeaseLost {
+                shard_id: shard_id.clone(),
+            }),
+            Ok(WriteOutcome::Failed(source @ LeaseStoreError::Throttled(_))) => Err(CheckpointError::Throttled {
+                shard_id: shard_id.clone(),
+                source,
+            }),
+            Ok(WriteOutcome::Failed(source)) => Err(CheckpointError::Dependency {
+                shard_id: shard_id.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The rule of every checkpoint: not before what is stored, not past what was
+/// delivered, and `SHARD_END` only once the shard has ended.
+pub(crate) fn validate(
+    requested: &ExtendedSequenceNumber,
+    stored: &ExtendedSequenceNumber,
+    largest_permitted: &ExtendedSequenceNumber,
+) -> Result<(), InvalidCheckpointReason> {
+    if requested.is_shard_end() && !largest_permitted.is_shard_end() {
+        return Err(InvalidCheckpointReason::ShardNotEnded);
+    }
+    if stored.is_shard_end() && !requested.is_shard_end() {
+        return Err(InvalidCheckpointReason::Backwards);
+    }
+    // Initial-position sentinels are below every sequence number; an initial sentinel
+    // requested over another one (nothing delivered yet) is a harmless rewrite.
+    if requested.partial_cmp(stored).is_some_and(|o| o.is_lt()) {
+        return Err(InvalidCheckpointReason::Backwards);
+    }
+    if requested.partial_cmp(largest_permitted).is_some_and(|o| o.is_gt()) {
+        return Err(InvalidCheckpointReason::BeyondLastDelivered);
+    }
+    Ok(())
+}
+
+/// The second phase of a two-phase checkpoint (the Java KCL's
+/// `PreparedCheckpointer`).
+#[derive(Debug)]
+pub struct PreparedCheckpointer {
+    checkpointer: Checkpointer,
+    pending: ExtendedSequenceNumber,
+}
+
+impl PreparedCheckpointer {
+    /// The prepared position.
+    pub fn pending_checkpoint(&self) -> &ExtendedSequenceNumber {
+        &self.pending
+    }
+
+    /// Commits the prepared checkpoint (and clears the pending one).
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint_at`]; a later checkpoint made meanwhile makes this
+    /// one `Backwards`.
+    pub async fn checkpoint(self) -> Result<(), CheckpointError> {
+        self.checkpointer.write(self.pending, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(n: &str) -> ExtendedSequenceNumber {
+        ExtendedSequenceNumber::new(SequenceNumber::parse(n).expect("valid"), 0)
+    }
+
+    #[test]
+    fn never_backwards_never_past_delivered() {
+        use InvalidCheckpointReason::*;
+        let th = ExtendedSequenceNumber::TRIM_HORIZON;
+        assert_eq!(validate(&at("5"), &th, &at("10")), Ok(()));
+        assert_eq!(validate(&at("10"), &at("5"), &at("10")), Ok(()));
+        assert_eq!(validate(&at("5"), &at("5"), &at("10")), Ok(()), "same again is allowed");
+        assert_eq!(validate(&at("4"), &at("5"), &at("10")), Err(Backwards));
+        assert_eq!(validate(&at("11"), &at("5"), &at("10")), Err(BeyondLastDelivered));
+        assert_eq!(
+            validate(&at("1"), &th, &th),
+            Err(BeyondLastDelivered),
+            "nothing delivered yet"
+        );
+    }
+
+    #[test]
+    fn shard_end_only_after_the_shard_ended() {
+        use InvalidCheckpointReason::*;
+        let end = ExtendedSequenceNumber::SHARD_END;
+        assert_eq!(validate(&end, &at("5"), &at("10")), Err(ShardNotEnded));
+        assert_eq!(validate(&end, &at("5"), &end), Ok(()));
+        assert_eq!(
+            validate(&at("11"), &at("5"), &end),
+            Ok(()),
+            "records before the end are fine"
+        );
+        assert_eq!(validate(&at("11"), &end, &end), Err(Backwards));
+    }
+}

@@ -1,0 +1,303 @@
+//! Configuration: one struct per area, each with documented defaults (taken from the
+//! Java KCL), validated by [`SchedulerBuilder::build`](crate::SchedulerBuilder::build).
+//!
+//! Every struct derives serde with `deny_unknown_fields`, so a typo in a config file is
+//! an error, not a silently ignored setting. Durations are (de)serialized as
+//! `{ secs, nanos }` by serde's standard `Duration` format.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::retry::RetryPolicy;
+
+/// Where to start reading a shard that has no checkpoint yet (the Java KCL's
+/// `InitialPositionInStream`). Shards that already have a checkpoint resume after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
+pub enum InitialPositionInStream {
+    /// After the newest record: only records written from now on. The default, as in
+    /// the Java KCL.
+    #[default]
+    Latest,
+    /// At the oldest record the stream retains.
+    TrimHorizon,
+    /// At the first record that arrived at or after this time.
+    AtTimestamp(SystemTime),
+}
+
+/// Lease management (the Java KCL's `LeaseManagementConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LeaseManagementConfig {
+    /// How long a lease's counter may stay unchanged before other workers may take it.
+    /// Default 10 s.
+    pub failover_time: Duration,
+    /// How often a worker renews the leases it holds. Must be shorter than
+    /// `failover_time`. Default `failover_time / 3`.
+    pub renewal_interval: Duration,
+    /// How often a worker looks for leases to take. Default `2 * failover_time`.
+    pub lease_taking_interval: Duration,
+    /// The most leases one worker holds. Default unlimited.
+    pub max_leases_for_worker: usize,
+    /// The most leases one worker steals from others in one lease-taking pass, so that
+    /// workers converge without thrashing. Default 1.
+    pub max_leases_to_steal_at_one_time: usize,
+    /// Bound of one lease-table call made by the renewer; a renewal that takes longer
+    /// counts as failed. Default `renewal_interval`.
+    pub lease_store_call_timeout: Duration,
+}
+
+impl Default for LeaseManagementConfig {
+    fn default() -> Self {
+        Self::with_failover_time(Duration::from_secs(10))
+    }
+}
+
+impl LeaseManagementConfig {
+    /// Defaults derived from a failover time, as the Java KCL derives them: renew every
+    /// `failover / 3`, take leases every `2 * failover`.
+    pub fn with_failover_time(failover_time: Duration) -> Self {
+        let renewal_interval = failover_time / 3;
+        Self {
+            failover_time,
+            renewal_interval,
+            lease_taking_interval: failover_time * 2,
+            max_leases_for_worker: usize::MAX,
+            max_leases_to_steal_at_one_time: 1,
+            lease_store_call_timeout: renewal_interval,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.failover_time < Duration::from_millis(100) {
+            return Err(ConfigError::new("lease.failover_time", "must be at least 100 ms"));
+        }
+        if self.renewal_interval.is_zero() || self.renewal_interval >= self.failover_time {
+            return Err(ConfigError::new(
+                "lease.renewal_interval",
+                format!(
+                    "must be above zero and shorter than failover_time ({:?}); got {:?}",
+                    self.failover_time, self.renewal_interval
+                ),
+            ));
+        }
+        if self.lease_taking_interval.is_zero() {
+            return Err(ConfigError::new("lease.lease_taking_interval", "must be above zero"));
+        }
+        if self.max_leases_for_worker == 0 {
+            return Err(ConfigError::new("lease.max_leases_for_worker", "must be at least 1"));
+        }
+        if self.lease_store_call_timeout.is_zero() {
+            return Err(ConfigError::new("lease.lease_store_call_timeout", "must be above zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Polling retrieval (the Java KCL's `PollingConfig` and prefetch settings).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetrievalConfig {
+    /// `Limit` of one `GetRecords` call, 1 to 10,000. Default 10,000.
+    pub max_records: i32,
+    /// Pause between `GetRecords` calls on one shard while it is caught up, measured from
+    /// the start of the previous call. At least 200 ms (Kinesis allows five reads per
+    /// shard per second). Default 1.5 s.
+    pub idle_time_between_reads: Duration,
+    /// Pause between calls while the shard has a backlog (the last call returned a full
+    /// batch or reported being behind). Default 200 ms.
+    pub backlog_time_between_reads: Duration,
+    /// Batches fetched ahead of the processor. Default 3.
+    pub max_pending_batches: usize,
+    /// Records fetched ahead of the processor; one more batch may be in flight.
+    /// Default 30,000.
+    pub max_prefetch_records: usize,
+    /// Bytes of record data fetched ahead of the processor; one more batch may be in
+    /// flight. Default 8 MiB.
+    pub max_prefetch_bytes: usize,
+    /// Backoff of `GetRecords`/`GetShardIterator` after throttling or a transient
+    /// failure. Retries never end (giving up would stall the shard silently); each
+    /// failure is logged and counted.
+    pub retry: RetryPolicy,
+}
+
+impl Default for RetrievalConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 10_000,
+            idle_time_between_reads: Duration::from_millis(1500),
+            backlog_time_between_reads: Duration::from_millis(200),
+            max_pending_batches: 3,
+            max_prefetch_records: 30_000,
+            max_prefetch_bytes: 8 * 1024 * 1024,
+            retry: RetryPolicy::new(Duration::from_millis(200), Duration::from_secs(10), None),
+        }
+    }
+}
+
+impl RetrievalConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=10_000).contains(&self.max_records) {
+            return Err(ConfigError::new("retrieval.max_records", "must be 1 to 10,000"));
+        }
+        let min = Duration::from_millis(200);
+        if self.idle_time_between_reads < min {
+            return Err(ConfigError::new(
+                "retrieval.idle_time_between_reads",
+                "must be at least 200 ms (five GetRecords calls per shard per second)",
+            ));
+        }
+        if self.backlog_time_between_reads < min {
+            return Err(ConfigError::new(
+                "retrieval.backlog_time_between_reads",
+                "must be at least 200 ms (five GetRecords calls per shard per second)",
+            ));
+        }
+        if self.max_pending_batches == 0 {
+            return Err(ConfigError::new("retrieval.max_pending_batches", "must be at least 1"));
+        }
+        if self.max_prefetch_records == 0 || self.max_prefetch_bytes == 0 {
+            return Err(ConfigError::new(
+                "retrieval.max_prefetch_records",
+                "prefetch limits must be above zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What to do after a processor's `process_records` returned an error or panicked on
+/// the same batch `retry.max_attempts` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum OnProcessorFailure {
+    /// Stop the worker: every other shard shuts down gracefully, the failed shard's
+    /// lease is released without a checkpoint, and [`Scheduler::run`](crate::Scheduler::run)
+    /// returns [`SchedulerError::ProcessorFailed`](crate::SchedulerError::ProcessorFailed).
+    /// Nothing is skipped. The default.
+    StopScheduler,
+    /// Log the failure, count it in `kcl_batches_skipped_total`, and go on with the
+    /// next batch. The batch's records are not processed: choose this only when losing
+    /// a poison batch is better than stopping.
+    SkipBatch,
+}
+
+/// The policy for a processor that fails: retry the batch with backoff, then act.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ProcessorErrorPolicy {
+    /// How often and how patiently to retry the same batch. `max_attempts: None`
+    /// retries without end. Default: 10 attempts, backoff from 100 ms up to 10 s.
+    pub retry: RetryPolicy,
+    /// What to do when the retries are exhausted. Default [`OnProcessorFailure::StopScheduler`].
+    pub on_exhausted: OnProcessorFailure,
+}
+
+impl Default for ProcessorErrorPolicy {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            on_exhausted: OnProcessorFailure::StopScheduler,
+        }
+    }
+}
+
+/// The scheduler's own timing (the Java KCL's `CoordinatorConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CoordinatorConfig {
+    /// How often the shard list is synced into the lease table. Default 60 s.
+    pub shard_sync_interval: Duration,
+    /// How often a consumer waiting on parent shards re-reads their leases. Default 10 s.
+    pub parent_shard_poll_interval: Duration,
+    /// How long a graceful shutdown waits for processors to finish
+    /// `shutdown_requested` before it abandons them. Default 20 s.
+    pub graceful_shutdown_timeout: Duration,
+    /// Calls `process_records` even for an empty batch. Default false.
+    pub call_process_records_even_for_empty_list: bool,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            shard_sync_interval: Duration::from_secs(60),
+            parent_shard_poll_interval: Duration::from_secs(10),
+            graceful_shutdown_timeout: Duration::from_secs(20),
+            call_process_records_even_for_empty_list: false,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.shard_sync_interval.is_zero() {
+            return Err(ConfigError::new(
+                "coordinator.shard_sync_interval",
+                "must be above zero",
+            ));
+        }
+        if self.parent_shard_poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                "coordinator.parent_shard_poll_interval",
+                "must be above zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_java_kcl_and_validate() {
+        let lease = LeaseManagementConfig::default();
+        assert_eq!(lease.failover_time, Duration::from_secs(10));
+        assert_eq!(lease.renewal_interval, Duration::from_secs(10) / 3);
+        assert_eq!(lease.lease_taking_interval, Duration::from_secs(20));
+        lease.validate().expect("default lease config is valid");
+        let retrieval = RetrievalConfig::default();
+        assert_eq!(retrieval.max_records, 10_000);
+        assert_eq!(retrieval.idle_time_between_reads, Duration::from_millis(1500));
+        retrieval.validate().expect("default retrieval config is valid");
+        CoordinatorConfig::default()
+            .validate()
+            .expect("default coordinator config is valid");
+    }
+
+    #[test]
+    fn renewal_must_be_shorter_than_failover() {
+        let mut lease = LeaseManagementConfig::default();
+        lease.renewal_interval = lease.failover_time;
+        let err = lease.validate().expect_err("renewal == failover is invalid");
+        assert_eq!(err.field, "lease.renewal_interval");
+    }
+
+    #[test]
+    fn retrieval_limits_are_checked() {
+        let mut r = RetrievalConfig {
+            max_records: 0,
+            ..RetrievalConfig::default()
+        };
+        assert_eq!(r.validate().map_err(|e| e.field), Err("retrieval.max_records"));
+        r.max_records = 100;
+        r.idle_time_between_reads = Duration::from_millis(10);
+        assert_eq!(
+            r.validate().map_err(|e| e.field),
+            Err("retrieval.idle_time_between_reads")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<CoordinatorConfig>(r#"{"shard_sync_intervall": 1}"#);
+        assert!(err.is_err());
+    }
+}

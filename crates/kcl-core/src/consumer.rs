@@ -1,0 +1,535 @@
+//! The per-shard consumer (the Java KCL's `ShardConsumer` and `ConsumerStates`).
+//!
+//! ```text
+//!                        shutdown (any reason)
+//!   WaitingOnParentShards ──────────────────────────────────────────┐
+//!        │ parents done                                             │
+//!        ▼                     LeaseLost / ShardEnd                 │
+//!   Initializing ─────────────────────────────────┐                 │
+//!        │ initialized          Requested         │                 │
+//!        ▼                 ┌───────────────► ShutdownRequested      │
+//!   Processing ────────────┤                      │ shutdown_requested
+//!     ▲    │ batch         │ LeaseLost/ShardEnd   ▼ returned        │
+//!     └────┘               └───────────────► ShuttingDown           │
+//!                                                 │ lease_lost /    │
+//!                                                 │ shard_ended     ▼
+//!                                                 └────────► ShutdownComplete
+//! ```
+//!
+//! Legal transitions, per state (everything else is a bug):
+//! - `WaitingOnParentShards`: parents done → `Initializing`; any shutdown →
+//!   `ShutdownComplete` (the processor was never initialized, so it is not called).
+//! - `Initializing`: initialized → `Processing`; `Requested` → `ShutdownRequested`;
+//!   `ShardEnd`/`LeaseLost` → `ShuttingDown`.
+//! - `Processing`: batch → `Processing`; `Requested` → `ShutdownRequested`;
+//!   `ShardEnd`/`LeaseLost` → `ShuttingDown`.
+//! - `ShutdownRequested`: `shutdown_requested` returned (or any higher reason) →
+//!   `ShuttingDown`.
+//! - `ShuttingDown`: `lease_lost` / `shard_ended` returned → `ShutdownComplete`.
+//! - `ShutdownComplete`: final.
+//!
+//! Shutdown reasons are ordered `Requested < ShardEnd < LeaseLost`: a higher reason
+//! overrides a lower one, never the reverse. Signals are acted on between processor
+//! calls, never by dropping a processor call half-way.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::FutureExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::checkpoint::Checkpointer;
+use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy, RetrievalConfig};
+use crate::coordinator::{HeldLease, LeaseCoordinator};
+use crate::error::{BoxError, SchedulerError};
+use crate::metrics;
+use crate::processor::{
+    InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, ShardEndedInput, ShutdownRequestedInput,
+};
+use crate::retrieval::{spawn_polling_publisher, PublisherEvent, RecordsBatch, StartingPosition};
+use crate::sequence::ExtendedSequenceNumber;
+
+/// The states of a shard consumer, as in the Java KCL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardConsumerState {
+    /// Waiting until every parent shard is checkpointed at `SHARD_END` (or gone).
+    WaitingOnParentShards,
+    /// Calling the processor's `initialize`.
+    Initializing,
+    /// Delivering batches.
+    Processing,
+    /// Calling the processor's `shutdown_requested`.
+    ShutdownRequested,
+    /// Calling `lease_lost` or `shard_ended`.
+    ShuttingDown,
+    /// Done.
+    ShutdownComplete,
+}
+
+/// Why a shard consumer shuts down. Ordered: a higher reason overrides a lower one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ShutdownReason {
+    /// The worker is shutting down gracefully.
+    Requested,
+    /// The shard was read to its end.
+    ShardEnd,
+    /// The lease was lost.
+    LeaseLost,
+}
+
+impl ShardConsumerState {
+    /// The state after the current step completed normally.
+    pub fn on_success(self) -> Self {
+        match self {
+            Self::WaitingOnParentShards => Self::Initializing,
+            Self::Initializing | Self::Processing => Self::Processing,
+            Self::ShutdownRequested => Self::ShuttingDown,
+            Self::ShuttingDown | Self::ShutdownComplete => Self::ShutdownComplete,
+        }
+    }
+
+    /// The state after a shutdown for `reason` was signalled.
+    pub fn on_shutdown(self, reason: ShutdownReason) -> Self {
+        match (self, reason) {
+            (Self::WaitingOnParentShards, _) => Self::ShutdownComplete,
+            (Self::Initializing | Self::Processing, ShutdownReason::Requested) => Self::ShutdownRequested,
+            (Self::ShutdownRequested, ShutdownReason::Requested) => Self::ShutdownRequested,
+            (Self::Initializing | Self::Processing | Self::ShutdownRequested, _) => Self::ShuttingDown,
+            (Self::ShuttingDown, _) => Self::ShuttingDown,
+            (Self::ShutdownComplete, _) => Self::ShutdownComplete,
+        }
+    }
+}
+
+/// How a shard consumer ended.
+#[derive(Debug)]
+pub(crate) enum ConsumerOutcome {
+    /// Shut down for this reason. `ShardEnd` means `SHARD_END` is checkpointed.
+    Completed(ShutdownReason),
+    /// Ended before initializing (shutdown while waiting on parents).
+    NotStarted,
+    /// The shard end was reached but the processor did not checkpoint `SHARD_END`; the
+    /// lease should be released so that the shard is retried.
+    ShardEndNotCheckpointed,
+    /// The shard could not be read; the lease should be released.
+    RetrievalFailed,
+    /// The processor kept failing and the policy says to stop the scheduler.
+    Failed(SchedulerError),
+    /// The consumer itself panicked (a bug in this library); the lease is released.
+    Crashed,
+}
+
+/// Everything a shard consumer needs, shared by all consumers of a scheduler.
+#[derive(Debug)]
+pub(crate) struct ConsumerContext {
+    pub(crate) kinesis: aws_sdk_kinesis::Client,
+    pub(crate) stream_name: String,
+    pub(crate) coordinator: Arc<LeaseCoordinator>,
+    pub(crate) retrieval: RetrievalConfig,
+    pub(crate) coordinator_config: CoordinatorConfig,
+    pub(crate) error_policy: ProcessorErrorPolicy,
+    pub(crate) initial_timestamp: Option<SystemTime>,
+}
+
+pub(crate) struct ShardConsumer {
+    ctx: Arc<ConsumerContext>,
+    held: Arc<HeldLease>,
+    processor: Box<dyn RecordProcessor>,
+    /// Cancelled for a graceful shutdown of this consumer.
+    shutdown: CancellationToken,
+    state: ShardConsumerState,
+    reason: Option<ShutdownReason>,
+}
+
+impl ShardConsumer {
+    pub(crate) fn new(
+        ctx: Arc<ConsumerContext>,
+        held: Arc<HeldLease>,
+        processor: Box<dyn RecordProcessor>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            ctx,
+            held,
+            processor,
+            shutdown,
+            state: ShardConsumerState::WaitingOnParentShards,
+            reason: None,
+        }
+    }
+
+    fn shard_id(&self) -> &str {
+        &self.held.shard_id
+    }
+
+    fn signal(&mut self, reason: ShutdownReason) {
+        if self.reason.is_none_or(|r| reason > r) {
+            debug!(?reason, state = ?self.state, "shutdown signalled");
+            self.reason = Some(reason);
+            self.state = self.state.on_shutdown(reason);
+        }
+    }
+
+    /// Picks up shutdown signals raised since the last step.
+    fn poll_signals(&mut self) {
+        if self.held.lost.is_cancelled() {
+            self.signal(ShutdownReason::LeaseLost);
+        } else if self.shutdown.is_cancelled() {
+            self.signal(ShutdownReason::Requested);
+        }
+    }
+
+    fn transition(&mut self, next: ShardConsumerState) {
+        debug!(from = ?self.state, to = ?next, "state transition");
+        self.state = next;
+    }
+
+    pub(crate) async fn run(mut self) -> ConsumerOutcome {
+        let lease = self.held.lease.lock().await.clone();
+        let start = lease.checkpoint.clone();
+        let checkpointer = Checkpointer::new(self.ctx.coordinator.clone(), self.held.clone(), start.clone());
+        // Stops the publisher whatever way this consumer ends.
+        let publisher_cancel = CancellationToken::new();
+        let _stop_publisher = publisher_cancel.clone().drop_guard();
+        let mut events: Option<mpsc::Receiver<PublisherEvent>> = None;
+        let mut last_delivered = start.clone();
+        let mut outcome = None;
+        loop {
+            self.poll_signals();
+            match self.state {
+                ShardConsumerState::WaitingOnParentShards => {
+                    if start.is_shard_end() {
+                        // Nothing to read; the scheduler should not have started us.
+                        return ConsumerOutcome::Completed(ShutdownReason::ShardEnd);
+                    }
+                    let parents: Vec<String> = lease.parent_shard_ids.iter().cloned().collect();
+                    if self.wait_for_parents(&parents).await {
+                        self.transition(self.state.on_success());
+                    }
+                }
+                ShardConsumerState::Initializing => {
+                    let input = InitializationInput {
+                        shard_id: self.shard_id().to_owned(),
+                        extended_sequence_number: start.clone(),
+                        pending_checkpoint: lease.pending_checkpoint.clone(),
+                        pending_checkpoint_state: lease.pending_checkpoint_state.clone(),
+                    };
+                    let result = self
+                        .call_with_policy("initialize", |p| {
+                            let input = input.clone();
+                            async move { p.initialize(input).await }.boxed()
+                        })
+                        .await;
+                    match result {
+                        Ok(()) => {
+                            info!(checkpoint = %start, "shard consumer initialized");
+                            let position = StartingPosition {
+                                checkpoint: start.clone(),
+                                timestamp: self.ctx.initial_timestamp,
+                            };
+                            events = Some(spawn_polling_publisher(
+                                self.ctx.kinesis.clone(),
+                                self.ctx.stream_name.clone(),
+                                self.shard_id().to_owned(),
+                                position,
+                                self.ctx.retrieval.clone(),
+                                publisher_cancel.child_token(),
+                            ));
+                            self.transition(self.state.on_success());
+                        }
+                        Err(e) => return ConsumerOutcome::Failed(e),
+                    }
+                }
+                ShardConsumerState::Processing => {
+                    let Some(rx) = events.as_mut() else {
+                        return ConsumerOutcome::RetrievalFailed;
+                    };
+                    let event = tokio::select! {
+                        biased;
+                        // Cancel safety: the signal branches lose nothing, and
+                        // `recv` is cancel safe (an unreceived batch stays queued).
+                        () = self.held.lost.cancelled() => continue,
+                        () = self.shutdown.cancelled() => continue,
+                        event = rx.recv() => event,
+                    };
+                    match event {
+                        Some(PublisherEvent::Batch(batch)) => {
+                            if let Err(e) = self.deliver(batch, &checkpointer, &mut last_delivered).await {
+                                return ConsumerOutcome::Failed(e);
+                            }
+                        }
+                        Some(PublisherEvent::ShardEnd { child_shards }) => {
+                            debug!(children = child_shards.len(), "shard ended");
+                            checkpointer.set_shard_ended();
+                            self.signal(ShutdownReason::ShardEnd);
+                        }
+                        Some(PublisherEvent::Failed { operation, source }) => {
+                            error!(operation, error = %source, "shard cannot be read; releasing its lease");
+                            outcome = Some(ConsumerOutcome::RetrievalFailed);
+                            self.signal(ShutdownReason::Requested);
+                        }
+                        None => {
+                            outcome = Some(ConsumerOutcome::RetrievalFailed);
+                            self.signal(ShutdownReason::Requested);
+                        }
+                    }
+                }
+                ShardConsumerState::ShutdownRequested => {
+                    let input = ShutdownRequestedInput {
+                        shard_id: self.shard_id().to_owned(),
+                        checkpointer: checkpointer.clone(),
+                    };
+                    match AssertUnwindSafe(self.processor.shutdown_requested(input))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "shutdown_requested returned an error"),
+                        Err(_) => warn!("shutdown_requested panicked"),
+                    }
+                    self.transition(self.state.on_success());
+                }
+                ShardConsumerState::ShuttingDown => {
+                    let reason = self.reason.unwrap_or(ShutdownReason::Requested);
+                    match reason {
+                        ShutdownReason::LeaseLost => {
+                            let input = LeaseLostInput {
+                                shard_id: self.shard_id().to_owned(),
+                            };
+                            if AssertUnwindSafe(self.processor.lease_lost(input))
+                                .catch_unwind()
+                                .await
+                                .is_err()
+                            {
+                                warn!("lease_lost panicked");
+                            }
+                        }
+                        ShutdownReason::ShardEnd => {
+                            if !self.finish_shard(&checkpointer).await {
+                                outcome = Some(ConsumerOutcome::ShardEndNotCheckpointed);
+                            }
+                        }
+                        ShutdownReason::Requested => {}
+                    }
+                    self.transition(self.state.on_success());
+                }
+                ShardConsumerState::ShutdownComplete => {
+                    info!(reason = ?self.reason, "shard consumer shut down");
+                    return match (outcome, self.reason) {
+                        (Some(o), _) => o,
+                        (None, Some(r)) if events.is_some() => ConsumerOutcome::Completed(r),
+                        (None, _) => ConsumerOutcome::NotStarted,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Waits until every parent lease is gone or at `SHARD_END`. Returns false when a
+    /// shutdown signal came first.
+    async fn wait_for_parents(&mut self, parents: &[String]) -> bool {
+        loop {
+            let mut pending = Vec::new();
+            for parent in parents {
+                match self.ctx.coordinator.store().get_lease(parent).await {
+                    Ok(Some(l)) if !l.checkpoint.is_shard_end() => pending.push(parent.clone()),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(parent, error = %e, "cannot read a parent lease; waiting");
+                        pending.push(parent.clone());
+                    }
+                }
+            }
+            if pending.is_empty() {
+                return true;
+            }
+            debug!(?pending, "waiting on parent shards");
+            tokio::select! {
+                () = self.held.lost.cancelled() => return false,
+                () = self.shutdown.cancelled() => return false,
+                () = tokio::time::sleep(self.ctx.coordinator_config.parent_shard_poll_interval) => {}
+            }
+        }
+    }
+
+    /// Delivers one batch: drops what was already delivered, records the new last
+    /// position, and calls the processor under the error policy.
+    async fn deliver(
+        &mut self,
+        batch: RecordsBatch,
+        checkpointer: &Checkpointer,
+        last_delivered: &mut ExtendedSequenceNumber,
+    ) -> Result<(), SchedulerError> {
+        let RecordsBatch {
+            mut records,
+            millis_behind_latest,
+            fetched_at,
+            _permit,
+        } = batch;
+        records.retain(|r| {
+            r.extended_sequence_number()
+                .partial_cmp(last_delivered)
+                .is_none_or(|o| o.is_gt())
+        });
+        if let Some(m) = millis_behind_latest {
+            metrics::millis_behind_latest(self.shard_id(), m);
+        }
+        if records.is_empty() && !self.ctx.coordinator_config.call_process_records_even_for_empty_list {
+            return Ok(());
+        }
+        if let Some(last) = records.last() {
+            *last_delivered = last.extended_sequence_number();
+            checkpointer.set_last_delivered(last_delivered.clone());
+        }
+        let count = records.len();
+        let result = self
+            .call_with_policy("process_records", |p| {
+                let input = ProcessRecordsInput {
+                    records: records.clone(),
+                    millis_behind_latest,
+                    cache_entry_time: fetched_at,
+                    checkpointer: checkpointer.clone(),
+                };
+                async move { p.process_records(input).await }.boxed()
+            })
+            .await;
+        if result.is_ok() {
+            metrics::records_processed(self.shard_id(), count);
+        }
+        result
+    }
+
+    /// Calls the processor, retrying errors and panics per the policy. `Ok` also when
+    /// the policy skipped the call.
+    async fn call_with_policy<F>(&mut self, what: &'static str, mut call: F) -> Result<(), SchedulerError>
+    where
+        F: for<'a> FnMut(&'a mut Box<dyn RecordProcessor>) -> futures::future::BoxFuture<'a, Result<(), BoxError>>,
+    {
+        let policy = self.ctx.error_policy.clone();
+        let mut attempt = 1u32;
+        loop {
+            let error: BoxError = match AssertUnwindSafe(call(&mut self.processor)).catch_unwind().await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(panic) => BoxError::from(format!("processor panicked in {what}: {}", panic_message(&panic))),
+            };
+            metrics::processor_failure(self.shard_id());
+            if self.held.lost.is_cancelled() {
+                // Its checkpoints fail now anyway; stop retrying and let the lease go.
+                warn!(what, error = %error, "processor failed after the lease was lost");
+                return Ok(());
+            }
+            if policy.retry.should_retry(attempt) {
+                let wait = policy.retry.backoff(attempt);
+                warn!(what, attempt, error = %error, ?wait, "processor failed; retrying the same input");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.held.lost.cancelled() => return Ok(()),
+                }
+                attempt += 1;
+                continue;
+            }
+            return match policy.on_exhausted {
+                OnProcessorFailure::SkipBatch => {
+                    error!(what, attempts = attempt, error = %error, "processor kept failing; skipping the input per policy");
+                    metrics::batch_skipped(self.shard_id());
+                    Ok(())
+                }
+                _ => {
+                    error!(what, attempts = attempt, error = %error, "processor kept failing; stopping the scheduler per policy");
+                    Err(SchedulerError::ProcessorFailed {
+                        shard_id: self.shard_id().to_owned(),
+                        source: error,
+                    })
+                }
+            };
+        }
+    }
+
+    /// Calls `shard_ended` and checks that `SHARD_END` was checkpointed, retrying per
+    /// the error policy. True when the shard is finished.
+    async fn finish_shard(&mut self, checkpointer: &Checkpointer) -> bool {
+        let policy = self.ctx.error_policy.retry.clone();
+        let mut attempt = 1u32;
+        loop {
+            let input = ShardEndedInput {
+                shard_id: self.shard_id().to_owned(),
+                checkpointer: checkpointer.clone(),
+            };
+            let result = AssertUnwindSafe(self.processor.shard_ended(input)).catch_unwind().await;
+            let done = checkpointer.last_checkpoint().await.is_shard_end();
+            match (result, done) {
+                (Ok(Ok(())), true) => return true,
+                (_, true) => return true,
+                (Ok(Ok(())), false) => {
+                    error!("shard_ended returned without checkpointing SHARD_END; the shard is not finished")
+                }
+                (Ok(Err(e)), false) => error!(error = %e, "shard_ended failed"),
+                (Err(_), false) => error!("shard_ended panicked"),
+            }
+            if self.held.lost.is_cancelled() || !policy.should_retry(attempt) {
+                return false;
+            }
+            tokio::time::sleep(policy.backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShardConsumerState::*;
+    use super::ShutdownReason::*;
+
+    #[test]
+    fn happy_path() {
+        assert_eq!(WaitingOnParentShards.on_success(), Initializing);
+        assert_eq!(Initializing.on_success(), Processing);
+        assert_eq!(Processing.on_success(), Processing);
+    }
+
+    #[test]
+    fn waiting_consumers_complete_without_calling_the_processor() {
+        for r in [Requested, ShardEnd, LeaseLost] {
+            assert_eq!(WaitingOnParentShards.on_shutdown(r), ShutdownComplete);
+        }
+    }
+
+    #[test]
+    fn requested_goes_through_shutdown_requested() {
+        assert_eq!(Processing.on_shutdown(Requested), ShutdownRequested);
+        assert_eq!(Initializing.on_shutdown(Requested), ShutdownRequested);
+        assert_eq!(ShutdownRequested.on_success(), ShuttingDown);
+        assert_eq!(ShuttingDown.on_success(), ShutdownComplete);
+    }
+
+    #[test]
+    fn higher_reasons_go_straight_to_shutting_down() {
+        for s in [Initializing, Processing, ShutdownRequested] {
+            assert_eq!(s.on_shutdown(LeaseLost), ShuttingDown);
+            assert_eq!(s.on_shutdown(ShardEnd), ShuttingDown);
+        }
+        assert_eq!(ShutdownRequested.on_shutdown(Requested), ShutdownRequested);
+        assert_eq!(ShutdownComplete.on_shutdown(LeaseLost), ShutdownComplete);
+    }
+
+    #[test]
+    fn reasons_are_ordered() {
+        assert!(Requested < ShardEnd && ShardEnd < LeaseLost);
+    }
+}

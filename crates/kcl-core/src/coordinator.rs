@@ -1,0 +1,579 @@
+//! The lease coordinator (the Java KCL's `LeaseCoordinator`, `LeaseRenewer` and
+//! `LeaseTaker`): which leases this worker holds, keeping them alive, taking new ones,
+//! fenced checkpoint writes, and releasing them on shutdown.
+//!
+//! Expiry follows the Java KCL: a lease held by another worker is expired when its
+//! counter has not changed for `failover_time` as seen on *this* worker's monotonic
+//! clock, so wall-clock skew between machines never matters. A lease this worker holds
+//! counts as lost as soon as it could be expired for others: when no renewal sent in
+//! the last `failover_time - renewal_interval` succeeded.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::LeaseManagementConfig;
+use crate::error::LeaseStoreError;
+use crate::lease::{Lease, LeaseStore};
+use crate::metrics;
+
+/// A lease this worker holds, shared by the renewer, the shard consumer and its
+/// checkpointer.
+#[derive(Debug)]
+pub(crate) struct HeldLease {
+    pub(crate) shard_id: String,
+    /// The last lease state this worker wrote. A tokio mutex because it is held across
+    /// the conditional write, which serializes renewals and checkpoints of one lease
+    /// (each write must carry the counter the previous one produced).
+    pub(crate) lease: tokio::sync::Mutex<Lease>,
+    /// When the last successful write was *sent*. Other workers start their expiry
+    /// clock no earlier than that, so this is a safe lower bound of our ownership.
+    last_renewal_sent: Mutex<Instant>,
+    /// Cancelled when the lease is lost; the shard consumer watches it.
+    pub(crate) lost: CancellationToken,
+}
+
+impl HeldLease {
+    fn new(lease: Lease, sent: Instant) -> Self {
+        Self {
+            shard_id: lease.lease_key.clone(),
+            lease: tokio::sync::Mutex::new(lease),
+            last_renewal_sent: Mutex::new(sent),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    fn record_renewal(&self, sent: Instant) {
+        let mut last = lock(&self.last_renewal_sent);
+        if sent > *last {
+            *last = sent;
+        }
+    }
+
+    fn last_renewal_sent(&self) -> Instant {
+        *lock(&self.last_renewal_sent)
+    }
+}
+
+/// A std mutex guard that survives a panicking holder (the data is plain state that
+/// stays consistent: every critical section is a few assignments).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The outcome of a fenced write to a held lease.
+#[derive(Debug)]
+pub(crate) enum WriteOutcome {
+    Written,
+    LeaseLost,
+    Failed(LeaseStoreError),
+}
+
+/// Owns the set of held leases and performs every write to them.
+#[derive(Debug)]
+pub(crate) struct LeaseCoordinator {
+    store: Arc<dyn LeaseStore>,
+    worker_id: String,
+    config: LeaseManagementConfig,
+    /// A std mutex: only short map operations happen under it, never an await.
+    held: Mutex<HashMap<String, Arc<HeldLease>>>,
+}
+
+impl LeaseCoordinator {
+    pub(crate) fn new(store: Arc<dyn LeaseStore>, worker_id: String, config: LeaseManagementConfig) -> Self {
+        Self {
+            store,
+            worker_id,
+            config,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    pub(crate) fn held_leases(&self) -> Vec<Arc<HeldLease>> {
+        lock(&self.held).values().cloned().collect()
+    }
+
+    pub(crate) fn held_count(&self) -> usize {
+        lock(&self.held).len()
+    }
+
+    pub(crate) fn is_held(&self, shard_id: &str) -> bool {
+        lock(&self.held).contains_key(shard_id)
+    }
+
+    fn publish_gauge(&self, held: &HashMap<String, Arc<HeldLease>>) {
+        metrics::leases_held(held.len());
+    }
+
+    /// Marks a lease lost: removes it and cancels its consumer.
+    pub(crate) fn mark_lost(&self, shard_id: &str, why: &str) {
+        let removed = {
+            let mut held = lock(&self.held);
+            let removed = held.remove(shard_id);
+            self.publish_gauge(&held);
+            removed
+        };
+        if let Some(h) = removed {
+            warn!(shard_id, reason = why, "lease lost");
+            metrics::lease_lost();
+            h.lost.cancel();
+        }
+    }
+
+    /// Renews every held lease once, concurrently; declares lost those whose renewal
+    /// was refused, and those not renewed in time to be sure no one else may take them.
+    pub(crate) async fn renew_all(&self) {
+        let held = self.held_leases();
+        futures::future::join_all(held.iter().map(|h| self.renew_one(h))).await;
+    }
+
+    async fn renew_one(&self, held: &Arc<HeldLease>) {
+        if held.lost.is_cancelled() {
+            return;
+        }
+        let outcome = {
+            let mut guard = held.lease.lock().await;
+            let mut next = guard.clone();
+            let sent = Instant::now();
+            match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.renew_lease(&mut next)).await {
+                Ok(Ok(true)) => {
+                    *guard = next;
+                    held.record_renewal(sent);
+                    Ok(true)
+                }
+                Ok(Ok(false)) => Ok(false),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("timed out after {:?}", self.config.lease_store_call_timeout)),
+            }
+        };
+        match outcome {
+            Ok(true) => debug!(shard_id = %held.shard_id, "lease renewed"),
+            Ok(false) => self.mark_lost(&held.shard_id, "renewal refused: another worker holds the lease"),
+            Err(e) => {
+                metrics::lease_renewal_failed();
+                warn!(shard_id = %held.shard_id, error = %e, "lease renewal failed");
+                if self.past_safe_ownership(held.last_renewal_sent(), Instant::now()) {
+                    self.mark_lost(&held.shard_id, "not renewed within the failover time");
+                }
+            }
+        }
+    }
+
+    /// True when, at `now`, the lease may be expired for other workers before the next
+    /// renewal could land: the last successful renewal was sent more than
+    /// `failover_time - renewal_interval` ago.
+    pub(crate) fn past_safe_ownership(&self, last_sent: Instant, now: Instant) -> bool {
+        let safe = self.config.failover_time.saturating_sub(self.config.renewal_interval);
+        now.saturating_duration_since(last_sent) >= safe
+    }
+
+    /// Tries to take `lease` (as read from the table) for this worker.
+    pub(crate) async fn take(&self, mut lease: Lease) -> Result<bool, LeaseStoreError> {
+        let sent = Instant::now();
+        if !self.store.take_lease(&mut lease, &self.worker_id).await? {
+            return Ok(false);
+        }
+        info!(shard_id = %lease.lease_key, counter = lease.lease_counter, "lease taken");
+        let key = lease.lease_key.clone();
+        let mut held = lock(&self.held);
+        held.insert(key, Arc::new(HeldLease::new(lease, sent)));
+        self.publish_gauge(&held);
+        Ok(true)
+    }
+
+    /// Writes a change to a held lease's checkpoint fields, fenced on its counter.
+    /// `change` edits a copy of the current lease; returning `Err` from it aborts.
+    pub(crate) async fn update_checkpoint<E>(
+        &self,
+        held: &HeldLease,
+        change: impl FnOnce(&mut Lease) -> Result<(), E>,
+    ) -> Result<WriteOutcome, E> {
+        if held.lost.is_cancelled() {
+            return Ok(WriteOutcome::LeaseLost);
+        }
+        let mut guard = held.lease.lock().await;
+        if held.lost.is_cancelled() {
+            return Ok(WriteOutcome::LeaseLost);
+        }
+        let mut next = guard.clone();
+        change(&mut next)?;
+        let expected_counter = next.lease_counter;
+        let sent = Instant::now();
+        let outcome = match self.store.update_lease_checkpoint(&mut next).await {
+            Ok(true) => WriteOutcome::Written,
+            Ok(false) => {
+                // The SDK may have retried a write that had already landed; then the
+                // item holds exactly what we wrote, one counter step later.
+                match self.store.get_lease(&held.shard_id).await {
+                    Ok(Some(stored))
+                        if stored.is_owned_by(&self.worker_id)
+                            && stored.lease_counter == expected_counter + 1
+                            && stored.checkpoint == next.checkpoint
+                            && stored.pending_checkpoint == next.pending_checkpoint =>
+                    {
+                        next = stored;
+                        WriteOutcome::Written
+                    }
+                    _ => WriteOutcome::LeaseLost,
+                }
+            }
+            Err(e) => WriteOutcome::Failed(e),
+        };
+        match outcome {
+            WriteOutcome::Written => {
+                *guard = next;
+                held.record_renewal(sent);
+            }
+            WriteOutcome::LeaseLost => {
+                drop(guard);
+                self.mark_lost(&held.shard_id, "checkpoint refused: another worker holds the lease");
+            }
+            WriteOutcome::Failed(_) => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Releases a held lease (graceful handoff): clears the owner so that any worker
+    /// can take it at once. The lease is no longer held afterwards, whatever happens.
+    pub(crate) async fn release(&self, shard_id: &str) {
+        let removed = {
+            let mut held = lock(&self.held);
+            let removed = held.remove(shard_id);
+            self.publish_gauge(&held);
+            removed
+        };
+        let Some(h) = removed else { return };
+        h.lost.cancel();
+        let mut lease = h.lease.lock().await.clone();
+        match tokio::time::timeout(
+            self.config.lease_store_call_timeout * 3,
+            self.store.evict_lease(&mut lease),
+        )
+        .await
+        {
+            Ok(Ok(true)) => info!(shard_id, "lease released"),
+            Ok(Ok(false)) => info!(shard_id, "lease not released: another worker holds it already"),
+            Ok(Err(e)) => warn!(shard_id, error = %e, "lease release failed; it expires after the failover time"),
+            Err(_) => warn!(shard_id, "lease release timed out; it expires after the failover time"),
+        }
+    }
+}
+
+/// What the taker remembers of a lease between passes, to judge expiry.
+#[derive(Debug, Clone)]
+struct Observation {
+    counter: u64,
+    owner: Option<String>,
+    /// When this worker first saw the counter at its current value.
+    since: Instant,
+}
+
+/// Decides which leases to take (the Java KCL's `DynamoDBLeaseTaker` arithmetic), as a
+/// pure function of the table and this worker's observations, so it is unit-testable
+/// with explicit instants.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseTaker {
+    observed: HashMap<String, Observation>,
+}
+
+impl LeaseTaker {
+    /// Records the table as read at `now`. A lease first seen unowned is available at
+    /// once; one first seen owned by another worker gets a full failover time.
+    fn observe(&mut self, leases: &[Lease], now: Instant, failover: Duration) {
+        self.observed.retain(|k, _| leases.iter().any(|l| &l.lease_key == k));
+        for lease in leases {
+            let fresh = Observation {
+                counter: lease.lease_counter,
+                owner: lease.lease_owner.clone(),
+                since: now,
+            };
+            match self.observed.get_mut(&lease.lease_key) {
+                Some(o) if o.counter == lease.lease_counter => {}
+                Some(o) => *o = fresh,
+                None => {
+                    let since = if lease.lease_owner.is_none() {
+                        now.checked_sub(failover).unwrap_or(now)
+                    } else {
+                        now
+                    };
+                    self.observed
+                        .insert(lease.lease_key.clone(), Observation { since, ..fresh });
+                }
+            }
+        }
+    }
+
+    fn is_expired(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
+        if lease.lease_owner.is_none() {
+            return true;
+        }
+        self.observed
+            .get(&lease.lease_key)
+            .is_some_and(|o| o.owner == lease.lease_owner && now.saturating_duration_since(o.since) >= failover)
+    }
+
+    /// The leases this worker should try to take now (the Java KCL's algorithm):
+    /// count the active workers (owners of unexpired leases, this one included), aim
+    /// for a fair share `ceil(leases / workers)` capped by `max_leases_for_worker`, take
+    /// expired or unowned leases first, and only when there are none steal from the
+    /// most loaded worker, at most `max_leases_to_steal_at_one_time` per pass. A worker
+    /// one lease short of the target does not steal from one that is exactly at it, so
+    /// workers converge without trading leases back and forth. Finished (`SHARD_END`)
+    /// leases are neither counted nor taken.
+    pub(crate) fn leases_to_take(
+        &mut self,
+        leases: &[Lease],
+        worker_id: &str,
+        held: &HashSet<String>,
+        now: Instant,
+        config: &LeaseManagementConfig,
+    ) -> Vec<Lease> {
+        self.observe(leases, now, config.failover_time);
+        let live: Vec<&Lease> = leases.iter().filter(|l| !l.checkpoint.is_shard_end()).collect();
+        let failover = config.failover_time;
+        let mut expired = Vec::new();
+        let mut load: HashMap<&str, usize> = HashMap::new();
+        load.insert(worker_id, 0);
+        for lease in &live {
+            if held.contains(&lease.lease_key) {
+                *load.entry(worker_id).or_default() += 1;
+            } else if self.is_expired(lease, now, failover) {
+                expired.push((*lease).clone());
+            } else if let Some(owner) = lease.lease_owner.as_deref() {
+                // Includes a lease with our id that this process does not hold (a
+                // previous process with the same id): it is taken once it expires.
+                if owner != worker_id {
+                    *load.entry(owner).or_default() += 1;
+                }
+            }
+        }
+        let workers = load.len();
+        let target = live.len().div_ceil(workers).min(config.max_leases_for_worker);
+        let mine = load.get(worker_id).copied().unwrap_or(0);
+        let needed = target.saturating_sub(mine);
+        if needed == 0 {
+            return Vec::new();
+        }
+        use rand::seq::SliceRandom;
+        if !expired.is_empty() {
+            // Shuffled so that workers starting together spread over the table
+            // instead of racing for the same keys.
+            expired.shuffle(&mut rand::rng());
+            expired.truncate(needed);
+            return expired;
+        }
+        let Some((victim, victim_load)) = load
+            .iter()
+            .filter(|(w, _)| **w != worker_id)
+            .max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)))
+            .map(|(w, n)| (w.to_string(), *n))
+        else {
+            return Vec::new();
+        };
+        let threshold = if needed > 1 { target } else { target + 1 };
+        if victim_load < threshold {
+            return Vec::new();
+        }
+        let steal = needed
+            .min(victim_load - target)
+            .min(config.max_leases_to_steal_at_one_time);
+        let mut theirs: Vec<Lease> = live
+            .iter()
+            .filter(|l| l.is_owned_by(&victim))
+            .map(|l| (*l).clone())
+            .collect();
+        theirs.shuffle(&mut rand::rng());
+        theirs.truncate(steal);
+        if !theirs.is_empty() {
+            info!(victim = %victim, count = theirs.len(), target, "stealing leases to balance load");
+        }
+        theirs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequence::ExtendedSequenceNumber;
+
+    fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
+        let mut l = Lease::new(key, ExtendedSequenceNumber::TRIM_HORIZON);
+        l.lease_owner = owner.map(str::to_owned);
+        l.lease_counter = counter;
+        l
+    }
+
+    fn keys(mut v: Vec<Lease>) -> Vec<String> {
+        let mut k: Vec<String> = v.drain(..).map(|l| l.lease_key).collect();
+        k.sort();
+        k
+    }
+
+    fn none() -> HashSet<String> {
+        HashSet::new()
+    }
+
+    fn set(keys: &[&str]) -> HashSet<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn unowned_leases_are_taken_at_once() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let now = Instant::now();
+        let table = vec![lease("a", None, 0), lease("b", None, 3)];
+        assert_eq!(keys(taker.leases_to_take(&table, "me", &none(), now, &cfg)), ["a", "b"]);
+    }
+
+    #[test]
+    fn others_leases_expire_only_after_the_counter_stalls_for_the_failover_time() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let t0 = Instant::now();
+        let table = vec![lease("a", Some("other"), 5)];
+        assert!(taker.leases_to_take(&table, "me", &none(), t0, &cfg).is_empty());
+        // Counter unchanged, but not for long enough.
+        let t1 = t0 + cfg.failover_time - Duration::from_millis(1);
+        assert!(taker.leases_to_take(&table, "me", &none(), t1, &cfg).is_empty());
+        // The owner renewed: the clock restarts from when we saw the new counter.
+        let renewed = vec![lease("a", Some("other"), 6)];
+        assert!(taker.leases_to_take(&renewed, "me", &none(), t1, &cfg).is_empty());
+        let t2 = t1 + cfg.failover_time - Duration::from_millis(1);
+        assert!(taker.leases_to_take(&renewed, "me", &none(), t2, &cfg).is_empty());
+        let t3 = t1 + cfg.failover_time;
+        assert_eq!(keys(taker.leases_to_take(&renewed, "me", &none(), t3, &cfg)), ["a"]);
+    }
+
+    #[test]
+    fn finished_shards_and_the_worker_limit_are_respected() {
+        let cfg = LeaseManagementConfig {
+            max_leases_for_worker: 2,
+            ..Default::default()
+        };
+        let mut taker = LeaseTaker::default();
+        let mut done = lease("done", None, 1);
+        done.checkpoint = ExtendedSequenceNumber::SHARD_END;
+        let table = vec![done, lease("a", None, 0), lease("b", None, 0), lease("c", None, 0)];
+        let now = Instant::now();
+        let taken = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        assert_eq!(taken.len(), 2);
+        assert!(taken.iter().all(|l| l.lease_key != "done"));
+        assert_eq!(taker.leases_to_take(&table, "me", &set(&["a"]), now, &cfg).len(), 1);
+        assert!(taker
+            .leases_to_take(&table, "me", &set(&["a", "b"]), now, &cfg)
+            .is_empty());
+    }
+
+    fn owned(prefix: &str, owner: &str, n: usize) -> Vec<Lease> {
+        (0..n).map(|i| lease(&format!("{prefix}{i}"), Some(owner), 1)).collect()
+    }
+
+    #[test]
+    fn a_new_worker_steals_one_at_a_time_until_the_fair_share() {
+        // 8 leases held 4/4 by a and b; c joins: target ceil(8/3) = 3.
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let now = Instant::now();
+        let mut table = owned("a", "a", 4);
+        table.extend(owned("b", "b", 4));
+        let stolen = taker.leases_to_take(&table, "c", &none(), now, &cfg);
+        assert_eq!(stolen.len(), 1, "max_leases_to_steal_at_one_time is 1");
+        assert_eq!(stolen[0].lease_owner.as_deref(), Some("a"), "ties go to the first name");
+        // After two steals c holds 2 and a and b hold 3 each: one short of the target,
+        // c does not steal from a worker exactly at it.
+        let mut table = owned("a", "a", 3);
+        table.extend(owned("b", "b", 3));
+        table.extend(owned("c", "c", 2));
+        let held = set(&["c0", "c1"]);
+        assert!(taker.leases_to_take(&table, "c", &held, now, &cfg).is_empty());
+    }
+
+    #[test]
+    fn expired_leases_are_taken_before_stealing() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let t0 = Instant::now();
+        // b died holding 4; a holds 4. After the failover time a takes... nothing more
+        // than its share: b's leases are expired, so b no longer counts as a worker
+        // and a's target is all 8.
+        let mut table = owned("a", "a", 4);
+        table.extend(owned("b", "b", 4));
+        let held = set(&["a0", "a1", "a2", "a3"]);
+        assert!(taker.leases_to_take(&table, "a", &held, t0, &cfg).is_empty());
+        let later = t0 + cfg.failover_time;
+        let taken = taker.leases_to_take(&table, "a", &held, later, &cfg);
+        assert_eq!(keys(taken), ["b0", "b1", "b2", "b3"]);
+    }
+
+    #[test]
+    fn two_workers_starting_together_split_unowned_leases() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let now = Instant::now();
+        let mut table: Vec<Lease> = (0..6).map(|i| lease(&format!("s{i}"), None, 0)).collect();
+        // The other worker already took two: it counts, target is ceil(6/2) = 3.
+        table[0].lease_owner = Some("other".into());
+        table[1].lease_owner = Some("other".into());
+        assert_eq!(taker.leases_to_take(&table, "me", &none(), now, &cfg).len(), 3);
+    }
+
+    #[derive(Debug)]
+    struct NoStore;
+
+    #[async_trait::async_trait]
+    impl LeaseStore for NoStore {
+        async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
+            Ok(vec![])
+        }
+        async fn get_lease(&self, _: &str) -> Result<Option<Lease>, LeaseStoreError> {
+            Ok(None)
+        }
+        async fn create_lease_if_not_exists(&self, _: &Lease) -> Result<bool, LeaseStoreError> {
+            Ok(true)
+        }
+        async fn renew_lease(&self, _: &mut Lease) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn take_lease(&self, _: &mut Lease, _: &str) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn evict_lease(&self, _: &mut Lease) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn update_lease_checkpoint(&self, _: &mut Lease) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn delete_lease(&self, _: &Lease) -> Result<(), LeaseStoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn held_lease_counts_as_lost_before_others_could_take_it() {
+        let cfg = LeaseManagementConfig::default(); // failover 10 s, renew every 3.33 s
+        let c = LeaseCoordinator::new(Arc::new(NoStore), "me".into(), cfg.clone());
+        let t0 = Instant::now();
+        let safe = cfg.failover_time - cfg.renewal_interval;
+        assert!(!c.past_safe_ownership(t0, t0 + safe - Duration::from_millis(1)));
+        assert!(c.past_safe_ownership(t0, t0 + safe));
+        // Past the safe window there is still a full renewal interval before any
+        // other worker may consider the lease expired.
+        assert!(safe + cfg.renewal_interval <= cfg.failover_time);
+    }
+}

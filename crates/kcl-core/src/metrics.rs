@@ -1,0 +1,46 @@
+//! The counters and gauges an operator watches, emitted through the [`metrics`] facade:
+//! install any `metrics` recorder (Prometheus, StatsD, ...) in the application to
+//! export them; without one they cost next to nothing.
+//!
+//! | name | kind | labels | meaning |
+//! |---|---|---|---|
+//! | `kcl_records_processed_total` | counter | `shard_id` | records handed to processors that returned `Ok` |
+//! | `kcl_millis_behind_latest` | gauge | `shard_id` | how far the last batch was behind the shard's tip |
+//! | `kcl_leases_held` | gauge | | leases this worker holds |
+//! | `kcl_lease_renewals_failed_total` | counter | | renewals that failed with an error or timed out |
+//! | `kcl_leases_lost_total` | counter | | leases lost (refused renewal or checkpoint, or not renewed in time) |
+//! | `kcl_throttles_total` | counter | `operation` | throttled Kinesis calls |
+//! | `kcl_processor_failures_total` | counter | `shard_id` | processor errors and panics |
+//! | `kcl_batches_skipped_total` | counter | `shard_id` | batches skipped by the `SkipBatch` policy |
+
+pub(crate) fn records_processed(shard_id: &str, n: usize) {
+    ::metrics::counter!("kcl_records_processed_total", "shard_id" => shard_id.to_owned()).increment(n as u64);
+}
+
+pub(crate) fn millis_behind_latest(shard_id: &str, millis: i64) {
+    ::metrics::gauge!("kcl_millis_behind_latest", "shard_id" => shard_id.to_owned()).set(millis as f64);
+}
+
+pub(crate) fn leases_held(n: usize) {
+    ::metrics::gauge!("kcl_leases_held").set(n as f64);
+}
+
+pub(crate) fn lease_renewal_failed() {
+    ::metrics::counter!("kcl_lease_renewals_failed_total").increment(1);
+}
+
+pub(crate) fn lease_lost() {
+    ::metrics::counter!("kcl_leases_lost_total").increment(1);
+}
+
+pub(crate) fn throttled(operation: &'static str) {
+    ::metrics::counter!("kcl_throttles_total", "operation" => operation).increment(1);
+}
+
+pub(crate) fn processor_failure(shard_id: &str) {
+    ::metrics::counter!("kcl_processor_failures_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn batch_skipped(shard_id: &str) {
+    ::metrics::counter!("kcl_batches_skipped_total", "shard_id" => shard_id.to_owned()).increment(1);
+}

@@ -1,0 +1,426 @@
+//! Polling retrieval (the Java KCL's `PrefetchRecordsPublisher` over `GetRecords`).
+//!
+//! One task per shard consumer fetches ahead of the processor into a bounded queue:
+//! at most `max_pending_batches` batches, and no new fetch starts while the queued
+//! records or bytes are at their limits, so memory is bounded by the limits plus one
+//! batch whatever the backlog. Between calls it waits `idle_time_between_reads` from
+//! the start of the previous call (so a new record waits about one idle time, never
+//! more), or `backlog_time_between_reads` while the shard has a backlog.
+//!
+//! Expired iterators are renewed after the last record fetched; throttling and
+//! transient failures are retried with backoff without end (each one logged and
+//! counted); a missing stream or shard ends the publisher with an error.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant as StdInstant, SystemTime};
+
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::types::{ChildShard, ShardIteratorType};
+use aws_smithy_types::DateTime;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::aggregation;
+use crate::config::RetrievalConfig;
+use crate::error::BoxError;
+use crate::metrics;
+use crate::record::Record;
+use crate::sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
+
+/// Shared accounting of what sits in the prefetch queue.
+#[derive(Debug)]
+struct PrefetchBudget {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    max_records: usize,
+    max_bytes: usize,
+    /// Woken whenever a batch is released, so a waiting fetcher re-checks the budget.
+    released: Notify,
+}
+
+impl PrefetchBudget {
+    fn has_room(&self) -> bool {
+        self.records.load(Ordering::Acquire) < self.max_records && self.bytes.load(Ordering::Acquire) < self.max_bytes
+    }
+
+    async fn wait_for_room(&self) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+/// Returns a batch's share of the budget when the batch is dropped.
+#[derive(Debug)]
+pub(crate) struct PrefetchPermit {
+    budget: Arc<PrefetchBudget>,
+    records: usize,
+    bytes: usize,
+}
+
+impl PrefetchPermit {
+    fn new(budget: Arc<PrefetchBudget>, records: usize, bytes: usize) -> Self {
+        budget.records.fetch_add(records, Ordering::AcqRel);
+        budget.bytes.fetch_add(bytes, Ordering::AcqRel);
+        Self { budget, records, bytes }
+    }
+}
+
+impl Drop for PrefetchPermit {
+    fn drop(&mut self) {
+        self.budget.records.fetch_sub(self.records, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.released.notify_waiters();
+    }
+}
+
+/// A fetched batch waiting for the processor.
+#[derive(Debug)]
+pub(crate) struct RecordsBatch {
+    pub(crate) records: Vec<Record>,
+    pub(crate) millis_behind_latest: Option<i64>,
+    pub(crate) fetched_at: StdInstant,
+    /// Held until the batch is processed; dropping it frees prefetch room.
+    pub(crate) _permit: PrefetchPermit,
+}
+
+/// What the publisher hands to the shard consumer.
+#[derive(Debug)]
+pub(crate) enum PublisherEvent {
+    Batch(RecordsBatch),
+    /// The shard was read to its end; every record was sent before this.
+    ShardEnd {
+        child_shards: Vec<ChildShard>,
+    },
+    /// The shard cannot be read (stream or shard missing, access denied).
+    Failed {
+        operation: &'static str,
+        source: BoxError,
+    },
+}
+
+/// Where a publisher starts.
+#[derive(Debug, Clone)]
+pub(crate) struct StartingPosition {
+    pub(crate) checkpoint: ExtendedSequenceNumber,
+    /// For `AT_TIMESTAMP` checkpoints.
+    pub(crate) timestamp: Option<SystemTime>,
+}
+
+/// Spawns the polling publisher of one shard; it stops when `cancel` fires, the
+/// receiver is dropped, or the shard ends.
+pub(crate) fn spawn_polling_publisher(
+    kinesis: aws_sdk_kinesis::Client,
+    stream_name: String,
+    shard_id: String,
+    start: StartingPosition,
+    config: RetrievalConfig,
+    cancel: CancellationToken,
+) -> mpsc::Receiver<PublisherEvent> {
+    let (tx, rx) = mpsc::channel(config.max_pending_batches);
+    let budget = Arc::new(PrefetchBudget {
+        records: AtomicUsize::new(0),
+        bytes: AtomicUsize::new(0),
+        max_records: config.max_prefetch_records,
+        max_bytes: config.max_prefetch_bytes,
+        released: Notify::new(),
+    });
+    let publisher = PollingPublisher {
+        kinesis,
+        stream_name,
+        shard_id,
+        config,
+        budget,
+        tx,
+        last_fetched: None,
+    };
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            tokio::select! {
+                // Cancel safety: dropping the publisher mid-call loses nothing; the
+                // consumer resumes from its own last delivered position.
+                () = cancel.cancelled() => {}
+                () = publisher.run(start) => {}
+            }
+        },
+        span,
+    ));
+    rx
+}
+
+struct PollingPublisher {
+    kinesis: aws_sdk_kinesis::Client,
+    stream_name: String,
+    shard_id: String,
+    config: RetrievalConfig,
+    budget: Arc<PrefetchBudget>,
+    tx: mpsc::Sender<PublisherEvent>,
+    /// The last Kinesis record fetched, where a renewed iterator resumes after.
+    last_fetched: Option<SequenceNumber>,
+}
+
+enum Step<T> {
+    Done(T),
+    Retry,
+    Fatal(&'static str, BoxError),
+    ExpiredIterator,
+}
+
+impl PollingPublisher {
+    async fn run(mut self, start: StartingPosition) {
+        let mut iterator = match self.get_iterator(&start).await {
+            Some(it) => it,
+            None => return,
+        };
+        let mut attempt = 0u32;
+        let mut next_call = Instant::now();
+        loop {
+            self.budget.wait_for_room().await;
+            tokio::time::sleep_until(next_call).await;
+            let call_start = Instant::now();
+            match self.get_records(&iterator).await {
+                Step::Done(out) => {
+                    attempt = 0;
+                    let full = out.records().len() >= usize::try_from(self.config.max_records).unwrap_or(usize::MAX);
+                    let behind = out.millis_behind_latest().is_some_and(|m| m > 0);
+                    let pause = if full || behind {
+                        self.config.backlog_time_between_reads
+                    } else {
+                        self.config.idle_time_between_reads
+                    };
+                    next_call = call_start + pause;
+                    let millis_behind_latest = out.millis_behind_latest();
+                    let next_iterator = out.next_shard_iterator().map(str::to_owned);
+                    let child_shards = out.child_shards().to_vec();
+                    let records = self.convert(out.records);
+                    if !records.is_empty() || millis_behind_latest.is_some() {
+                        let bytes = records.iter().map(|r| r.data.len()).sum();
+                        let permit = PrefetchPermit::new(self.budget.clone(), records.len(), bytes);
+                        let batch = RecordsBatch {
+                            records,
+                            millis_behind_latest,
+                            fetched_at: StdInstant::now(),
+                            _permit: permit,
+                        };
+                        if self.tx.send(PublisherEvent::Batch(batch)).await.is_err() {
+                            return;
+                        }
+                    }
+                    match next_iterator {
+                        Some(next) => iterator = next,
+                        None => {
+                            debug!("shard end reached");
+                            let _ = self.tx.send(PublisherEvent::ShardEnd { child_shards }).await;
+                            return;
+                        }
+                    }
+                }
+                Step::ExpiredIterator => {
+                    let position = match &self.last_fetched {
+                        Some(seq) => StartingPosition {
+                            checkpoint: ExtendedSequenceNumber::new(seq.clone(), 0),
+                            timestamp: None,
+                        },
+                        None => start.clone(),
+                    };
+                    debug!("shard iterator expired; getting a new one");
+                    iterator = match self.get_iterator_after(&position).await {
+                        Some(it) => it,
+                        None => return,
+                    };
+                }
+                Step::Retry => {
+                    attempt = attempt.saturating_add(1);
+                    next_call = Instant::now() + self.config.retry.backoff(attempt);
+                }
+                Step::Fatal(operation, source) => {
+                    let _ = self.tx.send(PublisherEvent::Failed { operation, source }).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn convert(&mut self, records: Vec<aws_sdk_kinesis::types::Record>) -> Vec<Record> {
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            let Ok(sequence_number) = SequenceNumber::parse(r.sequence_number()) else {
+                warn!(
+                    sequence_number = r.sequence_number(),
+                    "record with an invalid sequence number skipped"
+                );
+                continue;
+            };
+            self.last_fetched = Some(sequence_number.clone());
+            let arrival = r
+                .approximate_arrival_timestamp()
+                .and_then(|t| SystemTime::try_from(*t).ok());
+            let mut record = Record::new(
+                bytes::Bytes::from(r.data.into_inner()),
+                r.partition_key.unwrap_or_default(),
+                sequence_number,
+            );
+            record.approximate_arrival_timestamp = arrival;
+            match aggregation::deaggregate(record.clone()) {
+                Ok(user_records) => out.extend(user_records),
+                Err(e) => {
+                    // Delivered as it is: losing it would be worse than a record the
+                    // processor may not be able to parse.
+                    warn!(error = %e, "malformed aggregated record delivered without de-aggregation");
+                    out.push(record);
+                }
+            }
+        }
+        out
+    }
+
+    async fn get_records(&self, iterator: &str) -> Step<aws_sdk_kinesis::operation::get_records::GetRecordsOutput> {
+        let result = self
+            .kinesis
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(self.config.max_records)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Step::Done(out),
+            Err(SdkError::ServiceError(e)) => match e.err() {
+                GetRecordsError::ExpiredIteratorException(_) => Step::ExpiredIterator,
+                GetRecordsError::ProvisionedThroughputExceededException(_)
+                | GetRecordsError::KmsThrottlingException(_) => {
+                    metrics::throttled("GetRecords");
+                    debug!("GetRecords throttled; backing off");
+                    Step::Retry
+                }
+                GetRecordsError::ResourceNotFoundException(_)
+                | GetRecordsError::AccessDeniedException(_)
+                | GetRecordsError::InvalidArgumentException(_) => {
+                    Step::Fatal("GetRecords", BoxError::from(SdkError::ServiceError(e)))
+                }
+                other => {
+                    warn!(error = other.code().unwrap_or("unknown"), "GetRecords failed; retrying");
+                    Step::Retry
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "GetRecords failed; retrying");
+                Step::Retry
+            }
+        }
+    }
+
+    async fn get_iterator(&self, start: &StartingPosition) -> Option<String> {
+        self.get_iterator_after(start).await
+    }
+
+    /// A shard iterator at `start`: sentinels map to their iterator types, and a
+    /// sequence number to `AT_SEQUENCE_NUMBER` (the consumer drops what it has already
+    /// delivered, which keeps the remaining user records of a partly checkpointed
+    /// aggregated record).
+    async fn get_iterator_after(&self, start: &StartingPosition) -> Option<String> {
+        let mut attempt = 0u32;
+        loop {
+            let mut req = self
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(&self.stream_name)
+                .shard_id(&self.shard_id);
+            req = match &start.checkpoint.checkpoint {
+                Checkpoint::TrimHorizon | Checkpoint::ShardEnd => {
+                    req.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                Checkpoint::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
+                Checkpoint::AtTimestamp => req
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(DateTime::from(start.timestamp.unwrap_or(SystemTime::UNIX_EPOCH))),
+                Checkpoint::Sequence(seq) => req
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(seq.as_str()),
+            };
+            match req.send().await {
+                Ok(out) => match out.shard_iterator {
+                    Some(it) => return Some(it),
+                    None => {
+                        // No iterator means the shard is closed and read through.
+                        let _ = self
+                            .tx
+                            .send(PublisherEvent::ShardEnd {
+                                child_shards: Vec::new(),
+                            })
+                            .await;
+                        return None;
+                    }
+                },
+                Err(SdkError::ServiceError(e))
+                    if matches!(
+                        e.err(),
+                        GetShardIteratorError::ResourceNotFoundException(_)
+                            | GetShardIteratorError::AccessDeniedException(_)
+                            | GetShardIteratorError::InvalidArgumentException(_)
+                    ) =>
+                {
+                    let source = BoxError::from(SdkError::ServiceError(e));
+                    let _ = self
+                        .tx
+                        .send(PublisherEvent::Failed {
+                            operation: "GetShardIterator",
+                            source,
+                        })
+                        .await;
+                    return None;
+                }
+                Err(e) => {
+                    if matches!(&e, SdkError::ServiceError(s) if matches!(s.err(), GetShardIteratorError::ProvisionedThroughputExceededException(_)))
+                    {
+                        metrics::throttled("GetShardIterator");
+                    } else {
+                        warn!(error = %e, "GetShardIterator failed; retrying");
+                    }
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budget_blocks_until_a_batch_is_released() {
+        let budget = Arc::new(PrefetchBudget {
+            records: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_records: 10,
+            max_bytes: 1000,
+            released: Notify::new(),
+        });
+        let permit = PrefetchPermit::new(budget.clone(), 10, 5);
+        assert!(!budget.has_room());
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(permit);
+        waiter.await.expect("waiter finishes once the batch is released");
+        assert!(budget.has_room());
+        let _big = PrefetchPermit::new(budget.clone(), 1, 1000);
+        assert!(!budget.has_room(), "the byte limit counts too");
+    }
+}

@@ -1,0 +1,533 @@
+//! The [`Scheduler`] (the Java KCL's `Scheduler`): runs one worker. It checks the
+//! stream and lease table, syncs shards into leases, keeps its leases renewed, takes
+//! leases, runs a [`ShardConsumer`](crate::consumer) per held lease, and shuts down
+//! gracefully.
+//!
+//! Tasks: the scheduler loop itself (taking leases, syncing shards, starting and
+//! reaping consumers), one renewer task, and one task per shard consumer (plus its
+//! publisher). One root `CancellationToken` asks for shutdown; each consumer has a
+//! child token; a lost lease cancels only its own consumer.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::error::SdkError;
+use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::config::{
+    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
+};
+use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
+use crate::coordinator::{LeaseCoordinator, LeaseTaker};
+use crate::error::{BoxError, ConfigError, LeaseStoreError, SchedulerError};
+use crate::lease::LeaseStore;
+use crate::processor::RecordProcessorFactory;
+use crate::retry::{retry, RetryPolicy};
+use crate::shard_sync::{sync_shards, ShardDetector};
+
+/// Asks a running [`Scheduler`] to shut down gracefully: stop taking leases, call
+/// `shutdown_requested` on every processor (which may checkpoint), release the leases.
+/// [`Scheduler::run`] returns when that is done.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    token: CancellationToken,
+}
+
+impl ShutdownHandle {
+    /// Starts the graceful shutdown. Idempotent.
+    pub fn shutdown(&self) {
+        self.token.cancel();
+    }
+
+    /// True once a shutdown was requested.
+    pub fn is_shutdown_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+/// Runs one worker of a Kinesis consumer application. Build it with
+/// [`Scheduler::builder`].
+pub struct Scheduler {
+    stream_name: String,
+    worker_id: String,
+    kinesis: aws_sdk_kinesis::Client,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<dyn RecordProcessorFactory>,
+    initial_position: InitialPositionInStream,
+    lease: LeaseManagementConfig,
+    retrieval: RetrievalConfig,
+    coordinator: CoordinatorConfig,
+    error_policy: ProcessorErrorPolicy,
+    /// The root token: cancelling it starts the graceful shutdown.
+    shutdown: CancellationToken,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("stream_name", &self.stream_name)
+            .field("worker_id", &self.worker_id)
+            .field("store", &self.store)
+            .field("initial_position", &self.initial_position)
+            .field("lease", &self.lease)
+            .field("retrieval", &self.retrieval)
+            .field("coordinator", &self.coordinator)
+            .field("error_policy", &self.error_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Scheduler`]; [`build`](Self::build) validates everything.
+#[must_use]
+pub struct SchedulerBuilder {
+    stream_name: String,
+    worker_id: Option<String>,
+    kinesis: Option<aws_sdk_kinesis::Client>,
+    store: Option<Arc<dyn LeaseStore>>,
+    factory: Option<Arc<dyn RecordProcessorFactory>>,
+    initial_position: InitialPositionInStream,
+    lease: LeaseManagementConfig,
+    retrieval: RetrievalConfig,
+    coordinator: CoordinatorConfig,
+    error_policy: ProcessorErrorPolicy,
+}
+
+impl fmt::Debug for SchedulerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchedulerBuilder")
+            .field("stream_name", &self.stream_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchedulerBuilder {
+    /// The Kinesis client (required).
+    pub fn kinesis_client(mut self, client: aws_sdk_kinesis::Client) -> Self {
+        self.kinesis = Some(client);
+        self
+    }
+
+    /// The lease store, e.g. `kcl_dynamo::DynamoLeaseStore` (required).
+    pub fn lease_store(mut self, store: impl LeaseStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The lease store, already shared.
+    pub fn shared_lease_store(mut self, store: Arc<dyn LeaseStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The processor factory (required). A closure `|shard_id: &str| MyProcessor::new()` works.
+    pub fn processor_factory(mut self, factory: impl RecordProcessorFactory) -> Self {
+        self.factory = Some(Arc::new(factory));
+        self
+    }
+
+    /// This worker's id, unique among the application's workers. Default: a random id
+    /// with the process id in it.
+    pub fn worker_id(mut self, worker_id: impl Into<String>) -> Self {
+        self.worker_id = Some(worker_id.into());
+        self
+    }
+
+    /// Where shards without a checkpoint start. Default [`InitialPositionInStream::Latest`].
+    pub fn initial_position(mut self, position: InitialPositionInStream) -> Self {
+        self.initial_position = position;
+        self
+    }
+
+    /// Lease settings.
+    pub fn lease_config(mut self, config: LeaseManagementConfig) -> Self {
+        self.lease = config;
+        self
+    }
+
+    /// Polling retrieval settings.
+    pub fn retrieval_config(mut self, config: RetrievalConfig) -> Self {
+        self.retrieval = config;
+        self
+    }
+
+    /// Scheduler timing settings.
+    pub fn coordinator_config(mut self, config: CoordinatorConfig) -> Self {
+        self.coordinator = config;
+        self
+    }
+
+    /// What to do when a processor fails.
+    pub fn processor_error_policy(mut self, policy: ProcessorErrorPolicy) -> Self {
+        self.error_policy = policy;
+        self
+    }
+
+    /// Validates the configuration and builds the scheduler.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first field that cannot work.
+    pub fn build(self) -> Result<Scheduler, ConfigError> {
+        if self.stream_name.is_empty() {
+            return Err(ConfigError::new("stream_name", "must not be empty"));
+        }
+        let kinesis = self
+            .kinesis
+            .ok_or_else(|| ConfigError::new("kinesis_client", "is required"))?;
+        let store = self
+            .store
+            .ok_or_else(|| ConfigError::new("lease_store", "is required"))?;
+        let factory = self
+            .factory
+            .ok_or_else(|| ConfigError::new("processor_factory", "is required"))?;
+        self.lease.validate()?;
+        self.retrieval.validate()?;
+        self.coordinator.validate()?;
+        let worker_id = match self.worker_id {
+            Some(id) if id.trim().is_empty() => return Err(ConfigError::new("worker_id", "must not be blank")),
+            Some(id) => id,
+            None => format!("worker-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+        };
+        Ok(Scheduler {
+            stream_name: self.stream_name,
+            worker_id,
+            kinesis,
+            store,
+            factory,
+            initial_position: self.initial_position,
+            lease: self.lease,
+            retrieval: self.retrieval,
+            coordinator: self.coordinator,
+            error_policy: self.error_policy,
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+impl Scheduler {
+    /// Starts building a scheduler for a stream (by name).
+    pub fn builder(stream_name: impl Into<String>) -> SchedulerBuilder {
+        SchedulerBuilder {
+            stream_name: stream_name.into(),
+            worker_id: None,
+            kinesis: None,
+            store: None,
+            factory: None,
+            initial_position: InitialPositionInStream::default(),
+            lease: LeaseManagementConfig::default(),
+            retrieval: RetrievalConfig::default(),
+            coordinator: CoordinatorConfig::default(),
+            error_policy: ProcessorErrorPolicy::default(),
+        }
+    }
+
+    /// This worker's id, as written in `leaseOwner`.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// A handle that starts the graceful shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            token: self.shutdown.clone(),
+        }
+    }
+
+    /// Runs the worker until a shutdown is requested through a [`ShutdownHandle`], or a
+    /// fatal error. Returns after the graceful shutdown completed: processors were
+    /// asked to checkpoint and the leases were released.
+    ///
+    /// # Errors
+    /// [`SchedulerError::StreamNotFound`], [`SchedulerError::LeaseStore`] (for example
+    /// a lease table with the wrong key schema or a corrupt lease at start-up),
+    /// [`SchedulerError::ProcessorFailed`] per the processor error policy.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropping the future abandons the consumers without releasing
+    /// their leases (they expire after the failover time). Use a [`ShutdownHandle`].
+    pub async fn run(self) -> Result<(), SchedulerError> {
+        let span = info_span!("scheduler", worker_id = %self.worker_id, stream = %self.stream_name);
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(self) -> Result<(), SchedulerError> {
+        let started = Instant::now();
+        self.check_stream().await?;
+        let created = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
+            self.store.create_lease_table_if_not_exists()
+        })
+        .await?;
+        if created {
+            info!("created the lease table");
+        }
+        let detector = ShardDetector::new(self.kinesis.clone(), self.stream_name.clone(), 1000);
+        sync_shards(&detector, self.store.as_ref(), self.initial_position).await?;
+
+        let coordinator = Arc::new(LeaseCoordinator::new(
+            self.store.clone(),
+            self.worker_id.clone(),
+            self.lease.clone(),
+        ));
+        let renewer_stop = CancellationToken::new();
+        let renewer = tokio::spawn(
+            run_renewer(coordinator.clone(), self.lease.renewal_interval, renewer_stop.clone()).in_current_span(),
+        );
+        let initial_timestamp = match self.initial_position {
+            InitialPositionInStream::AtTimestamp(t) => Some(t),
+            _ => None,
+        };
+        let ctx = Arc::new(ConsumerContext {
+            kinesis: self.kinesis.clone(),
+            stream_name: self.stream_name.clone(),
+            coordinator: coordinator.clone(),
+            retrieval: self.retrieval.clone(),
+            coordinator_config: self.coordinator.clone(),
+            error_policy: self.error_policy.clone(),
+            initial_timestamp,
+        });
+        let mut workers = Workers {
+            ctx,
+            factory: self.factory.clone(),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+        };
+        let mut taker = LeaseTaker::default();
+        let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
+        take_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sync_tick = tokio::time::interval_at(
+            Instant::now() + self.coordinator.shard_sync_interval,
+            self.coordinator.shard_sync_interval,
+        );
+        sync_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failure: Option<SchedulerError> = None;
+        let mut first_take = true;
+
+        loop {
+            tokio::select! {
+                biased;
+                // Cancel safety: every branch is cancel safe (token, JoinSet, intervals).
+                () = self.shutdown.cancelled() => break,
+                Some(joined) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {
+                    if let Some(e) = workers.reap(joined, &coordinator, &detector, self.store.as_ref(), self.initial_position).await {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                _ = take_tick.tick() => {
+                    self.take_leases(&mut taker, &coordinator).await;
+                    if first_take {
+                        info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
+                        first_take = false;
+                    }
+                }
+                _ = sync_tick.tick() => {
+                    if let Err(e) = sync_shards(&detector, self.store.as_ref(), self.initial_position).await {
+                        warn!(error = %e, "periodic shard sync failed");
+                    }
+                }
+            }
+            workers.start_new(&coordinator, &self.shutdown).await;
+        }
+
+        info!(consumers = workers.running.len(), "shutting down");
+        for token in workers.running.values() {
+            token.cancel();
+        }
+        let drain = async {
+            while let Some(joined) = workers.tasks.join_next().await {
+                if let Some(e) = workers
+                    .reap(
+                        joined,
+                        &coordinator,
+                        &detector,
+                        self.store.as_ref(),
+                        self.initial_position,
+                    )
+                    .await
+                {
+                    failure.get_or_insert(e);
+                }
+            }
+        };
+        if tokio::time::timeout(self.coordinator.graceful_shutdown_timeout, drain)
+            .await
+            .is_err()
+        {
+            warn!(timeout = ?self.coordinator.graceful_shutdown_timeout, "processors did not finish in time; abandoning them");
+            workers.tasks.abort_all();
+        }
+        for held in coordinator.held_leases() {
+            coordinator.release(&held.shard_id).await;
+        }
+        renewer_stop.cancel();
+        let _ = renewer.await;
+        info!("shutdown complete");
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn check_stream(&self) -> Result<(), SchedulerError> {
+        let retryable = |e: &SdkError<DescribeStreamSummaryError>| match e {
+            SdkError::ServiceError(s) => matches!(s.err(), DescribeStreamSummaryError::LimitExceededException(_)),
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+            _ => false,
+        };
+        let result = retry(&RetryPolicy::default(), retryable, || {
+            self.kinesis
+                .describe_stream_summary()
+                .stream_name(&self.stream_name)
+                .send()
+        })
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(s))
+                if matches!(s.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
+            {
+                Err(SchedulerError::StreamNotFound {
+                    stream: self.stream_name.clone(),
+                })
+            }
+            Err(e) => Err(SchedulerError::Kinesis {
+                operation: "DescribeStreamSummary",
+                source: BoxError::from(e),
+            }),
+        }
+    }
+
+    async fn take_leases(&self, taker: &mut LeaseTaker, coordinator: &LeaseCoordinator) {
+        let leases = match self.store.list_leases().await {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot read the lease table; no leases taken this pass");
+                return;
+            }
+        };
+        let held: HashSet<String> = coordinator
+            .held_leases()
+            .into_iter()
+            .map(|h| h.shard_id.clone())
+            .collect();
+        let to_take = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
+        for lease in to_take {
+            let key = lease.lease_key.clone();
+            match coordinator.take(lease).await {
+                Ok(true) => {}
+                Ok(false) => info!(shard_id = %key, "lease taken by another worker first"),
+                Err(e) => warn!(shard_id = %key, error = %e, "taking lease failed"),
+            }
+        }
+    }
+}
+
+/// The running shard consumers of a scheduler.
+struct Workers {
+    ctx: Arc<ConsumerContext>,
+    factory: Arc<dyn RecordProcessorFactory>,
+    /// Shard id -> the consumer's shutdown token.
+    running: HashMap<String, CancellationToken>,
+    tasks: JoinSet<(String, ConsumerOutcome)>,
+}
+
+impl Workers {
+    /// Starts a consumer for every held lease that has none. Finished leases are
+    /// released instead: there is nothing left to read.
+    async fn start_new(&mut self, coordinator: &LeaseCoordinator, root: &CancellationToken) {
+        if root.is_cancelled() {
+            return;
+        }
+        for held in coordinator.held_leases() {
+            if self.running.contains_key(&held.shard_id) || held.lost.is_cancelled() {
+                continue;
+            }
+            if held.lease.lock().await.checkpoint.is_shard_end() {
+                coordinator.release(&held.shard_id).await;
+                continue;
+            }
+            let shard_id = held.shard_id.clone();
+            let factory = self.factory.clone();
+            let processor =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_processor(&shard_id))) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        error!(shard_id, "processor factory panicked; releasing the lease");
+                        coordinator.release(&shard_id).await;
+                        continue;
+                    }
+                };
+            let token = root.child_token();
+            let consumer = ShardConsumer::new(self.ctx.clone(), held.clone(), processor, token.clone());
+            let span = info_span!("shard_consumer", shard_id = %shard_id);
+            let id = shard_id.clone();
+            self.tasks.spawn(
+                async move {
+                    // Processor panics are caught inside; this catches our own bugs, so
+                    // that the shard id is not lost with the task.
+                    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(consumer.run()))
+                        .await
+                        .unwrap_or(ConsumerOutcome::Crashed);
+                    (id, outcome)
+                }
+                .instrument(span),
+            );
+            self.running.insert(shard_id, token);
+        }
+    }
+
+    /// Handles a finished consumer. Returns the error that should stop the scheduler.
+    async fn reap(
+        &mut self,
+        joined: Result<(String, ConsumerOutcome), tokio::task::JoinError>,
+        coordinator: &LeaseCoordinator,
+        detector: &ShardDetector,
+        store: &dyn LeaseStore,
+        initial: InitialPositionInStream,
+    ) -> Option<SchedulerError> {
+        let (shard_id, outcome) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                // Only an abort gets here (panics are caught in the task).
+                warn!(error = %e, "a shard consumer task was aborted");
+                return None;
+            }
+        };
+        self.running.remove(&shard_id);
+        match outcome {
+            ConsumerOutcome::Completed(ShutdownReason::ShardEnd) => {
+                coordinator.release(&shard_id).await;
+                if let Err(e) = sync_shards(detector, store, initial).await {
+                    warn!(error = %e, "shard sync after a shard end failed; the periodic sync will retry");
+                }
+            }
+            ConsumerOutcome::Completed(ShutdownReason::LeaseLost) => {}
+            ConsumerOutcome::Completed(_) | ConsumerOutcome::NotStarted => {
+                if coordinator.is_held(&shard_id) {
+                    coordinator.release(&shard_id).await;
+                }
+            }
+            ConsumerOutcome::ShardEndNotCheckpointed | ConsumerOutcome::RetrievalFailed | ConsumerOutcome::Crashed => {
+                coordinator.release(&shard_id).await;
+            }
+            ConsumerOutcome::Failed(e) => {
+                coordinator.release(&shard_id).await;
+                return Some(e);
+            }
+        }
+        None
+    }
+}
+
+async fn run_renewer(coordinator: Arc<LeaseCoordinator>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => coordinator.renew_all().await,
+        }
+    }
+}
