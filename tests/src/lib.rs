@@ -1,1 +1,504 @@
-//! placeholder
+//! Shared support for the integration tests: a fresh stream and lease table per test
+//! on the embedded backend, a producer that remembers what it wrote, a recording
+//! processor, event-driven waiting, and an SDK interceptor that injects Kinesis errors
+//! (throttling, expired iterators) that no emulator produces on its own.
+//!
+//! Every helper here talks to the real Kinesis and DynamoDB wire protocols through the
+//! AWS SDK; nothing is faked in memory.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use async_trait::async_trait;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use bytes::Bytes;
+use kcl_core::{
+    CheckpointError, Checkpointer, CoordinatorConfig, InitializationInput, LeaseLostInput, LeaseManagementConfig,
+    ProcessRecordsInput, ProcessorError, RecordProcessor, RetrievalConfig, SchedulerBuilder, SequenceNumber,
+    ShardEndedInput, ShutdownRequestedInput,
+};
+use kcl_dynamo::DynamoLeaseStore;
+use kcl_local::LocalBackend;
+use tokio::sync::Notify;
+
+/// A random suffix so that tests running in parallel never share a stream or table.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// One test's world: the embedded backend, a stream, and a lease table name.
+#[derive(Debug)]
+pub struct TestEnv {
+    /// The embedded Kinesis + DynamoDB.
+    pub backend: LocalBackend,
+    /// Kinesis client for the producer and the scheduler.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// DynamoDB client.
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    /// The stream, created with the requested shard count.
+    pub stream: String,
+    /// The lease table (the application name).
+    pub table: String,
+}
+
+impl TestEnv {
+    /// Starts a backend and creates a stream of `shards` shards.
+    pub async fn start(shards: i32) -> anyhow::Result<Self> {
+        init_tracing();
+        let backend = LocalBackend::start().await.context("starting the embedded backend")?;
+        let kinesis = backend.kinesis_client();
+        let dynamodb = backend.dynamodb_client();
+        let stream = unique("stream");
+        kcl_local::create_stream(&kinesis, &stream, shards)
+            .await
+            .context("creating the stream")?;
+        Ok(Self {
+            backend,
+            kinesis,
+            dynamodb,
+            stream,
+            table: unique("app"),
+        })
+    }
+
+    /// A DynamoDB lease store on this test's table.
+    pub fn lease_store(&self) -> DynamoLeaseStore {
+        DynamoLeaseStore::new(self.dynamodb.clone(), self.table.clone())
+    }
+
+    /// A scheduler builder with fast test timings (failover 3 s, reads every 200 ms).
+    pub fn scheduler(&self, recorder: &Recorder, mode: CheckpointMode) -> SchedulerBuilder {
+        let recorder = recorder.clone();
+        fast_config(
+            kcl_core::Scheduler::builder(self.stream.clone())
+                .kinesis_client(self.kinesis.clone())
+                .lease_store(self.lease_store()),
+        )
+        .processor_factory(move |shard_id: &str| RecordingProcessor::new(shard_id, recorder.clone(), mode))
+    }
+
+    /// Writes `n` records, as [`put_records`] does.
+    pub async fn put(&self, n: usize, tag: &str) -> anyhow::Result<Vec<Written>> {
+        put_records(&self.kinesis, &self.stream, n, tag).await
+    }
+}
+
+/// Applies fast timings suited to tests to a builder.
+pub fn fast_config(builder: SchedulerBuilder) -> SchedulerBuilder {
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    lease.lease_taking_interval = Duration::from_secs(1);
+    let retrieval = RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        ..RetrievalConfig::default()
+    };
+    let coordinator = CoordinatorConfig {
+        parent_shard_poll_interval: Duration::from_millis(200),
+        graceful_shutdown_timeout: Duration::from_secs(10),
+        ..CoordinatorConfig::default()
+    };
+    builder
+        .lease_config(lease)
+        .retrieval_config(retrieval)
+        .coordinator_config(coordinator)
+}
+
+/// A record the producer wrote, with where Kinesis put it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The shard Kinesis chose.
+    pub shard_id: String,
+    /// Its sequence number.
+    pub sequence_number: SequenceNumber,
+    /// The partition key.
+    pub partition_key: String,
+    /// The payload.
+    pub data: Bytes,
+}
+
+/// Writes `n` records with `PutRecords` in batches of 500, retrying the entries a
+/// partial failure reports, and returns what was written. Payloads are
+/// `"{tag}-{i}"`, partition keys spread over the key space.
+pub async fn put_records(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<Vec<Written>> {
+    let mut written = Vec::with_capacity(n);
+    let mut index = 0;
+    while index < n {
+        let mut pending: Vec<(String, Bytes)> = (index..n.min(index + 500))
+            .map(|i| (format!("key-{tag}-{i}"), Bytes::from(format!("{tag}-{i}"))))
+            .collect();
+        index += pending.len();
+        for _attempt in 0..10 {
+            if pending.is_empty() {
+                break;
+            }
+            let entries = pending
+                .iter()
+                .map(|(k, d)| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(k)
+                        .data(Blob::new(d.to_vec()))
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = kinesis
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await?;
+            let mut retry = Vec::new();
+            for (entry, (key, data)) in out.records().iter().zip(pending.drain(..)) {
+                match (entry.shard_id(), entry.sequence_number()) {
+                    (Some(shard), Some(seq)) if entry.error_code().is_none() => written.push(Written {
+                        shard_id: shard.to_owned(),
+                        sequence_number: SequenceNumber::parse(seq)?,
+                        partition_key: key,
+                        data,
+                    }),
+                    _ => retry.push((key, data)),
+                }
+            }
+            pending = retry;
+        }
+        if !pending.is_empty() {
+            bail!("{} records could not be written", pending.len());
+        }
+    }
+    Ok(written)
+}
+
+/// Sequence numbers written per shard, in write order.
+pub fn by_shard(written: &[Written]) -> BTreeMap<String, Vec<SequenceNumber>> {
+    let mut map: BTreeMap<String, Vec<SequenceNumber>> = BTreeMap::new();
+    for w in written {
+        map.entry(w.shard_id.clone())
+            .or_default()
+            .push(w.sequence_number.clone());
+    }
+    map
+}
+
+/// A record as a processor received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The shard it came from.
+    pub shard_id: String,
+    /// Its sequence number.
+    pub sequence_number: SequenceNumber,
+    /// Its sub-sequence number.
+    pub sub_sequence_number: u64,
+    /// Its payload.
+    pub data: Bytes,
+}
+
+/// Lifecycle calls a processor received. The fields name the shard and what the call
+/// carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Event {
+    /// `initialize`, with the checkpoint it started from.
+    Initialized { shard_id: String, checkpoint: String },
+    /// `lease_lost`.
+    LeaseLost { shard_id: String },
+    /// `shard_ended`.
+    ShardEnded { shard_id: String },
+    /// `shutdown_requested`, with the result of the checkpoint made there (if any).
+    ShutdownRequested { shard_id: String },
+    /// A `process_records` call, with the number of records (for empty batches).
+    Batch { shard_id: String, records: usize },
+    /// A processor call that failed on purpose (recorded by test processors).
+    Failed { shard_id: String },
+}
+
+/// What every processor of a test recorded.
+#[derive(Debug, Default)]
+pub struct RecorderState {
+    /// Every record delivered, in delivery order.
+    pub deliveries: Vec<Delivery>,
+    /// Lifecycle calls, in order.
+    pub events: Vec<Event>,
+    /// The last checkpointer handed to each shard's processor.
+    pub checkpointers: BTreeMap<String, Checkpointer>,
+    /// Errors returned by checkpoints the processors made.
+    pub checkpoint_errors: Vec<String>,
+}
+
+impl RecorderState {
+    /// Deliveries per shard, in delivery order.
+    pub fn by_shard(&self) -> BTreeMap<String, Vec<SequenceNumber>> {
+        let mut map: BTreeMap<String, Vec<SequenceNumber>> = BTreeMap::new();
+        for d in &self.deliveries {
+            map.entry(d.shard_id.clone())
+                .or_default()
+                .push(d.sequence_number.clone());
+        }
+        map
+    }
+
+    /// How many lifecycle events match.
+    pub fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|e| pred(e)).count()
+    }
+}
+
+/// Shared, awaitable record of what the processors saw.
+#[derive(Clone, Debug, Default)]
+pub struct Recorder {
+    state: Arc<Mutex<RecorderState>>,
+    changed: Arc<Notify>,
+}
+
+impl Recorder {
+    /// Locks the state.
+    pub fn state(&self) -> MutexGuard<'_, RecorderState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an event.
+    pub fn note(&self, event: Event) {
+        self.update(|s| s.events.push(event));
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RecorderState)) {
+        f(&mut self.state());
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `pred` holds, woken by every change; fails after `timeout` with
+    /// `what` in the message.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&RecorderState) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if pred(&self.state()) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let s = self.state();
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}: {} deliveries, events {:?}",
+                    s.deliveries.len(),
+                    s.events
+                );
+            }
+        }
+    }
+
+    /// Waits until at least `n` records were delivered.
+    pub async fn wait_for_records(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(&format!("{n} records"), timeout, |s| s.deliveries.len() >= n)
+            .await
+    }
+}
+
+/// When a [`RecordingProcessor`] checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointMode {
+    /// After every batch, and in `shutdown_requested`.
+    EveryBatch,
+    /// Only in `shutdown_requested`.
+    OnShutdown,
+    /// Never (the checkpointer is kept in the recorder for the test to use).
+    Never,
+}
+
+/// A processor that records everything into a [`Recorder`].
+#[derive(Debug)]
+pub struct RecordingProcessor {
+    shard_id: String,
+    recorder: Recorder,
+    mode: CheckpointMode,
+}
+
+impl RecordingProcessor {
+    /// A processor for one shard.
+    pub fn new(shard_id: &str, recorder: Recorder, mode: CheckpointMode) -> Self {
+        Self {
+            shard_id: shard_id.to_owned(),
+            recorder,
+            mode,
+        }
+    }
+
+    fn note_checkpoint(&self, result: Result<(), CheckpointError>) {
+        if let Err(e) = result {
+            self.recorder.update(|s| s.checkpoint_errors.push(e.to_string()));
+        }
+    }
+}
+
+#[async_trait]
+impl RecordProcessor for RecordingProcessor {
+    async fn initialize(&mut self, input: InitializationInput) -> Result<(), ProcessorError> {
+        self.recorder.update(|s| {
+            s.events.push(Event::Initialized {
+                shard_id: input.shard_id.clone(),
+                checkpoint: input.extended_sequence_number.to_string(),
+            })
+        });
+        Ok(())
+    }
+
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        let shard_id = self.shard_id.clone();
+        self.recorder.update(|s| {
+            s.events.push(Event::Batch {
+                shard_id: shard_id.clone(),
+                records: input.records.len(),
+            });
+            s.deliveries.extend(input.records.iter().map(|r| Delivery {
+                shard_id: shard_id.clone(),
+                sequence_number: r.sequence_number.clone(),
+                sub_sequence_number: r.sub_sequence_number,
+                data: r.data.clone(),
+            }));
+            s.checkpointers.insert(shard_id.clone(), input.checkpointer.clone());
+        });
+        if self.mode == CheckpointMode::EveryBatch && !input.records.is_empty() {
+            let result = input.checkpointer.checkpoint().await;
+            self.note_checkpoint(result);
+        }
+        Ok(())
+    }
+
+    async fn lease_lost(&mut self, input: LeaseLostInput) {
+        self.recorder.update(|s| {
+            s.events.push(Event::LeaseLost {
+                shard_id: input.shard_id,
+            })
+        });
+    }
+
+    async fn shard_ended(&mut self, input: ShardEndedInput) -> Result<(), ProcessorError> {
+        self.recorder.update(|s| {
+            s.events.push(Event::ShardEnded {
+                shard_id: input.shard_id.clone(),
+            })
+        });
+        input.checkpointer.checkpoint().await?;
+        Ok(())
+    }
+
+    async fn shutdown_requested(&mut self, input: ShutdownRequestedInput) -> Result<(), ProcessorError> {
+        if self.mode != CheckpointMode::Never {
+            let result = input.checkpointer.checkpoint().await;
+            self.note_checkpoint(result);
+        }
+        self.recorder.update(|s| {
+            s.events.push(Event::ShutdownRequested {
+                shard_id: input.shard_id,
+            })
+        });
+        Ok(())
+    }
+}
+
+/// A fault to inject into a Kinesis response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `ProvisionedThroughputExceededException`.
+    Throttle,
+    /// `ExpiredIteratorException`.
+    ExpiredIterator,
+}
+
+/// An SDK interceptor that replaces the responses of chosen operations with Kinesis
+/// error responses, in the order queued, and counts what it injected.
+#[derive(Debug, Clone, Default)]
+pub struct FaultInjector {
+    queue: Arc<Mutex<VecDeque<(&'static str, Fault)>>>,
+    injected: Arc<Mutex<Vec<(&'static str, Fault)>>>,
+}
+
+impl FaultInjector {
+    /// Queues `fault` for the next response of `operation` (e.g. `"GetRecords"`).
+    pub fn push(&self, operation: &'static str, fault: Fault) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((operation, fault));
+    }
+
+    /// What was injected so far.
+    pub fn injected(&self) -> Vec<(&'static str, Fault)> {
+        self.injected.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A Kinesis client on `config` with this injector and without SDK retries, so
+    /// that the library's own retry and recovery are what the test exercises.
+    pub fn client(&self, config: &aws_types::SdkConfig) -> aws_sdk_kinesis::Client {
+        let conf = aws_sdk_kinesis::config::Builder::from(config)
+            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+            .interceptor(self.clone())
+            .build();
+        aws_sdk_kinesis::Client::from_conf(conf)
+    }
+}
+
+impl aws_sdk_kinesis::config::Intercept for FaultInjector {
+    fn name(&self) -> &'static str {
+        "FaultInjector"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut aws_sdk_kinesis::config::interceptors::BeforeDeserializationInterceptorContextMut<'_>,
+        _runtime_components: &aws_sdk_kinesis::config::RuntimeComponents,
+        cfg: &mut aws_sdk_kinesis::config::ConfigBag,
+    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
+        let Some(operation) = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name().to_owned())
+        else {
+            return Ok(());
+        };
+        let fault = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            match queue.front() {
+                Some((op, _)) if *op == operation => queue.pop_front(),
+                _ => None,
+            }
+        };
+        let Some((op, fault)) = fault else { return Ok(()) };
+        let error_type = match fault {
+            Fault::Throttle => "ProvisionedThroughputExceededException",
+            Fault::ExpiredIterator => "ExpiredIteratorException",
+        };
+        let body = format!(r#"{{"__type":"{error_type}","message":"injected by the test"}}"#);
+        let mut response = aws_smithy_runtime_api::http::Response::new(
+            aws_smithy_runtime_api::http::StatusCode::try_from(400u16)?,
+            aws_smithy_types::body::SdkBody::from(body),
+        );
+        response
+            .headers_mut()
+            .insert("content-type", "application/x-amz-json-1.1");
+        *context.response_mut() = response;
+        self.injected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((op, fault));
+        Ok(())
+    }
+}

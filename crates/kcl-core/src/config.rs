@@ -1,6 +1,8 @@
 //! Configuration: one struct per area, each with documented defaults (taken from the
 //! Java KCL), validated by [`SchedulerBuilder::build`](crate::SchedulerBuilder::build).
 //!
+//! The structs have public fields and `Default`; set what you need and take the rest
+//! from the defaults: `RetrievalConfig { max_records: 1000, ..Default::default() }`.
 //! Every struct derives serde with `deny_unknown_fields`, so a typo in a config file is
 //! an error, not a silently ignored setting. Durations are (de)serialized as
 //! `{ secs, nanos }` by serde's standard `Duration` format.
@@ -30,7 +32,6 @@ pub enum InitialPositionInStream {
 /// Lease management (the Java KCL's `LeaseManagementConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct LeaseManagementConfig {
     /// How long a lease's counter may stay unchanged before other workers may take it.
     /// Default 10 s.
@@ -100,7 +101,6 @@ impl LeaseManagementConfig {
 /// Polling retrieval (the Java KCL's `PollingConfig` and prefetch settings).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct RetrievalConfig {
     /// `Limit` of one `GetRecords` call, 1 to 10,000. Default 10,000.
     pub max_records: i32,
@@ -189,7 +189,6 @@ pub enum OnProcessorFailure {
 /// The policy for a processor that fails: retry the batch with backoff, then act.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct ProcessorErrorPolicy {
     /// How often and how patiently to retry the same batch. `max_attempts: None`
     /// retries without end. Default: 10 attempts, backoff from 100 ms up to 10 s.
@@ -210,7 +209,6 @@ impl Default for ProcessorErrorPolicy {
 /// The scheduler's own timing (the Java KCL's `CoordinatorConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct CoordinatorConfig {
     /// How often the shard list is synced into the lease table. Default 60 s.
     pub shard_sync_interval: Duration,

@@ -9,7 +9,6 @@ use rand::Rng;
 /// first retry as 1) is uniform in `[0, min(max_backoff, initial_backoff * 2^(n-1))]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct RetryPolicy {
     /// Upper bound of the first wait. Default 100 ms.
     pub initial_backoff: Duration,
