@@ -16,7 +16,7 @@
 //! the oldest record), until Ctrl-C. `--produce N` first writes N click events to it.
 //!
 //! Progress goes to stdout; logs go to stderr, filtered by `RUST_LOG` (default
-//! `warn,kcl_core=info`).
+//! `warn,kcl_core=info`, and only errors from the DynamoDB emulator).
 //!
 //! Files: `main.rs` (this flow), `producer.rs` (the `PutRecords` writer, with
 //! partial-failure retry), `processor.rs` (the `ClickCounter` processor and its tally).
@@ -91,7 +91,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let default_filter = || EnvFilter::new("warn,kcl_core=info");
+    // dynoxide logs every 4xx it answers as a warning, including the expected "table not
+    // found" of the lease table's first `DescribeTable`.
+    let default_filter = || EnvFilter::new("warn,kcl_core=info,dynoxide::server=error");
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter()))
         .with_writer(std::io::stderr)
@@ -137,17 +139,13 @@ async fn local_demo(backend: &LocalBackend, args: &Args) -> anyhow::Result<()> {
         producing.elapsed()
     );
 
-    // Caught-up shards are polled every 200 ms (the minimum) instead of the default
-    // 1.5 s, so that the demo is snappy.
-    let mut retrieval = RetrievalConfig::default();
-    retrieval.idle_time_between_reads = Duration::from_millis(200);
     let consumer = Consumer {
         stream: LOCAL_STREAM,
         application: &args.application,
         kinesis,
         dynamodb: backend.dynamodb_client(),
         initial_position: InitialPositionInStream::TrimHorizon,
-        retrieval,
+        retrieval: snappy_retrieval(),
     };
     let run = consumer
         .run(
@@ -168,16 +166,24 @@ async fn local_demo(backend: &LocalBackend, args: &Args) -> anyhow::Result<()> {
         ),
         Stop::Interrupted => bail!("interrupted before every record was processed"),
     }
-    let mismatched: Vec<&str> = written
-        .iter()
-        .filter(|(shard_id, &count)| run.tally.shards.get(*shard_id).map_or(0, |s| s.processed) != count)
-        .map(|(shard_id, _)| shard_id.as_str())
-        .collect();
+    let mismatched = run.tally.mismatches(&written);
     if !mismatched.is_empty() {
         bail!("processed != written on {}", mismatched.join(", "));
     }
-    println!("OK: every record written was processed exactly once");
+    println!("OK: processed == written on every shard");
     Ok(())
+}
+
+/// Polling settings for the local demo: a caught-up shard is polled every 200 ms (the
+/// minimum) instead of every 1.5 s, so that the demo is snappy.
+#[allow(
+    clippy::field_reassign_with_default,
+    reason = "RetrievalConfig is #[non_exhaustive]: the struct update clippy suggests does not compile here"
+)]
+fn snappy_retrieval() -> RetrievalConfig {
+    let mut retrieval = RetrievalConfig::default();
+    retrieval.idle_time_between_reads = Duration::from_millis(200);
+    retrieval
 }
 
 /// A consumer of a real stream: AWS configuration from the environment, optionally
@@ -462,9 +468,8 @@ fn print_summary(run: &Run, written: Option<&ShardCounts>) {
                 last - run.scheduler_started
             );
             println!(
-                "records/s:             {:.0} from start to last record, {:.0} from first to last record",
-                per_second(tally.processed(), last - run.scheduler_started),
-                per_second(tally.processed(), last - first)
+                "records/s:             {:.0} (scheduler start to last record)",
+                per_second(tally.processed(), last - run.scheduler_started)
             );
         }
         _ => println!("no records reached a processor"),

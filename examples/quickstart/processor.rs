@@ -5,7 +5,7 @@
 //! batch, and `main` awaits the moment it covers every written record (no polling), and
 //! reads it for the progress lines and the summary.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -55,6 +55,19 @@ impl Tally {
     /// The largest lag reported by any shard, when one was reported.
     pub(crate) fn max_millis_behind_latest(&self) -> Option<i64> {
         self.shards.values().filter_map(|s| s.millis_behind_latest).max()
+    }
+
+    /// The shards whose processed count is not what was written to them (a shard absent
+    /// from either side counts 0 there).
+    pub(crate) fn mismatches<'a>(&'a self, written: &'a ShardCounts) -> Vec<&'a str> {
+        let shard_ids: BTreeSet<&str> = written.keys().chain(self.shards.keys()).map(String::as_str).collect();
+        shard_ids
+            .into_iter()
+            .filter(|&shard_id| {
+                let processed = self.shards.get(shard_id).map_or(0, |s| s.processed);
+                written.get(shard_id).copied().unwrap_or(0) != processed
+            })
+            .collect()
     }
 
     /// True when every shard has processed at least as many records as were written to
@@ -146,5 +159,44 @@ async fn checkpoint(checkpointer: &Checkpointer) -> Result<(), ProcessorError> {
             Ok(())
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tally(processed: &[(&str, u64)]) -> Tally {
+        let shards = processed
+            .iter()
+            .map(|&(shard_id, processed)| {
+                let shard = ShardTally {
+                    processed,
+                    ..ShardTally::default()
+                };
+                (shard_id.to_owned(), shard)
+            })
+            .collect();
+        Tally {
+            shards,
+            ..Tally::default()
+        }
+    }
+
+    #[test]
+    fn covers_needs_every_written_record_on_every_shard() {
+        let written = ShardCounts::from([("a".to_owned(), 2), ("b".to_owned(), 3)]);
+        assert!(!tally(&[("a", 2)]).covers(&written), "shard b has not started");
+        assert!(!tally(&[("a", 2), ("b", 2)]).covers(&written));
+        assert!(tally(&[("a", 2), ("b", 3)]).covers(&written));
+    }
+
+    #[test]
+    fn mismatches_catch_missing_and_duplicate_records_and_unexpected_shards() {
+        let written = ShardCounts::from([("a".to_owned(), 2), ("b".to_owned(), 3)]);
+        assert!(tally(&[("a", 2), ("b", 3)]).mismatches(&written).is_empty());
+        assert_eq!(tally(&[("a", 3), ("b", 3)]).mismatches(&written), ["a"]);
+        assert_eq!(tally(&[("a", 2)]).mismatches(&written), ["b"]);
+        assert_eq!(tally(&[("a", 2), ("b", 3), ("c", 1)]).mismatches(&written), ["c"]);
     }
 }

@@ -211,7 +211,7 @@ mod tests {
         let mut written = ShardCounts::new();
         let sorted = sort_results(sent, &results, &mut written).expect("consistent response");
         assert_eq!(sorted.failed.len(), 1);
-        assert_eq!(sorted.failed[0].partition_key(), "b");
+        assert_eq!(sorted.failed[0].partition_key(), Some("b"));
         assert_eq!(
             sorted.last_error_code.as_deref(),
             Some("ProvisionedThroughputExceededException")
