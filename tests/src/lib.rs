@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
@@ -204,6 +204,8 @@ pub struct Delivery {
     pub sub_sequence_number: u64,
     /// Its payload.
     pub data: Bytes,
+    /// When it was delivered.
+    pub at: Instant,
 }
 
 /// Lifecycle calls a processor received. The fields name the shard and what the call
@@ -232,6 +234,8 @@ pub struct RecorderState {
     pub deliveries: Vec<Delivery>,
     /// Lifecycle calls, in order.
     pub events: Vec<Event>,
+    /// The same calls with the time they were made.
+    pub timeline: Vec<(Instant, Event)>,
     /// The last checkpointer handed to each shard's processor.
     pub checkpointers: BTreeMap<String, Checkpointer>,
     /// Errors returned by checkpoints the processors made.
@@ -239,6 +243,11 @@ pub struct RecorderState {
 }
 
 impl RecorderState {
+    fn push(&mut self, event: Event) {
+        self.timeline.push((Instant::now(), event.clone()));
+        self.events.push(event);
+    }
+
     /// Deliveries per shard, in delivery order.
     pub fn by_shard(&self) -> BTreeMap<String, Vec<SequenceNumber>> {
         let mut map: BTreeMap<String, Vec<SequenceNumber>> = BTreeMap::new();
@@ -271,7 +280,7 @@ impl Recorder {
 
     /// Records an event.
     pub fn note(&self, event: Event) {
-        self.update(|s| s.events.push(event));
+        self.update(|s| s.push(event));
     }
 
     fn update(&self, f: impl FnOnce(&mut RecorderState)) {
@@ -352,11 +361,9 @@ impl RecordingProcessor {
 #[async_trait]
 impl RecordProcessor for RecordingProcessor {
     async fn initialize(&mut self, input: InitializationInput) -> Result<(), ProcessorError> {
-        self.recorder.update(|s| {
-            s.events.push(Event::Initialized {
-                shard_id: input.shard_id.clone(),
-                checkpoint: input.extended_sequence_number.to_string(),
-            })
+        self.recorder.note(Event::Initialized {
+            shard_id: input.shard_id.clone(),
+            checkpoint: input.extended_sequence_number.to_string(),
         });
         Ok(())
     }
@@ -364,15 +371,17 @@ impl RecordProcessor for RecordingProcessor {
     async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
         let shard_id = self.shard_id.clone();
         self.recorder.update(|s| {
-            s.events.push(Event::Batch {
+            s.push(Event::Batch {
                 shard_id: shard_id.clone(),
                 records: input.records.len(),
             });
+            let at = Instant::now();
             s.deliveries.extend(input.records.iter().map(|r| Delivery {
                 shard_id: shard_id.clone(),
                 sequence_number: r.sequence_number.clone(),
                 sub_sequence_number: r.sub_sequence_number,
                 data: r.data.clone(),
+                at,
             }));
             s.checkpointers.insert(shard_id.clone(), input.checkpointer.clone());
         });
@@ -384,18 +393,14 @@ impl RecordProcessor for RecordingProcessor {
     }
 
     async fn lease_lost(&mut self, input: LeaseLostInput) {
-        self.recorder.update(|s| {
-            s.events.push(Event::LeaseLost {
-                shard_id: input.shard_id,
-            })
+        self.recorder.note(Event::LeaseLost {
+            shard_id: input.shard_id,
         });
     }
 
     async fn shard_ended(&mut self, input: ShardEndedInput) -> Result<(), ProcessorError> {
-        self.recorder.update(|s| {
-            s.events.push(Event::ShardEnded {
-                shard_id: input.shard_id.clone(),
-            })
+        self.recorder.note(Event::ShardEnded {
+            shard_id: input.shard_id.clone(),
         });
         input.checkpointer.checkpoint().await?;
         Ok(())
@@ -406,10 +411,8 @@ impl RecordProcessor for RecordingProcessor {
             let result = input.checkpointer.checkpoint().await;
             self.note_checkpoint(result);
         }
-        self.recorder.update(|s| {
-            s.events.push(Event::ShutdownRequested {
-                shard_id: input.shard_id,
-            })
+        self.recorder.note(Event::ShutdownRequested {
+            shard_id: input.shard_id,
         });
         Ok(())
     }
@@ -500,5 +503,311 @@ impl aws_sdk_kinesis::config::Intercept for FaultInjector {
             .unwrap_or_else(|p| p.into_inner())
             .push((op, fault));
         Ok(())
+    }
+}
+
+/// A line of a `kcl-worker` log file (see that binary's docs). The fields name what
+/// the line carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum WorkerLine {
+    /// `I`: initialized at a checkpoint.
+    Initialized { shard_id: String, checkpoint: String },
+    /// `D`: a delivered record.
+    Delivered {
+        shard_id: String,
+        sequence_number: SequenceNumber,
+        payload: String,
+    },
+    /// `C`: a stored checkpoint.
+    Checkpointed { shard_id: String, position: String },
+    /// `L`: lease lost.
+    LeaseLost { shard_id: String },
+    /// `E`: shard ended.
+    ShardEnded { shard_id: String },
+    /// `S`: shutdown requested.
+    ShutdownRequested { shard_id: String },
+    /// `X`: the scheduler returned.
+    Exited { ok: bool },
+}
+
+/// Reads a worker log; a missing file is an empty log.
+pub fn read_worker_log(path: &std::path::Path) -> anyhow::Result<Vec<WorkerLine>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    // The last line may be cut short by a kill -9 mid-write: only complete lines count.
+    for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let f: Vec<&str> = line.trim_end().split(' ').collect();
+        let shard = || f.get(1).map(|s| s.to_string()).unwrap_or_default();
+        out.push(match f.first().copied() {
+            Some("I") => WorkerLine::Initialized {
+                shard_id: shard(),
+                checkpoint: f.get(2).unwrap_or(&"").to_string(),
+            },
+            Some("D") => WorkerLine::Delivered {
+                shard_id: shard(),
+                sequence_number: SequenceNumber::parse(f.get(2).unwrap_or(&""))?,
+                payload: f.get(4).unwrap_or(&"").to_string(),
+            },
+            Some("C") => WorkerLine::Checkpointed {
+                shard_id: shard(),
+                position: f.get(2).unwrap_or(&"").to_string(),
+            },
+            Some("L") => WorkerLine::LeaseLost { shard_id: shard() },
+            Some("E") => WorkerLine::ShardEnded { shard_id: shard() },
+            Some("S") => WorkerLine::ShutdownRequested { shard_id: shard() },
+            Some("X") => WorkerLine::Exited {
+                ok: f.get(1) == Some(&"ok"),
+            },
+            _ => bail!("unexpected worker log line {line:?}"),
+        });
+    }
+    Ok(out)
+}
+
+/// Delivered sequence numbers per shard, in log order.
+pub fn worker_deliveries(lines: &[WorkerLine]) -> BTreeMap<String, Vec<SequenceNumber>> {
+    let mut map: BTreeMap<String, Vec<SequenceNumber>> = BTreeMap::new();
+    for line in lines {
+        if let WorkerLine::Delivered {
+            shard_id,
+            sequence_number,
+            ..
+        } = line
+        {
+            map.entry(shard_id.clone()).or_default().push(sequence_number.clone());
+        }
+    }
+    map
+}
+
+/// A `kcl-worker` child process, killed when dropped.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    /// The worker id.
+    pub worker_id: String,
+    /// Its log file.
+    pub log: std::path::PathBuf,
+    child: tokio::process::Child,
+}
+
+/// Settings of a `kcl-worker` process.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    /// Failover time.
+    pub failover: Duration,
+    /// Lease-taking interval.
+    pub taking_interval: Duration,
+    /// GetRecords limit.
+    pub max_records: i32,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            failover: Duration::from_secs(3),
+            taking_interval: Duration::from_millis(500),
+            max_records: 10_000,
+        }
+    }
+}
+
+impl WorkerProcess {
+    /// Starts `kcl-worker` (the binary at `binary`: pass `env!("CARGO_BIN_EXE_kcl-worker")`,
+    /// which Cargo defines for integration tests only) against `env`'s backend, stream
+    /// and table; its log goes to `dir/<worker_id>.log` and its stderr to
+    /// `dir/<worker_id>.err`.
+    pub fn start(
+        binary: &str,
+        env: &TestEnv,
+        dir: &std::path::Path,
+        worker_id: &str,
+        spec: &WorkerSpec,
+    ) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{worker_id}.log"));
+        let err = std::fs::File::create(dir.join(format!("{worker_id}.err")))?;
+        let child = tokio::process::Command::new(binary)
+            .args(["--kinesis-endpoint", &env.backend.kinesis_endpoint()])
+            .args(["--dynamodb-endpoint", &env.backend.dynamodb_endpoint()])
+            .args([
+                "--stream",
+                &env.stream,
+                "--application",
+                &env.table,
+                "--worker-id",
+                worker_id,
+            ])
+            .arg("--output")
+            .arg(&log)
+            .args(["--failover-ms", &spec.failover.as_millis().to_string()])
+            .args(["--taking-interval-ms", &spec.taking_interval.as_millis().to_string()])
+            .args(["--max-records", &spec.max_records.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting kcl-worker")?;
+        Ok(Self {
+            worker_id: worker_id.to_owned(),
+            log,
+            child,
+        })
+    }
+
+    /// The log so far.
+    pub fn lines(&self) -> anyhow::Result<Vec<WorkerLine>> {
+        read_worker_log(&self.log)
+    }
+
+    /// `kill -9`: no shutdown, no release, nothing flushed beyond what was written.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM (graceful shutdown), then waits for the exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("worker already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("worker did not exit")??)
+    }
+}
+
+/// Polls the lease table until `pred` holds on the owners (shard -> owner), sampling
+/// every `every`, and calls `observe` with each sample. There is no event to await in
+/// another process's writes to DynamoDB, so this is a bounded poll.
+pub async fn poll_leases(
+    store: &DynamoLeaseStore,
+    timeout: Duration,
+    every: Duration,
+    mut observe: impl FnMut(&BTreeMap<String, Option<String>>),
+    pred: impl Fn(&BTreeMap<String, Option<String>>) -> bool,
+) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+    use kcl_core::LeaseStore as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let owners: BTreeMap<String, Option<String>> = store
+            .list_leases()
+            .await?
+            .into_iter()
+            .map(|l| (l.lease_key, l.lease_owner))
+            .collect();
+        observe(&owners);
+        if pred(&owners) {
+            return Ok(owners);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?}; owners: {owners:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Leases per owner, sorted by count (unowned leases are not counted).
+pub fn load(owners: &BTreeMap<String, Option<String>>) -> Vec<usize> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for owner in owners.values().flatten() {
+        *counts.entry(owner).or_default() += 1;
+    }
+    let mut v: Vec<usize> = counts.into_values().collect();
+    v.sort_unstable();
+    v
+}
+
+/// A [`kcl_core::LeaseStore`] wrapper that injects failures (the Java KCL's
+/// `ExceptionThrowingLeaseRefresher`): while `partitioned`, every call hangs for
+/// `hang` and then fails as a network error would; otherwise each renewal fails with
+/// probability `renew_failure_percent`.
+#[derive(Debug, Clone)]
+pub struct FaultyLeaseStore {
+    inner: Arc<dyn kcl_core::LeaseStore>,
+    /// Cut off from the lease table.
+    pub partitioned: Arc<std::sync::atomic::AtomicBool>,
+    /// How long a call hangs before failing while partitioned.
+    pub hang: Duration,
+    /// Share of renewals that fail outside a partition (0-100).
+    pub renew_failure_percent: u32,
+    /// Calls failed so far.
+    pub failures: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FaultyLeaseStore {
+    /// Wraps a store.
+    pub fn new(inner: impl kcl_core::LeaseStore, hang: Duration, renew_failure_percent: u32) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            partitioned: Arc::default(),
+            hang,
+            renew_failure_percent,
+            failures: Arc::default(),
+        }
+    }
+
+    async fn gate(&self) -> Result<(), kcl_core::LeaseStoreError> {
+        if self.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(self.hang).await;
+            self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(kcl_core::LeaseStoreError::Dependency {
+                message: "injected: lease table unreachable".into(),
+                source: "partitioned".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl kcl_core::LeaseStore for FaultyLeaseStore {
+    async fn create_lease_table_if_not_exists(&self) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.create_lease_table_if_not_exists().await
+    }
+    async fn list_leases(&self) -> Result<Vec<kcl_core::Lease>, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.list_leases().await
+    }
+    async fn get_lease(&self, key: &str) -> Result<Option<kcl_core::Lease>, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.get_lease(key).await
+    }
+    async fn create_lease_if_not_exists(&self, lease: &kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.create_lease_if_not_exists(lease).await
+    }
+    async fn renew_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        if rand::random_range(0..100) < self.renew_failure_percent {
+            self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(kcl_core::LeaseStoreError::Dependency {
+                message: "injected renewal failure".into(),
+                source: "injected".into(),
+            });
+        }
+        self.inner.renew_lease(lease).await
+    }
+    async fn take_lease(&self, lease: &mut kcl_core::Lease, owner: &str) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.take_lease(lease, owner).await
+    }
+    async fn evict_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.evict_lease(lease).await
+    }
+    async fn update_lease_checkpoint(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.update_lease_checkpoint(lease).await
+    }
+    async fn delete_lease(&self, lease: &kcl_core::Lease) -> Result<(), kcl_core::LeaseStoreError> {
+        self.gate().await?;
+        self.inner.delete_lease(lease).await
     }
 }

@@ -257,6 +257,9 @@ impl ShardConsumer {
                         () = self.shutdown.cancelled() => continue,
                         event = rx.recv() => event,
                     };
+                    if !self.ctx.coordinator.still_owned(&self.held) {
+                        continue;
+                    }
                     match event {
                         Some(PublisherEvent::Batch(batch)) => {
                             if let Err(e) = self.deliver(batch, &checkpointer, &mut last_delivered).await {

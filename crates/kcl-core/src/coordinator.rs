@@ -179,6 +179,21 @@ impl LeaseCoordinator {
         now.saturating_duration_since(last_sent) >= safe
     }
 
+    /// True while this worker can prove it still owns `held`: not marked lost, and
+    /// renewed recently enough that no other worker may have taken it. When the proof
+    /// has run out the lease is marked lost here, so that a stalled renewer cannot let a
+    /// consumer go on processing a shard another worker may already own.
+    pub(crate) fn still_owned(&self, held: &HeldLease) -> bool {
+        if held.lost.is_cancelled() {
+            return false;
+        }
+        if self.past_safe_ownership(held.last_renewal_sent(), Instant::now()) {
+            self.mark_lost(&held.shard_id, "not renewed within the failover time");
+            return false;
+        }
+        true
+    }
+
     /// Tries to take `lease` (as read from the table) for this worker.
     pub(crate) async fn take(&self, mut lease: Lease) -> Result<bool, LeaseStoreError> {
         let sent = Instant::now();
@@ -211,7 +226,15 @@ impl LeaseCoordinator {
         change(&mut next)?;
         let expected_counter = next.lease_counter;
         let sent = Instant::now();
-        let outcome = match self.store.update_lease_checkpoint(&mut next).await {
+        let timeout = self.config.lease_store_call_timeout;
+        let write = tokio::time::timeout(timeout, self.store.update_lease_checkpoint(&mut next)).await;
+        let write = write.unwrap_or_else(|_| {
+            Err(LeaseStoreError::Dependency {
+                message: format!("checkpoint write timed out after {timeout:?}"),
+                source: "timeout".into(),
+            })
+        });
+        let outcome = match write {
             Ok(true) => WriteOutcome::Written,
             Ok(false) => {
                 // The SDK may have retried a write that had already landed; then the
