@@ -695,12 +695,13 @@ pub async fn poll_leases(
     use kcl_core::LeaseStore as _;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let owners: BTreeMap<String, Option<String>> = store
-            .list_leases()
-            .await?
-            .into_iter()
-            .map(|l| (l.lease_key, l.lease_owner))
-            .collect();
+        let leases = match store.list_leases().await {
+            // The workers have not created the table yet.
+            Err(kcl_core::LeaseStoreError::TableNotFound { .. }) => Vec::new(),
+            other => other?,
+        };
+        let owners: BTreeMap<String, Option<String>> =
+            leases.into_iter().map(|l| (l.lease_key, l.lease_owner)).collect();
         observe(&owners);
         if pred(&owners) {
             return Ok(owners);

@@ -102,9 +102,11 @@ async fn restart_resumes_after_the_checkpoints() -> anyhow::Result<()> {
     let first_half = env.put(2_000, "first").await?;
     // The first worker reads in small batches, checkpoints each, and is stopped partway.
     let recorder = Recorder::default();
-    let mut retrieval = kcl_core::RetrievalConfig::default();
-    retrieval.max_records = 100;
-    retrieval.idle_time_between_reads = Duration::from_millis(200);
+    let retrieval = kcl_core::RetrievalConfig {
+        max_records: 100,
+        idle_time_between_reads: Duration::from_millis(200),
+        ..Default::default()
+    };
     let scheduler = env
         .scheduler(&recorder, CheckpointMode::Never)
         .retrieval_config(retrieval)
@@ -261,10 +263,12 @@ async fn latest_skips_existing_data() -> anyhow::Result<()> {
     let env = TestEnv::start(1).await?;
     env.put(50, "old").await?;
     let recorder = Recorder::default();
-    let mut coordinator = kcl_core::CoordinatorConfig::default();
     // An empty batch tells the test that the LATEST iterator exists and was read once.
-    coordinator.call_process_records_even_for_empty_list = true;
-    coordinator.graceful_shutdown_timeout = Duration::from_secs(10);
+    let coordinator = kcl_core::CoordinatorConfig {
+        call_process_records_even_for_empty_list: true,
+        graceful_shutdown_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
     let scheduler = env
         .scheduler(&recorder, CheckpointMode::EveryBatch)
         .coordinator_config(coordinator)
@@ -326,15 +330,12 @@ async fn graceful_shutdown_checkpoints_and_releases_every_lease() -> anyhow::Res
     recorder.wait_for_records(300, WAIT).await?;
     stop(handle, task).await??;
 
-    let state = recorder.state();
-    assert_eq!(
-        state.count(|e| matches!(e, Event::ShutdownRequested { .. })),
-        3,
-        "{:?}",
-        state.events
-    );
-    assert!(state.checkpoint_errors.is_empty(), "{:?}", state.checkpoint_errors);
-    drop(state);
+    {
+        let state = recorder.state();
+        let requested = state.count(|e| matches!(e, Event::ShutdownRequested { .. }));
+        assert_eq!(requested, 3, "{:?}", state.events);
+        assert!(state.checkpoint_errors.is_empty(), "{:?}", state.checkpoint_errors);
+    }
     let expected = by_shard(&written);
     let leases = env.lease_store().list_leases().await?;
     assert_eq!(leases.len(), 3);
@@ -404,10 +405,10 @@ fn flaky_scheduler(
 }
 
 fn policy(attempts: u32, on_exhausted: OnProcessorFailure) -> ProcessorErrorPolicy {
-    let mut p = ProcessorErrorPolicy::default();
-    p.retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), Some(attempts));
-    p.on_exhausted = on_exhausted;
-    p
+    ProcessorErrorPolicy {
+        retry: RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), Some(attempts)),
+        on_exhausted,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,9 +498,11 @@ async fn throttling_and_expired_iterators_are_recovered_without_loss_or_duplicat
     faults.push("GetRecords", Fault::Throttle);
     let kinesis = faults.client(&env.backend.kinesis_sdk_config());
     let recorder = Recorder::default();
-    let mut retrieval = kcl_core::RetrievalConfig::default();
-    retrieval.max_records = 50;
-    retrieval.idle_time_between_reads = Duration::from_millis(200);
+    let retrieval = kcl_core::RetrievalConfig {
+        max_records: 50,
+        idle_time_between_reads: Duration::from_millis(200),
+        ..Default::default()
+    };
     let scheduler = env
         .scheduler(&recorder, CheckpointMode::EveryBatch)
         .kinesis_client(kinesis)
@@ -616,8 +619,10 @@ async fn invalid_config_is_refused_by_build() -> anyhow::Result<()> {
     assert_eq!(err.field, "lease.renewal_interval");
     assert!(err.to_string().contains("shorter than failover_time"), "{err}");
 
-    let mut retrieval = kcl_core::RetrievalConfig::default();
-    retrieval.max_records = 20_000;
+    let retrieval = kcl_core::RetrievalConfig {
+        max_records: 20_000,
+        ..Default::default()
+    };
     let err = env
         .scheduler(&recorder, CheckpointMode::Never)
         .retrieval_config(retrieval)

@@ -1,1 +1,131 @@
-fn main() {}
+//! `kcl-bench`: benchmarks of the Kinesis Client Library against the embedded backend.
+//!
+//! ```text
+//! cargo run -p kcl-bench -- <startup|latency|throughput|memory|all> [options]
+//! cargo run -p kcl-bench -- <scenario> --help
+//! ```
+//!
+//! Every scenario starts the embedded Kinesis + DynamoDB (`kcl-local`) in this process,
+//! uses a fresh stream and a new lease table (a new application), runs a real
+//! [`Scheduler`](kcl_core::Scheduler) with a `DynamoLeaseStore`, shuts it down
+//! gracefully, and prints ONE JSON object on stdout:
+//! `{"scenario": ..., "config": {...}, "results": {...}, "note": "..."}`. Progress
+//! goes to stderr; `RUST_LOG=info` shows the library's logs there too. Nothing is
+//! asserted on timings: the numbers are for people (and notes) to compare.
+//!
+//! # Scenarios and how to read them
+//!
+//! - `startup`: a 4-shard stream with a few records on every shard, a new application
+//!   at `TRIM_HORIZON`. Measures, from `run()` being called, the time to the first
+//!   record reaching a processor and to every shard's first record; repeated
+//!   `--iterations` times with a fresh stream and table each, reported as
+//!   min/median(p50)/max. This is what a first deployment pays: stream check, lease
+//!   table creation, shard sync, first lease-taking pass, first reads.
+//! - `latency`: an idle single shard (the warm-up records are consumed first), then
+//!   single records written at jittered intervals (300-700 ms), for each
+//!   `--idle-ms` value (default 1500, the library's default, and 200, its minimum).
+//!   `latency_ms` is from the acknowledged `PutRecord` to `process_records`. The claim
+//!   to check: a record reaches the processor within about one idle time, so
+//!   `max ≈ idle + one call` (`max_over_idle_time` ≈ 1) and `mean ≈ idle / 2`.
+//!   `mean_get_records_interval_ms` shows the actual poll cadence.
+//! - `throughput`: `--records` (default 100,000) records on 4 shards, written first
+//!   (write rate reported), then consumed from `TRIM_HORIZON` by one scheduler whose
+//!   processor checkpoints every batch. Reports records/s and the time from `run()` to
+//!   the last record, with and without the startup part.
+//! - `memory`: the bounded-prefetch promise. For each prefetch limit × backlog size, a
+//!   child process writes a backlog of ~1 KiB records, measures its resident memory as
+//!   a baseline, and runs a scheduler with a deliberately slow processor for a fixed
+//!   time while sampling RSS every 100 ms. `peak_rss_above_baseline_mib` should follow
+//!   `max_prefetch_bytes` and stay flat as the backlog grows;
+//!   `peak_library_outstanding_mib` (bytes fetched but not yet processed, counted
+//!   exactly) must stay within `bound_mib` (limit + one batch per shard). The emulator
+//!   keeps the whole stream in this process, hence the baseline.
+//! - `all`: every scenario with its defaults, one JSON object each, in the order above.
+//!
+//! Defaults are sized so that `all` takes a few minutes in a debug build on 2 cores.
+//! For bigger runs use a release build (`cargo run --release -p kcl-bench -- ...`) and,
+//! for example, `throughput --records 1000000` or `memory --records 200000,1000000`.
+//!
+//! # Modules
+//! - `support`: the backend, producer, instrumented Kinesis client (counts what
+//!   `GetRecords` returns), the benchmark processor, a stoppable running scheduler,
+//!   statistics.
+//! - `startup`, `latency`, `throughput`, `memory`: one scenario each.
+
+mod latency;
+mod memory;
+mod startup;
+mod support;
+mod throughput;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+/// Benchmarks of the Kinesis Client Library on the embedded backend. Each scenario
+/// prints one JSON object on stdout; progress goes to stderr (RUST_LOG for more).
+#[derive(Parser, Debug)]
+#[command(name = "kcl-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Time from run() to the first record, and to every shard's first record, for a
+    /// new application on a 4-shard stream (min/median/max over iterations).
+    Startup(startup::StartupArgs),
+    /// PutRecord-ack to processor latency on an idle shard, per idle_time_between_reads.
+    Latency(latency::LatencyArgs),
+    /// Write rate, then read rate of one scheduler checkpointing every batch.
+    Throughput(throughput::ThroughputArgs),
+    /// Peak resident memory with a large backlog and a slow processor, per prefetch
+    /// limit and backlog size (each case in a child process).
+    Memory(memory::MemoryArgs),
+    /// Every scenario with its default options, one JSON object each.
+    All,
+    /// One memory case in this process (used by `memory`; prints one JSON line).
+    #[command(hide = true)]
+    MemoryCase(memory::MemoryCaseArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dynoxide=error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    match cli.scenario {
+        Scenario::Startup(args) => print(startup::run(&args).await?),
+        Scenario::Latency(args) => print(latency::run(&args).await?),
+        Scenario::Throughput(args) => print(throughput::run(&args).await?),
+        Scenario::Memory(args) => print(memory::run(&args).await?),
+        Scenario::MemoryCase(args) => memory::run_case(&args).await?,
+        Scenario::All => {
+            // Defaults of each scenario, as if run on its own with no options.
+            let defaults = |scenario: &str| Cli::try_parse_from(["kcl-bench", scenario]).map(|cli| cli.scenario);
+            for name in ["startup", "latency", "throughput", "memory"] {
+                eprintln!("== {name}");
+                let value = match defaults(name)? {
+                    Scenario::Startup(args) => startup::run(&args).await?,
+                    Scenario::Latency(args) => latency::run(&args).await?,
+                    Scenario::Throughput(args) => throughput::run(&args).await?,
+                    Scenario::Memory(args) => memory::run(&args).await?,
+                    Scenario::All | Scenario::MemoryCase(_) => unreachable!("only scenarios are listed"),
+                };
+                print(value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one scenario's JSON object on one line of stdout.
+fn print(value: Value) {
+    println!("{value}");
+}

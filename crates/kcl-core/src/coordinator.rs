@@ -6,7 +6,14 @@
 //! counter has not changed for `failover_time` as seen on *this* worker's monotonic
 //! clock, so wall-clock skew between machines never matters. A lease this worker holds
 //! counts as lost as soon as it could be expired for others: when no renewal sent in
-//! the last `failover_time - renewal_interval` succeeded.
+//! the last `failover_time - renewal_interval` succeeded; no checkpoint write runs past
+//! that point either.
+//!
+//! A lease stolen by a balancing worker is taken while its owner is alive: the owner
+//! learns of it at its next renewal or checkpoint (within a renewal interval), or, if it
+//! cannot reach the table, stops by itself at the point above. Until then both may be
+//! processing the shard, always within the failover time; the old owner's checkpoints
+//! are refused, so progress is neither lost nor recorded twice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -171,6 +178,13 @@ impl LeaseCoordinator {
         }
     }
 
+    /// How much longer this worker can prove it owns `held`; `None` when it no longer can.
+    fn provable_ownership_left(&self, held: &HeldLease) -> Option<Duration> {
+        let safe = self.config.failover_time.saturating_sub(self.config.renewal_interval);
+        let left = (held.last_renewal_sent() + safe).saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
     /// True when, at `now`, the lease may be expired for other workers before the next
     /// renewal could land: the last successful renewal was sent more than
     /// `failover_time - renewal_interval` ago.
@@ -226,7 +240,14 @@ impl LeaseCoordinator {
         change(&mut next)?;
         let expected_counter = next.lease_counter;
         let sent = Instant::now();
-        let timeout = self.config.lease_store_call_timeout;
+        // A write never outlives the proof of ownership: past that point another worker
+        // may own the lease, and this worker must already have stopped.
+        let Some(provable) = self.provable_ownership_left(held) else {
+            drop(guard);
+            self.mark_lost(&held.shard_id, "not renewed within the failover time");
+            return Ok(WriteOutcome::LeaseLost);
+        };
+        let timeout = self.config.lease_store_call_timeout.min(provable);
         let write = tokio::time::timeout(timeout, self.store.update_lease_checkpoint(&mut next)).await;
         let write = write.unwrap_or_else(|_| {
             Err(LeaseStoreError::Dependency {

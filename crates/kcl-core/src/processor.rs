@@ -10,8 +10,10 @@
 //!                                 └─► lease_lost           (lease taken by another worker)
 //! ```
 //!
-//! Exactly one of the three last methods is called, once, unless the worker process
-//! dies. The methods of one processor are never called concurrently.
+//! One of the three last methods is called, once, unless the worker process dies;
+//! `shutdown_requested` may be followed by `lease_lost` when the lease is lost while it
+//! runs (its checkpoint then fails with `LeaseLost`). The methods of one processor are
+//! never called concurrently.
 
 use std::time::Instant;
 

@@ -1,0 +1,508 @@
+//! Many workers: balancing, crash failover, graceful handoff, stealing, and lease-table
+//! faults. Worker processes (`kcl-worker`) share the embedded backend of the test
+//! process over loopback; in-process schedulers are used where a test needs to look
+//! inside a processor (its checkpointer, exact timings).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kcl_core::{
+    Checkpoint, CheckpointError, InitialPositionInStream, LeaseManagementConfig, LeaseStore, Scheduler, SchedulerError,
+    SequenceNumber,
+};
+use kcl_tests::{
+    by_shard, fast_config, load, poll_leases, worker_deliveries, CheckpointMode, Event, FaultyLeaseStore, Recorder,
+    RecordingProcessor, TestEnv, WorkerLine, WorkerProcess, WorkerSpec, Written,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_kcl-worker");
+const WAIT: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(100);
+
+/// Tracks, per shard, the longest time it was seen without an owner.
+#[derive(Default)]
+struct UnownedTracker {
+    since: BTreeMap<String, Instant>,
+    longest: Duration,
+}
+
+impl UnownedTracker {
+    fn observe(&mut self, owners: &BTreeMap<String, Option<String>>) {
+        let now = Instant::now();
+        for (shard, owner) in owners {
+            match owner {
+                None => {
+                    let since = *self.since.entry(shard.clone()).or_insert(now);
+                    self.longest = self.longest.max(now - since);
+                }
+                Some(_) => {
+                    self.since.remove(shard);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_shards_balance_four_four_then_three_three_two() -> anyhow::Result<()> {
+    let env = TestEnv::start(8).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = WorkerSpec::default();
+    let store = env.lease_store();
+    let mut unowned = UnownedTracker::default();
+
+    let started = Instant::now();
+    let _w1 = WorkerProcess::start(WORKER, &env, dir.path(), "w1", &spec)?;
+    let _w2 = WorkerProcess::start(WORKER, &env, dir.path(), "w2", &spec)?;
+    poll_leases(
+        &store,
+        WAIT,
+        POLL,
+        |o| unowned.observe(o),
+        |o| o.len() == 8 && load(o) == [4, 4],
+    )
+    .await?;
+    let two = started.elapsed();
+
+    let started = Instant::now();
+    let _w3 = WorkerProcess::start(WORKER, &env, dir.path(), "w3", &spec)?;
+    poll_leases(&store, WAIT, POLL, |o| unowned.observe(o), |o| load(o) == [2, 3, 3]).await?;
+    let three = started.elapsed();
+    eprintln!(
+        "4/4 after {two:?}, 3/3/2 after {three:?}; longest unowned {:?}",
+        unowned.longest
+    );
+
+    let intervals = |d: Duration| d.as_secs_f64() / spec.taking_interval.as_secs_f64();
+    assert!(intervals(two) <= 20.0, "2 workers converged in {two:?}");
+    assert!(intervals(three) <= 20.0, "3 workers converged in {three:?}");
+    assert!(
+        unowned.longest < spec.failover,
+        "a shard was unowned for {:?}",
+        unowned.longest
+    );
+
+    // Stable: another few passes do not move leases back and forth.
+    let settled = store.list_leases().await?;
+    tokio::time::sleep(spec.taking_interval * 4).await;
+    let later = store.list_leases().await?;
+    let owners = |v: &[kcl_core::Lease]| {
+        v.iter()
+            .map(|l| (l.lease_key.clone(), l.lease_owner.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(owners(&settled), owners(&later), "no thrashing once balanced");
+    Ok(())
+}
+
+/// Writes batches of records until cancelled; returns everything written.
+fn spawn_producer(env: &TestEnv, cancel: CancellationToken) -> JoinHandle<anyhow::Result<Vec<Written>>> {
+    let kinesis = env.kinesis.clone();
+    let stream = env.stream.clone();
+    tokio::spawn(async move {
+        let mut written = Vec::new();
+        let mut round = 0;
+        while !cancel.is_cancelled() {
+            written.extend(kcl_tests::put_records(&kinesis, &stream, 40, &format!("r{round}")).await?);
+            round += 1;
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        Ok(written)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_of_two_workers_loses_nothing_and_resumes_after_the_checkpoints() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = WorkerSpec {
+        max_records: 25,
+        ..WorkerSpec::default()
+    };
+    let store = env.lease_store();
+    let stop_producing = CancellationToken::new();
+    let producer = spawn_producer(&env, stop_producing.clone());
+
+    let mut victim = WorkerProcess::start(WORKER, &env, dir.path(), "victim", &spec)?;
+    let survivor = WorkerProcess::start(WORKER, &env, dir.path(), "survivor", &spec)?;
+    let owners = poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [2, 2]).await?;
+    // Let the victim make progress on its shards before it dies.
+    let victim_shards: HashSet<String> = owners
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("victim"))
+        .map(|(s, _)| s.clone())
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while worker_deliveries(&victim.lines()?)
+        .keys()
+        .filter(|s| victim_shards.contains(*s))
+        .count()
+        < 2
+    {
+        anyhow::ensure!(Instant::now() < deadline, "victim delivered nothing");
+        tokio::time::sleep(POLL).await;
+    }
+    victim.kill9().await?;
+    let at_kill: BTreeMap<String, Checkpoint> = store
+        .list_leases()
+        .await?
+        .into_iter()
+        .filter(|l| victim_shards.contains(&l.lease_key))
+        .map(|l| (l.lease_key, l.checkpoint.checkpoint))
+        .collect();
+
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [4]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_producing.cancel();
+    let written = producer.await??;
+    let expected = by_shard(&written);
+    let total = written.len();
+
+    // Every record is processed at least once, by one worker or the other.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut seen: HashSet<SequenceNumber> = HashSet::new();
+        for lines in [victim.lines()?, survivor.lines()?] {
+            seen.extend(worker_deliveries(&lines).into_values().flatten());
+        }
+        let missing = written.iter().filter(|w| !seen.contains(&w.sequence_number)).count();
+        if missing == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{missing} of {total} records never processed"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // The survivor's re-delivery on each of the victim's shards starts right after the
+    // checkpoint stored when the victim died. Its last `initialize` of the shard is the
+    // takeover (it may have held the shard before the victim stole it).
+    let survivor_lines = survivor.lines()?;
+    for shard in &victim_shards {
+        let takeover = survivor_lines
+            .iter()
+            .rposition(|l| matches!(l, WorkerLine::Initialized { shard_id, .. } if shard_id == shard))
+            .context("survivor initialized the shard")?;
+        let first = worker_deliveries(&survivor_lines[takeover..])
+            .remove(shard)
+            .and_then(|v| v.into_iter().next())
+            .context("survivor read the shard")?;
+        let expected_first = expected[shard]
+            .iter()
+            .find(|s| match &at_kill[shard] {
+                Checkpoint::Sequence(cp) => *s > cp,
+                _ => true,
+            })
+            .context("records after the checkpoint")?;
+        assert_eq!(
+            &first, expected_first,
+            "shard {shard}: re-delivery starts after the checkpoint {:?}",
+            at_kill[shard]
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_shards_over_well_under_the_failover_time() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = WorkerSpec {
+        failover: Duration::from_secs(10),
+        ..WorkerSpec::default()
+    };
+    let store = env.lease_store();
+    let mut leaving = WorkerProcess::start(WORKER, &env, dir.path(), "leaving", &spec)?;
+    let staying = WorkerProcess::start(WORKER, &env, dir.path(), "staying", &spec)?;
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [2, 2]).await?;
+    // A worker notices a stolen lease at its next renewal: wait until the leaving
+    // worker runs exactly the shards the table gives it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let owned: HashSet<String> = store
+            .list_leases()
+            .await?
+            .into_iter()
+            .filter(|l| l.lease_owner.as_deref() == Some("leaving"))
+            .map(|l| l.lease_key)
+            .collect();
+        let mut running = HashSet::new();
+        for line in leaving.lines()? {
+            match line {
+                WorkerLine::Initialized { shard_id, .. } => {
+                    running.insert(shard_id);
+                }
+                WorkerLine::LeaseLost { shard_id } => {
+                    running.remove(&shard_id);
+                }
+                _ => {}
+            }
+        }
+        if owned.len() == 2 && running == owned {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "leaving worker runs {running:?} but owns {owned:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    env.put(200, "before").await?;
+
+    let status = leaving.terminate(WAIT).await?;
+    assert!(status.success(), "graceful exit: {status:?}");
+    let stopped = Instant::now();
+    let lines = leaving.lines()?;
+    assert_eq!(lines.last(), Some(&WorkerLine::Exited { ok: true }));
+    let leaving_shards: Vec<String> = lines
+        .iter()
+        .filter_map(|l| match l {
+            WorkerLine::ShutdownRequested { shard_id } => Some(shard_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(leaving_shards.len(), 2, "shutdown_requested on both shards: {lines:?}");
+
+    let after = env.put(200, "after").await?;
+    let expected = by_shard(&after);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let delivered: HashSet<SequenceNumber> = worker_deliveries(&staying.lines()?).into_values().flatten().collect();
+        if after.iter().all(|w| delivered.contains(&w.sequence_number)) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the staying worker did not process the new records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let handoff = stopped.elapsed();
+    eprintln!("handoff took {handoff:?} (failover time {:?})", spec.failover);
+    assert!(
+        expected.keys().any(|s| leaving_shards.contains(s)),
+        "records went to the handed-over shards"
+    );
+    assert!(
+        handoff < Duration::from_secs(5),
+        "handoff took {handoff:?}, failover is {:?}",
+        spec.failover
+    );
+    Ok(())
+}
+
+fn in_process(
+    env: &TestEnv,
+    store: Arc<dyn LeaseStore>,
+    worker: &str,
+    recorder: &Recorder,
+) -> anyhow::Result<Scheduler> {
+    let recorder = recorder.clone();
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    lease.lease_taking_interval = Duration::from_millis(500);
+    Ok(fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .shared_lease_store(store),
+    )
+    .lease_config(lease)
+    .worker_id(worker)
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_factory(move |shard: &str| RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch))
+    .build()?)
+}
+
+async fn stop(scheduler: (kcl_core::ShutdownHandle, JoinHandle<Result<(), SchedulerError>>)) -> anyhow::Result<()> {
+    scheduler.0.shutdown();
+    tokio::time::timeout(WAIT, scheduler.1)
+        .await
+        .context("scheduler stops")???;
+    Ok(())
+}
+
+fn spawn(s: Scheduler) -> (kcl_core::ShutdownHandle, JoinHandle<Result<(), SchedulerError>>) {
+    (s.shutdown_handle(), tokio::spawn(s.run()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_lease_gives_lease_lost_and_the_old_owner_cannot_checkpoint() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    env.put(100, "steal").await?;
+    let a = Recorder::default();
+    let b = Recorder::default();
+    let worker_a = spawn(in_process(&env, Arc::new(env.lease_store()), "a", &a)?);
+    a.wait_until("a holds all four", WAIT, |s| {
+        s.count(|e| matches!(e, Event::Initialized { .. })) == 4
+    })
+    .await?;
+    a.wait_for_records(100, WAIT).await?;
+
+    let worker_b = spawn(in_process(&env, Arc::new(env.lease_store()), "b", &b)?);
+    a.wait_until("two leases lost", WAIT, |s| {
+        s.count(|e| matches!(e, Event::LeaseLost { .. })) == 2
+    })
+    .await?;
+    b.wait_until("b runs two shards", WAIT, |s| {
+        s.count(|e| matches!(e, Event::Initialized { .. })) == 2
+    })
+    .await?;
+
+    let lost: Vec<String> = a
+        .state()
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::LeaseLost { shard_id } => Some(shard_id.clone()),
+            _ => None,
+        })
+        .collect();
+    for shard in &lost {
+        let checkpointer = a
+            .state()
+            .checkpointers
+            .get(shard)
+            .cloned()
+            .context("a checkpointed this shard")?;
+        let err = checkpointer
+            .checkpoint()
+            .await
+            .expect_err("the old owner cannot checkpoint");
+        assert!(matches!(err, CheckpointError::LeaseLost { .. }), "{err:?}");
+    }
+    // The new owner resumed from the old owner's checkpoint: nothing delivered twice.
+    for (shard, checkpoint) in b.state().events.iter().filter_map(|e| match e {
+        Event::Initialized { shard_id, checkpoint } => Some((shard_id.clone(), checkpoint.clone())),
+        _ => None,
+    }) {
+        assert!(lost.contains(&shard), "b took {shard}, a stolen one");
+        let a_last = a.state().by_shard()[&shard].last().cloned().context("a delivered")?;
+        assert_eq!(checkpoint, a_last.to_string(), "b resumes after a's last checkpoint");
+    }
+    stop(worker_b).await?;
+    stop(worker_a).await?;
+    Ok(())
+}
+
+/// The periods during which each worker processed each shard: from `initialize` to
+/// `lease_lost` / `shutdown_requested` (or the end).
+fn holding_periods(recorder: &Recorder, end: Instant) -> BTreeMap<String, Vec<(Instant, Instant)>> {
+    let mut open: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut periods: BTreeMap<String, Vec<(Instant, Instant)>> = BTreeMap::new();
+    for (at, event) in &recorder.state().timeline {
+        match event {
+            Event::Initialized { shard_id, .. } => {
+                open.insert(shard_id.clone(), *at);
+            }
+            Event::LeaseLost { shard_id } | Event::ShutdownRequested { shard_id } | Event::ShardEnded { shard_id } => {
+                if let Some(start) = open.remove(shard_id) {
+                    periods.entry(shard_id.clone()).or_default().push((start, *at));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (shard, start) in open {
+        periods.entry(shard).or_default().push((start, end));
+    }
+    periods
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_table_faults_never_let_two_workers_process_a_shard_at_once() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let stop_producing = CancellationToken::new();
+    let producer = spawn_producer(&env, stop_producing.clone());
+    let a = Recorder::default();
+    let b = Recorder::default();
+    // Both stores fail a fifth of their renewals; a's is also cut off for a while,
+    // its calls hanging past the renewer's timeout before they fail.
+    let faulty_a = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 20);
+    let faulty_b = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 20);
+    let worker_a = spawn(in_process(&env, Arc::new(faulty_a.clone()), "a", &a)?);
+    let worker_b = spawn(in_process(&env, Arc::new(faulty_b.clone()), "b", &b)?);
+    let store = env.lease_store();
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| o.len() == 4 && load(o) == [2, 2]).await?;
+
+    faulty_a.partitioned.store(true, Ordering::SeqCst);
+    let partitioned_at = Instant::now();
+    let a_shards = a.state().count(|e| matches!(e, Event::Initialized { .. }));
+    // b takes a's leases once they expire; a must have let go of them before.
+    poll_leases(
+        &store,
+        WAIT,
+        POLL,
+        |_| {},
+        |o| load(o) == [4] && o.values().all(|w| w.as_deref() == Some("b")),
+    )
+    .await?;
+    a.wait_until("a lost its leases", WAIT, |s| {
+        s.count(|e| matches!(e, Event::LeaseLost { .. })) >= a_shards.min(2)
+    })
+    .await?;
+    faulty_a.partitioned.store(false, Ordering::SeqCst);
+    let healed_at = Instant::now();
+    // Healed, a gets its share back by stealing.
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [2, 2]).await?;
+    stop_producing.cancel();
+    let written = producer.await??;
+    let all: usize = written.len();
+    let delivered_by_either = |a: &Recorder, b: &Recorder| {
+        let mut seen: HashSet<SequenceNumber> = HashSet::new();
+        seen.extend(a.state().deliveries.iter().map(|d| d.sequence_number.clone()));
+        seen.extend(b.state().deliveries.iter().map(|d| d.sequence_number.clone()));
+        written.iter().filter(|w| !seen.contains(&w.sequence_number)).count()
+    };
+    let deadline = Instant::now() + WAIT;
+    while delivered_by_either(&a, &b) > 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {all} records never processed",
+            delivered_by_either(&a, &b)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let end = Instant::now();
+    stop(worker_a).await?;
+    stop(worker_b).await?;
+
+    assert!(faulty_a.failures.load(Ordering::SeqCst) > 0 && faulty_b.failures.load(Ordering::SeqCst) > 0);
+    let pa = holding_periods(&a, end);
+    let pb = holding_periods(&b, end);
+    let failover = Duration::from_secs(3);
+    let mut worst_steal_overlap = Duration::ZERO;
+    for (shard, periods_a) in &pa {
+        for (sa, ea) in periods_a {
+            for (sb, eb) in pb.get(shard).into_iter().flatten() {
+                let overlap = (*ea).min(*eb).saturating_duration_since((*sa).max(*sb));
+                if sb > sa && *sb >= partitioned_at && *sb <= healed_at {
+                    // b took over a lease a could not renew: a must have stopped first,
+                    // by itself, before the lease could expire for b.
+                    assert!(
+                        overlap.is_zero(),
+                        "shard {shard}: a went on processing for {overlap:?} after b took it"
+                    );
+                } else {
+                    // A steal from a live worker: the old owner stops at its next renewal
+                    // or checkpoint, well within the failover window.
+                    worst_steal_overlap = worst_steal_overlap.max(overlap);
+                    assert!(
+                        overlap < failover,
+                        "shard {shard}: a and b both processed it for {overlap:?}"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("longest overlap after a steal: {worst_steal_overlap:?}");
+    Ok(())
+}
