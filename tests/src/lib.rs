@@ -726,8 +726,9 @@ pub fn load(owners: &BTreeMap<String, Option<String>>) -> Vec<usize> {
 
 /// A [`kcl_core::LeaseStore`] wrapper that injects failures (the Java KCL's
 /// `ExceptionThrowingLeaseRefresher`): while `partitioned`, every call hangs for
-/// `hang` and then fails as a network error would; otherwise each renewal fails with
-/// probability `renew_failure_percent`.
+/// `hang` and then fails as a network error would; otherwise every
+/// `fail_every_nth_renewal`-th renewal fails (deterministic, so a short test always sees
+/// failures).
 #[derive(Debug, Clone)]
 pub struct FaultyLeaseStore {
     inner: Arc<dyn kcl_core::LeaseStore>,
@@ -735,20 +736,22 @@ pub struct FaultyLeaseStore {
     pub partitioned: Arc<std::sync::atomic::AtomicBool>,
     /// How long a call hangs before failing while partitioned.
     pub hang: Duration,
-    /// Share of renewals that fail outside a partition (0-100).
-    pub renew_failure_percent: u32,
+    /// Every n-th renewal fails outside a partition (0: none).
+    pub fail_every_nth_renewal: usize,
+    renewals: Arc<std::sync::atomic::AtomicUsize>,
     /// Calls failed so far.
     pub failures: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultyLeaseStore {
     /// Wraps a store.
-    pub fn new(inner: impl kcl_core::LeaseStore, hang: Duration, renew_failure_percent: u32) -> Self {
+    pub fn new(inner: impl kcl_core::LeaseStore, hang: Duration, fail_every_nth_renewal: usize) -> Self {
         Self {
             inner: Arc::new(inner),
             partitioned: Arc::default(),
             hang,
-            renew_failure_percent,
+            fail_every_nth_renewal,
+            renewals: Arc::default(),
             failures: Arc::default(),
         }
     }
@@ -786,7 +789,8 @@ impl kcl_core::LeaseStore for FaultyLeaseStore {
     }
     async fn renew_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
         self.gate().await?;
-        if rand::random_range(0..100) < self.renew_failure_percent {
+        let n = self.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if self.fail_every_nth_renewal > 0 && n % self.fail_every_nth_renewal == 0 {
             self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(kcl_core::LeaseStoreError::Dependency {
                 message: "injected renewal failure".into(),

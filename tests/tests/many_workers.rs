@@ -424,10 +424,10 @@ async fn lease_table_faults_never_let_two_workers_process_a_shard_at_once() -> a
     let producer = spawn_producer(&env, stop_producing.clone());
     let a = Recorder::default();
     let b = Recorder::default();
-    // Both stores fail a fifth of their renewals; a's is also cut off for a while,
-    // its calls hanging past the renewer's timeout before they fail.
-    let faulty_a = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 20);
-    let faulty_b = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 20);
+    // Both stores fail every fifth renewal; a's is also cut off for a while, its
+    // calls hanging past the renewer's timeout before they fail.
+    let faulty_a = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 5);
+    let faulty_b = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 5);
     let worker_a = spawn(in_process(&env, Arc::new(faulty_a.clone()), "a", &a)?);
     let worker_b = spawn(in_process(&env, Arc::new(faulty_b.clone()), "b", &b)?);
     let store = env.lease_store();

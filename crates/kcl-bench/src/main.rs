@@ -39,7 +39,10 @@
 //!   `max_prefetch_bytes` and stay flat as the backlog grows;
 //!   `peak_library_outstanding_mib` (bytes fetched but not yet processed, counted
 //!   exactly) must stay within `bound_mib` (limit + one batch per shard). The emulator
-//!   keeps the whole stream in this process, hence the baseline.
+//!   keeps the whole stream in this process, hence the baseline; with
+//!   `--kinesis-endpoint`/`--dynamodb-endpoint` the cases use a backend in another
+//!   process instead (`kcl-local serve --kinesis-port 0 --dynamodb-port 0`), and RSS is
+//!   the consumer's alone.
 //! - `all`: every scenario with its defaults, one JSON object each, in the order above.
 //!
 //! Defaults are sized so that `all` takes a few minutes in a debug build on 2 cores.

@@ -164,6 +164,7 @@ pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
                 "peak_rss_above_baseline_mib": case["rss"]["peak_above_baseline_mib"],
                 "peak_library_outstanding_mib": case["library"]["peak_outstanding_mib"],
                 "bound_mib": case["library"]["bound_mib"],
+                "within_bound": case["library"]["within_bound"],
             }));
             runs.push(case);
         }
