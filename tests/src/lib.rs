@@ -6,6 +6,8 @@
 //! Every helper here talks to the real Kinesis and DynamoDB wire protocols through the
 //! AWS SDK; nothing is faked in memory.
 
+pub mod conformance;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
