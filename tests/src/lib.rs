@@ -792,7 +792,7 @@ impl kcl_core::LeaseStore for FaultyLeaseStore {
     async fn renew_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
         self.gate().await?;
         let n = self.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if self.fail_every_nth_renewal > 0 && n % self.fail_every_nth_renewal == 0 {
+        if self.fail_every_nth_renewal > 0 && n.is_multiple_of(self.fail_every_nth_renewal) {
             self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(kcl_core::LeaseStoreError::Dependency {
                 message: "injected renewal failure".into(),
@@ -817,4 +817,167 @@ impl kcl_core::LeaseStore for FaultyLeaseStore {
         self.gate().await?;
         self.inner.delete_lease(lease).await
     }
+}
+
+/// Waits until the stream is `ACTIVE` again after a reshard (bounded poll: the stream
+/// status is the only signal Kinesis gives).
+pub async fn wait_for_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = kinesis.describe_stream_summary().stream_name(stream).send().await?;
+        let status = out.stream_description_summary().map(|d| d.stream_status().clone());
+        if status == Some(aws_sdk_kinesis::types::StreamStatus::Active) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "stream {stream} not ACTIVE: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The stream's shards (all pages, by `ExclusiveStartShardId`, which every backend here
+/// supports).
+pub async fn list_shards(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> anyhow::Result<Vec<aws_sdk_kinesis::types::Shard>> {
+    let mut shards: Vec<aws_sdk_kinesis::types::Shard> = Vec::new();
+    loop {
+        let mut req = kinesis.list_shards().stream_name(stream);
+        if let Some(last) = shards.last() {
+            req = req.exclusive_start_shard_id(last.shard_id());
+        }
+        let page = req.send().await?;
+        if page.shards().is_empty() {
+            return Ok(shards);
+        }
+        shards.extend(page.shards().iter().cloned());
+        if page.next_token().is_none() {
+            return Ok(shards);
+        }
+    }
+}
+
+/// Splits a shard at the middle of its hash key range and waits until the stream is
+/// `ACTIVE`.
+pub async fn split_shard_in_half(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard_id: &str,
+) -> anyhow::Result<()> {
+    let shards = list_shards(kinesis, stream).await?;
+    let shard = shards
+        .iter()
+        .find(|s| s.shard_id() == shard_id)
+        .context("shard to split")?;
+    let range = shard.hash_key_range().context("hash key range")?;
+    let start: u128 = range.starting_hash_key().parse()?;
+    let end: u128 = range.ending_hash_key().parse()?;
+    let middle = start + (end - start) / 2 + 1;
+    kinesis
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(shard_id)
+        .new_starting_hash_key(middle.to_string())
+        .send()
+        .await?;
+    wait_for_active(kinesis, stream).await
+}
+
+/// Merges two adjacent shards and waits until the stream is `ACTIVE`.
+pub async fn merge_shards(kinesis: &aws_sdk_kinesis::Client, stream: &str, a: &str, b: &str) -> anyhow::Result<()> {
+    kinesis
+        .merge_shards()
+        .stream_name(stream)
+        .shard_to_merge(a)
+        .adjacent_shard_to_merge(b)
+        .send()
+        .await?;
+    wait_for_active(kinesis, stream).await
+}
+
+/// A record of a keyed producer: the `n`-th record of partition key `key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyedWritten {
+    /// The partition key.
+    pub key: String,
+    /// Its per-key sequence number, from 0.
+    pub n: u64,
+    /// Where Kinesis put it.
+    pub written: Written,
+}
+
+/// Writes rounds of one record per key (`"{key}:{n}"`) until cancelled, each round
+/// only after the previous one was acknowledged, so that the per-key order of writes is
+/// also their order in time, across shards.
+pub fn spawn_keyed_producer(
+    kinesis: aws_sdk_kinesis::Client,
+    stream: String,
+    keys: usize,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<KeyedWritten>>> {
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut n = 0u64;
+        while !cancel.is_cancelled() {
+            let mut pending: Vec<(String, Bytes)> = (0..keys)
+                .map(|k| (format!("key{k}"), Bytes::from(format!("key{k}:{n}"))))
+                .collect();
+            for _attempt in 0..20 {
+                if pending.is_empty() {
+                    break;
+                }
+                let entries = pending
+                    .iter()
+                    .map(|(k, d)| {
+                        PutRecordsRequestEntry::builder()
+                            .partition_key(k)
+                            .data(Blob::new(d.to_vec()))
+                            .build()
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let res = kinesis
+                    .put_records()
+                    .stream_name(&stream)
+                    .set_records(Some(entries))
+                    .send()
+                    .await;
+                let Ok(res) = res else {
+                    // A reshard in progress may refuse writes for a moment; the round is retried.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let mut retry = Vec::new();
+                for (entry, (key, data)) in res.records().iter().zip(pending.drain(..)) {
+                    match (entry.shard_id(), entry.sequence_number()) {
+                        (Some(shard), Some(seq)) if entry.error_code().is_none() => out.push(KeyedWritten {
+                            key: key.clone(),
+                            n,
+                            written: Written {
+                                shard_id: shard.to_owned(),
+                                sequence_number: SequenceNumber::parse(seq)?,
+                                partition_key: key,
+                                data,
+                            },
+                        }),
+                        _ => retry.push((key, data)),
+                    }
+                }
+                pending = retry;
+            }
+            anyhow::ensure!(
+                pending.is_empty(),
+                "round {n}: {} records could not be written",
+                pending.len()
+            );
+            n += 1;
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        Ok(out)
+    })
 }

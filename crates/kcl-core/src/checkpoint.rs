@@ -23,6 +23,8 @@ struct Progress {
     last_delivered: ExtendedSequenceNumber,
     /// Set once every record of the shard was delivered: `SHARD_END` becomes allowed.
     shard_ended: bool,
+    /// The child shards, recorded in the lease with the `SHARD_END` checkpoint.
+    children: Vec<String>,
 }
 
 struct Inner {
@@ -64,6 +66,7 @@ impl Checkpointer {
                 progress: Mutex::new(Progress {
                     last_delivered: start,
                     shard_ended: false,
+                    children: Vec::new(),
                 }),
             }),
         }
@@ -78,8 +81,10 @@ impl Checkpointer {
         self.progress().last_delivered = position;
     }
 
-    pub(crate) fn set_shard_ended(&self) {
-        self.progress().shard_ended = true;
+    pub(crate) fn set_shard_ended(&self, children: Vec<String>) {
+        let mut p = self.progress();
+        p.shard_ended = true;
+        p.children = children;
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
@@ -190,6 +195,7 @@ impl Checkpointer {
         pending: Option<Option<Bytes>>,
     ) -> Result<(), CheckpointError> {
         let largest = self.largest_permitted();
+        let children = self.progress().children.clone();
         let shard_id = &self.inner.shard_id;
         let outcome = self
             .inner
@@ -206,6 +212,9 @@ impl Checkpointer {
                         lease.checkpoint = target.clone();
                         lease.pending_checkpoint = None;
                         lease.pending_checkpoint_state = None;
+                        if target.is_shard_end() {
+                            lease.child_shard_ids.extend(children.iter().cloned());
+                        }
                     }
                 }
                 Ok(())

@@ -54,6 +54,9 @@ pub struct LeaseManagementConfig {
     /// Bound of one lease-table call made by the renewer; a renewal that takes longer
     /// counts as failed. Default `renewal_interval`.
     pub lease_store_call_timeout: Duration,
+    /// How long a finished (`SHARD_END`) lease is kept after all its children have
+    /// started (checkpointed past `TRIM_HORIZON`) before it is deleted. Default 5 min.
+    pub completed_lease_cleanup_delay: Duration,
 }
 
 impl Default for LeaseManagementConfig {
@@ -74,6 +77,7 @@ impl LeaseManagementConfig {
             max_leases_for_worker: usize::MAX,
             max_leases_to_steal_at_one_time: 1,
             lease_store_call_timeout: renewal_interval,
+            completed_lease_cleanup_delay: Duration::from_secs(300),
         }
     }
 

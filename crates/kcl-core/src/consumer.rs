@@ -45,12 +45,15 @@ use crate::checkpoint::Checkpointer;
 use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy, RetrievalConfig};
 use crate::coordinator::{HeldLease, LeaseCoordinator};
 use crate::error::{BoxError, SchedulerError};
+use crate::lease::Lease;
 use crate::metrics;
 use crate::processor::{
     InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, ShardEndedInput, ShutdownRequestedInput,
 };
 use crate::retrieval::{spawn_polling_publisher, PublisherEvent, RecordsBatch, StartingPosition};
+use crate::retry::{retry, RetryPolicy};
 use crate::sequence::ExtendedSequenceNumber;
+use crate::shard_sync::ShardDetector;
 
 /// The states of a shard consumer, as in the Java KCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +137,8 @@ pub(crate) struct ConsumerContext {
     pub(crate) coordinator_config: CoordinatorConfig,
     pub(crate) error_policy: ProcessorErrorPolicy,
     pub(crate) initial_timestamp: Option<SystemTime>,
+    /// Finds child shards at a shard end when `GetRecords` did not name them.
+    pub(crate) detector: ShardDetector,
 }
 
 pub(crate) struct ShardConsumer {
@@ -267,8 +272,9 @@ impl ShardConsumer {
                             }
                         }
                         Some(PublisherEvent::ShardEnd { child_shards }) => {
-                            debug!(children = child_shards.len(), "shard ended");
-                            checkpointer.set_shard_ended();
+                            let children = create_child_leases(&self.ctx, &self.held.shard_id, child_shards).await;
+                            info!(children = ?children, "shard read to its end");
+                            checkpointer.set_shard_ended(children);
                             self.signal(ShutdownReason::ShardEnd);
                         }
                         Some(PublisherEvent::Failed { operation, source }) => {
@@ -482,6 +488,62 @@ impl ShardConsumer {
             attempt += 1;
         }
     }
+}
+
+/// Learns the children of this ended shard, from `GetRecords`'s `ChildShards` or,
+/// where the backend did not send them, from `ListShards` parent links, and creates
+/// their leases (at `TRIM_HORIZON`, with their parents) before the processor is told
+/// of the shard end, so that no child is left without a lease. Returns the child ids;
+/// when neither source knows them yet the periodic shard sync creates them later.
+async fn create_child_leases(
+    ctx: &ConsumerContext,
+    shard_id: &str,
+    child_shards: Vec<aws_sdk_kinesis::types::ChildShard>,
+) -> Vec<String> {
+    let children: Vec<Lease> = if child_shards.is_empty() {
+        match ctx.detector.list_shards().await {
+            Ok(shards) => shards
+                .into_iter()
+                .filter(|s| s.parents.iter().any(|p| p == shard_id))
+                .map(|s| {
+                    let mut l =
+                        Lease::new(s.shard_id, crate::ExtendedSequenceNumber::TRIM_HORIZON).with_parents(s.parents);
+                    l.hash_key_range = s.hash_key_range;
+                    l
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list shards to find the children; the shard sync will create them");
+                Vec::new()
+            }
+        }
+    } else {
+        child_shards
+            .iter()
+            .map(|c| {
+                let mut l = Lease::new(c.shard_id(), crate::ExtendedSequenceNumber::TRIM_HORIZON)
+                    .with_parents(c.parent_shards().iter().cloned());
+                l.hash_key_range = c.hash_key_range().map(|r| crate::lease::HashKeyRange {
+                    starting_hash_key: r.starting_hash_key().to_owned(),
+                    ending_hash_key: r.ending_hash_key().to_owned(),
+                });
+                l
+            })
+            .collect()
+    };
+    let store = ctx.coordinator.store();
+    for child in &children {
+        let created = retry(&RetryPolicy::default(), crate::LeaseStoreError::is_retryable, || {
+            store.create_lease_if_not_exists(child)
+        })
+        .await;
+        match created {
+            Ok(true) => info!(child = %child.lease_key, "created child lease"),
+            Ok(false) => {}
+            Err(e) => warn!(child = %child.lease_key, error = %e, "cannot create child lease; the shard sync will"),
+        }
+    }
+    children.into_iter().map(|l| l.lease_key).collect()
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -447,6 +447,53 @@ impl LeaseTaker {
     }
 }
 
+/// Deletes finished leases once nothing can need them (the Java KCL's
+/// `LeaseCleanupManager`): a lease at `SHARD_END`, released by its owner, whose child
+/// leases all exist and have started (checkpointed past their initial position), and
+/// that has stayed so for `completed_lease_cleanup_delay` on this worker's clock.
+/// Children no longer wait on a deleted parent, and the shard sync does not recreate a
+/// lease for a shard whose descendant has one, so a deleted parent is never read again.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseCleanup {
+    eligible_since: HashMap<String, Instant>,
+}
+
+impl LeaseCleanup {
+    pub(crate) fn leases_to_delete(&mut self, leases: &[Lease], now: Instant, delay: Duration) -> Vec<Lease> {
+        let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let mut out = Vec::new();
+        let mut eligible = HashSet::new();
+        for lease in leases {
+            if !lease.checkpoint.is_shard_end() || lease.lease_owner.is_some() {
+                continue;
+            }
+            let mut children: Vec<&str> = lease.child_shard_ids.iter().map(String::as_str).collect();
+            if children.is_empty() {
+                children = leases
+                    .iter()
+                    .filter(|l| l.parent_shard_ids.contains(&lease.lease_key))
+                    .map(|l| l.lease_key.as_str())
+                    .collect();
+            }
+            let started = |c: &&str| {
+                by_key
+                    .get(c)
+                    .is_some_and(|l| !l.checkpoint.checkpoint.is_initial_position())
+            };
+            if children.is_empty() || !children.iter().all(started) {
+                continue;
+            }
+            eligible.insert(lease.lease_key.clone());
+            let since = *self.eligible_since.entry(lease.lease_key.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= delay {
+                out.push(lease.clone());
+            }
+        }
+        self.eligible_since.retain(|k, _| eligible.contains(k));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,6 +619,51 @@ mod tests {
         table[0].lease_owner = Some("other".into());
         table[1].lease_owner = Some("other".into());
         assert_eq!(taker.leases_to_take(&table, "me", &none(), now, &cfg).len(), 3);
+    }
+
+    #[test]
+    fn finished_parents_are_deleted_only_after_their_children_started_and_the_delay() {
+        let delay = Duration::from_secs(60);
+        let mut cleanup = LeaseCleanup::default();
+        let t0 = Instant::now();
+        let mut parent = lease("p", None, 9);
+        parent.checkpoint = ExtendedSequenceNumber::SHARD_END;
+        parent.child_shard_ids = ["c1".to_string(), "c2".to_string()].into();
+        let c1 = lease("c1", Some("w"), 3).with_parents(["p".to_string()]);
+        let mut c2 = lease("c2", Some("w"), 3).with_parents(["p".to_string()]);
+        let started = ExtendedSequenceNumber::new(crate::SequenceNumber::parse("5").expect("valid"), 0);
+        let mut c1_started = c1.clone();
+        c1_started.checkpoint = started.clone();
+
+        // A child has not started: keep the parent.
+        let table = vec![parent.clone(), c1_started.clone(), c2.clone()];
+        assert!(cleanup.leases_to_delete(&table, t0 + delay * 10, delay).is_empty());
+        // Both started: deleted only after the delay.
+        c2.checkpoint = started;
+        let table = vec![parent.clone(), c1_started.clone(), c2.clone()];
+        assert!(cleanup.leases_to_delete(&table, t0, delay).is_empty());
+        assert!(cleanup
+            .leases_to_delete(&table, t0 + delay - Duration::from_millis(1), delay)
+            .is_empty());
+        let deleted = cleanup.leases_to_delete(&table, t0 + delay, delay);
+        assert_eq!(deleted.iter().map(|l| l.lease_key.as_str()).collect::<Vec<_>>(), ["p"]);
+        // A missing child, an owned parent, or an unfinished parent are kept.
+        let table = vec![parent.clone(), c1_started.clone()];
+        assert!(LeaseCleanup::default()
+            .leases_to_delete(&table, t0, Duration::ZERO)
+            .is_empty());
+        let mut owned = parent.clone();
+        owned.lease_owner = Some("w".into());
+        let table = vec![owned, c1_started.clone(), c2.clone()];
+        assert!(LeaseCleanup::default()
+            .leases_to_delete(&table, t0, Duration::ZERO)
+            .is_empty());
+        let mut unfinished = parent;
+        unfinished.checkpoint = ExtendedSequenceNumber::TRIM_HORIZON;
+        let table = vec![unfinished, c1_started, c2];
+        assert!(LeaseCleanup::default()
+            .leases_to_delete(&table, t0, Duration::ZERO)
+            .is_empty());
     }
 
     #[derive(Debug)]

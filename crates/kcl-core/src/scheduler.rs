@@ -24,7 +24,7 @@ use crate::config::{
     CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
 };
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
-use crate::coordinator::{LeaseCoordinator, LeaseTaker};
+use crate::coordinator::{LeaseCleanup, LeaseCoordinator, LeaseTaker};
 use crate::error::{BoxError, ConfigError, LeaseStoreError, SchedulerError};
 use crate::lease::LeaseStore;
 use crate::processor::RecordProcessorFactory;
@@ -289,6 +289,7 @@ impl Scheduler {
             coordinator_config: self.coordinator.clone(),
             error_policy: self.error_policy.clone(),
             initial_timestamp,
+            detector: detector.clone(),
         });
         let mut workers = Workers {
             ctx,
@@ -297,6 +298,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
         };
         let mut taker = LeaseTaker::default();
+        let mut cleanup = LeaseCleanup::default();
         let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
         take_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sync_tick = tokio::time::interval_at(
@@ -319,7 +321,7 @@ impl Scheduler {
                     }
                 }
                 _ = take_tick.tick() => {
-                    self.take_leases(&mut taker, &coordinator).await;
+                    self.take_leases(&mut taker, &mut cleanup, &coordinator).await;
                     if first_take {
                         info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
                         first_take = false;
@@ -399,7 +401,9 @@ impl Scheduler {
         }
     }
 
-    async fn take_leases(&self, taker: &mut LeaseTaker, coordinator: &LeaseCoordinator) {
+    /// One lease-taking pass: reads the table once, takes what the taker says, and
+    /// deletes finished leases the cleanup says nothing needs any more.
+    async fn take_leases(&self, taker: &mut LeaseTaker, cleanup: &mut LeaseCleanup, coordinator: &LeaseCoordinator) {
         let leases = match self.store.list_leases().await {
             Ok(l) => l,
             Err(e) => {
@@ -407,6 +411,12 @@ impl Scheduler {
                 return;
             }
         };
+        for finished in cleanup.leases_to_delete(&leases, Instant::now(), self.lease.completed_lease_cleanup_delay) {
+            match self.store.delete_lease(&finished).await {
+                Ok(()) => info!(shard_id = %finished.lease_key, "deleted the lease of a finished shard"),
+                Err(e) => warn!(shard_id = %finished.lease_key, error = %e, "deleting a finished lease failed"),
+            }
+        }
         let held: HashSet<String> = coordinator
             .held_leases()
             .into_iter()

@@ -180,9 +180,30 @@ pub(crate) fn new_leases(
         memo.insert(id.to_owned(), v);
         v
     }
+    // A shard none of whose descendants has a lease still needs reading; one with a
+    // leased descendant was finished (its lease may have been cleaned up since) and must
+    // not be read again.
+    let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
+    for s in shards {
+        for p in &s.parents {
+            children.entry(p.as_str()).or_default().push(s.shard_id.as_str());
+        }
+    }
+    fn leased_descendant(
+        id: &str,
+        children: &HashMap<&str, Vec<&str>>,
+        existing: &HashSet<String>,
+        depth: usize,
+    ) -> bool {
+        depth < 10_000
+            && children.get(id).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| existing.contains(*c) || leased_descendant(c, children, existing, depth + 1))
+            })
+    }
     let mut out = Vec::new();
     for shard in shards {
-        if existing.contains(&shard.shard_id) {
+        if existing.contains(&shard.shard_id) || leased_descendant(&shard.shard_id, &children, existing, 0) {
             continue;
         }
         let checkpoint = if leased_ancestor(&shard.shard_id, &by_id, existing, &mut memo, 0) {
@@ -196,6 +217,22 @@ pub(crate) fn new_leases(
         lease.hash_key_range = shard.hash_key_range.clone();
         out.push(lease);
     }
+    // Ancestors first: should a sync stop half-way, no child lease exists whose parent
+    // lease was never created (the child would then hide the parent from later syncs).
+    let depth = |id: &str| {
+        let mut d = 0;
+        let mut frontier = vec![id];
+        while let Some(next) = frontier.pop() {
+            if let Some(s) = by_id.get(next) {
+                if !s.parents.is_empty() && d < 10_000 {
+                    d += 1;
+                    frontier.extend(s.parents.iter().map(String::as_str));
+                }
+            }
+        }
+        d
+    };
+    out.sort_by_cached_key(|l| (depth(&l.lease_key), l.lease_key.clone()));
     out
 }
 
@@ -283,6 +320,40 @@ mod tests {
         );
         let f = leases.iter().find(|l| l.lease_key == "f").expect("f");
         assert_eq!(f.parent_shard_ids.iter().cloned().collect::<Vec<_>>(), ["c", "e"]);
+    }
+
+    #[test]
+    fn shards_with_a_leased_descendant_are_finished_and_get_no_lease() {
+        // p was split into c1 and c2; p's lease was cleaned up after they started.
+        let shards = vec![
+            shard("p", &[], true),
+            shard("c1", &["p"], false),
+            shard("c2", &["p"], false),
+        ];
+        let existing: HashSet<String> = ["c1".to_string(), "c2".to_string()].into();
+        for initial in [InitialPositionInStream::TrimHorizon, InitialPositionInStream::Latest] {
+            assert!(new_leases(&shards, &existing, initial).is_empty(), "{initial:?}");
+        }
+        // Grandparents too.
+        let shards = vec![
+            shard("g", &[], true),
+            shard("p", &["g"], true),
+            shard("c", &["p"], false),
+        ];
+        let existing: HashSet<String> = ["c".to_string()].into();
+        assert!(new_leases(&shards, &existing, InitialPositionInStream::TrimHorizon).is_empty());
+    }
+
+    #[test]
+    fn ancestors_are_created_before_descendants() {
+        let shards = vec![
+            shard("z-child", &["a-parent"], false),
+            shard("a-parent", &["m-grandparent"], true),
+            shard("m-grandparent", &[], true),
+        ];
+        let leases = new_leases(&shards, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+        let order: Vec<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
+        assert_eq!(order, ["m-grandparent", "a-parent", "z-child"]);
     }
 
     #[test]
