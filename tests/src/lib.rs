@@ -4,7 +4,8 @@
 //! (throttling, expired iterators) that no emulator produces on its own.
 //!
 //! Every helper here talks to the real Kinesis and DynamoDB wire protocols through the
-//! AWS SDK; nothing is faked in memory.
+//! AWS SDK; nothing is faked in memory. Module [`conformance`] starts the npm
+//! conformance backends (kinesis-mock, dynalite).
 
 pub mod conformance;
 
@@ -39,11 +40,54 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// One test's world: the embedded backend, a stream, and a lease table name.
+/// Which Kinesis + DynamoDB a test talks to.
+#[derive(Debug)]
+pub enum Backend {
+    /// The embedded ferrokinesis + dynoxide (`kcl-local`): fast, the default.
+    Embedded(LocalBackend),
+    /// kinesis-mock + dynalite from npm: slower, and the most faithful (`ChildShards`).
+    Conformance(conformance::ConformanceBackend),
+}
+
+impl Backend {
+    /// The Kinesis endpoint URL.
+    pub fn kinesis_endpoint(&self) -> String {
+        match self {
+            Self::Embedded(b) => b.kinesis_endpoint(),
+            Self::Conformance(b) => b.kinesis_endpoint(),
+        }
+    }
+
+    /// The DynamoDB endpoint URL.
+    pub fn dynamodb_endpoint(&self) -> String {
+        match self {
+            Self::Embedded(b) => b.dynamodb_endpoint(),
+            Self::Conformance(b) => b.dynamodb_endpoint(),
+        }
+    }
+
+    /// SDK config for Kinesis.
+    pub fn kinesis_sdk_config(&self) -> aws_types::SdkConfig {
+        match self {
+            Self::Embedded(b) => b.kinesis_sdk_config(),
+            Self::Conformance(b) => b.kinesis_sdk_config(),
+        }
+    }
+
+    /// SDK config for DynamoDB.
+    pub fn dynamodb_sdk_config(&self) -> aws_types::SdkConfig {
+        match self {
+            Self::Embedded(b) => b.dynamodb_sdk_config(),
+            Self::Conformance(b) => b.dynamodb_sdk_config(),
+        }
+    }
+}
+
+/// One test's world: a backend, a stream, and a lease table name.
 #[derive(Debug)]
 pub struct TestEnv {
-    /// The embedded Kinesis + DynamoDB.
-    pub backend: LocalBackend,
+    /// The Kinesis + DynamoDB.
+    pub backend: Backend,
     /// Kinesis client for the producer and the scheduler.
     pub kinesis: aws_sdk_kinesis::Client,
     /// DynamoDB client.
@@ -55,12 +99,26 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// Starts a backend and creates a stream of `shards` shards.
+    /// Starts the embedded backend and creates a stream of `shards` shards.
     pub async fn start(shards: i32) -> anyhow::Result<Self> {
         init_tracing();
         let backend = LocalBackend::start().await.context("starting the embedded backend")?;
-        let kinesis = backend.kinesis_client();
-        let dynamodb = backend.dynamodb_client();
+        Self::with_backend(Backend::Embedded(backend), shards).await
+    }
+
+    /// Starts the conformance backend (kinesis-mock + dynalite; `npm ci --prefix
+    /// tests/conformance` first) and creates a stream of `shards` shards.
+    pub async fn start_conformance(shards: i32) -> anyhow::Result<Self> {
+        init_tracing();
+        let backend = conformance::ConformanceBackend::start()
+            .await
+            .context("starting the conformance backend")?;
+        Self::with_backend(Backend::Conformance(backend), shards).await
+    }
+
+    async fn with_backend(backend: Backend, shards: i32) -> anyhow::Result<Self> {
+        let kinesis = aws_sdk_kinesis::Client::new(&backend.kinesis_sdk_config());
+        let dynamodb = aws_sdk_dynamodb::Client::new(&backend.dynamodb_sdk_config());
         let stream = unique("stream");
         kcl_local::create_stream(&kinesis, &stream, shards)
             .await

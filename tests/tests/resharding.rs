@@ -286,3 +286,13 @@ async fn split_and_merge_under_load_embedded() -> anyhow::Result<()> {
 async fn initial_positions_on_a_resharded_stream_embedded() -> anyhow::Result<()> {
     initial_positions_on_a_resharded_stream(TestEnv::start(2).await?).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_under_load_conformance() -> anyhow::Result<()> {
+    split_and_merge_under_load(TestEnv::start_conformance(3).await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_positions_on_a_resharded_stream_conformance() -> anyhow::Result<()> {
+    initial_positions_on_a_resharded_stream(TestEnv::start_conformance(2).await?).await
+}

@@ -500,6 +500,12 @@ async fn create_child_leases(
     shard_id: &str,
     child_shards: Vec<aws_sdk_kinesis::types::ChildShard>,
 ) -> Vec<String> {
+    let source = if child_shards.is_empty() {
+        "ListShards"
+    } else {
+        "ChildShards"
+    };
+    debug!(source, "learning the child shards");
     let children: Vec<Lease> = if child_shards.is_empty() {
         match ctx.detector.list_shards().await {
             Ok(shards) => shards
