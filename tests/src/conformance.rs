@@ -8,8 +8,9 @@
 //! that depend on those behaviours start a [`ConformanceBackend`]; everything else uses the
 //! embedded one.
 //!
-//! Install the packages once with `npm ci --prefix tests/conformance` (CI does it in
-//! `.ci/run`); [`ConformanceBackend::start`] says so when they are missing.
+//! [`ConformanceBackend::start`] installs the pinned packages with `npm ci` when they
+//! are missing (node 20 and npm must be on the PATH); by hand:
+//! `npm ci --prefix tests/conformance` (CI does it in `.ci/run`).
 //!
 //! Loopback only: kinesis-mock 0.6.2 hard-codes its listen address to `0.0.0.0` and has no
 //! setting for it, so it is started with a small Node preload (`LOOPBACK_PRELOAD`) that
@@ -117,6 +118,44 @@ enum StartFailure {
     Fatal(anyhow::Error),
 }
 
+/// Installs the pinned packages (`npm ci`) when they are missing, so that `cargo test`
+/// works on a fresh checkout with node and npm on the PATH. Test binaries run in
+/// parallel: an exclusive lock on a file next to `package.json` makes one install and
+/// the others wait for it.
+fn ensure_installed(conformance: &Path) -> anyhow::Result<()> {
+    let installed = |dir: &Path| {
+        let modules = dir.join("node_modules");
+        modules.join("kinesis-local").join("main.js").is_file() && modules.join("dynalite").join("cli.js").is_file()
+    };
+    if installed(conformance) {
+        return Ok(());
+    }
+    let lock_path = conformance.join("node_modules.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+    if installed(conformance) {
+        return Ok(());
+    }
+    let output = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(conformance)
+        .output()
+        .context("running `npm ci` for the conformance backends (node 20 and npm are needed)")?;
+    if !output.status.success() {
+        bail!(
+            "`npm ci --prefix tests/conformance` failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 impl ConformanceBackend {
     /// Starts both emulators on free loopback ports (concurrently) and waits until
     /// kinesis-mock answers `ListStreams` and dynalite answers `ListTables`, for at most 60
@@ -130,7 +169,10 @@ impl ConformanceBackend {
     /// names the log directory, which is kept), or when no free port could be bound after
     /// several attempts.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_from(&Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")).await
+        let conformance = Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance");
+        let dir = conformance.clone();
+        tokio::task::spawn_blocking(move || ensure_installed(&dir)).await??;
+        Self::start_from(&conformance).await
     }
 
     /// [`start`](Self::start) with the npm project at `conformance` (the folder holding
