@@ -137,7 +137,8 @@ fn ensure_installed(conformance: &Path) -> anyhow::Result<()> {
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
-    lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
     if installed(conformance) {
         return Ok(());
     }

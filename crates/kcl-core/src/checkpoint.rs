@@ -5,6 +5,23 @@
 //! checkpoint (never backwards), never past the last record delivered to the processor
 //! (nothing unprocessed is marked done). The write is fenced on the lease counter, so a
 //! worker that lost the lease cannot checkpoint: it gets [`CheckpointError::LeaseLost`].
+//!
+//! Handling a failed checkpoint in `process_records`: returning the error (`?`) makes the
+//! scheduler retry the batch, so its records are delivered again — safe, but repeated
+//! work. A processor that would rather go on can tell the cases apart:
+//!
+//! ```no_run
+//! # async fn f(input: kcl_core::ProcessRecordsInput) -> Result<(), kcl_core::ProcessorError> {
+//! match input.checkpointer.checkpoint().await {
+//!     Ok(()) => {}
+//!     // Another worker owns the shard now; `lease_lost` follows.
+//!     Err(e) if e.is_lease_lost() => {}
+//!     // Throttled or the store failed: the next checkpoint covers these records.
+//!     Err(e) if e.is_retryable() => tracing::warn!(error = %e, "checkpoint failed; will retry later"),
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

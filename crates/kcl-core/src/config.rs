@@ -127,6 +127,11 @@ pub struct RetrievalConfig {
     pub max_prefetch_records: usize,
     /// Bytes of record data fetched ahead of the processor; one more batch may be in
     /// flight. Default 8 MiB.
+    ///
+    /// Sizing memory: per shard, count this limit plus one whole `GetRecords` response
+    /// (up to `max_records` records, at most 10 MiB) plus a few times that while a
+    /// response is decoded. For large records lower `max_records` (for example 1,000
+    /// for 1 KiB records) so that one batch stays well under this limit.
     pub max_prefetch_bytes: usize,
     /// Backoff of `GetRecords`/`GetShardIterator` after throttling or a transient
     /// failure. Retries never end (giving up would stall the shard silently); each

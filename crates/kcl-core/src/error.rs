@@ -128,6 +128,20 @@ pub enum CheckpointError {
     },
 }
 
+impl CheckpointError {
+    /// True when the same checkpoint may succeed later (throttled, or the store failed):
+    /// retry it, or let a later checkpoint cover it.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Throttled { .. } | Self::Dependency { .. })
+    }
+
+    /// True when this worker no longer holds the lease: stop processing the shard, do not
+    /// retry; the next owner resumes after the last stored checkpoint.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Self::LeaseLost { .. })
+    }
+}
+
 /// A configuration value that cannot work, reported by a builder's `build()`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration `{field}`: {reason}")]
