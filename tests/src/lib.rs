@@ -42,7 +42,10 @@ pub fn init_tracing() {
 
 /// Which Kinesis + DynamoDB a test talks to.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant, reason = "one value per test; boxing would only add noise")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per test; boxing would only add noise"
+)]
 pub enum Backend {
     /// The embedded ferrokinesis + dynoxide (`kcl-local`): fast, the default.
     Embedded(LocalBackend),
