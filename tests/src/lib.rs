@@ -277,8 +277,13 @@ pub struct Delivery {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Event {
-    /// `initialize`, with the checkpoint it started from.
-    Initialized { shard_id: String, checkpoint: String },
+    /// `initialize`, with the checkpoint it started from and any pending (prepared)
+    /// checkpoint with its application state.
+    Initialized {
+        shard_id: String,
+        checkpoint: String,
+        pending: Option<(String, Option<Bytes>)>,
+    },
     /// `lease_lost`.
     LeaseLost { shard_id: String },
     /// `shard_ended`.
@@ -428,6 +433,10 @@ impl RecordProcessor for RecordingProcessor {
         self.recorder.note(Event::Initialized {
             shard_id: input.shard_id.clone(),
             checkpoint: input.extended_sequence_number.to_string(),
+            pending: input
+                .pending_checkpoint
+                .as_ref()
+                .map(|p| (p.to_string(), input.pending_checkpoint_state.clone())),
         });
         Ok(())
     }

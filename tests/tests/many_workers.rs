@@ -381,7 +381,9 @@ async fn a_stolen_lease_gives_lease_lost_and_the_old_owner_cannot_checkpoint() -
     }
     // The new owner resumed from the old owner's checkpoint: nothing delivered twice.
     for (shard, checkpoint) in b.state().events.iter().filter_map(|e| match e {
-        Event::Initialized { shard_id, checkpoint } => Some((shard_id.clone(), checkpoint.clone())),
+        Event::Initialized {
+            shard_id, checkpoint, ..
+        } => Some((shard_id.clone(), checkpoint.clone())),
         _ => None,
     }) {
         assert!(lost.contains(&shard), "b took {shard}, a stolen one");

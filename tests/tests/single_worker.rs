@@ -631,3 +631,189 @@ async fn invalid_config_is_refused_by_build() -> anyhow::Result<()> {
     assert_eq!(err.field, "retrieval.max_records");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_checkpoints_store_a_pending_checkpoint_with_state() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(30, "two-phase").await?;
+    let last = written.last().context("records")?.sequence_number.clone();
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::Never)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder.wait_for_records(30, WAIT).await?;
+    let checkpointer = recorder
+        .state()
+        .checkpointers
+        .values()
+        .next()
+        .cloned()
+        .context("checkpointer")?;
+    let store = env.lease_store();
+    let shard = "shardId-000000000000";
+
+    // Phase one: a pending checkpoint with application state; the committed one stays.
+    let prepared = checkpointer
+        .prepare_checkpoint(Some(bytes::Bytes::from_static(b"state-1")))
+        .await?;
+    let lease = store.get_lease(shard).await?.context("lease")?;
+    assert_eq!(lease.checkpoint, ExtendedSequenceNumber::TRIM_HORIZON);
+    assert_eq!(
+        lease.pending_checkpoint,
+        Some(ExtendedSequenceNumber::new(last.clone(), 0))
+    );
+    assert_eq!(lease.pending_checkpoint_state.as_deref(), Some(&b"state-1"[..]));
+    // Phase two: commit; the pending checkpoint is cleared.
+    prepared.checkpoint().await?;
+    let lease = store.get_lease(shard).await?.context("lease")?;
+    assert_eq!(lease.checkpoint, ExtendedSequenceNumber::new(last.clone(), 0));
+    assert_eq!((lease.pending_checkpoint, lease.pending_checkpoint_state), (None, None));
+
+    // A prepared, uncommitted checkpoint is what the next owner's `initialize` sees.
+    let _uncommitted = checkpointer
+        .prepare_checkpoint(Some(bytes::Bytes::from_static(b"state-2")))
+        .await?;
+    stop(handle, task).await??;
+    let recorder2 = Recorder::default();
+    let scheduler = env.scheduler(&recorder2, CheckpointMode::Never).build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder2
+        .wait_until("initialize", WAIT, |s| {
+            s.count(|e| matches!(e, Event::Initialized { .. })) == 1
+        })
+        .await?;
+    stop(handle, task).await??;
+    let events = recorder2.state().events.clone();
+    let Some(Event::Initialized {
+        checkpoint, pending, ..
+    }) = events.first()
+    else {
+        panic!("no initialize: {events:?}");
+    };
+    assert_eq!(checkpoint, &last.to_string());
+    assert_eq!(
+        pending,
+        &Some((last.to_string(), Some(bytes::Bytes::from_static(b"state-2"))))
+    );
+    Ok(())
+}
+
+/// Writes one KPL aggregated record of `n` user records; returns its sequence number.
+async fn put_aggregated(env: &TestEnv, tag: &str, n: usize) -> anyhow::Result<SequenceNumber> {
+    let users: Vec<(String, Option<String>, bytes::Bytes)> = (0..n)
+        .map(|i| (format!("{tag}-key-{i}"), None, bytes::Bytes::from(format!("{tag}-{i}"))))
+        .collect();
+    let data = kcl_core::aggregation::encode_aggregated(&users);
+    let out = env
+        .kinesis
+        .put_record()
+        .stream_name(&env.stream)
+        .partition_key(format!("{tag}-outer"))
+        .data(aws_sdk_kinesis::primitives::Blob::new(data.to_vec()))
+        .send()
+        .await?;
+    Ok(SequenceNumber::parse(out.sequence_number())?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_records_are_unpacked_and_resume_inside_an_aggregate() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let first = put_aggregated(&env, "a", 5).await?;
+    let second = put_aggregated(&env, "b", 5).await?;
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::Never)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder.wait_for_records(10, WAIT).await?;
+    {
+        let state = recorder.state();
+        let got: Vec<(SequenceNumber, u64, String)> = state
+            .deliveries
+            .iter()
+            .map(|d| {
+                (
+                    d.sequence_number.clone(),
+                    d.sub_sequence_number,
+                    String::from_utf8_lossy(&d.data).into_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(SequenceNumber, u64, String)> = [(&first, "a"), (&second, "b")]
+            .iter()
+            .flat_map(|(seq, tag)| (0..5u64).map(move |i| ((*seq).clone(), i, format!("{tag}-{i}"))))
+            .collect();
+        assert_eq!(got, expected, "user records, in order, with sub-sequence numbers");
+    }
+    // Checkpoint in the middle of the second aggregate, then restart.
+    let checkpointer = recorder
+        .state()
+        .checkpointers
+        .values()
+        .next()
+        .cloned()
+        .context("checkpointer")?;
+    checkpointer.checkpoint_at(&second, 2).await?;
+    stop(handle, task).await??;
+    let recorder2 = Recorder::default();
+    let (handle, task) = spawn(env.scheduler(&recorder2, CheckpointMode::Never).build()?);
+    recorder2.wait_for_records(2, WAIT).await?;
+    stop(handle, task).await??;
+    let resumed: Vec<(SequenceNumber, u64)> = recorder2
+        .state()
+        .deliveries
+        .iter()
+        .map(|d| (d.sequence_number.clone(), d.sub_sequence_number))
+        .collect();
+    assert_eq!(
+        resumed,
+        [(second.clone(), 3), (second, 4)],
+        "resumes right after the checkpointed user record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_aggregated_record_is_delivered_as_it_is() -> anyhow::Result<()> {
+    use md5::Digest as _;
+    let env = TestEnv::start(1).await?;
+    // The KPL magic and a valid digest around bytes that are not an AggregatedRecord.
+    let garbage = b"\xff\xff\xff\xff not protobuf".to_vec();
+    let mut data = kcl_core::aggregation::AGGREGATED_RECORD_MAGIC.to_vec();
+    data.extend_from_slice(&garbage);
+    data.extend_from_slice(&md5::Md5::digest(&garbage));
+    env.kinesis
+        .put_record()
+        .stream_name(&env.stream)
+        .partition_key("bad")
+        .data(aws_sdk_kinesis::primitives::Blob::new(data.clone()))
+        .send()
+        .await?;
+    let after = env.put(3, "after").await?;
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder.wait_for_records(4, WAIT).await?;
+    stop(handle, task).await??;
+    let state = recorder.state();
+    assert_eq!(
+        state.deliveries[0].data.as_ref(),
+        &data[..],
+        "delivered unchanged, not dropped"
+    );
+    let rest: Vec<_> = state.deliveries[1..]
+        .iter()
+        .map(|d| d.sequence_number.clone())
+        .collect();
+    assert_eq!(
+        rest,
+        after.iter().map(|w| w.sequence_number.clone()).collect::<Vec<_>>()
+    );
+    Ok(())
+}
