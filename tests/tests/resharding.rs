@@ -296,3 +296,83 @@ async fn split_and_merge_under_load_conformance() -> anyhow::Result<()> {
 async fn initial_positions_on_a_resharded_stream_conformance() -> anyhow::Result<()> {
     initial_positions_on_a_resharded_stream(TestEnv::start_conformance(2).await?).await
 }
+
+/// Forgets to checkpoint `SHARD_END` the first `forget` times `shard_ended` is called.
+struct ForgetfulAtShardEnd {
+    inner: RecordingProcessor,
+    forget: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl kcl_core::RecordProcessor for ForgetfulAtShardEnd {
+    async fn initialize(&mut self, input: kcl_core::InitializationInput) -> Result<(), kcl_core::ProcessorError> {
+        self.inner.initialize(input).await
+    }
+    async fn process_records(&mut self, input: kcl_core::ProcessRecordsInput) -> Result<(), kcl_core::ProcessorError> {
+        self.inner.process_records(input).await
+    }
+    async fn shard_ended(&mut self, input: kcl_core::ShardEndedInput) -> Result<(), kcl_core::ProcessorError> {
+        let left = self.forget.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.forget.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
+        self.inner.shard_ended(input).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_end_without_the_checkpoint_is_retried_not_skipped() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let before = env.put(20, "parent").await?;
+    split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+    let after = env.put(20, "children").await?;
+    let recorder = Recorder::default();
+    let forget = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    lease.lease_taking_interval = Duration::from_millis(300);
+    let factory_recorder = recorder.clone();
+    let factory_forget = forget.clone();
+    let scheduler = fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .lease_config(lease)
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    // One attempt: a forgotten SHARD_END releases the lease, and the shard is read again.
+    .processor_error_policy(kcl_core::ProcessorErrorPolicy {
+        retry: kcl_core::RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(1)),
+        ..Default::default()
+    })
+    .processor_factory(move |shard: &str| ForgetfulAtShardEnd {
+        inner: RecordingProcessor::new(shard, factory_recorder.clone(), CheckpointMode::EveryBatch),
+        forget: factory_forget.clone(),
+    })
+    .build()?;
+    let w = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
+    recorder.wait_for_records(before.len() + after.len(), WAIT).await?;
+    stop(w).await?;
+
+    let state = recorder.state();
+    let parent = "shardId-000000000000";
+    let ended = state.count(|e| matches!(e, Event::ShardEnded { shard_id } if shard_id == parent));
+    assert_eq!(forget.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        ended, 1,
+        "shard_ended checkpointed on the third call (the recorder sees the last one)"
+    );
+    let inits = state.count(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == parent));
+    assert!(
+        inits >= 2,
+        "the parent was picked up again after the forgotten checkpoint: {inits}"
+    );
+    let got: HashSet<&SequenceNumber> = state.deliveries.iter().map(|d| &d.sequence_number).collect();
+    assert!(
+        before.iter().chain(&after).all(|w| got.contains(&w.sequence_number)),
+        "nothing skipped"
+    );
+    drop(state);
+    assert_parents_before_children(&recorder, &lineage(&env).await?);
+    Ok(())
+}

@@ -281,6 +281,26 @@ mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn list_shards_reads_every_page() {
+        let backend = kcl_local::LocalBackend::start().await.expect("backend");
+        let kinesis = backend.kinesis_client();
+        kcl_local::create_stream(&kinesis, "paged", 7).await.expect("stream");
+        // Two shards a page. The embedded backend refuses a page by NextToken alone, so
+        // this also exercises the fallback to ExclusiveStartShardId.
+        let detector = ShardDetector::new(kinesis, "paged".into(), 2);
+        let shards = detector.list_shards().await.expect("listed");
+        let ids: Vec<String> = shards.into_iter().map(|s| s.shard_id).collect();
+        let expected: Vec<String> = (0..7).map(|i| format!("shardId-{i:012}")).collect();
+        assert_eq!(ids, expected);
+        let missing = ShardDetector::new(backend.kinesis_client(), "missing".into(), 2);
+        assert!(matches!(
+            missing.list_shards().await,
+            Err(SchedulerError::StreamNotFound { .. })
+        ));
+        backend.shutdown().await;
+    }
+
     #[test]
     fn first_sync_uses_the_initial_position() {
         let shards = vec![shard("a", &[], false), shard("b", &[], false)];
