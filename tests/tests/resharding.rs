@@ -354,25 +354,26 @@ async fn a_shard_end_without_the_checkpoint_is_retried_not_skipped() -> anyhow::
     recorder.wait_for_records(before.len() + after.len(), WAIT).await?;
     stop(w).await?;
 
-    let state = recorder.state();
-    let parent = "shardId-000000000000";
-    let ended = state.count(|e| matches!(e, Event::ShardEnded { shard_id } if shard_id == parent));
-    assert_eq!(forget.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert_eq!(
-        ended, 1,
-        "shard_ended checkpointed on the third call (the recorder sees the last one)"
-    );
-    let inits = state.count(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == parent));
-    assert!(
-        inits >= 2,
-        "the parent was picked up again after the forgotten checkpoint: {inits}"
-    );
-    let got: HashSet<&SequenceNumber> = state.deliveries.iter().map(|d| &d.sequence_number).collect();
-    assert!(
-        before.iter().chain(&after).all(|w| got.contains(&w.sequence_number)),
-        "nothing skipped"
-    );
-    drop(state);
+    {
+        let state = recorder.state();
+        let parent = "shardId-000000000000";
+        let ended = state.count(|e| matches!(e, Event::ShardEnded { shard_id } if shard_id == parent));
+        assert_eq!(forget.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(
+            ended, 1,
+            "shard_ended checkpointed on the third call (the recorder sees the last one)"
+        );
+        let inits = state.count(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == parent));
+        assert!(
+            inits >= 2,
+            "the parent was picked up again after the forgotten checkpoint: {inits}"
+        );
+        let got: HashSet<&SequenceNumber> = state.deliveries.iter().map(|d| &d.sequence_number).collect();
+        assert!(
+            before.iter().chain(&after).all(|w| got.contains(&w.sequence_number)),
+            "nothing skipped"
+        );
+    }
     assert_parents_before_children(&recorder, &lineage(&env).await?);
     Ok(())
 }
