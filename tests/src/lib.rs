@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use async_trait::async_trait;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 use kcl_core::{
     CheckpointError, Checkpointer, CoordinatorConfig, InitializationInput, LeaseLostInput, LeaseManagementConfig,
@@ -190,60 +188,31 @@ pub struct Written {
     pub data: Bytes,
 }
 
-/// Writes `n` records with `PutRecords` in batches of 500, retrying the entries a
-/// partial failure reports, and returns what was written. Payloads are
-/// `"{tag}-{i}"`, partition keys spread over the key space.
+/// Writes `n` records with `PutRecords` ([`kcl_local::put_records`]: batches of 500,
+/// refused entries resent) and returns what was written. Payloads are `"{tag}-{i}"`,
+/// partition keys spread over the key space.
 pub async fn put_records(
     kinesis: &aws_sdk_kinesis::Client,
     stream: &str,
     n: usize,
     tag: &str,
 ) -> anyhow::Result<Vec<Written>> {
-    let mut written = Vec::with_capacity(n);
-    let mut index = 0;
-    while index < n {
-        let mut pending: Vec<(String, Bytes)> = (index..n.min(index + 500))
-            .map(|i| (format!("key-{tag}-{i}"), Bytes::from(format!("{tag}-{i}"))))
-            .collect();
-        index += pending.len();
-        for _attempt in 0..10 {
-            if pending.is_empty() {
-                break;
-            }
-            let entries = pending
-                .iter()
-                .map(|(k, d)| {
-                    PutRecordsRequestEntry::builder()
-                        .partition_key(k)
-                        .data(Blob::new(d.to_vec()))
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = kinesis
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(entries))
-                .send()
-                .await?;
-            let mut retry = Vec::new();
-            for (entry, (key, data)) in out.records().iter().zip(pending.drain(..)) {
-                match (entry.shard_id(), entry.sequence_number()) {
-                    (Some(shard), Some(seq)) if entry.error_code().is_none() => written.push(Written {
-                        shard_id: shard.to_owned(),
-                        sequence_number: SequenceNumber::parse(seq)?,
-                        partition_key: key,
-                        data,
-                    }),
-                    _ => retry.push((key, data)),
-                }
-            }
-            pending = retry;
-        }
-        if !pending.is_empty() {
-            bail!("{} records could not be written", pending.len());
-        }
-    }
-    Ok(written)
+    let records: Vec<(String, Bytes)> = (0..n)
+        .map(|i| (format!("key-{tag}-{i}"), Bytes::from(format!("{tag}-{i}"))))
+        .collect();
+    let results = kcl_local::put_records(kinesis, stream, &records).await?;
+    records
+        .into_iter()
+        .zip(results)
+        .map(|((partition_key, data), r)| {
+            Ok(Written {
+                shard_id: r.shard_id,
+                sequence_number: SequenceNumber::parse(&r.sequence_number)?,
+                partition_key,
+                data,
+            })
+        })
+        .collect()
 }
 
 /// Sequence numbers written per shard, in write order.
@@ -993,56 +962,36 @@ pub fn spawn_keyed_producer(
         let mut out = Vec::new();
         let mut n = 0u64;
         while !cancel.is_cancelled() {
-            let mut pending: Vec<(String, Bytes)> = (0..keys)
+            let round: Vec<(String, Bytes)> = (0..keys)
                 .map(|k| (format!("key{k}"), Bytes::from(format!("key{k}:{n}"))))
                 .collect();
-            for _attempt in 0..20 {
-                if pending.is_empty() {
-                    break;
-                }
-                let entries = pending
-                    .iter()
-                    .map(|(k, d)| {
-                        PutRecordsRequestEntry::builder()
-                            .partition_key(k)
-                            .data(Blob::new(d.to_vec()))
-                            .build()
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let res = kinesis
-                    .put_records()
-                    .stream_name(&stream)
-                    .set_records(Some(entries))
-                    .send()
-                    .await;
-                let Ok(res) = res else {
-                    // A reshard in progress may refuse writes for a moment; the round is retried.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let mut retry = Vec::new();
-                for (entry, (key, data)) in res.records().iter().zip(pending.drain(..)) {
-                    match (entry.shard_id(), entry.sequence_number()) {
-                        (Some(shard), Some(seq)) if entry.error_code().is_none() => out.push(KeyedWritten {
-                            key: key.clone(),
-                            n,
-                            written: Written {
-                                shard_id: shard.to_owned(),
-                                sequence_number: SequenceNumber::parse(seq)?,
-                                partition_key: key,
-                                data,
-                            },
-                        }),
-                        _ => retry.push((key, data)),
+            let mut attempts = 0;
+            let results = loop {
+                match kcl_local::put_records(&kinesis, &stream, &round).await {
+                    Ok(results) => break results,
+                    // A reshard in progress may refuse writes for a moment: the round
+                    // is written again (a duplicate of a round is harmless to the
+                    // per-key order checks; the next round only starts after this one).
+                    Err(e) if attempts < 20 => {
+                        attempts += 1;
+                        tracing::debug!(error = %e, "round {n} refused; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    Err(e) => return Err(e.into()),
                 }
-                pending = retry;
+            };
+            for ((key, data), r) in round.into_iter().zip(results) {
+                out.push(KeyedWritten {
+                    key: key.clone(),
+                    n,
+                    written: Written {
+                        shard_id: r.shard_id,
+                        sequence_number: SequenceNumber::parse(&r.sequence_number)?,
+                        partition_key: key,
+                        data,
+                    },
+                });
             }
-            anyhow::ensure!(
-                pending.is_empty(),
-                "round {n}: {} records could not be written",
-                pending.len()
-            );
             n += 1;
             tokio::select! {
                 () = cancel.cancelled() => {}

@@ -14,8 +14,6 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::config::interceptors::AfterDeserializationInterceptorContextRef;
 use aws_sdk_kinesis::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_kinesis::operation::get_records::GetRecordsOutput;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 use kcl_core::{
     InitialPositionInStream, ProcessRecordsInput, ProcessorError, RecordProcessor, RetrievalConfig, Scheduler,
@@ -30,11 +28,9 @@ use tokio::task::JoinHandle;
 /// How long a graceful scheduler shutdown may take before the benchmark gives up on it.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Records per `PutRecords` call: the Kinesis maximum.
-const PUT_BATCH: usize = 500;
-
-/// Attempts per `PutRecords` batch; each retries only the entries that failed.
-const PUT_ATTEMPTS: usize = 10;
+/// Records handed to `kcl_local::put_records` at once (it sends them 500 a call); keeps
+/// the payloads of a large backlog from all being in memory together.
+const PUT_CHUNK: usize = 10_000;
 
 /// A name that no other stream or table of this process (or a parallel one) uses.
 pub(crate) fn unique(prefix: &str) -> String {
@@ -144,10 +140,10 @@ impl Bench {
     }
 }
 
-/// Writes `n` records to `stream` with `PutRecords` in batches of 500, retrying the
-/// entries a partial failure reports. `payload(i)` makes record `i`; partition keys
-/// are distinct, so records spread over every shard. Returns the shard of every record
-/// written, in write order.
+/// Writes `n` records to `stream` with [`kcl_local::put_records`] (batches of 500,
+/// refused entries resent). `payload(i)` makes record `i`; partition keys are distinct,
+/// so records spread over every shard. Returns the shard of every record written, in
+/// write order.
 pub(crate) async fn put_records(
     kinesis: &aws_sdk_kinesis::Client,
     stream: &str,
@@ -155,44 +151,14 @@ pub(crate) async fn put_records(
     payload: impl Fn(usize) -> Bytes,
 ) -> anyhow::Result<Vec<String>> {
     let mut shards = Vec::with_capacity(n);
-    let mut index = 0;
-    while index < n {
-        let mut pending: Vec<(String, Bytes)> = (index..n.min(index + PUT_BATCH))
+    for start in (0..n).step_by(PUT_CHUNK) {
+        let records: Vec<(String, Bytes)> = (start..n.min(start + PUT_CHUNK))
             .map(|i| (format!("pk-{i}"), payload(i)))
             .collect();
-        index += pending.len();
-        for _attempt in 0..PUT_ATTEMPTS {
-            if pending.is_empty() {
-                break;
-            }
-            let entries = pending
-                .iter()
-                .map(|(key, data)| {
-                    PutRecordsRequestEntry::builder()
-                        .partition_key(key)
-                        .data(Blob::new(data.to_vec()))
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = kinesis
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .context("PutRecords")?;
-            let mut retry = Vec::new();
-            for (entry, sent) in out.records().iter().zip(pending.drain(..)) {
-                match entry.shard_id() {
-                    Some(shard) if entry.error_code().is_none() => shards.push(shard.to_owned()),
-                    _ => retry.push(sent),
-                }
-            }
-            pending = retry;
-        }
-        if !pending.is_empty() {
-            bail!("{} records could not be written", pending.len());
-        }
+        let written = kcl_local::put_records(kinesis, stream, &records)
+            .await
+            .context("PutRecords")?;
+        shards.extend(written.into_iter().map(|r| r.shard_id));
     }
     Ok(shards)
 }

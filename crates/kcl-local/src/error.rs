@@ -70,6 +70,17 @@ pub enum LocalError {
         source: Box<aws_sdk_kinesis::Error>,
     },
 
+    /// Some records were still refused after every retry of [`put_records`](crate::put_records).
+    #[error("{failed} records could not be written after {attempts} attempts (last error code {last_error_code:?})")]
+    PutRecordsIncomplete {
+        /// How many records were not written.
+        failed: usize,
+        /// How many times they were sent.
+        attempts: u32,
+        /// The error code Kinesis gave the last failed entry.
+        last_error_code: Option<String>,
+    },
+
     /// A resource did not reach the awaited state in time.
     #[error("timed out after {waited:?} waiting for {what}")]
     Timeout {

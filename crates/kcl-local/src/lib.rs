@@ -66,4 +66,4 @@ mod thread;
 pub use backend::{LocalBackend, LocalOptions};
 pub use config::sdk_config_for_endpoint;
 pub use error::LocalError;
-pub use setup::create_stream;
+pub use setup::{create_stream, put_records, PutResult};
