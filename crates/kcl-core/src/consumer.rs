@@ -1,26 +1,26 @@
 //! The per-shard consumer (the Java KCL's `ShardConsumer` and `ConsumerStates`).
 //!
 //! ```text
-//!                        shutdown (any reason)
-//!   WaitingOnParentShards ──────────────────────────────────────────┐
-//!        │ parents done                                             │
-//!        ▼                     LeaseLost / ShardEnd                 │
-//!   Initializing ─────────────────────────────────┐                 │
-//!        │ initialized          Requested         │                 │
-//!        ▼                 ┌───────────────► ShutdownRequested      │
+//!                          shutdown (any reason)
+//!   WaitingOnParentShards ─────────────────────────────────────────┐
+//!        │ parents done                                            │
+//!        ▼                 shutdown (any reason)                   │
+//!   Initializing ──────────────────────────────────────────────────┤
+//!        │ initialized          Requested                          │
+//!        ▼                 ┌───────────────► ShutdownRequested     │
 //!   Processing ────────────┤                      │ shutdown_requested
-//!     ▲    │ batch         │ LeaseLost/ShardEnd   ▼ returned        │
-//!     └────┘               └───────────────► ShuttingDown           │
-//!                                                 │ lease_lost /    │
-//!                                                 │ shard_ended     ▼
+//!     ▲    │ batch         │ LeaseLost/ShardEnd   ▼ returned       │
+//!     └────┘               └───────────────► ShuttingDown          │
+//!                                                 │ lease_lost /   │
+//!                                                 │ shard_ended    ▼
 //!                                                 └────────► ShutdownComplete
 //! ```
 //!
 //! Legal transitions, per state (everything else is a bug):
 //! - `WaitingOnParentShards`: parents done → `Initializing`; any shutdown →
 //!   `ShutdownComplete` (the processor was never initialized, so it is not called).
-//! - `Initializing`: initialized → `Processing`; `Requested` → `ShutdownRequested`;
-//!   `ShardEnd`/`LeaseLost` → `ShuttingDown`.
+//! - `Initializing`: initialized → `Processing`; any shutdown signalled before
+//!   `initialize` ran → `ShutdownComplete` (likewise, the processor is not called).
 //! - `Processing`: batch → `Processing`; `Requested` → `ShutdownRequested`;
 //!   `ShardEnd`/`LeaseLost` → `ShuttingDown`.
 //! - `ShutdownRequested`: `shutdown_requested` returned (or any higher reason) →
@@ -99,10 +99,11 @@ impl ShardConsumerState {
     /// The state after a shutdown for `reason` was signalled.
     pub fn on_shutdown(self, reason: ShutdownReason) -> Self {
         match (self, reason) {
-            (Self::WaitingOnParentShards, _) => Self::ShutdownComplete,
-            (Self::Initializing | Self::Processing, ShutdownReason::Requested) => Self::ShutdownRequested,
+            // Not initialized yet: the processor is never called.
+            (Self::WaitingOnParentShards | Self::Initializing, _) => Self::ShutdownComplete,
+            (Self::Processing, ShutdownReason::Requested) => Self::ShutdownRequested,
             (Self::ShutdownRequested, ShutdownReason::Requested) => Self::ShutdownRequested,
-            (Self::Initializing | Self::Processing | Self::ShutdownRequested, _) => Self::ShuttingDown,
+            (Self::Processing | Self::ShutdownRequested, _) => Self::ShuttingDown,
             (Self::ShuttingDown, _) => Self::ShuttingDown,
             (Self::ShutdownComplete, _) => Self::ShutdownComplete,
         }
@@ -262,6 +263,9 @@ impl ShardConsumer {
                         () = self.shutdown.cancelled() => continue,
                         event = rx.recv() => event,
                     };
+                    // Deliver only while ownership is provable; otherwise the batch is
+                    // dropped (the next owner re-reads it after the last checkpoint) and
+                    // the loop picks up the lease loss.
                     if !self.ctx.coordinator.still_owned(&self.held) {
                         continue;
                     }
@@ -575,23 +579,23 @@ mod tests {
     }
 
     #[test]
-    fn waiting_consumers_complete_without_calling_the_processor() {
+    fn uninitialized_consumers_complete_without_calling_the_processor() {
         for r in [Requested, ShardEnd, LeaseLost] {
             assert_eq!(WaitingOnParentShards.on_shutdown(r), ShutdownComplete);
+            assert_eq!(Initializing.on_shutdown(r), ShutdownComplete);
         }
     }
 
     #[test]
     fn requested_goes_through_shutdown_requested() {
         assert_eq!(Processing.on_shutdown(Requested), ShutdownRequested);
-        assert_eq!(Initializing.on_shutdown(Requested), ShutdownRequested);
         assert_eq!(ShutdownRequested.on_success(), ShuttingDown);
         assert_eq!(ShuttingDown.on_success(), ShutdownComplete);
     }
 
     #[test]
     fn higher_reasons_go_straight_to_shutting_down() {
-        for s in [Initializing, Processing, ShutdownRequested] {
+        for s in [Processing, ShutdownRequested] {
             assert_eq!(s.on_shutdown(LeaseLost), ShuttingDown);
             assert_eq!(s.on_shutdown(ShardEnd), ShuttingDown);
         }
