@@ -55,68 +55,37 @@ pub(crate) trait Classify: ProvideErrorMetadata {
     fn kind(&self) -> ErrorKind;
 }
 
-impl Classify for PutItemError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            Self::ConditionalCheckFailedException(_) => ErrorKind::ConditionalCheckFailed,
-            Self::ProvisionedThroughputExceededException(_)
-            | Self::RequestLimitExceeded(_)
-            | Self::ThrottlingException(_) => ErrorKind::Throttled,
-            Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
-            _ => kind_from_code(self.code()),
-        }
-    }
+/// `Classify` for the item operations, whose typed errors share these variants; the
+/// conditional-write ones also have `ConditionalCheckFailedException`.
+macro_rules! classify_item_operation {
+    ($($error:ident),+ $(; conditional: $($conditional:ident),+)?) => {
+        $(impl Classify for $error {
+            fn kind(&self) -> ErrorKind {
+                match self {
+                    Self::ProvisionedThroughputExceededException(_)
+                    | Self::RequestLimitExceeded(_)
+                    | Self::ThrottlingException(_) => ErrorKind::Throttled,
+                    Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
+                    _ => kind_from_code(self.code()),
+                }
+            }
+        })+
+        $($(impl Classify for $conditional {
+            fn kind(&self) -> ErrorKind {
+                match self {
+                    Self::ConditionalCheckFailedException(_) => ErrorKind::ConditionalCheckFailed,
+                    Self::ProvisionedThroughputExceededException(_)
+                    | Self::RequestLimitExceeded(_)
+                    | Self::ThrottlingException(_) => ErrorKind::Throttled,
+                    Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
+                    _ => kind_from_code(self.code()),
+                }
+            }
+        })+)?
+    };
 }
 
-impl Classify for UpdateItemError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            Self::ConditionalCheckFailedException(_) => ErrorKind::ConditionalCheckFailed,
-            Self::ProvisionedThroughputExceededException(_)
-            | Self::RequestLimitExceeded(_)
-            | Self::ThrottlingException(_) => ErrorKind::Throttled,
-            Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
-            _ => kind_from_code(self.code()),
-        }
-    }
-}
-
-impl Classify for DeleteItemError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            Self::ConditionalCheckFailedException(_) => ErrorKind::ConditionalCheckFailed,
-            Self::ProvisionedThroughputExceededException(_)
-            | Self::RequestLimitExceeded(_)
-            | Self::ThrottlingException(_) => ErrorKind::Throttled,
-            Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
-            _ => kind_from_code(self.code()),
-        }
-    }
-}
-
-impl Classify for GetItemError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            Self::ProvisionedThroughputExceededException(_)
-            | Self::RequestLimitExceeded(_)
-            | Self::ThrottlingException(_) => ErrorKind::Throttled,
-            Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
-            _ => kind_from_code(self.code()),
-        }
-    }
-}
-
-impl Classify for ScanError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            Self::ProvisionedThroughputExceededException(_)
-            | Self::RequestLimitExceeded(_)
-            | Self::ThrottlingException(_) => ErrorKind::Throttled,
-            Self::ResourceNotFoundException(_) => ErrorKind::ResourceNotFound,
-            _ => kind_from_code(self.code()),
-        }
-    }
-}
+classify_item_operation!(GetItemError, ScanError; conditional: PutItemError, UpdateItemError, DeleteItemError);
 
 impl Classify for DescribeTableError {
     fn kind(&self) -> ErrorKind {
