@@ -1001,3 +1001,16 @@ pub fn spawn_keyed_producer(
         Ok(out)
     })
 }
+
+/// Takes `shard_id`'s lease for `owner` as another worker would: reads it and takes it
+/// with the counter read, again if the owner's renewal moved the counter in between.
+pub async fn steal_lease(store: &DynamoLeaseStore, shard_id: &str, owner: &str) -> anyhow::Result<kcl_core::Lease> {
+    use kcl_core::LeaseStore as _;
+    for _ in 0..20 {
+        let mut lease = store.get_lease(shard_id).await?.context("lease to steal")?;
+        if store.take_lease(&mut lease, owner).await? {
+            return Ok(lease);
+        }
+    }
+    bail!("could not take {shard_id}: its counter kept moving")
+}
