@@ -2,7 +2,8 @@
 //!
 //! `kcl-local serve` prints one line per endpoint (`kinesis http://127.0.0.1:PORT`,
 //! `dynamodb http://127.0.0.1:PORT`), then `ready`, on stdout, and serves until Ctrl-C
-//! or SIGTERM. Logs go to stderr (`RUST_LOG`, default `info`).
+//! or SIGTERM. Logs go to stderr (`RUST_LOG`, default `info`). `--stream NAME=SHARDS`
+//! creates streams first.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -52,6 +53,22 @@ struct ServeArgs {
     /// The most open shards all streams together may have.
     #[arg(long, default_value_t = 1000)]
     shard_limit: u32,
+    /// Create a stream before announcing `ready`, as `NAME=SHARDS` (repeatable). A
+    /// stream that exists already (with `--data-dir`) is kept as it is.
+    #[arg(long = "stream", value_name = "NAME=SHARDS", value_parser = parse_stream)]
+    streams: Vec<(String, i32)>,
+}
+
+/// Parses `NAME=SHARDS`.
+fn parse_stream(s: &str) -> Result<(String, i32), String> {
+    let (name, shards) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=SHARDS, got {s:?}"))?;
+    let shards: i32 = shards.parse().map_err(|_| format!("{shards:?} is not a shard count"))?;
+    if name.is_empty() || shards < 1 {
+        return Err(format!("expected a stream name and at least one shard, got {s:?}"));
+    }
+    Ok((name.to_owned(), shards))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -85,6 +102,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let backend = LocalBackend::start_with(options)
         .await
         .context("cannot start the backend")?;
+
+    let kinesis = backend.kinesis_client();
+    for (name, shards) in &args.streams {
+        match kcl_local::create_stream(&kinesis, name, *shards).await {
+            Ok(()) => tracing::info!(stream = %name, shards, "stream created"),
+            Err(kcl_local::LocalError::Kinesis { source, .. })
+                if matches!(*source, aws_sdk_kinesis::Error::ResourceInUseException(_)) =>
+            {
+                tracing::info!(stream = %name, "stream exists already");
+            }
+            Err(error) => {
+                backend.shutdown().await;
+                return Err(error).with_context(|| format!("cannot create stream {name:?}"));
+            }
+        }
+    }
 
     let announced = {
         let mut stdout = std::io::stdout().lock();

@@ -529,7 +529,15 @@ async fn serve_binary_announces_endpoints_and_stops_on_sigterm() -> anyhow::Resu
     let started = Instant::now();
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_kcl-local"))
-            .args(["serve", "--kinesis-port", "0", "--dynamodb-port", "0"])
+            .args([
+                "serve",
+                "--kinesis-port",
+                "0",
+                "--dynamodb-port",
+                "0",
+                "--stream",
+                "pre-made=3",
+            ])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -572,9 +580,14 @@ async fn serve_binary_announces_endpoints_and_stops_on_sigterm() -> anyhow::Resu
 
     let kinesis = aws_sdk_kinesis::Client::new(&sdk_config_for_endpoint(&kinesis_endpoint, "us-east-1"));
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk_config_for_endpoint(&dynamodb_endpoint, "us-east-1"));
+    // `--stream pre-made=3` created it, ACTIVE, before `ready`.
+    let summary = kinesis.describe_stream_summary().stream_name("pre-made").send().await?;
+    let summary = summary.stream_description_summary().context("summary")?;
+    assert_eq!(summary.open_shard_count(), 3);
+    assert_eq!(summary.stream_status(), &aws_sdk_kinesis::types::StreamStatus::Active);
     create_stream(&kinesis, "from-outside", 1).await?;
     let streams = kinesis.list_streams().send().await?.stream_names;
-    assert_eq!(streams, vec!["from-outside".to_owned()]);
+    assert_eq!(streams, vec!["from-outside".to_owned(), "pre-made".to_owned()]);
     create_table(&dynamodb, "from-outside").await?;
     let tables = dynamodb.list_tables().send().await?.table_names;
     assert_eq!(tables, Some(vec!["from-outside".to_owned()]));
