@@ -244,7 +244,11 @@ pub(crate) async fn sync_shards(
     initial: InitialPositionInStream,
 ) -> Result<usize, SchedulerError> {
     let shards = detector.list_shards().await?;
-    let existing: HashSet<String> = store.list_leases().await?.into_iter().map(|l| l.lease_key).collect();
+    let leases = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
+        store.list_leases()
+    })
+    .await?;
+    let existing: HashSet<String> = leases.into_iter().map(|l| l.lease_key).collect();
     let mut created = 0;
     for lease in new_leases(&shards, &existing, initial) {
         let ok = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
