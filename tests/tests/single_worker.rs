@@ -47,6 +47,19 @@ fn assert_in_order_without_duplicates(recorder: &Recorder) -> BTreeMap<String, V
     delivered
 }
 
+/// Runs a `TRIM_HORIZON` scheduler until `n` records were delivered, then stops it
+/// gracefully.
+async fn consume(env: &TestEnv, recorder: &Recorder, mode: CheckpointMode, n: usize) -> anyhow::Result<()> {
+    let scheduler = env
+        .scheduler(recorder, mode)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder.wait_for_records(n, WAIT).await?;
+    stop(handle, task).await??;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_shards_ten_thousand_records_exactly_once_in_order() -> anyhow::Result<()> {
     let env = TestEnv::start(4).await?;
@@ -244,13 +257,7 @@ async fn trim_horizon_reads_existing_data() -> anyhow::Result<()> {
     let env = TestEnv::start(1).await?;
     let old = env.put(50, "old").await?;
     let recorder = Recorder::default();
-    let scheduler = env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .build()?;
-    let (handle, task) = spawn(scheduler);
-    recorder.wait_for_records(50, WAIT).await?;
-    stop(handle, task).await??;
+    consume(&env, &recorder, CheckpointMode::EveryBatch, 50).await?;
     assert_eq!(recorder.state().by_shard(), by_shard(&old));
     Ok(())
 }
@@ -319,13 +326,7 @@ async fn graceful_shutdown_checkpoints_and_releases_every_lease() -> anyhow::Res
     let env = TestEnv::start(3).await?;
     let written = env.put(300, "graceful").await?;
     let recorder = Recorder::default();
-    let scheduler = env
-        .scheduler(&recorder, CheckpointMode::OnShutdown)
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .build()?;
-    let (handle, task) = spawn(scheduler);
-    recorder.wait_for_records(300, WAIT).await?;
-    stop(handle, task).await??;
+    consume(&env, &recorder, CheckpointMode::OnShutdown, 300).await?;
 
     {
         let state = recorder.state();
@@ -791,13 +792,7 @@ async fn a_malformed_aggregated_record_is_delivered_as_it_is() -> anyhow::Result
         .await?;
     let after = env.put(3, "after").await?;
     let recorder = Recorder::default();
-    let scheduler = env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .build()?;
-    let (handle, task) = spawn(scheduler);
-    recorder.wait_for_records(4, WAIT).await?;
-    stop(handle, task).await??;
+    consume(&env, &recorder, CheckpointMode::EveryBatch, 4).await?;
     let state = recorder.state();
     assert_eq!(
         state.deliveries[0].data.as_ref(),
