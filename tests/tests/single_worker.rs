@@ -50,10 +50,19 @@ fn assert_in_order_without_duplicates(recorder: &Recorder) -> BTreeMap<String, V
 /// Runs a `TRIM_HORIZON` scheduler until `n` records were delivered, then stops it
 /// gracefully.
 async fn consume(env: &TestEnv, recorder: &Recorder, mode: CheckpointMode, n: usize) -> anyhow::Result<()> {
-    let scheduler = env
-        .scheduler(recorder, mode)
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .build()?;
+    consume_from(env, recorder, mode, InitialPositionInStream::TrimHorizon, n).await
+}
+
+/// Runs a scheduler starting at `position` until `n` records were delivered, then stops
+/// it gracefully.
+async fn consume_from(
+    env: &TestEnv,
+    recorder: &Recorder,
+    mode: CheckpointMode,
+    position: InitialPositionInStream,
+    n: usize,
+) -> anyhow::Result<()> {
+    let scheduler = env.scheduler(recorder, mode).initial_position(position).build()?;
     let (handle, task) = spawn(scheduler);
     recorder.wait_for_records(n, WAIT).await?;
     stop(handle, task).await??;
@@ -306,13 +315,8 @@ async fn at_timestamp_starts_at_the_first_record_at_or_after_it() -> anyhow::Res
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = env.put(20, "after").await?;
     let recorder = Recorder::default();
-    let scheduler = env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .initial_position(InitialPositionInStream::AtTimestamp(timestamp))
-        .build()?;
-    let (handle, task) = spawn(scheduler);
-    recorder.wait_for_records(20, WAIT).await?;
-    stop(handle, task).await??;
+    let position = InitialPositionInStream::AtTimestamp(timestamp);
+    consume_from(&env, &recorder, CheckpointMode::EveryBatch, position, 20).await?;
     assert_eq!(
         recorder.state().by_shard(),
         by_shard(&after),
