@@ -232,6 +232,7 @@ pub fn deaggregate(record: Record) -> Result<Vec<Record>, DeaggregationError> {
             sub_sequence_number,
             approximate_arrival_timestamp: record.approximate_arrival_timestamp,
             aggregated: true,
+            malformed_aggregate: false,
         });
     }
     Ok(user_records)

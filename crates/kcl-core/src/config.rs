@@ -51,9 +51,17 @@ pub struct LeaseManagementConfig {
     /// The most leases one worker steals from others in one lease-taking pass, so that
     /// workers converge without thrashing. Default 1.
     pub max_leases_to_steal_at_one_time: usize,
-    /// Bound of one lease-table call made by the renewer; a renewal that takes longer
-    /// counts as failed. Default `renewal_interval`.
+    /// Bound of one single-item lease-table call (renew, take, checkpoint, release,
+    /// read, create, delete): one that takes longer counts as failed, with an unknown
+    /// outcome. Default `renewal_interval`. `build()` requires
+    /// `2 * renewal_interval + lease_store_call_timeout <= failover_time`, so that a
+    /// renewal sent one interval after the last one lands while the lease is still
+    /// provably held.
     pub lease_store_call_timeout: Duration,
+    /// Bound of one full read of the lease table (a `Scan` of all pages, in each
+    /// lease-taking pass and shard sync): a pass whose read takes longer is skipped and
+    /// tried at the next interval. Default 30 s.
+    pub lease_table_scan_timeout: Duration,
     /// How long a finished (`SHARD_END`) lease is kept after all its children have
     /// started (checkpointed past `TRIM_HORIZON`) before it is deleted. Default 5 min.
     pub completed_lease_cleanup_delay: Duration,
@@ -77,6 +85,7 @@ impl LeaseManagementConfig {
             max_leases_for_worker: usize::MAX,
             max_leases_to_steal_at_one_time: 1,
             lease_store_call_timeout: renewal_interval,
+            lease_table_scan_timeout: Duration::from_secs(30),
             completed_lease_cleanup_delay: Duration::from_secs(300),
         }
     }
@@ -102,6 +111,26 @@ impl LeaseManagementConfig {
         }
         if self.lease_store_call_timeout.is_zero() {
             return Err(ConfigError::new("lease.lease_store_call_timeout", "must be above zero"));
+        }
+        if self.lease_table_scan_timeout.is_zero() {
+            return Err(ConfigError::new("lease.lease_table_scan_timeout", "must be above zero"));
+        }
+        // A lease is provably held for `failover - renewal` after the last renewal was
+        // sent; the next renewal is sent `renewal` later and may take the call timeout.
+        // Without room for both, every lease counts as lost every cycle.
+        let needed = self.renewal_interval.saturating_mul(2) + self.lease_store_call_timeout;
+        if needed > self.failover_time {
+            let max_renewal = self.failover_time.saturating_sub(self.lease_store_call_timeout) / 2;
+            return Err(ConfigError::new(
+                "lease.renewal_interval",
+                format!(
+                    "2 x renewal_interval ({:?}) + lease_store_call_timeout ({:?}) must not exceed failover_time ({:?}): \
+                     a lease is provably held only for failover_time - renewal_interval, and the next renewal must land \
+                     within it. Set renewal_interval to at most {max_renewal:?} (failover_time / 3 with the default \
+                     timeout), or lower lease_store_call_timeout",
+                    self.renewal_interval, self.lease_store_call_timeout, self.failover_time
+                ),
+            ));
         }
         Ok(())
     }
@@ -133,6 +162,11 @@ pub struct RetrievalConfig {
     /// response is decoded. For large records lower `max_records` (for example 1,000
     /// for 1 KiB records) so that one batch stays well under this limit.
     pub max_prefetch_bytes: usize,
+    /// Bound of one Kinesis call made by the worker (`GetRecords`, `GetShardIterator`,
+    /// `ListShards`, `DescribeStreamSummary`): a call that takes longer is abandoned and
+    /// retried with backoff, so that a hung connection never stalls a shard while its
+    /// lease stays renewed. Default 30 s (the Java KCL's bound of polling requests).
+    pub kinesis_call_timeout: Duration,
     /// Backoff of `GetRecords`/`GetShardIterator` after throttling or a transient
     /// failure. Retries never end (giving up would stall the shard silently); each
     /// failure is logged and counted.
@@ -148,6 +182,7 @@ impl Default for RetrievalConfig {
             max_pending_batches: 3,
             max_prefetch_records: 30_000,
             max_prefetch_bytes: 8 * 1024 * 1024,
+            kinesis_call_timeout: Duration::from_secs(30),
             retry: RetryPolicy::new(Duration::from_millis(200), Duration::from_secs(10), None),
         }
     }
@@ -173,6 +208,9 @@ impl RetrievalConfig {
         }
         if self.max_pending_batches == 0 {
             return Err(ConfigError::new("retrieval.max_pending_batches", "must be at least 1"));
+        }
+        if self.kinesis_call_timeout.is_zero() {
+            return Err(ConfigError::new("retrieval.kinesis_call_timeout", "must be above zero"));
         }
         if self.max_prefetch_records == 0 || self.max_prefetch_bytes == 0 {
             return Err(ConfigError::new(
@@ -229,8 +267,19 @@ pub struct CoordinatorConfig {
     /// How often a consumer waiting on parent shards re-reads their leases. Default 10 s.
     pub parent_shard_poll_interval: Duration,
     /// How long a graceful shutdown waits for processors to finish
-    /// `shutdown_requested` before it abandons them. Default 20 s.
+    /// `shutdown_requested` before it abandons them. Default 20 s. Releasing the leases
+    /// afterwards takes at most one more `lease_store_call_timeout`, so
+    /// [`Scheduler::run`](crate::Scheduler::run) returns within the sum of the two after
+    /// the shutdown was requested, even when the lease table hangs.
     pub graceful_shutdown_timeout: Duration,
+    /// Backoff of a shard whose consumer failed (its retrieval failed, its processor
+    /// factory panicked, its `initialize` kept failing, or its `SHARD_END` was not
+    /// written): the worker keeps the lease and starts a new consumer after
+    /// `initial_backoff * 2^(failures - 1)`, capped at `max_backoff` (no jitter: the
+    /// lease is held, so no other worker races for the shard). Each wait is logged and
+    /// counted in `kcl_shard_backoffs_total`. `max_attempts` is ignored: a shard is never
+    /// given up. Default: from 1 s up to 60 s.
+    pub shard_failure_backoff: RetryPolicy,
     /// Calls `process_records` even for an empty batch. Default false.
     pub call_process_records_even_for_empty_list: bool,
 }
@@ -241,6 +290,7 @@ impl Default for CoordinatorConfig {
             shard_sync_interval: Duration::from_secs(60),
             parent_shard_poll_interval: Duration::from_secs(10),
             graceful_shutdown_timeout: Duration::from_secs(20),
+            shard_failure_backoff: RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60), None),
             call_process_records_even_for_empty_list: false,
         }
     }
@@ -258,6 +308,14 @@ impl CoordinatorConfig {
             return Err(ConfigError::new(
                 "coordinator.parent_shard_poll_interval",
                 "must be above zero",
+            ));
+        }
+        if self.shard_failure_backoff.initial_backoff.is_zero()
+            || self.shard_failure_backoff.max_backoff < self.shard_failure_backoff.initial_backoff
+        {
+            return Err(ConfigError::new(
+                "coordinator.shard_failure_backoff",
+                "initial_backoff must be above zero and max_backoff at least initial_backoff",
             ));
         }
         Ok(())
@@ -290,6 +348,40 @@ mod tests {
         lease.renewal_interval = lease.failover_time;
         let err = lease.validate().expect_err("renewal == failover is invalid");
         assert_eq!(err.field, "lease.renewal_interval");
+    }
+
+    /// Guards hardening item 7: a renewal interval of half the failover time or more
+    /// loses every lease each cycle, and must be refused by `build()`.
+    #[test]
+    fn renewal_must_leave_room_for_a_renewal_within_the_provable_window() {
+        let failover = Duration::from_secs(10);
+        for renewal in [
+            Duration::from_secs(5),
+            Duration::from_secs(6),
+            Duration::from_millis(9_999),
+        ] {
+            let lease = LeaseManagementConfig {
+                renewal_interval: renewal,
+                lease_store_call_timeout: Duration::from_millis(100),
+                ..LeaseManagementConfig::with_failover_time(failover)
+            };
+            let err = lease.validate().expect_err("renewal >= failover / 2 is refused");
+            assert_eq!(err.field, "lease.renewal_interval");
+            assert!(err.reason.contains("at most 4.95s"), "{}", err.reason);
+        }
+        // The call timeout needs room too: 2 x 3 s + 4.1 s > 10 s.
+        let lease = LeaseManagementConfig {
+            renewal_interval: Duration::from_secs(3),
+            lease_store_call_timeout: Duration::from_millis(4100),
+            ..LeaseManagementConfig::with_failover_time(failover)
+        };
+        assert_eq!(lease.validate().map_err(|e| e.field), Err("lease.renewal_interval"));
+        // Derived defaults fit exactly, at any failover time.
+        for secs in [1, 3, 10, 60] {
+            LeaseManagementConfig::with_failover_time(Duration::from_secs(secs))
+                .validate()
+                .expect("derived defaults are valid");
+        }
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn};
 use crate::checkpoint::Checkpointer;
 use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy, RetrievalConfig};
 use crate::coordinator::{HeldLease, LeaseCoordinator};
-use crate::error::{BoxError, SchedulerError};
+use crate::error::{BoxError, ErrorChain, SchedulerError};
 use crate::lease::Lease;
 use crate::metrics;
 use crate::processor::{
@@ -120,12 +120,25 @@ pub(crate) enum ConsumerOutcome {
     /// The shard end was reached but the processor did not checkpoint `SHARD_END`; the
     /// lease should be released so that the shard is retried.
     ShardEndNotCheckpointed,
-    /// The shard could not be read; the lease should be released.
+    /// The shard could not be read; the shard backs off and is retried.
     RetrievalFailed,
+    /// `initialize` kept failing and the policy allows stopping only this consumer
+    /// (`SkipBatch` skips batches, never an initialization); the shard backs off.
+    InitializeFailed,
     /// The processor kept failing and the policy says to stop the scheduler.
     Failed(SchedulerError),
-    /// The consumer itself panicked (a bug in this library); the lease is released.
+    /// The consumer itself panicked (a bug in this library); the shard backs off.
     Crashed,
+}
+
+/// Why a processor call under the error policy gave up.
+#[derive(Debug)]
+enum CallFailure {
+    /// The policy says to stop the scheduler.
+    StopScheduler(SchedulerError),
+    /// The policy (`SkipBatch`) would skip, but the call cannot be skipped: stop only
+    /// this consumer.
+    StopConsumer,
 }
 
 /// Everything a shard consumer needs, shared by all consumers of a scheduler.
@@ -225,8 +238,9 @@ impl ShardConsumer {
                         pending_checkpoint: lease.pending_checkpoint.clone(),
                         pending_checkpoint_state: lease.pending_checkpoint_state.clone(),
                     };
+                    // Never skipped: an uninitialized processor must not get records.
                     let result = self
-                        .call_with_policy("initialize", |p| {
+                        .call_with_policy("initialize", false, |p| {
                             let input = input.clone();
                             async move { p.initialize(input).await }.boxed()
                         })
@@ -248,7 +262,8 @@ impl ShardConsumer {
                             ));
                             self.transition(self.state.on_success());
                         }
-                        Err(e) => return ConsumerOutcome::Failed(e),
+                        Err(CallFailure::StopScheduler(e)) => return ConsumerOutcome::Failed(e),
+                        Err(CallFailure::StopConsumer) => return ConsumerOutcome::InitializeFailed,
                     }
                 }
                 ShardConsumerState::Processing => {
@@ -282,8 +297,15 @@ impl ShardConsumer {
                             self.signal(ShutdownReason::ShardEnd);
                         }
                         Some(PublisherEvent::Failed { operation, source }) => {
-                            error!(operation, error = %source, "shard cannot be read; releasing its lease");
+                            error!(operation, error = %ErrorChain(source.as_ref()), "shard cannot be read; stopping its consumer");
                             outcome = Some(ConsumerOutcome::RetrievalFailed);
+                            self.signal(ShutdownReason::Requested);
+                        }
+                        Some(PublisherEvent::StreamNotFound) => {
+                            error!(stream = %self.ctx.stream_name, "the stream does not exist any more");
+                            outcome = Some(ConsumerOutcome::Failed(SchedulerError::StreamNotFound {
+                                stream: self.ctx.stream_name.clone(),
+                            }));
                             self.signal(ShutdownReason::Requested);
                         }
                         None => {
@@ -302,7 +324,7 @@ impl ShardConsumer {
                         .await
                     {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(error = %e, "shutdown_requested returned an error"),
+                        Ok(Err(e)) => warn!(error = %ErrorChain(e.as_ref()), "shutdown_requested returned an error"),
                         Err(_) => warn!("shutdown_requested panicked"),
                     }
                     self.transition(self.state.on_success());
@@ -353,7 +375,7 @@ impl ShardConsumer {
                     Ok(Some(l)) if !l.checkpoint.is_shard_end() => pending.push(parent.clone()),
                     Ok(_) => {}
                     Err(e) => {
-                        warn!(parent, error = %e, "cannot read a parent lease; waiting");
+                        warn!(parent, error = %ErrorChain(&e), "cannot read a parent lease; waiting");
                         pending.push(parent.clone());
                     }
                 }
@@ -401,7 +423,7 @@ impl ShardConsumer {
         }
         let count = records.len();
         let result = self
-            .call_with_policy("process_records", |p| {
+            .call_with_policy("process_records", true, |p| {
                 let input = ProcessRecordsInput {
                     records: records.clone(),
                     millis_behind_latest,
@@ -411,15 +433,21 @@ impl ShardConsumer {
                 async move { p.process_records(input).await }.boxed()
             })
             .await;
-        if result.is_ok() {
-            metrics::records_processed(self.shard_id(), count);
+        match result {
+            Ok(()) => {
+                metrics::records_processed(self.shard_id(), count);
+                Ok(())
+            }
+            Err(CallFailure::StopScheduler(e)) => Err(e),
+            // Not reached: a batch is skippable, so the policy skips it instead.
+            Err(CallFailure::StopConsumer) => Ok(()),
         }
-        result
     }
 
     /// Calls the processor, retrying errors and panics per the policy. `Ok` also when
-    /// the policy skipped the call.
-    async fn call_with_policy<F>(&mut self, what: &'static str, mut call: F) -> Result<(), SchedulerError>
+    /// the policy skipped the call; only a `skippable` call (a batch) is ever skipped:
+    /// for any other, `SkipBatch` stops this consumer instead.
+    async fn call_with_policy<F>(&mut self, what: &'static str, skippable: bool, mut call: F) -> Result<(), CallFailure>
     where
         F: for<'a> FnMut(&'a mut Box<dyn RecordProcessor>) -> futures::future::BoxFuture<'a, Result<(), BoxError>>,
     {
@@ -434,12 +462,12 @@ impl ShardConsumer {
             metrics::processor_failure(self.shard_id());
             if self.held.lost.is_cancelled() {
                 // Its checkpoints fail now anyway; stop retrying and let the lease go.
-                warn!(what, error = %error, "processor failed after the lease was lost");
+                warn!(what, error = %ErrorChain(error.as_ref()), "processor failed after the lease was lost");
                 return Ok(());
             }
             if policy.retry.should_retry(attempt) {
                 let wait = policy.retry.backoff(attempt);
-                warn!(what, attempt, error = %error, ?wait, "processor failed; retrying the same input");
+                warn!(what, attempt, error = %ErrorChain(error.as_ref()), ?wait, "processor failed; retrying the same input");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = self.held.lost.cancelled() => return Ok(()),
@@ -448,17 +476,21 @@ impl ShardConsumer {
                 continue;
             }
             return match policy.on_exhausted {
-                OnProcessorFailure::SkipBatch => {
-                    error!(what, attempts = attempt, error = %error, "processor kept failing; skipping the input per policy");
+                OnProcessorFailure::SkipBatch if skippable => {
+                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; skipping the input per policy");
                     metrics::batch_skipped(self.shard_id());
                     Ok(())
                 }
+                OnProcessorFailure::SkipBatch => {
+                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping this shard's consumer (only batches are ever skipped)");
+                    Err(CallFailure::StopConsumer)
+                }
                 _ => {
-                    error!(what, attempts = attempt, error = %error, "processor kept failing; stopping the scheduler per policy");
-                    Err(SchedulerError::ProcessorFailed {
+                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping the scheduler per policy");
+                    Err(CallFailure::StopScheduler(SchedulerError::ProcessorFailed {
                         shard_id: self.shard_id().to_owned(),
                         source: error,
-                    })
+                    }))
                 }
             };
         }
@@ -482,7 +514,7 @@ impl ShardConsumer {
                 (Ok(Ok(())), false) => {
                     error!("shard_ended returned without checkpointing SHARD_END; the shard is not finished")
                 }
-                (Ok(Err(e)), false) => error!(error = %e, "shard_ended failed"),
+                (Ok(Err(e)), false) => error!(error = %ErrorChain(e.as_ref()), "shard_ended failed"),
                 (Err(_), false) => error!("shard_ended panicked"),
             }
             if self.held.lost.is_cancelled() || !policy.should_retry(attempt) {
@@ -523,7 +555,7 @@ async fn create_child_leases(
                 })
                 .collect(),
             Err(e) => {
-                warn!(error = %e, "cannot list shards to find the children; the shard sync will create them");
+                warn!(error = %ErrorChain(&e), "cannot list shards to find the children; the shard sync will create them");
                 Vec::new()
             }
         }
@@ -550,7 +582,9 @@ async fn create_child_leases(
         match created {
             Ok(true) => info!(child = %child.lease_key, "created child lease"),
             Ok(false) => {}
-            Err(e) => warn!(child = %child.lease_key, error = %e, "cannot create child lease; the shard sync will"),
+            Err(e) => {
+                warn!(child = %child.lease_key, error = %ErrorChain(&e), "cannot create child lease; the shard sync will")
+            }
         }
     }
     children.into_iter().map(|l| l.lease_key).collect()

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::LeaseManagementConfig;
-use crate::error::LeaseStoreError;
+use crate::error::{ErrorChain, LeaseStoreError};
 use crate::lease::{Lease, LeaseStore};
 use crate::metrics;
 
@@ -150,31 +150,70 @@ impl LeaseCoordinator {
         if held.lost.is_cancelled() {
             return;
         }
-        let outcome = {
+        // A refused renewal is verified: when the stored lease is still ours, an earlier
+        // write of ours that reported failure (or that the SDK retried) had landed and
+        // moved the counter; the stored state is adopted and the renewal sent again.
+        let mut outcome = Err(LeaseStoreError::Dependency {
+            message: format!("lease {:?} changed twice during one renewal", held.shard_id),
+            source: "concurrent writer with this worker id".into(),
+        });
+        for _ in 0..2 {
             let mut guard = held.lease.lock().await;
             let mut next = guard.clone();
             let sent = Instant::now();
-            match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.renew_lease(&mut next)).await {
+            let result =
+                tokio::time::timeout(self.config.lease_store_call_timeout, self.store.renew_lease(&mut next)).await;
+            outcome = match result {
                 Ok(Ok(true)) => {
                     *guard = next;
                     held.record_renewal(sent);
                     Ok(true)
                 }
-                Ok(Ok(false)) => Ok(false),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("timed out after {:?}", self.config.lease_store_call_timeout)),
-            }
-        };
+                Ok(Ok(false)) => match self.verify_refusal(&held.shard_id).await {
+                    Verdict::StillOurs(stored) => {
+                        debug!(shard_id = %held.shard_id, counter = stored.lease_counter, "renewal refused but the lease is still ours; adopting the stored lease");
+                        *guard = *stored;
+                        continue;
+                    }
+                    Verdict::Lost => Ok(false),
+                    Verdict::Unknown(e) => Err(e),
+                },
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(LeaseStoreError::Dependency {
+                    message: format!("renewal timed out after {:?}", self.config.lease_store_call_timeout),
+                    source: "lease store call timed out".into(),
+                }),
+            };
+            break;
+        }
         match outcome {
             Ok(true) => debug!(shard_id = %held.shard_id, "lease renewed"),
             Ok(false) => self.mark_lost(&held.shard_id, "renewal refused: another worker holds the lease"),
             Err(e) => {
                 metrics::lease_renewal_failed();
-                warn!(shard_id = %held.shard_id, error = %e, "lease renewal failed");
+                warn!(shard_id = %held.shard_id, error = %ErrorChain(&e), "lease renewal failed");
                 if self.past_safe_ownership(held.last_renewal_sent(), Instant::now()) {
                     self.mark_lost(&held.shard_id, "not renewed within the failover time");
                 }
             }
+        }
+    }
+
+    /// After a conditional write to a held lease was refused: reads the lease (strongly
+    /// consistent, as stores read) to tell a lost lease from one whose counter an
+    /// earlier write of ours moved.
+    async fn verify_refusal(&self, shard_id: &str) -> Verdict {
+        match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.get_lease(shard_id)).await {
+            Ok(Ok(Some(stored))) if stored.is_owned_by(&self.worker_id) => Verdict::StillOurs(Box::new(stored)),
+            Ok(Ok(_)) => Verdict::Lost,
+            Ok(Err(e)) => Verdict::Unknown(e),
+            Err(_) => Verdict::Unknown(LeaseStoreError::Dependency {
+                message: format!(
+                    "reading lease {shard_id:?} to verify a refused write timed out after {:?}",
+                    self.config.lease_store_call_timeout
+                ),
+                source: "lease store call timed out".into(),
+            }),
         }
     }
 
@@ -208,111 +247,173 @@ impl LeaseCoordinator {
         true
     }
 
-    /// Tries to take `lease` (as read from the table) for this worker.
-    pub(crate) async fn take(&self, mut lease: Lease) -> Result<bool, LeaseStoreError> {
+    /// Tries to take `lease` (as read from the table) for this worker. A take that was
+    /// refused or failed is verified by reading the lease: when it is ours with the
+    /// counter moved past what we saw, our take had landed (the SDK retried it, or its
+    /// answer was lost) and it is a success.
+    pub(crate) async fn take(&self, lease: Lease) -> Result<bool, LeaseStoreError> {
         let sent = Instant::now();
-        if !self.store.take_lease(&mut lease, &self.worker_id).await? {
-            return Ok(false);
-        }
-        info!(shard_id = %lease.lease_key, counter = lease.lease_counter, "lease taken");
-        let key = lease.lease_key.clone();
+        let seen_counter = lease.lease_counter;
+        let mut taken = lease;
+        let key = taken.lease_key.clone();
+        let result = self.store.take_lease(&mut taken, &self.worker_id).await;
+        let taken = match result {
+            Ok(true) => taken,
+            Ok(false) | Err(_) => match self.store.get_lease(&key).await {
+                Ok(Some(stored)) if stored.is_owned_by(&self.worker_id) && stored.lease_counter > seen_counter => {
+                    info!(shard_id = %key, "take reported failure but had landed");
+                    stored
+                }
+                _ => return result.map(|_| false),
+            },
+        };
+        info!(shard_id = %taken.lease_key, counter = taken.lease_counter, "lease taken");
         let mut held = lock(&self.held);
-        held.insert(key, Arc::new(HeldLease::new(lease, sent)));
+        held.insert(key, Arc::new(HeldLease::new(taken, sent)));
         self.publish_gauge(&held);
         Ok(true)
     }
 
     /// Writes a change to a held lease's checkpoint fields, fenced on its counter.
     /// `change` edits a copy of the current lease; returning `Err` from it aborts.
+    ///
+    /// A refused write is verified: when the stored lease is still ours, an earlier
+    /// write of ours that reported failure had landed; the stored state is adopted,
+    /// `change` is applied (and so validated) again on it, and the write is sent once
+    /// more. A verification that fails is a retryable failure, not a lost lease.
     pub(crate) async fn update_checkpoint<E>(
         &self,
         held: &HeldLease,
-        change: impl FnOnce(&mut Lease) -> Result<(), E>,
+        change: impl Fn(&mut Lease) -> Result<(), E>,
     ) -> Result<WriteOutcome, E> {
         if held.lost.is_cancelled() {
             return Ok(WriteOutcome::LeaseLost);
         }
         let mut guard = held.lease.lock().await;
-        if held.lost.is_cancelled() {
-            return Ok(WriteOutcome::LeaseLost);
-        }
-        let mut next = guard.clone();
-        change(&mut next)?;
-        let expected_counter = next.lease_counter;
-        let sent = Instant::now();
-        // A write never outlives the proof of ownership: past that point another worker
-        // may own the lease, and this worker must already have stopped.
-        let Some(provable) = self.provable_ownership_left(held) else {
-            drop(guard);
-            self.mark_lost(&held.shard_id, "not renewed within the failover time");
-            return Ok(WriteOutcome::LeaseLost);
-        };
-        let timeout = self.config.lease_store_call_timeout.min(provable);
-        let write = tokio::time::timeout(timeout, self.store.update_lease_checkpoint(&mut next)).await;
-        let write = write.unwrap_or_else(|_| {
-            Err(LeaseStoreError::Dependency {
-                message: format!("checkpoint write timed out after {timeout:?}"),
-                source: "timeout".into(),
-            })
-        });
-        let outcome = match write {
-            Ok(true) => WriteOutcome::Written,
-            Ok(false) => {
-                // The SDK may have retried a write that had already landed; then the
-                // item holds exactly what we wrote, one counter step later.
-                match self.store.get_lease(&held.shard_id).await {
-                    Ok(Some(stored))
-                        if stored.is_owned_by(&self.worker_id)
-                            && stored.lease_counter == expected_counter + 1
+        for _ in 0..2 {
+            if held.lost.is_cancelled() {
+                return Ok(WriteOutcome::LeaseLost);
+            }
+            let mut next = guard.clone();
+            change(&mut next)?;
+            let expected_counter = next.lease_counter;
+            let sent = Instant::now();
+            // A write never outlives the proof of ownership: past that point another
+            // worker may own the lease, and this worker must already have stopped.
+            let Some(provable) = self.provable_ownership_left(held) else {
+                drop(guard);
+                self.mark_lost(&held.shard_id, "not renewed within the failover time");
+                return Ok(WriteOutcome::LeaseLost);
+            };
+            let timeout = self.config.lease_store_call_timeout.min(provable);
+            let write = tokio::time::timeout(timeout, self.store.update_lease_checkpoint(&mut next)).await;
+            let write = write.unwrap_or_else(|_| {
+                Err(LeaseStoreError::Dependency {
+                    message: format!("checkpoint write timed out after {timeout:?}"),
+                    source: "lease store call timed out".into(),
+                })
+            });
+            let outcome = match write {
+                Ok(true) => WriteOutcome::Written,
+                Ok(false) => match self.verify_refusal(&held.shard_id).await {
+                    // The SDK may have retried a write that had already landed; then
+                    // the item holds exactly what we wrote, one counter step later.
+                    Verdict::StillOurs(stored)
+                        if stored.lease_counter == expected_counter + 1
                             && stored.checkpoint == next.checkpoint
                             && stored.pending_checkpoint == next.pending_checkpoint =>
                     {
-                        next = stored;
+                        next = *stored;
                         WriteOutcome::Written
                     }
-                    _ => WriteOutcome::LeaseLost,
+                    Verdict::StillOurs(stored) => {
+                        debug!(
+                            shard_id = %held.shard_id,
+                            counter = stored.lease_counter,
+                            "checkpoint refused but the lease is still ours; adopting the stored lease and writing again"
+                        );
+                        *guard = *stored;
+                        continue;
+                    }
+                    Verdict::Lost => WriteOutcome::LeaseLost,
+                    Verdict::Unknown(e) => WriteOutcome::Failed(e),
+                },
+                Err(e) => WriteOutcome::Failed(e),
+            };
+            match outcome {
+                WriteOutcome::Written => {
+                    *guard = next;
+                    held.record_renewal(sent);
                 }
+                WriteOutcome::LeaseLost => {
+                    drop(guard);
+                    self.mark_lost(&held.shard_id, "checkpoint refused: another worker holds the lease");
+                }
+                WriteOutcome::Failed(_) => {}
             }
-            Err(e) => WriteOutcome::Failed(e),
-        };
-        match outcome {
-            WriteOutcome::Written => {
-                *guard = next;
-                held.record_renewal(sent);
-            }
-            WriteOutcome::LeaseLost => {
-                drop(guard);
-                self.mark_lost(&held.shard_id, "checkpoint refused: another worker holds the lease");
-            }
-            WriteOutcome::Failed(_) => {}
+            return Ok(outcome);
         }
-        Ok(outcome)
+        // Both attempts adopted a newer stored lease of ours: the lease keeps changing
+        // under us, which only another process with our worker id could do.
+        Ok(WriteOutcome::Failed(LeaseStoreError::Dependency {
+            message: format!("lease {:?} changed twice during one checkpoint", held.shard_id),
+            source: "concurrent writer with this worker id".into(),
+        }))
     }
 
     /// Releases a held lease (graceful handoff): clears the owner so that any worker
-    /// can take it at once. The lease is no longer held afterwards, whatever happens.
-    pub(crate) async fn release(&self, shard_id: &str) {
+    /// can take it at once. Only the lease period `held` stands for is released: when
+    /// the lease was lost and taken again since, the newer period is left alone. The
+    /// lease is no longer held afterwards, whatever happens.
+    pub(crate) async fn release(&self, held: &Arc<HeldLease>) {
         let removed = {
-            let mut held = lock(&self.held);
-            let removed = held.remove(shard_id);
-            self.publish_gauge(&held);
+            let mut map = lock(&self.held);
+            let current = map.get(&held.shard_id).is_some_and(|h| Arc::ptr_eq(h, held));
+            let removed = if current { map.remove(&held.shard_id) } else { None };
+            self.publish_gauge(&map);
             removed
         };
-        let Some(h) = removed else { return };
+        let Some(h) = removed else {
+            debug!(shard_id = %held.shard_id, "not releasing a lease period that already ended");
+            return;
+        };
         h.lost.cancel();
+        let shard_id = h.shard_id.as_str();
         let mut lease = h.lease.lock().await.clone();
-        match tokio::time::timeout(
-            self.config.lease_store_call_timeout * 3,
-            self.store.evict_lease(&mut lease),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.evict_lease(&mut lease)).await {
             Ok(Ok(true)) => info!(shard_id, "lease released"),
             Ok(Ok(false)) => info!(shard_id, "lease not released: another worker holds it already"),
-            Ok(Err(e)) => warn!(shard_id, error = %e, "lease release failed; it expires after the failover time"),
+            Ok(Err(e)) => {
+                warn!(shard_id, error = %ErrorChain(&e), "lease release failed; it expires after the failover time")
+            }
             Err(_) => warn!(shard_id, "lease release timed out; it expires after the failover time"),
         }
     }
+
+    /// The lease period currently held for `shard_id`, if any.
+    #[cfg(test)]
+    pub(crate) fn held_lease(&self, shard_id: &str) -> Option<Arc<HeldLease>> {
+        lock(&self.held).get(shard_id).cloned()
+    }
+
+    /// Releases every held lease, concurrently: bounded by one
+    /// `lease_store_call_timeout` (plus the wait for a checkpoint write in flight, itself
+    /// bounded by it), whatever the number of leases.
+    pub(crate) async fn release_all(&self) {
+        let held = self.held_leases();
+        futures::future::join_all(held.iter().map(|h| self.release(h))).await;
+    }
+}
+
+/// What a read shows after a conditional write to a held lease was refused.
+#[derive(Debug)]
+enum Verdict {
+    /// The stored lease still names this worker as owner.
+    StillOurs(Box<Lease>),
+    /// Another worker owns it, or it is gone.
+    Lost,
+    /// The read failed: the outcome is unknown, retry later.
+    Unknown(LeaseStoreError),
 }
 
 /// What the taker remembers of a lease between passes, to judge expiry.
@@ -448,23 +549,45 @@ impl LeaseTaker {
 }
 
 /// Deletes finished leases once nothing can need them (the Java KCL's
-/// `LeaseCleanupManager`): a lease at `SHARD_END`, released by its owner, whose child
-/// leases all exist and have started (checkpointed past their initial position), and
-/// that has stayed so for `completed_lease_cleanup_delay` on this worker's clock.
-/// Children no longer wait on a deleted parent, and the shard sync does not recreate a
-/// lease for a shard whose descendant has one, so a deleted parent is never read again.
+/// `LeaseCleanupManager`): a lease at `SHARD_END` whose children have all started, and
+/// that has stayed so, with its counter unchanged, for `completed_lease_cleanup_delay`
+/// on this worker's clock. A finished lease still owned by a worker (one that died
+/// between its `SHARD_END` checkpoint and its release) waits at least the failover time
+/// too, as an expired lease would.
+///
+/// A child has started when its lease checkpointed past its initial position, or when
+/// its lease is gone because it was finished and cleaned up itself: then a lease of the
+/// next generation names it as a parent and has started or finished. A child whose lease
+/// does not exist yet (and that no started lease descends from) keeps the parent, so a
+/// child created later still waits for it. Children no longer wait on a deleted parent,
+/// and the shard sync does not recreate a lease for a shard whose descendant has one, so
+/// a deleted parent is never read again.
 #[derive(Debug, Default)]
 pub(crate) struct LeaseCleanup {
-    eligible_since: HashMap<String, Instant>,
+    /// Per eligible lease: its counter, and since when it was seen eligible with it.
+    eligible_since: HashMap<String, (u64, Instant)>,
 }
 
 impl LeaseCleanup {
-    pub(crate) fn leases_to_delete(&mut self, leases: &[Lease], now: Instant, delay: Duration) -> Vec<Lease> {
+    pub(crate) fn leases_to_delete(
+        &mut self,
+        leases: &[Lease],
+        now: Instant,
+        delay: Duration,
+        failover: Duration,
+    ) -> Vec<Lease> {
         let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let progressed = |l: &Lease| l.checkpoint.is_shard_end() || !l.checkpoint.checkpoint.is_initial_position();
+        let started = |c: &str| match by_key.get(c) {
+            Some(l) => !l.checkpoint.checkpoint.is_initial_position(),
+            // Cleaned up after it finished: a started lease of the next generation
+            // names it as its parent.
+            None => leases.iter().any(|l| l.parent_shard_ids.contains(c) && progressed(l)),
+        };
         let mut out = Vec::new();
         let mut eligible = HashSet::new();
         for lease in leases {
-            if !lease.checkpoint.is_shard_end() || lease.lease_owner.is_some() {
+            if !lease.checkpoint.is_shard_end() {
                 continue;
             }
             let mut children: Vec<&str> = lease.child_shard_ids.iter().map(String::as_str).collect();
@@ -475,17 +598,23 @@ impl LeaseCleanup {
                     .map(|l| l.lease_key.as_str())
                     .collect();
             }
-            let started = |c: &&str| {
-                by_key
-                    .get(c)
-                    .is_some_and(|l| !l.checkpoint.checkpoint.is_initial_position())
-            };
-            if children.is_empty() || !children.iter().all(started) {
+            if children.is_empty() || !children.iter().all(|c| started(c)) {
                 continue;
             }
             eligible.insert(lease.lease_key.clone());
-            let since = *self.eligible_since.entry(lease.lease_key.clone()).or_insert(now);
-            if now.saturating_duration_since(since) >= delay {
+            let entry = self
+                .eligible_since
+                .entry(lease.lease_key.clone())
+                .or_insert((lease.lease_counter, now));
+            if entry.0 != lease.lease_counter {
+                *entry = (lease.lease_counter, now);
+            }
+            let wait = if lease.lease_owner.is_some() {
+                delay.max(failover)
+            } else {
+                delay
+            };
+            if now.saturating_duration_since(entry.1) >= wait {
                 out.push(lease.clone());
             }
         }
@@ -637,33 +766,208 @@ mod tests {
 
         // A child has not started: keep the parent.
         let table = vec![parent.clone(), c1_started.clone(), c2.clone()];
-        assert!(cleanup.leases_to_delete(&table, t0 + delay * 10, delay).is_empty());
+        assert!(cleanup
+            .leases_to_delete(&table, t0 + delay * 10, delay, delay)
+            .is_empty());
         // Both started: deleted only after the delay.
         c2.checkpoint = started;
         let table = vec![parent.clone(), c1_started.clone(), c2.clone()];
-        assert!(cleanup.leases_to_delete(&table, t0, delay).is_empty());
+        assert!(cleanup.leases_to_delete(&table, t0, delay, delay).is_empty());
         assert!(cleanup
-            .leases_to_delete(&table, t0 + delay - Duration::from_millis(1), delay)
+            .leases_to_delete(&table, t0 + delay - Duration::from_millis(1), delay, delay)
             .is_empty());
-        let deleted = cleanup.leases_to_delete(&table, t0 + delay, delay);
+        let deleted = cleanup.leases_to_delete(&table, t0 + delay, delay, delay);
         assert_eq!(deleted.iter().map(|l| l.lease_key.as_str()).collect::<Vec<_>>(), ["p"]);
         // A missing child, an owned parent, or an unfinished parent are kept.
         let table = vec![parent.clone(), c1_started.clone()];
         assert!(LeaseCleanup::default()
-            .leases_to_delete(&table, t0, Duration::ZERO)
+            .leases_to_delete(&table, t0, Duration::ZERO, Duration::ZERO)
             .is_empty());
         let mut owned = parent.clone();
         owned.lease_owner = Some("w".into());
         let table = vec![owned, c1_started.clone(), c2.clone()];
         assert!(LeaseCleanup::default()
-            .leases_to_delete(&table, t0, Duration::ZERO)
+            .leases_to_delete(&table, t0, Duration::ZERO, delay)
             .is_empty());
         let mut unfinished = parent;
         unfinished.checkpoint = ExtendedSequenceNumber::TRIM_HORIZON;
         let table = vec![unfinished, c1_started, c2];
         assert!(LeaseCleanup::default()
-            .leases_to_delete(&table, t0, Duration::ZERO)
+            .leases_to_delete(&table, t0, Duration::ZERO, Duration::ZERO)
             .is_empty());
+    }
+
+    /// Guards hardening item 8: a finished lease left owned by a worker that died
+    /// between its `SHARD_END` checkpoint and its release is deleted once its counter
+    /// stood still for the failover time (and the delay); one whose owner is alive
+    /// (counter moving) is not.
+    #[test]
+    fn a_finished_lease_of_a_dead_owner_is_cleaned_after_the_failover_time() {
+        let delay = Duration::from_secs(5);
+        let failover = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let started = ExtendedSequenceNumber::new(crate::SequenceNumber::parse("5").expect("valid"), 0);
+        let mut parent = lease("p", Some("dead"), 7);
+        parent.checkpoint = ExtendedSequenceNumber::SHARD_END;
+        parent.child_shard_ids = ["c".to_string()].into();
+        let mut child = lease("c", Some("w"), 3).with_parents(["p".to_string()]);
+        child.checkpoint = started;
+        let mut cleanup = LeaseCleanup::default();
+        let table = vec![parent.clone(), child.clone()];
+        assert!(cleanup.leases_to_delete(&table, t0, delay, failover).is_empty());
+        assert!(
+            cleanup.leases_to_delete(&table, t0 + delay, delay, failover).is_empty(),
+            "an owned lease waits for the failover time, not only the delay"
+        );
+        // Its owner wrote meanwhile: the clock starts again.
+        let mut renewed = parent.clone();
+        renewed.lease_counter = 8;
+        let table = vec![renewed, child.clone()];
+        assert!(cleanup
+            .leases_to_delete(&table, t0 + failover, delay, failover)
+            .is_empty());
+        assert!(cleanup
+            .leases_to_delete(&table, t0 + failover * 2 - Duration::from_millis(1), delay, failover)
+            .is_empty());
+        let deleted = cleanup.leases_to_delete(&table, t0 + failover * 2, delay, failover);
+        assert_eq!(deleted.iter().map(|l| l.lease_key.as_str()).collect::<Vec<_>>(), ["p"]);
+    }
+
+    /// Guards hardening item 8: a parent whose child lease was already cleaned up (the
+    /// child finished and a grandchild started) is deleted too, while a parent whose
+    /// child lease does not exist yet is kept.
+    #[test]
+    fn a_parent_whose_finished_child_was_cleaned_up_is_deleted() {
+        let t0 = Instant::now();
+        let started = ExtendedSequenceNumber::new(crate::SequenceNumber::parse("5").expect("valid"), 0);
+        let mut grandparent = lease("g", None, 4);
+        grandparent.checkpoint = ExtendedSequenceNumber::SHARD_END;
+        grandparent.child_shard_ids = ["p".to_string()].into();
+        // p itself was finished and deleted; its child c names it as a parent.
+        let mut child = lease("c", Some("w"), 3).with_parents(["p".to_string()]);
+        let table = vec![grandparent.clone(), child.clone()];
+        assert!(
+            LeaseCleanup::default()
+                .leases_to_delete(&table, t0, Duration::ZERO, Duration::ZERO)
+                .is_empty(),
+            "c has not started: p may not have been finished"
+        );
+        child.checkpoint = started;
+        let table = vec![grandparent.clone(), child];
+        let deleted = LeaseCleanup::default().leases_to_delete(&table, t0, Duration::ZERO, Duration::ZERO);
+        assert_eq!(deleted.iter().map(|l| l.lease_key.as_str()).collect::<Vec<_>>(), ["g"]);
+        // No lease names p at all: p's lease may simply not exist yet. Keep g.
+        let table = vec![grandparent];
+        assert!(LeaseCleanup::default()
+            .leases_to_delete(&table, t0, Duration::ZERO, Duration::ZERO)
+            .is_empty());
+    }
+
+    /// An in-memory lease store with the trait's conditional semantics, for the
+    /// coordinator's own unit tests.
+    #[derive(Debug, Default)]
+    struct MemStore {
+        leases: Mutex<HashMap<String, Lease>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LeaseStore for MemStore {
+        async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
+            Ok(lock(&self.leases).values().cloned().collect())
+        }
+        async fn get_lease(&self, key: &str) -> Result<Option<Lease>, LeaseStoreError> {
+            Ok(lock(&self.leases).get(key).cloned())
+        }
+        async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+            let mut map = lock(&self.leases);
+            if map.contains_key(&lease.lease_key) {
+                return Ok(false);
+            }
+            map.insert(lease.lease_key.clone(), lease.clone());
+            Ok(true)
+        }
+        async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+            self.write(lease, |l| l.lease_counter += 1)
+        }
+        async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
+            self.write(lease, |l| {
+                l.lease_owner = Some(owner.to_owned());
+                l.lease_counter += 1;
+            })
+        }
+        async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+            let mut map = lock(&self.leases);
+            match map.get_mut(&lease.lease_key) {
+                Some(stored) if stored.lease_owner == lease.lease_owner => {
+                    stored.lease_owner = None;
+                    stored.lease_counter += 1;
+                    *lease = stored.clone();
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+        async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+            let wanted = lease.clone();
+            self.write(lease, move |l| {
+                l.checkpoint = wanted.checkpoint.clone();
+                l.lease_counter += 1;
+            })
+        }
+        async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+            lock(&self.leases).remove(&lease.lease_key);
+            Ok(())
+        }
+    }
+
+    impl MemStore {
+        fn write(&self, lease: &mut Lease, change: impl FnOnce(&mut Lease)) -> Result<bool, LeaseStoreError> {
+            let mut map = lock(&self.leases);
+            match map.get_mut(&lease.lease_key) {
+                Some(stored)
+                    if stored.lease_counter == lease.lease_counter && stored.lease_owner == lease.lease_owner =>
+                {
+                    change(stored);
+                    *lease = stored.clone();
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+    }
+
+    /// Guards hardening item 11: a consumer whose lease was lost, finishing after this
+    /// worker took the shard again, must not release the newer lease period.
+    #[tokio::test]
+    async fn releasing_an_ended_lease_period_leaves_the_new_one_alone() {
+        let store = Arc::new(MemStore::default());
+        store
+            .create_lease_if_not_exists(&lease("s", None, 0))
+            .await
+            .expect("created");
+        let c = LeaseCoordinator::new(store.clone(), "me".into(), LeaseManagementConfig::default());
+        let first = store.get_lease("s").await.expect("read").expect("exists");
+        assert!(c.take(first).await.expect("take"));
+        let old = c.held_lease("s").expect("held");
+        c.mark_lost("s", "test");
+        let again = store.get_lease("s").await.expect("read").expect("exists");
+        assert!(c.take(again).await.expect("take again"));
+        let new = c.held_lease("s").expect("held again");
+        assert!(!Arc::ptr_eq(&old, &new));
+
+        c.release(&old).await;
+        assert!(c.is_held("s"), "the newer lease period is still held");
+        assert!(!new.lost.is_cancelled());
+        let stored = store.get_lease("s").await.expect("read").expect("exists");
+        assert_eq!(stored.lease_owner.as_deref(), Some("me"), "and still ours in the table");
+
+        c.release(&new).await;
+        assert!(!c.is_held("s"));
+        let stored = store.get_lease("s").await.expect("read").expect("exists");
+        assert_eq!(stored.lease_owner, None);
     }
 
     #[derive(Debug)]

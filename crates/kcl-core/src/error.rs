@@ -6,6 +6,38 @@ use std::error::Error as StdError;
 /// A boxed error from a dependency (an AWS SDK call, a processor), kept as the source.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
+/// Displays an error with its whole `source()` chain, `outer: cause: root cause`, the way
+/// every error is logged by this library (an AWS SDK error alone says only `service
+/// error` or `dispatch failure`; its sources say which service error and why). A source
+/// whose text the chain already shows is not repeated.
+///
+/// ```
+/// use kcl_core::error::ErrorChain;
+/// let io = std::io::Error::new(std::io::ErrorKind::Other, "connection reset");
+/// let e = kcl_core::LeaseStoreError::Dependency { message: "renewal".into(), source: io.into() };
+/// assert_eq!(ErrorChain(&e).to_string(), "lease store request failed: renewal: connection reset");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn StdError + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut source = self.0.source();
+        // Bounded: a cyclic chain (a bug elsewhere) must not hang logging.
+        for _ in 0..32 {
+            let Some(e) = source else { break };
+            let text = e.to_string();
+            if !text.is_empty() && !shown.contains(&text) {
+                shown.push_str(": ");
+                shown.push_str(&text);
+            }
+            source = e.source();
+        }
+        f.write_str(&shown)
+    }
+}
+
 /// The error a [`RecordProcessor`](crate::RecordProcessor) method returns. Anything that
 /// converts into a boxed error works with `?`, `anyhow::Error` included.
 pub type ProcessorError = BoxError;

@@ -90,6 +90,24 @@ impl Lease {
     }
 }
 
+/// The result of [`LeaseStore::list_readable_leases`].
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct LeaseListing {
+    /// The leases that could be read.
+    pub leases: Vec<Lease>,
+    /// One [`LeaseStoreError::CorruptLease`] per item that looks like a lease but could
+    /// not be read; those leases are left alone (not taken, not recreated).
+    pub corrupt: Vec<LeaseStoreError>,
+}
+
+impl LeaseListing {
+    /// A listing of `leases` with `corrupt` items skipped.
+    pub fn new(leases: Vec<Lease>, corrupt: Vec<LeaseStoreError>) -> Self {
+        Self { leases, corrupt }
+    }
+}
+
 /// Persistent storage of leases with conditional (fenced) writes.
 ///
 /// Every method that changes a lease is conditional: it succeeds only when the stored
@@ -118,6 +136,24 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// # Errors
     /// [`LeaseStoreError::CorruptLease`], [`LeaseStoreError::TableNotFound`], transient errors.
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError>;
+
+    /// Reads every lease that can be read: like [`LeaseStore::list_leases`], but an item
+    /// with a corrupt attribute is skipped and reported in [`LeaseListing::corrupt`]
+    /// instead of failing the whole read, so that one bad item does not stop a fleet
+    /// from taking and creating the other leases. The scheduler uses this; it logs
+    /// each skipped item with its key and attribute and counts it.
+    ///
+    /// The default implementation calls `list_leases` and so skips nothing; stores that
+    /// can tell corrupt items apart should override it.
+    ///
+    /// # Errors
+    /// [`LeaseStoreError::TableNotFound`], transient errors.
+    async fn list_readable_leases(&self) -> Result<LeaseListing, LeaseStoreError> {
+        Ok(LeaseListing {
+            leases: self.list_leases().await?,
+            corrupt: Vec::new(),
+        })
+    }
 
     /// Reads one lease.
     ///
@@ -169,4 +205,77 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// # Errors
     /// Transient errors.
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
+}
+
+/// Bounds every call to a lease store (the Rust SDK sets no operation timeout of its
+/// own): single-item calls by `call`, full reads by `scan`. A call that runs out is a
+/// [`LeaseStoreError::Dependency`] with an unknown outcome, like a network failure.
+/// Table creation is not bounded here: it waits for the table with its own bound.
+#[derive(Debug)]
+pub(crate) struct TimedLeaseStore {
+    inner: std::sync::Arc<dyn LeaseStore>,
+    call: std::time::Duration,
+    scan: std::time::Duration,
+}
+
+impl TimedLeaseStore {
+    pub(crate) fn new(
+        inner: std::sync::Arc<dyn LeaseStore>,
+        call: std::time::Duration,
+        scan: std::time::Duration,
+    ) -> Self {
+        Self { inner, call, scan }
+    }
+}
+
+async fn bounded<T>(
+    operation: &'static str,
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, LeaseStoreError>>,
+) -> Result<T, LeaseStoreError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(LeaseStoreError::Dependency {
+            message: format!("{operation} timed out after {limit:?}; its outcome is unknown"),
+            source: "lease store call timed out".into(),
+        })
+    })
+}
+
+#[async_trait]
+impl LeaseStore for TimedLeaseStore {
+    async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
+        self.inner.create_lease_table_if_not_exists().await
+    }
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
+        bounded("list_leases", self.scan, self.inner.list_leases()).await
+    }
+    async fn list_readable_leases(&self) -> Result<LeaseListing, LeaseStoreError> {
+        bounded("list_leases", self.scan, self.inner.list_readable_leases()).await
+    }
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError> {
+        bounded("get_lease", self.call, self.inner.get_lease(lease_key)).await
+    }
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        bounded("create_lease", self.call, self.inner.create_lease_if_not_exists(lease)).await
+    }
+    async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        bounded("renew_lease", self.call, self.inner.renew_lease(lease)).await
+    }
+    async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
+        bounded("take_lease", self.call, self.inner.take_lease(lease, owner)).await
+    }
+    async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        bounded("evict_lease", self.call, self.inner.evict_lease(lease)).await
+    }
+    async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        bounded(
+            "update_lease_checkpoint",
+            self.call,
+            self.inner.update_lease_checkpoint(lease),
+        )
+        .await
+    }
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+        bounded("delete_lease", self.call, self.inner.delete_lease(lease)).await
+    }
 }

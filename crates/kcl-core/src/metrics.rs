@@ -12,6 +12,12 @@
 //! | `kcl_throttles_total` | counter | `operation` | throttled Kinesis calls |
 //! | `kcl_processor_failures_total` | counter | `shard_id` | processor errors and panics |
 //! | `kcl_batches_skipped_total` | counter | `shard_id` | batches skipped by the `SkipBatch` policy |
+//! | `kcl_corrupt_leases_total` | counter | | lease items skipped because an attribute cannot be read (each read of the table counts each) |
+//! | `kcl_shard_backoffs_total` | counter | `shard_id` | failed shard consumers restarted after a backoff |
+//! | `kcl_shards_gone_total` | counter | `shard_id` | shards treated as ended because Kinesis no longer knows them (`ResourceNotFoundException`) |
+//! | `kcl_checkpoints_expired_total` | counter | `shard_id` | checkpoints older than the stream's retention, resumed at `TRIM_HORIZON` instead |
+//! | `kcl_records_invalid_sequence_number_total` | counter | `shard_id` | records skipped because their sequence number cannot be parsed |
+//! | `kcl_records_malformed_aggregate_total` | counter | `shard_id` | KPL aggregated records that could not be de-aggregated, delivered as they are |
 
 pub(crate) fn records_processed(shard_id: &str, n: usize) {
     ::metrics::counter!("kcl_records_processed_total", "shard_id" => shard_id.to_owned()).increment(n as u64);
@@ -43,4 +49,28 @@ pub(crate) fn processor_failure(shard_id: &str) {
 
 pub(crate) fn batch_skipped(shard_id: &str) {
     ::metrics::counter!("kcl_batches_skipped_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn corrupt_lease() {
+    ::metrics::counter!("kcl_corrupt_leases_total").increment(1);
+}
+
+pub(crate) fn shard_backoff(shard_id: &str) {
+    ::metrics::counter!("kcl_shard_backoffs_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn shard_gone(shard_id: &str) {
+    ::metrics::counter!("kcl_shards_gone_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn checkpoint_expired(shard_id: &str) {
+    ::metrics::counter!("kcl_checkpoints_expired_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn invalid_sequence_number(shard_id: &str) {
+    ::metrics::counter!("kcl_records_invalid_sequence_number_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn malformed_aggregate(shard_id: &str) {
+    ::metrics::counter!("kcl_records_malformed_aggregate_total", "shard_id" => shard_id.to_owned()).increment(1);
 }

@@ -26,6 +26,12 @@ pub struct Record {
     pub approximate_arrival_timestamp: Option<SystemTime>,
     /// True when this record was unpacked from a KPL aggregated record.
     pub aggregated: bool,
+    /// True when this record carries the KPL aggregation magic but could not be
+    /// de-aggregated (truncated, a bad checksum, an unreadable body): it is delivered
+    /// as it is, whole, instead of being dropped, and counted in
+    /// `kcl_records_malformed_aggregate_total`. `data` is then the raw aggregated record;
+    /// a processor that cannot use it can log the sequence number and move on, or stop.
+    pub malformed_aggregate: bool,
 }
 
 impl Record {
@@ -39,6 +45,7 @@ impl Record {
             sub_sequence_number: 0,
             approximate_arrival_timestamp: None,
             aggregated: false,
+            malformed_aggregate: false,
         }
     }
 
@@ -57,6 +64,7 @@ impl fmt::Debug for Record {
             .field("partition_key_len", &self.partition_key.len())
             .field("data_len", &self.data.len())
             .field("aggregated", &self.aggregated)
+            .field("malformed_aggregate", &self.malformed_aggregate)
             .finish()
     }
 }

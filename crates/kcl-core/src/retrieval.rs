@@ -7,15 +7,19 @@
 //! the start of the previous call (so a new record waits about one idle time, never
 //! more), or `backlog_time_between_reads` while the shard has a backlog.
 //!
-//! Expired iterators are renewed after the last record fetched; throttling and
-//! transient failures are retried with backoff without end (each one logged and
-//! counted); a missing stream or shard ends the publisher with an error.
+//! Expired iterators are renewed after the last record fetched (or, with nothing
+//! fetched yet, where the first iterator stood); throttling, transient failures and
+//! calls that exceed `kinesis_call_timeout` are retried with backoff without end (each
+//! one logged and counted). A shard Kinesis no longer knows has ended; a missing stream
+//! ends the publisher with `StreamNotFound`; a checkpoint older than the retention
+//! resumes at `TRIM_HORIZON`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant as StdInstant, SystemTime};
 
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::types::{ChildShard, ShardIteratorType};
@@ -23,13 +27,14 @@ use aws_smithy_types::DateTime;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::aggregation;
 use crate::config::RetrievalConfig;
-use crate::error::BoxError;
+use crate::error::{BoxError, ErrorChain};
 use crate::metrics;
 use crate::record::Record;
+use crate::retry::with_timeout;
 use crate::sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 
 /// Shared accounting of what sits in the prefetch queue.
@@ -103,7 +108,9 @@ pub(crate) enum PublisherEvent {
     ShardEnd {
         child_shards: Vec<ChildShard>,
     },
-    /// The shard cannot be read (stream or shard missing, access denied).
+    /// The stream does not exist any more.
+    StreamNotFound,
+    /// The shard cannot be read (access denied, an invalid request).
     Failed {
         operation: &'static str,
         source: BoxError,
@@ -176,13 +183,22 @@ enum Step<T> {
     Retry,
     Fatal(&'static str, BoxError),
     ExpiredIterator,
+    /// `ResourceNotFoundException`: the shard, or the whole stream, is gone.
+    NotFound(BoxError),
+}
+
+/// What a `ResourceNotFoundException` for a shard turned out to mean.
+enum Gone {
+    /// The stream exists: the shard aged out past retention or is otherwise unknown.
+    Shard,
+    /// The stream itself is gone.
+    Stream,
 }
 
 impl PollingPublisher {
     async fn run(mut self, start: StartingPosition) {
-        let mut iterator = match self.get_iterator(&start).await {
-            Some(it) => it,
-            None => return,
+        let Some((mut iterator, resume)) = self.first_iterator(&start).await else {
+            return;
         };
         let mut attempt = 0u32;
         let mut next_call = Instant::now();
@@ -228,15 +244,19 @@ impl PollingPublisher {
                     }
                 }
                 Step::ExpiredIterator => {
+                    // After the last record fetched; with nothing fetched yet, where the
+                    // first iterator stood (a LATEST start resumes at the time it was
+                    // obtained, not at a newer LATEST that would skip what was written
+                    // in between).
                     let position = match &self.last_fetched {
                         Some(seq) => StartingPosition {
                             checkpoint: ExtendedSequenceNumber::new(seq.clone(), 0),
                             timestamp: None,
                         },
-                        None => start.clone(),
+                        None => resume.clone(),
                     };
-                    debug!("shard iterator expired; getting a new one");
-                    iterator = match self.get_iterator_after(&position).await {
+                    debug!(resume_at = %position.checkpoint, "shard iterator expired; getting a new one");
+                    iterator = match self.get_iterator(&position).await {
                         Some(it) => it,
                         None => return,
                     };
@@ -249,17 +269,40 @@ impl PollingPublisher {
                     let _ = self.tx.send(PublisherEvent::Failed { operation, source }).await;
                     return;
                 }
+                Step::NotFound(source) => {
+                    self.on_not_found("GetRecords", source).await;
+                    return;
+                }
             }
         }
+    }
+
+    /// The first iterator, and the position an expired iterator resumes at while
+    /// nothing was fetched: the start itself, except that `LATEST` becomes
+    /// `AT_TIMESTAMP` of the moment the first iterator was asked for.
+    async fn first_iterator(&mut self, start: &StartingPosition) -> Option<(String, StartingPosition)> {
+        let asked_at = SystemTime::now();
+        let iterator = self.get_iterator(start).await?;
+        let resume = match start.checkpoint.checkpoint {
+            Checkpoint::Latest => StartingPosition {
+                checkpoint: ExtendedSequenceNumber::AT_TIMESTAMP,
+                timestamp: Some(asked_at),
+            },
+            _ => start.clone(),
+        };
+        Some((iterator, resume))
     }
 
     fn convert(&mut self, records: Vec<aws_sdk_kinesis::types::Record>) -> Vec<Record> {
         let mut out = Vec::with_capacity(records.len());
         for r in records {
             let Ok(sequence_number) = SequenceNumber::parse(r.sequence_number()) else {
-                warn!(
+                // Not a Kinesis sequence number: it cannot be ordered, checkpointed or
+                // resumed after, so it cannot be delivered. Loud, and counted.
+                metrics::invalid_sequence_number(&self.shard_id);
+                error!(
                     sequence_number = r.sequence_number(),
-                    "record with an invalid sequence number skipped"
+                    "record with an unparseable sequence number skipped"
                 );
                 continue;
             };
@@ -276,9 +319,11 @@ impl PollingPublisher {
             match aggregation::deaggregate(record.clone()) {
                 Ok(user_records) => out.extend(user_records),
                 Err(e) => {
-                    // Delivered as it is: losing it would be worse than a record the
-                    // processor may not be able to parse.
-                    warn!(error = %e, "malformed aggregated record delivered without de-aggregation");
+                    // Delivered as it is, marked: losing it would be worse than a record
+                    // the processor may not be able to parse.
+                    metrics::malformed_aggregate(&self.shard_id);
+                    warn!(error = %ErrorChain(&e), sequence_number = %record.sequence_number, "malformed aggregated record delivered without de-aggregation");
+                    record.malformed_aggregate = true;
                     out.push(record);
                 }
             }
@@ -287,14 +332,13 @@ impl PollingPublisher {
     }
 
     async fn get_records(&self, iterator: &str) -> Step<aws_sdk_kinesis::operation::get_records::GetRecordsOutput> {
-        let result = self
+        let call = self
             .kinesis
             .get_records()
             .shard_iterator(iterator)
             .limit(self.config.max_records)
-            .send()
-            .await;
-        match result {
+            .send();
+        match with_timeout(self.config.kinesis_call_timeout, call).await {
             Ok(out) => Step::Done(out),
             Err(SdkError::ServiceError(e)) => match e.err() {
                 GetRecordsError::ExpiredIteratorException(_) => Step::ExpiredIterator,
@@ -304,40 +348,86 @@ impl PollingPublisher {
                     debug!("GetRecords throttled; backing off");
                     Step::Retry
                 }
-                GetRecordsError::ResourceNotFoundException(_)
-                | GetRecordsError::AccessDeniedException(_)
-                | GetRecordsError::InvalidArgumentException(_) => {
+                GetRecordsError::ResourceNotFoundException(_) => {
+                    Step::NotFound(BoxError::from(SdkError::ServiceError(e)))
+                }
+                GetRecordsError::AccessDeniedException(_) | GetRecordsError::InvalidArgumentException(_) => {
                     Step::Fatal("GetRecords", BoxError::from(SdkError::ServiceError(e)))
                 }
-                other => {
-                    warn!(error = other.code().unwrap_or("unknown"), "GetRecords failed; retrying");
+                _ => {
+                    let e = SdkError::ServiceError(e);
+                    warn!(error = %DisplayErrorContext(&e), "GetRecords failed; retrying");
                     Step::Retry
                 }
             },
             Err(e) => {
-                warn!(error = %e, "GetRecords failed; retrying");
+                warn!(error = %DisplayErrorContext(&e), "GetRecords failed; retrying");
                 Step::Retry
             }
         }
     }
 
-    async fn get_iterator(&self, start: &StartingPosition) -> Option<String> {
-        self.get_iterator_after(start).await
+    /// After a `ResourceNotFoundException` for this shard: asks whether the stream
+    /// exists, and ends the publisher with a shard end (the shard is gone: aged out
+    /// past retention, or the stream was resharded while nobody read it; the consumer
+    /// learns the children from `ListShards`) or with `StreamNotFound`. Keeps asking
+    /// with backoff while the answer is unknown.
+    async fn on_not_found(&self, operation: &'static str, source: BoxError) {
+        let mut attempt = 0u32;
+        let gone = loop {
+            let call = self
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(&self.stream_name)
+                .send();
+            match with_timeout(self.config.kinesis_call_timeout, call).await {
+                Ok(_) => break Gone::Shard,
+                Err(SdkError::ServiceError(e))
+                    if matches!(e.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
+                {
+                    break Gone::Stream
+                }
+                Err(e) => {
+                    warn!(error = %DisplayErrorContext(&e), "cannot tell whether the stream still exists; retrying");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                }
+            }
+        };
+        let event = match gone {
+            Gone::Shard => {
+                metrics::shard_gone(&self.shard_id);
+                warn!(
+                    operation,
+                    error = %ErrorChain(source.as_ref()),
+                    "Kinesis no longer knows this shard (aged out past retention, or resharded long ago); \
+                     treating it as ended"
+                );
+                PublisherEvent::ShardEnd {
+                    child_shards: Vec::new(),
+                }
+            }
+            Gone::Stream => PublisherEvent::StreamNotFound,
+        };
+        let _ = self.tx.send(event).await;
     }
 
     /// A shard iterator at `start`: sentinels map to their iterator types, and a
     /// sequence number to `AT_SEQUENCE_NUMBER` (the consumer drops what it has already
     /// delivered, which keeps the remaining user records of a partly checkpointed
-    /// aggregated record).
-    async fn get_iterator_after(&self, start: &StartingPosition) -> Option<String> {
+    /// aggregated record). A sequence number Kinesis refuses as invalid is a checkpoint
+    /// older than the stream's retention: reading resumes at `TRIM_HORIZON`, the oldest
+    /// record left, with a loud warning and `kcl_checkpoints_expired_total`.
+    async fn get_iterator(&self, start: &StartingPosition) -> Option<String> {
         let mut attempt = 0u32;
+        let mut checkpoint = start.checkpoint.checkpoint.clone();
         loop {
             let mut req = self
                 .kinesis
                 .get_shard_iterator()
                 .stream_name(&self.stream_name)
                 .shard_id(&self.shard_id);
-            req = match &start.checkpoint.checkpoint {
+            req = match &checkpoint {
                 Checkpoint::TrimHorizon | Checkpoint::ShardEnd => {
                     req.shard_iterator_type(ShardIteratorType::TrimHorizon)
                 }
@@ -349,7 +439,8 @@ impl PollingPublisher {
                     .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
                     .starting_sequence_number(seq.as_str()),
             };
-            match req.send().await {
+            let result = with_timeout(self.config.kinesis_call_timeout, req.send()).await;
+            let e = match result {
                 Ok(out) => match out.shard_iterator {
                     Some(it) => return Some(it),
                     None => {
@@ -363,31 +454,49 @@ impl PollingPublisher {
                         return None;
                     }
                 },
-                Err(SdkError::ServiceError(e))
-                    if matches!(
-                        e.err(),
-                        GetShardIteratorError::ResourceNotFoundException(_)
-                            | GetShardIteratorError::AccessDeniedException(_)
-                            | GetShardIteratorError::InvalidArgumentException(_)
-                    ) =>
+                Err(e) => e,
+            };
+            let kind = match &e {
+                SdkError::ServiceError(s) => Some(s.err()),
+                _ => None,
+            };
+            match kind {
+                Some(GetShardIteratorError::ResourceNotFoundException(_)) => {
+                    self.on_not_found("GetShardIterator", BoxError::from(e)).await;
+                    return None;
+                }
+                Some(GetShardIteratorError::InvalidArgumentException(_))
+                    if matches!(checkpoint, Checkpoint::Sequence(_)) =>
                 {
-                    let source = BoxError::from(SdkError::ServiceError(e));
+                    metrics::checkpoint_expired(&self.shard_id);
+                    error!(
+                        checkpoint = %start.checkpoint,
+                        error = %DisplayErrorContext(&e),
+                        "Kinesis refuses the checkpoint's sequence number: it is older than the stream's retention \
+                         (records past it were trimmed unread). Resuming at TRIM_HORIZON, the oldest record left"
+                    );
+                    checkpoint = Checkpoint::TrimHorizon;
+                }
+                Some(
+                    GetShardIteratorError::AccessDeniedException(_)
+                    | GetShardIteratorError::InvalidArgumentException(_),
+                ) => {
                     let _ = self
                         .tx
                         .send(PublisherEvent::Failed {
                             operation: "GetShardIterator",
-                            source,
+                            source: BoxError::from(e),
                         })
                         .await;
                     return None;
                 }
-                Err(e) => {
-                    if matches!(&e, SdkError::ServiceError(s) if matches!(s.err(), GetShardIteratorError::ProvisionedThroughputExceededException(_)))
-                    {
-                        metrics::throttled("GetShardIterator");
-                    } else {
-                        warn!(error = %e, "GetShardIterator failed; retrying");
-                    }
+                Some(GetShardIteratorError::ProvisionedThroughputExceededException(_)) => {
+                    metrics::throttled("GetShardIterator");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                }
+                _ => {
+                    warn!(error = %DisplayErrorContext(&e), "GetShardIterator failed; retrying");
                     attempt = attempt.saturating_add(1);
                     tokio::time::sleep(self.config.retry.backoff(attempt)).await;
                 }

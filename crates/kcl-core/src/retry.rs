@@ -102,6 +102,24 @@ where
     }
 }
 
+/// Bounds one AWS SDK call: past `limit` the call is dropped and reported as the SDK's
+/// own `TimeoutError`, which every caller already treats as transient. The Rust SDK
+/// has no operation timeout unless the application configures one.
+///
+/// # Cancel safety
+/// Dropping the call leaves its outcome unknown, as any timeout does.
+pub(crate) async fn with_timeout<T, E, R>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, aws_sdk_kinesis::error::SdkError<E, R>>>,
+) -> Result<T, aws_sdk_kinesis::error::SdkError<E, R>> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(aws_sdk_kinesis::error::SdkError::timeout_error(format!(
+            "no response within {limit:?}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,12 +24,13 @@ use crate::config::{
     CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
 };
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
-use crate::coordinator::{LeaseCleanup, LeaseCoordinator, LeaseTaker};
-use crate::error::{BoxError, ConfigError, LeaseStoreError, SchedulerError};
-use crate::lease::LeaseStore;
+use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker};
+use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
+use crate::lease::{LeaseStore, TimedLeaseStore};
+use crate::metrics;
 use crate::processor::RecordProcessorFactory;
-use crate::retry::{retry, RetryPolicy};
-use crate::shard_sync::{sync_shards, ShardDetector};
+use crate::retry::{retry, with_timeout, RetryPolicy};
+use crate::shard_sync::{report_corrupt, sync_shards, ShardDetector};
 
 /// Asks a running [`Scheduler`] to shut down gracefully: stop taking leases, call
 /// `shutdown_requested` on every processor (which may checkpoint), release the leases.
@@ -258,18 +259,29 @@ impl Scheduler {
     async fn run_inner(self) -> Result<(), SchedulerError> {
         let started = Instant::now();
         self.check_stream().await?;
+        // Every lease-table call is bounded from here on.
+        let store: Arc<dyn LeaseStore> = Arc::new(TimedLeaseStore::new(
+            self.store.clone(),
+            self.lease.lease_store_call_timeout,
+            self.lease.lease_table_scan_timeout,
+        ));
         let created = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
-            self.store.create_lease_table_if_not_exists()
+            store.create_lease_table_if_not_exists()
         })
         .await?;
         if created {
             info!("created the lease table");
         }
-        let detector = ShardDetector::new(self.kinesis.clone(), self.stream_name.clone(), 1000);
-        sync_shards(&detector, self.store.as_ref(), self.initial_position).await?;
+        let detector = ShardDetector::new(
+            self.kinesis.clone(),
+            self.stream_name.clone(),
+            1000,
+            self.retrieval.kinesis_call_timeout,
+        );
+        sync_shards(&detector, store.as_ref(), self.initial_position).await?;
 
         let coordinator = Arc::new(LeaseCoordinator::new(
-            self.store.clone(),
+            store.clone(),
             self.worker_id.clone(),
             self.lease.clone(),
         ));
@@ -296,6 +308,8 @@ impl Scheduler {
             factory: self.factory.clone(),
             running: HashMap::new(),
             tasks: JoinSet::new(),
+            backoff: HashMap::new(),
+            backoff_policy: self.coordinator.shard_failure_backoff.clone(),
         };
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
@@ -310,28 +324,39 @@ impl Scheduler {
         let mut first_take = true;
 
         loop {
+            let next_retry = workers.next_retry();
             tokio::select! {
                 biased;
-                // Cancel safety: every branch is cancel safe (token, JoinSet, intervals).
+                // Cancel safety: every branch is cancel safe (token, JoinSet, intervals,
+                // a sleep).
                 () = self.shutdown.cancelled() => break,
                 Some(joined) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {
-                    if let Some(e) = workers.reap(joined, &coordinator, &detector, self.store.as_ref(), self.initial_position).await {
+                    if let Some(e) = workers.reap(joined, &coordinator, &detector, store.as_ref(), self.initial_position).await {
                         failure = Some(e);
                         break;
                     }
                 }
                 _ = take_tick.tick() => {
-                    self.take_leases(&mut taker, &mut cleanup, &coordinator).await;
+                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator).await {
+                        break;
+                    }
                     if first_take {
                         info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
                         first_take = false;
                     }
                 }
                 _ = sync_tick.tick() => {
-                    if let Err(e) = sync_shards(&detector, self.store.as_ref(), self.initial_position).await {
-                        warn!(error = %e, "periodic shard sync failed");
+                    match sync_shards(&detector, store.as_ref(), self.initial_position).await {
+                        Ok(_) => {}
+                        Err(e @ SchedulerError::StreamNotFound { .. }) => {
+                            error!(error = %ErrorChain(&e), "the stream does not exist any more; stopping");
+                            failure = Some(e);
+                            break;
+                        }
+                        Err(e) => warn!(error = %ErrorChain(&e), "periodic shard sync failed"),
                     }
                 }
+                () = sleep_until_or_never(next_retry) => {}
             }
             workers.start_new(&coordinator, &self.shutdown).await;
         }
@@ -343,13 +368,7 @@ impl Scheduler {
         let drain = async {
             while let Some(joined) = workers.tasks.join_next().await {
                 if let Some(e) = workers
-                    .reap(
-                        joined,
-                        &coordinator,
-                        &detector,
-                        self.store.as_ref(),
-                        self.initial_position,
-                    )
+                    .reap(joined, &coordinator, &detector, store.as_ref(), self.initial_position)
                     .await
                 {
                     failure.get_or_insert(e);
@@ -363,9 +382,8 @@ impl Scheduler {
             warn!(timeout = ?self.coordinator.graceful_shutdown_timeout, "processors did not finish in time; abandoning them");
             workers.tasks.abort_all();
         }
-        for held in coordinator.held_leases() {
-            coordinator.release(&held.shard_id).await;
-        }
+        // Concurrent and bounded by one lease-store call timeout, however many leases.
+        coordinator.release_all().await;
         renewer_stop.cancel();
         let _ = renewer.await;
         info!("shutdown complete");
@@ -379,10 +397,13 @@ impl Scheduler {
             _ => false,
         };
         let result = retry(&RetryPolicy::default(), retryable, || {
-            self.kinesis
-                .describe_stream_summary()
-                .stream_name(&self.stream_name)
-                .send()
+            with_timeout(
+                self.retrieval.kinesis_call_timeout,
+                self.kinesis
+                    .describe_stream_summary()
+                    .stream_name(&self.stream_name)
+                    .send(),
+            )
         })
         .await;
         match result {
@@ -402,19 +423,46 @@ impl Scheduler {
     }
 
     /// One lease-taking pass: reads the table once, takes what the taker says, and
-    /// deletes finished leases the cleanup says nothing needs any more.
-    async fn take_leases(&self, taker: &mut LeaseTaker, cleanup: &mut LeaseCleanup, coordinator: &LeaseCoordinator) {
-        let leases = match self.store.list_leases().await {
-            Ok(l) => l,
+    /// deletes finished leases the cleanup says nothing needs any more. Corrupt items
+    /// are skipped (logged and counted), never fatal. Returns false when a shutdown was
+    /// requested while the table was being read (the read is abandoned: it is only a
+    /// read).
+    async fn take_leases(
+        &self,
+        store: &dyn LeaseStore,
+        taker: &mut LeaseTaker,
+        cleanup: &mut LeaseCleanup,
+        coordinator: &LeaseCoordinator,
+    ) -> bool {
+        let listing = tokio::select! {
+            // Cancel safety: dropping a read loses nothing.
+            () = self.shutdown.cancelled() => return false,
+            listing = store.list_readable_leases() => listing,
+        };
+        let leases = match listing {
+            Ok(listing) => {
+                report_corrupt(&listing.corrupt);
+                listing.leases
+            }
             Err(e) => {
-                error!(error = %e, "cannot read the lease table; no leases taken this pass");
-                return;
+                error!(error = %ErrorChain(&e), "cannot read the lease table; no leases taken this pass");
+                return true;
             }
         };
-        for finished in cleanup.leases_to_delete(&leases, Instant::now(), self.lease.completed_lease_cleanup_delay) {
-            match self.store.delete_lease(&finished).await {
-                Ok(()) => info!(shard_id = %finished.lease_key, "deleted the lease of a finished shard"),
-                Err(e) => warn!(shard_id = %finished.lease_key, error = %e, "deleting a finished lease failed"),
+        let now = Instant::now();
+        for finished in cleanup.leases_to_delete(
+            &leases,
+            now,
+            self.lease.completed_lease_cleanup_delay,
+            self.lease.failover_time,
+        ) {
+            match store.delete_lease(&finished).await {
+                Ok(()) => {
+                    info!(shard_id = %finished.lease_key, owner = ?finished.lease_owner, "deleted the lease of a finished shard")
+                }
+                Err(e) => {
+                    warn!(shard_id = %finished.lease_key, error = %ErrorChain(&e), "deleting a finished lease failed")
+                }
             }
         }
         let held: HashSet<String> = coordinator
@@ -428,10 +476,28 @@ impl Scheduler {
             match coordinator.take(lease).await {
                 Ok(true) => {}
                 Ok(false) => info!(shard_id = %key, "lease taken by another worker first"),
-                Err(e) => warn!(shard_id = %key, error = %e, "taking lease failed"),
+                Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking lease failed"),
             }
         }
+        true
     }
+}
+
+/// Sleeps until `deadline`, or forever without one (a `select!` branch that never fires).
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A shard whose consumer failed, waiting to be started again.
+#[derive(Debug)]
+struct ShardBackoff {
+    /// Consecutive failures.
+    failures: u32,
+    /// When the next consumer may start.
+    retry_at: Instant,
 }
 
 /// The running shard consumers of a scheduler.
@@ -440,22 +506,33 @@ struct Workers {
     factory: Arc<dyn RecordProcessorFactory>,
     /// Shard id -> the consumer's shutdown token.
     running: HashMap<String, CancellationToken>,
-    tasks: JoinSet<(String, ConsumerOutcome)>,
+    /// Each task returns the lease period it consumed, so that only that period is
+    /// released.
+    tasks: JoinSet<(Arc<HeldLease>, ConsumerOutcome)>,
+    /// Shards whose consumer failed: not started again before their time. The lease
+    /// is kept meanwhile, so the failure does not travel around the fleet.
+    backoff: HashMap<String, ShardBackoff>,
+    backoff_policy: RetryPolicy,
 }
 
 impl Workers {
-    /// Starts a consumer for every held lease that has none. Finished leases are
-    /// released instead: there is nothing left to read.
+    /// Starts a consumer for every held lease that has none and is not backing off.
+    /// Finished leases are released instead: there is nothing left to read.
     async fn start_new(&mut self, coordinator: &LeaseCoordinator, root: &CancellationToken) {
         if root.is_cancelled() {
             return;
         }
+        let now = Instant::now();
+        self.backoff.retain(|shard_id, _| coordinator.is_held(shard_id));
         for held in coordinator.held_leases() {
             if self.running.contains_key(&held.shard_id) || held.lost.is_cancelled() {
                 continue;
             }
+            if self.backoff.get(&held.shard_id).is_some_and(|b| b.retry_at > now) {
+                continue;
+            }
             if held.lease.lock().await.checkpoint.is_shard_end() {
-                coordinator.release(&held.shard_id).await;
+                coordinator.release(&held).await;
                 continue;
             }
             let shard_id = held.shard_id.clone();
@@ -463,24 +540,29 @@ impl Workers {
             let processor =
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_processor(&shard_id))) {
                     Ok(p) => p,
-                    Err(_) => {
-                        error!(shard_id, "processor factory panicked; releasing the lease");
-                        coordinator.release(&shard_id).await;
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        error!(shard_id, panic = %message, "processor factory panicked");
+                        self.back_off(&shard_id, now);
                         continue;
                     }
                 };
             let token = root.child_token();
             let consumer = ShardConsumer::new(self.ctx.clone(), held.clone(), processor, token.clone());
             let span = info_span!("shard_consumer", shard_id = %shard_id);
-            let id = shard_id.clone();
+            let period = held.clone();
             self.tasks.spawn(
                 async move {
                     // Processor panics are caught inside; this catches our own bugs, so
-                    // that the shard id is not lost with the task.
+                    // that the lease period is not lost with the task.
                     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(consumer.run()))
                         .await
                         .unwrap_or(ConsumerOutcome::Crashed);
-                    (id, outcome)
+                    (period, outcome)
                 }
                 .instrument(span),
             );
@@ -488,42 +570,77 @@ impl Workers {
         }
     }
 
+    /// Counts a failure of `shard_id`'s consumer and schedules its next start.
+    fn back_off(&mut self, shard_id: &str, now: Instant) {
+        let cap = self.backoff_policy.max_backoff;
+        let entry = self.backoff.entry(shard_id.to_owned()).or_insert(ShardBackoff {
+            failures: 0,
+            retry_at: now,
+        });
+        // A consumer that ran well past the longest wait since its last failure starts
+        // the count afresh.
+        if now.saturating_duration_since(entry.retry_at) > cap.saturating_mul(2) {
+            entry.failures = 0;
+        }
+        entry.failures = entry.failures.saturating_add(1);
+        let wait = self.backoff_policy.backoff_ceiling(entry.failures);
+        entry.retry_at = now + wait;
+        metrics::shard_backoff(shard_id);
+        warn!(shard_id, failures = entry.failures, retry_in = ?wait, "shard consumer failed; keeping the lease and starting it again after the backoff");
+    }
+
+    /// When the next backing-off shard may start.
+    fn next_retry(&self) -> Option<Instant> {
+        self.backoff
+            .iter()
+            .filter(|(shard_id, _)| !self.running.contains_key(*shard_id))
+            .map(|(_, b)| b.retry_at)
+            .min()
+    }
+
     /// Handles a finished consumer. Returns the error that should stop the scheduler.
     async fn reap(
         &mut self,
-        joined: Result<(String, ConsumerOutcome), tokio::task::JoinError>,
+        joined: Result<(Arc<HeldLease>, ConsumerOutcome), tokio::task::JoinError>,
         coordinator: &LeaseCoordinator,
         detector: &ShardDetector,
         store: &dyn LeaseStore,
         initial: InitialPositionInStream,
     ) -> Option<SchedulerError> {
-        let (shard_id, outcome) = match joined {
+        let (held, outcome) = match joined {
             Ok(v) => v,
             Err(e) => {
                 // Only an abort gets here (panics are caught in the task).
-                warn!(error = %e, "a shard consumer task was aborted");
+                warn!(error = %ErrorChain(&e), "a shard consumer task was aborted");
                 return None;
             }
         };
+        let shard_id = held.shard_id.clone();
         self.running.remove(&shard_id);
         match outcome {
             ConsumerOutcome::Completed(ShutdownReason::ShardEnd) => {
-                coordinator.release(&shard_id).await;
+                self.backoff.remove(&shard_id);
+                coordinator.release(&held).await;
                 if let Err(e) = sync_shards(detector, store, initial).await {
-                    warn!(error = %e, "shard sync after a shard end failed; the periodic sync will retry");
+                    warn!(error = %ErrorChain(&e), "shard sync after a shard end failed; the periodic sync will retry");
                 }
             }
-            ConsumerOutcome::Completed(ShutdownReason::LeaseLost) => {}
+            ConsumerOutcome::Completed(ShutdownReason::LeaseLost) => {
+                self.backoff.remove(&shard_id);
+            }
             ConsumerOutcome::Completed(_) | ConsumerOutcome::NotStarted => {
-                if coordinator.is_held(&shard_id) {
-                    coordinator.release(&shard_id).await;
-                }
+                coordinator.release(&held).await;
             }
-            ConsumerOutcome::ShardEndNotCheckpointed | ConsumerOutcome::RetrievalFailed | ConsumerOutcome::Crashed => {
-                coordinator.release(&shard_id).await;
+            ConsumerOutcome::ShardEndNotCheckpointed
+            | ConsumerOutcome::RetrievalFailed
+            | ConsumerOutcome::InitializeFailed
+            | ConsumerOutcome::Crashed => {
+                if coordinator.still_owned(&held) {
+                    self.back_off(&shard_id, Instant::now());
+                }
             }
             ConsumerOutcome::Failed(e) => {
-                coordinator.release(&shard_id).await;
+                coordinator.release(&held).await;
                 return Some(e);
             }
         }

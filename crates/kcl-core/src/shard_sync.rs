@@ -12,15 +12,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::operation::list_shards::ListShardsError;
 use aws_sdk_kinesis::types::Shard;
 use tracing::{debug, info, warn};
 
 use crate::config::InitialPositionInStream;
-use crate::error::{BoxError, LeaseStoreError, SchedulerError};
+use crate::error::{BoxError, ErrorChain, LeaseStoreError, SchedulerError};
 use crate::lease::{HashKeyRange, Lease, LeaseStore};
-use crate::retry::{retry, RetryPolicy};
+use crate::retry::{retry, with_timeout, RetryPolicy};
 use crate::sequence::ExtendedSequenceNumber;
 
 /// A shard as the syncer needs it.
@@ -62,6 +62,8 @@ pub(crate) struct ShardDetector {
     stream_name: String,
     page_size: i32,
     retry: RetryPolicy,
+    /// Bound of one `ListShards` call.
+    call_timeout: std::time::Duration,
 }
 
 fn list_shards_retryable(e: &SdkError<ListShardsError>) -> bool {
@@ -73,12 +75,18 @@ fn list_shards_retryable(e: &SdkError<ListShardsError>) -> bool {
 }
 
 impl ShardDetector {
-    pub(crate) fn new(kinesis: aws_sdk_kinesis::Client, stream_name: String, page_size: i32) -> Self {
+    pub(crate) fn new(
+        kinesis: aws_sdk_kinesis::Client,
+        stream_name: String,
+        page_size: i32,
+        call_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             kinesis,
             stream_name,
             page_size,
             retry: RetryPolicy::default(),
+            call_timeout,
         }
     }
 
@@ -97,13 +105,13 @@ impl ShardDetector {
                         .stream_name(&self.stream_name)
                         .set_exclusive_start_shard_id(exclusive_start.clone()),
                 };
-                req.send()
+                with_timeout(self.call_timeout, req.send())
             })
             .await;
             let page = match page {
                 Ok(page) => page,
                 Err(e) if next_token.is_some() && !shards.is_empty() => {
-                    warn!(error = %e.code().unwrap_or("unknown"), "ListShards page by NextToken failed; continuing from the last shard");
+                    warn!(error = %DisplayErrorContext(&e), "ListShards page by NextToken failed; continuing from the last shard");
                     next_token = None;
                     exclusive_start = shards.last().map(|s| s.shard_id.clone());
                     continue;
@@ -189,21 +197,33 @@ pub(crate) fn new_leases(
             children.entry(p.as_str()).or_default().push(s.shard_id.as_str());
         }
     }
-    fn leased_descendant(
-        id: &str,
-        children: &HashMap<&str, Vec<&str>>,
+    // Both walks are memoized: lineage is a DAG whose paths double with every
+    // split-then-merge generation, so an unmemoized walk of k generations within the
+    // retention period visits ~2^k paths.
+    fn leased_descendant<'a>(
+        id: &'a str,
+        children: &HashMap<&'a str, Vec<&'a str>>,
         existing: &HashSet<String>,
+        memo: &mut HashMap<&'a str, bool>,
         depth: usize,
     ) -> bool {
-        depth < 10_000
+        if let Some(v) = memo.get(id) {
+            return *v;
+        }
+        let v = depth < 10_000
             && children.get(id).is_some_and(|cs| {
                 cs.iter()
-                    .any(|c| existing.contains(*c) || leased_descendant(c, children, existing, depth + 1))
-            })
+                    .any(|c| existing.contains(*c) || leased_descendant(c, children, existing, memo, depth + 1))
+            });
+        memo.insert(id, v);
+        v
     }
+    let mut descendant_memo: HashMap<&str, bool> = HashMap::new();
     let mut out = Vec::new();
     for shard in shards {
-        if existing.contains(&shard.shard_id) || leased_descendant(&shard.shard_id, &children, existing, 0) {
+        if existing.contains(&shard.shard_id)
+            || leased_descendant(&shard.shard_id, &children, existing, &mut descendant_memo, 0)
+        {
             continue;
         }
         let checkpoint = if leased_ancestor(&shard.shard_id, &by_id, existing, &mut memo, 0) {
@@ -219,21 +239,51 @@ pub(crate) fn new_leases(
     }
     // Ancestors first: should a sync stop half-way, no child lease exists whose parent
     // lease was never created (the child would then hide the parent from later syncs).
-    let depth = |id: &str| {
-        let mut d = 0;
-        let mut frontier = vec![id];
-        while let Some(next) = frontier.pop() {
-            if let Some(s) = by_id.get(next) {
-                if !s.parents.is_empty() && d < 10_000 {
-                    d += 1;
-                    frontier.extend(s.parents.iter().map(String::as_str));
-                }
-            }
+    // The depth is the longest chain of known ancestors, memoized like the walks above.
+    fn depth<'a>(
+        id: &'a str,
+        by_id: &HashMap<&'a str, &'a ShardInfo>,
+        memo: &mut HashMap<&'a str, usize>,
+        guard: usize,
+    ) -> usize {
+        if let Some(d) = memo.get(id) {
+            return *d;
         }
+        let d = match by_id.get(id) {
+            Some(s) if guard < 10_000 => s
+                .parents
+                .iter()
+                .map(|p| 1 + depth(p, by_id, memo, guard + 1))
+                .max()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        memo.insert(id, d);
         d
-    };
-    out.sort_by_cached_key(|l| (depth(&l.lease_key), l.lease_key.clone()));
+    }
+    let mut depth_memo: HashMap<&str, usize> = HashMap::new();
+    let depths: HashMap<String, usize> = out
+        .iter()
+        .map(|l| (l.lease_key.clone(), depth(&l.lease_key, &by_id, &mut depth_memo, 0)))
+        .collect();
+    out.sort_by_cached_key(|l| (depths.get(&l.lease_key).copied().unwrap_or(0), l.lease_key.clone()));
     out
+}
+
+/// Logs and counts the corrupt items of a lease-table read, and returns their keys.
+pub(crate) fn report_corrupt(corrupt: &[LeaseStoreError]) -> Vec<String> {
+    corrupt
+        .iter()
+        .map(|e| {
+            crate::metrics::corrupt_lease();
+            tracing::error!(error = %ErrorChain(e), "skipping a lease item that cannot be read; fix or delete it");
+            match e {
+                LeaseStoreError::CorruptLease { lease_key, .. } => lease_key.clone(),
+                _ => String::new(),
+            }
+        })
+        .filter(|k| !k.is_empty())
+        .collect()
 }
 
 /// Lists the shards and creates a lease for each that has none. Returns how many
@@ -244,11 +294,18 @@ pub(crate) async fn sync_shards(
     initial: InitialPositionInStream,
 ) -> Result<usize, SchedulerError> {
     let shards = detector.list_shards().await?;
-    let leases = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
-        store.list_leases()
+    let listing = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
+        store.list_readable_leases()
     })
     .await?;
-    let existing: HashSet<String> = leases.into_iter().map(|l| l.lease_key).collect();
+    // A corrupt item still stands for its shard: it is neither recreated nor taken for
+    // absent when deciding where its children start.
+    let existing: HashSet<String> = listing
+        .leases
+        .into_iter()
+        .map(|l| l.lease_key)
+        .chain(report_corrupt(&listing.corrupt))
+        .collect();
     let mut created = 0;
     for lease in new_leases(&shards, &existing, initial) {
         let ok = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
@@ -292,12 +349,17 @@ mod tests {
         kcl_local::create_stream(&kinesis, "paged", 7).await.expect("stream");
         // Two shards a page. The embedded backend refuses a page by NextToken alone, so
         // this also exercises the fallback to ExclusiveStartShardId.
-        let detector = ShardDetector::new(kinesis, "paged".into(), 2);
+        let detector = ShardDetector::new(kinesis, "paged".into(), 2, std::time::Duration::from_secs(30));
         let shards = detector.list_shards().await.expect("listed");
         let ids: Vec<String> = shards.into_iter().map(|s| s.shard_id).collect();
         let expected: Vec<String> = (0..7).map(|i| format!("shardId-{i:012}")).collect();
         assert_eq!(ids, expected);
-        let missing = ShardDetector::new(backend.kinesis_client(), "missing".into(), 2);
+        let missing = ShardDetector::new(
+            backend.kinesis_client(),
+            "missing".into(),
+            2,
+            std::time::Duration::from_secs(30),
+        );
         assert!(matches!(
             missing.list_shards().await,
             Err(SchedulerError::StreamNotFound { .. })
@@ -378,6 +440,42 @@ mod tests {
         let leases = new_leases(&shards, &HashSet::new(), InitialPositionInStream::TrimHorizon);
         let order: Vec<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
         assert_eq!(order, ["m-grandparent", "a-parent", "z-child"]);
+    }
+
+    /// Guards hardening item 4: lineage walks are linear. 40 generations of
+    /// split-then-merge give 2^40 paths from the first shard to the last; the walks must
+    /// not follow them one by one (today's sync would never return).
+    #[test]
+    fn forty_generations_of_splits_and_merges_are_walked_in_linear_time() {
+        let mut shards = vec![shard("g0", &[], true)];
+        for g in 1..=40 {
+            let parent = format!("g{}", g - 1);
+            let (a, b) = (format!("a{g}"), format!("b{g}"));
+            shards.push(shard(&a, &[&parent], true));
+            shards.push(shard(&b, &[&parent], true));
+            shards.push(shard(&format!("g{g}"), &[&a, &b], g < 40));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = shards.clone();
+        // On a thread with a deadline, so that a regression fails instead of hanging.
+        std::thread::spawn(move || {
+            let fresh = new_leases(&worker, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+            // Only the last generation has a lease: every ancestor is finished.
+            let leased: HashSet<String> = ["g40".to_string()].into();
+            let after = new_leases(&worker, &leased, InitialPositionInStream::TrimHorizon);
+            let _ = tx.send((fresh, after));
+        });
+        let (fresh, after) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("lineage walks of 40 generations finish within seconds");
+        assert_eq!(fresh.len(), shards.len());
+        assert_eq!(
+            fresh.first().map(|l| l.lease_key.as_str()),
+            Some("g0"),
+            "ancestors first"
+        );
+        assert_eq!(fresh.last().map(|l| l.lease_key.as_str()), Some("g40"));
+        assert!(after.is_empty(), "no lease for a shard with a leased descendant");
     }
 
     #[test]

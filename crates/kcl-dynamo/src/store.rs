@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_dynamodb::Client;
-use kcl_core::{ConfigError, Lease, LeaseStore, LeaseStoreError};
+use kcl_core::{ConfigError, Lease, LeaseListing, LeaseStore, LeaseStoreError};
 
 use crate::error::{kind_of, to_store_error, ErrorKind};
 use crate::item::{self, n, s, Item};
@@ -34,7 +34,7 @@ use crate::table::{self, BillingMode, TableOptions};
 /// | `evict_lease` | `UpdateItem` | owner | owner removed, counter + 1 |
 /// | `update_lease_checkpoint` | `UpdateItem` | counter and owner | checkpoint, pending checkpoint (set or removed), owner switches = 0, children (when known), counter + 1 |
 /// | `delete_lease` | `DeleteItem` | none | — |
-/// | `list_leases` / `get_lease` | `Scan` (all pages) / `GetItem` | — | — |
+/// | `list_leases` / `list_readable_leases` / `get_lease` | `Scan` (all pages) / `Scan`, corrupt items set aside / `GetItem` | — | — |
 ///
 /// "Owner" in a condition is the owner in the caller's lease, or "no owner" when that is
 /// `None`. The SDK client's retry and timeout configuration applies to every call.
@@ -131,6 +131,37 @@ impl DynamoLeaseStore {
                 Ok(lease)
             }
             None => Ok(None),
+        }
+    }
+
+    /// Scans the whole table (all pages): the leases, and an error per item that looks
+    /// like a lease but cannot be read. Items of other kinds are skipped.
+    async fn scan_all(&self) -> Result<LeaseListing, LeaseStoreError> {
+        let mut leases = Vec::new();
+        let mut corrupt = Vec::new();
+        let mut start_key: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .scan()
+                .table_name(&self.table_name)
+                .consistent_read(self.consistent_reads)
+                .set_limit(self.scan_page_size)
+                .set_exclusive_start_key(start_key.take())
+                .send()
+                .await
+                .map_err(|e| to_store_error(e, &self.table_name, format!("Scan of table {:?}", self.table_name)))?;
+            for found in output.items.unwrap_or_default() {
+                match item::item_to_lease(&found) {
+                    Ok(Some(lease)) => leases.push(lease),
+                    Ok(None) => {}
+                    Err(e) => corrupt.push(e),
+                }
+            }
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start_key = Some(key),
+                _ => return Ok(LeaseListing::new(leases, corrupt)),
+            }
         }
     }
 
@@ -308,29 +339,15 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
-        let mut leases = Vec::new();
-        let mut start_key: Option<Item> = None;
-        loop {
-            let output = self
-                .client
-                .scan()
-                .table_name(&self.table_name)
-                .consistent_read(self.consistent_reads)
-                .set_limit(self.scan_page_size)
-                .set_exclusive_start_key(start_key.take())
-                .send()
-                .await
-                .map_err(|e| to_store_error(e, &self.table_name, format!("Scan of table {:?}", self.table_name)))?;
-            for found in output.items.unwrap_or_default() {
-                if let Some(lease) = item::item_to_lease(&found)? {
-                    leases.push(lease);
-                }
-            }
-            match output.last_evaluated_key {
-                Some(key) if !key.is_empty() => start_key = Some(key),
-                _ => return Ok(leases),
-            }
+        let listing = self.scan_all().await?;
+        match listing.corrupt.into_iter().next() {
+            Some(corrupt) => Err(corrupt),
+            None => Ok(listing.leases),
         }
+    }
+
+    async fn list_readable_leases(&self) -> Result<LeaseListing, LeaseStoreError> {
+        self.scan_all().await
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError> {
