@@ -1,15 +1,28 @@
 //! Shared support for the integration tests: a fresh stream and lease table per test
 //! on the embedded backend, a producer that remembers what it wrote, a recording
-//! processor, event-driven waiting, and an SDK interceptor that injects Kinesis errors
-//! (throttling, expired iterators) that no emulator produces on its own.
+//! processor, and event-driven waiting.
 //!
 //! Every helper here talks to the real Kinesis and DynamoDB wire protocols through the
-//! AWS SDK; nothing is faked in memory. Module [`conformance`] starts the npm
-//! conformance backends (kinesis-mock, dynalite).
+//! AWS SDK; nothing is faked in memory. One module per role:
+//!
+//! - [`conformance`] starts the npm conformance backends (kinesis-mock, dynalite);
+//! - [`faults`]: Kinesis-side faults no emulator produces on its own ([`FaultInjector`]:
+//!   throttling, expired iterators, internal failures, crafted responses;
+//!   [`HangingHttpClient`]: requests that never complete);
+//! - [`faulty_store`]: lease-table faults ([`FaultyLeaseStore`]: partitions, failed
+//!   renewals and reads, writes that land but report failure);
+//! - [`logs`]: in-memory log capture ([`capture_logs`]).
 
 pub mod conformance;
+pub mod faults;
+pub mod faulty_store;
+pub mod logs;
 
-use std::collections::{BTreeMap, VecDeque};
+pub use faults::{Fault, FaultInjector, HangingHttpClient};
+pub use faulty_store::FaultyLeaseStore;
+pub use logs::{capture_logs, LogCapture};
+
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -460,94 +473,6 @@ impl RecordProcessor for RecordingProcessor {
     }
 }
 
-/// A fault to inject into a Kinesis response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// `ProvisionedThroughputExceededException`.
-    Throttle,
-    /// `ExpiredIteratorException`.
-    ExpiredIterator,
-}
-
-/// An SDK interceptor that replaces the responses of chosen operations with Kinesis
-/// error responses, in the order queued, and counts what it injected.
-#[derive(Debug, Clone, Default)]
-pub struct FaultInjector {
-    queue: Arc<Mutex<VecDeque<(&'static str, Fault)>>>,
-    injected: Arc<Mutex<Vec<(&'static str, Fault)>>>,
-}
-
-impl FaultInjector {
-    /// Queues `fault` for the next response of `operation` (e.g. `"GetRecords"`).
-    pub fn push(&self, operation: &'static str, fault: Fault) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((operation, fault));
-    }
-
-    /// What was injected so far.
-    pub fn injected(&self) -> Vec<(&'static str, Fault)> {
-        self.injected.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// A Kinesis client on `config` with this injector and without SDK retries, so
-    /// that the library's own retry and recovery are what the test exercises.
-    pub fn client(&self, config: &aws_types::SdkConfig) -> aws_sdk_kinesis::Client {
-        let conf = aws_sdk_kinesis::config::Builder::from(config)
-            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
-            .interceptor(self.clone())
-            .build();
-        aws_sdk_kinesis::Client::from_conf(conf)
-    }
-}
-
-impl aws_sdk_kinesis::config::Intercept for FaultInjector {
-    fn name(&self) -> &'static str {
-        "FaultInjector"
-    }
-
-    fn modify_before_deserialization(
-        &self,
-        context: &mut aws_sdk_kinesis::config::interceptors::BeforeDeserializationInterceptorContextMut<'_>,
-        _runtime_components: &aws_sdk_kinesis::config::RuntimeComponents,
-        cfg: &mut aws_sdk_kinesis::config::ConfigBag,
-    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
-        let Some(operation) = cfg
-            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
-            .map(|m| m.name().to_owned())
-        else {
-            return Ok(());
-        };
-        let fault = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            match queue.front() {
-                Some((op, _)) if *op == operation => queue.pop_front(),
-                _ => None,
-            }
-        };
-        let Some((op, fault)) = fault else { return Ok(()) };
-        let error_type = match fault {
-            Fault::Throttle => "ProvisionedThroughputExceededException",
-            Fault::ExpiredIterator => "ExpiredIteratorException",
-        };
-        let body = format!(r#"{{"__type":"{error_type}","message":"injected by the test"}}"#);
-        let mut response = aws_smithy_runtime_api::http::Response::new(
-            aws_smithy_runtime_api::http::StatusCode::try_from(400u16)?,
-            aws_smithy_types::body::SdkBody::from(body),
-        );
-        response
-            .headers_mut()
-            .insert("content-type", "application/x-amz-json-1.1");
-        *context.response_mut() = response;
-        self.injected
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((op, fault));
-        Ok(())
-    }
-}
-
 /// A line of a `kcl-worker` log file (see that binary's docs). The fields name what
 /// the line carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -764,99 +689,6 @@ pub fn load(owners: &BTreeMap<String, Option<String>>) -> Vec<usize> {
     let mut v: Vec<usize> = counts.into_values().collect();
     v.sort_unstable();
     v
-}
-
-/// A [`kcl_core::LeaseStore`] wrapper that injects failures (the Java KCL's
-/// `ExceptionThrowingLeaseRefresher`): while `partitioned`, every call hangs for
-/// `hang` and then fails as a network error would; otherwise every
-/// `fail_every_nth_renewal`-th renewal fails (deterministic, so a short test always sees
-/// failures).
-#[derive(Debug, Clone)]
-pub struct FaultyLeaseStore {
-    inner: Arc<dyn kcl_core::LeaseStore>,
-    /// Cut off from the lease table.
-    pub partitioned: Arc<std::sync::atomic::AtomicBool>,
-    /// How long a call hangs before failing while partitioned.
-    pub hang: Duration,
-    /// Every n-th renewal fails outside a partition (0: none).
-    pub fail_every_nth_renewal: usize,
-    renewals: Arc<std::sync::atomic::AtomicUsize>,
-    /// Calls failed so far.
-    pub failures: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl FaultyLeaseStore {
-    /// Wraps a store.
-    pub fn new(inner: impl kcl_core::LeaseStore, hang: Duration, fail_every_nth_renewal: usize) -> Self {
-        Self {
-            inner: Arc::new(inner),
-            partitioned: Arc::default(),
-            hang,
-            fail_every_nth_renewal,
-            renewals: Arc::default(),
-            failures: Arc::default(),
-        }
-    }
-
-    async fn gate(&self) -> Result<(), kcl_core::LeaseStoreError> {
-        if self.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep(self.hang).await;
-            self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(kcl_core::LeaseStoreError::Dependency {
-                message: "injected: lease table unreachable".into(),
-                source: "partitioned".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl kcl_core::LeaseStore for FaultyLeaseStore {
-    async fn create_lease_table_if_not_exists(&self) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.create_lease_table_if_not_exists().await
-    }
-    async fn list_leases(&self) -> Result<Vec<kcl_core::Lease>, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.list_leases().await
-    }
-    async fn get_lease(&self, key: &str) -> Result<Option<kcl_core::Lease>, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.get_lease(key).await
-    }
-    async fn create_lease_if_not_exists(&self, lease: &kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.create_lease_if_not_exists(lease).await
-    }
-    async fn renew_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        let n = self.renewals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        if self.fail_every_nth_renewal > 0 && n.is_multiple_of(self.fail_every_nth_renewal) {
-            self.failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(kcl_core::LeaseStoreError::Dependency {
-                message: "injected renewal failure".into(),
-                source: "injected".into(),
-            });
-        }
-        self.inner.renew_lease(lease).await
-    }
-    async fn take_lease(&self, lease: &mut kcl_core::Lease, owner: &str) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.take_lease(lease, owner).await
-    }
-    async fn evict_lease(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.evict_lease(lease).await
-    }
-    async fn update_lease_checkpoint(&self, lease: &mut kcl_core::Lease) -> Result<bool, kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.update_lease_checkpoint(lease).await
-    }
-    async fn delete_lease(&self, lease: &kcl_core::Lease) -> Result<(), kcl_core::LeaseStoreError> {
-        self.gate().await?;
-        self.inner.delete_lease(lease).await
-    }
 }
 
 /// Waits until the stream is `ACTIVE` again after a reshard (bounded poll: the stream
