@@ -57,6 +57,8 @@ pub struct FaultyLeaseStore {
     /// Calls that started hanging in a partition so far (cumulative: a call counts from
     /// the moment it starts hanging, and still counts after it failed).
     pub hung_calls: Arc<AtomicUsize>,
+    /// Of those, full reads of the table (`list_leases`, `list_readable_leases`).
+    pub hung_scans: Arc<AtomicUsize>,
     hung: Arc<Notify>,
 }
 
@@ -84,6 +86,7 @@ impl FaultyLeaseStore {
             takes: Arc::default(),
             checkpoints: Arc::default(),
             hung_calls: Arc::default(),
+            hung_scans: Arc::default(),
             hung: Arc::default(),
         }
     }
@@ -91,21 +94,40 @@ impl FaultyLeaseStore {
     /// Waits until at least `n` calls started hanging in a partition (see
     /// [`hung_calls`](Self::hung_calls)); fails after `timeout`.
     pub async fn wait_hung(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_counter(&self.hung_calls, "hanging lease-table calls", n, timeout)
+            .await
+    }
+
+    /// Waits until at least `n` full reads of the table started hanging (see
+    /// [`hung_scans`](Self::hung_scans)); fails after `timeout`.
+    pub async fn wait_hung_scans(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_counter(&self.hung_scans, "hanging lease-table scans", n, timeout)
+            .await
+    }
+
+    async fn wait_counter(&self, counter: &AtomicUsize, what: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.hung.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.hung_calls.load(Ordering::SeqCst) >= n {
+            if counter.load(Ordering::SeqCst) >= n {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 bail!(
-                    "timed out after {timeout:?} waiting for {n} hanging lease-table calls: {} so far",
-                    self.hung_calls.load(Ordering::SeqCst)
+                    "timed out after {timeout:?} waiting for {n} {what}: {} so far",
+                    counter.load(Ordering::SeqCst)
                 );
             }
         }
+    }
+
+    async fn gate_scan(&self) -> Result<(), LeaseStoreError> {
+        if self.partitioned.load(Ordering::SeqCst) {
+            self.hung_scans.fetch_add(1, Ordering::SeqCst);
+        }
+        self.gate().await
     }
 
     fn injected(&self, message: &str, source: &str) -> LeaseStoreError {
@@ -141,8 +163,13 @@ impl LeaseStore for FaultyLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
-        self.gate().await?;
+        self.gate_scan().await?;
         self.inner.list_leases().await
+    }
+
+    async fn list_readable_leases(&self) -> Result<kcl_core::LeaseListing, LeaseStoreError> {
+        self.gate_scan().await?;
+        self.inner.list_readable_leases().await
     }
 
     async fn get_lease(&self, key: &str) -> Result<Option<Lease>, LeaseStoreError> {

@@ -250,6 +250,8 @@ pub struct Delivery {
     pub sub_sequence_number: u64,
     /// Its payload.
     pub data: Bytes,
+    /// [`kcl_core::Record::malformed_aggregate`].
+    pub malformed_aggregate: bool,
     /// When it was delivered.
     pub at: Instant,
 }
@@ -436,6 +438,7 @@ impl RecordProcessor for RecordingProcessor {
                 sequence_number: r.sequence_number.clone(),
                 sub_sequence_number: r.sub_sequence_number,
                 data: r.data.clone(),
+                malformed_aggregate: r.malformed_aggregate,
                 at,
             }));
             s.checkpointers.insert(shard_id.clone(), input.checkpointer.clone());
@@ -845,4 +848,27 @@ pub async fn steal_lease(store: &DynamoLeaseStore, shard_id: &str, owner: &str) 
         }
     }
     bail!("could not take {shard_id}: its counter kept moving")
+}
+
+/// Runs a scheduler on a task; returns its shutdown handle and the task.
+pub fn spawn_scheduler(
+    scheduler: kcl_core::Scheduler,
+) -> (
+    kcl_core::ShutdownHandle,
+    tokio::task::JoinHandle<Result<(), kcl_core::SchedulerError>>,
+) {
+    let handle = scheduler.shutdown_handle();
+    (handle, tokio::spawn(scheduler.run()))
+}
+
+/// Requests a graceful shutdown and waits (at most `timeout`) for `run()` to return.
+pub async fn stop_scheduler(
+    handle: kcl_core::ShutdownHandle,
+    task: tokio::task::JoinHandle<Result<(), kcl_core::SchedulerError>>,
+    timeout: Duration,
+) -> anyhow::Result<Result<(), kcl_core::SchedulerError>> {
+    handle.shutdown();
+    Ok(tokio::time::timeout(timeout, task)
+        .await
+        .context("the scheduler did not stop in time")??)
 }

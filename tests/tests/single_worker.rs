@@ -580,10 +580,14 @@ async fn a_lease_table_with_the_wrong_key_schema_is_a_typed_error() -> anyhow::R
     Ok(())
 }
 
-#[tokio::test]
-async fn a_corrupt_lease_item_is_a_typed_error() -> anyhow::Result<()> {
+/// Guards hardening item 5: one corrupt lease item does not stop the worker. The item
+/// is skipped (logged with its key and attribute, and counted), left untouched, and the
+/// other shards are consumed; `list_leases` still reports it as a typed error for the
+/// operator who must act.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_lease_item_is_skipped_and_the_other_shards_consumed() -> anyhow::Result<()> {
     use aws_sdk_dynamodb::types::AttributeValue;
-    let env = TestEnv::start(1).await?;
+    let env = TestEnv::start(2).await?;
     env.lease_store().create_lease_table_if_not_exists().await?;
     env.dynamodb
         .put_item()
@@ -593,17 +597,54 @@ async fn a_corrupt_lease_item_is_a_typed_error() -> anyhow::Result<()> {
         .item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
         .send()
         .await?;
+    let written = env.put(200, "corrupt").await?;
+    let expected = by_shard(&written);
+    let healthy = expected
+        .get("shardId-000000000001")
+        .context("records on shard 1")?
+        .clone();
     let recorder = Recorder::default();
-    let result = env.scheduler(&recorder, CheckpointMode::Never).build()?.run().await;
-    match result {
-        Err(SchedulerError::LeaseStore(LeaseStoreError::CorruptLease {
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn(scheduler);
+    recorder
+        .wait_until("every record of the healthy shard", WAIT, |s| {
+            s.by_shard().get("shardId-000000000001").map(Vec::len) == Some(healthy.len())
+        })
+        .await?;
+    stop(handle, task).await??;
+    let delivered = assert_in_order_without_duplicates(&recorder);
+    assert_eq!(delivered.get("shardId-000000000001"), Some(&healthy));
+    assert!(
+        !delivered.contains_key("shardId-000000000000"),
+        "the corrupt lease is not taken"
+    );
+    let raw = env
+        .dynamodb
+        .get_item()
+        .table_name(&env.table)
+        .key("leaseKey", AttributeValue::S("shardId-000000000000".into()))
+        .send()
+        .await?;
+    assert_eq!(
+        raw.item().and_then(|i| i.get("leaseCounter")),
+        Some(&AttributeValue::S("not a number".into())),
+        "left untouched"
+    );
+    match env.lease_store().list_leases().await {
+        Err(LeaseStoreError::CorruptLease {
             lease_key, attribute, ..
-        })) => {
+        }) => {
             assert_eq!(lease_key, "shardId-000000000000");
             assert_eq!(attribute, "leaseCounter");
         }
         other => panic!("expected CorruptLease, got {other:?}"),
     }
+    let readable = env.lease_store().list_readable_leases().await?;
+    assert_eq!(readable.leases.len(), 1);
+    assert_eq!(readable.corrupt.len(), 1);
     Ok(())
 }
 
@@ -803,6 +844,9 @@ async fn a_malformed_aggregated_record_is_delivered_as_it_is() -> anyhow::Result
         &data[..],
         "delivered unchanged, not dropped"
     );
+    // Hardening item 12: marked, so that a processor can tell.
+    assert!(state.deliveries[0].malformed_aggregate);
+    assert!(state.deliveries[1..].iter().all(|d| !d.malformed_aggregate));
     let rest: Vec<_> = state.deliveries[1..]
         .iter()
         .map(|d| d.sequence_number.clone())

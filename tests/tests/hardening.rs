@@ -1,0 +1,525 @@
+//! The failure paths production brings (the hardening issue), one test each, on the
+//! embedded backend: shards and streams that disappear, iterators that expire before
+//! anything was read, lease writes that land but report failure, hung calls, a failing
+//! `initialize`, failing shards, a checkpoint older than the retention, and error logs
+//! that name their cause. Each test's doc comment says what it guards; every fault is
+//! injected through the SDK (an interceptor, a hanging HTTP client) or the
+//! fault-injecting lease store, never by skipping the path.
+//!
+//! The unit-level items live next to their code: linear lineage walks
+//! (`shard_sync`), cleanup of orphaned finished leases and releasing only the consumer's
+//! own lease period (`coordinator`), config validation (`config`), unparseable sequence
+//! numbers (`retrieval`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use kcl_core::{
+    Checkpoint, CoordinatorConfig, ExtendedSequenceNumber, InitialPositionInStream, InitializationInput,
+    LeaseManagementConfig, LeaseStore, OnProcessorFailure, ProcessRecordsInput, ProcessorError, ProcessorErrorPolicy,
+    RecordProcessor, RetrievalConfig, RetryPolicy, SchedulerError,
+};
+use kcl_tests::{
+    by_shard, capture_logs, spawn_scheduler, split_shard_in_half, stop_scheduler, CheckpointMode, Event, Fault,
+    FaultInjector, FaultyLeaseStore, HangingHttpClient, Recorder, RecordingProcessor, TestEnv,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const SHARD0: &str = "shardId-000000000000";
+
+fn initialized(recorder: &Recorder, shard: &str) -> usize {
+    recorder
+        .state()
+        .count(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == shard))
+}
+
+fn lease_losses(recorder: &Recorder) -> usize {
+    recorder.state().count(|e| matches!(e, Event::LeaseLost { .. }))
+}
+
+/// Retrieval that retries quickly, for tests that inject many faults.
+fn quick_retrieval() -> RetrievalConfig {
+    RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        retry: RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(100), None),
+        ..RetrievalConfig::default()
+    }
+}
+
+/// Guards item 1: a shard Kinesis no longer knows (`ResourceNotFoundException`, as for
+/// a shard aged out past retention) has ended: `SHARD_END` is written, its children are
+/// learned from `ListShards` and read. Before, the parent's lease bounced between
+/// passes (`initialize` again and again) and the children waited on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_kinesis_no_longer_knows_has_ended_and_its_children_are_read() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    split_shard_in_half(&env.kinesis, &env.stream, SHARD0).await?;
+    let written = env.put(100, "children").await?;
+    let faults = FaultInjector::default();
+    faults.set_sticky("GetShardIterator", Some(SHARD0), Fault::ResourceNotFound);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    assert_eq!(
+        initialized(&recorder, SHARD0),
+        1,
+        "the gone shard's lease did not bounce"
+    );
+    assert_eq!(
+        recorder
+            .state()
+            .count(|e| matches!(e, Event::ShardEnded { shard_id } if shard_id == SHARD0)),
+        1
+    );
+    let parent = env.lease_store().get_lease(SHARD0).await?.context("parent lease")?;
+    assert!(parent.checkpoint.is_shard_end());
+    assert_eq!(parent.child_shard_ids.len(), 2, "children learned from ListShards");
+    Ok(())
+}
+
+/// Guards item 1: a stream deleted under a running worker ends `run()` with the typed
+/// `StreamNotFound`, instead of shards failing and being retaken forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_ends_run_with_stream_not_found() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    env.put(10, "before").await?;
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (_handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(10, WAIT).await?;
+    env.kinesis
+        .delete_stream()
+        .stream_name(&env.stream)
+        .enforce_consumer_deletion(true)
+        .send()
+        .await?;
+    let result = tokio::time::timeout(WAIT, task)
+        .await
+        .context("run() did not return after the stream was deleted")??;
+    match result {
+        Err(SchedulerError::StreamNotFound { stream }) => assert_eq!(stream, env.stream),
+        other => panic!("expected StreamNotFound, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// Guards item 2: an iterator that expires before anything was fetched from a `LATEST`
+/// start resumes where the first iterator stood (`AT_TIMESTAMP` of when it was asked
+/// for), not at a new `LATEST` that skips what was written in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iterator_expiring_before_the_first_read_does_not_skip_records() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let faults = FaultInjector::default();
+    // Hold the first reads back until the records below are written.
+    faults.set_sticky("GetRecords", None, Fault::Throttle);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .retrieval_config(quick_retrieval())
+        .initial_position(InitialPositionInStream::Latest)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    // A throttled read means the LATEST iterator was obtained.
+    faults.wait_injected("GetRecords", 1, WAIT).await?;
+    // The embedded Kinesis keeps arrival times in whole seconds: write in a later
+    // second than the iterator's, or an AT_TIMESTAMP read could not tell them apart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let written = env.put(20, "in-between").await?;
+    faults.push("GetRecords", Fault::ExpiredIterator);
+    faults.clear_sticky("GetRecords");
+    recorder
+        .wait_for_records(written.len(), Duration::from_secs(20))
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    assert!(faults.injected().contains(&("GetRecords", Fault::ExpiredIterator)));
+    Ok(())
+}
+
+/// A scheduler on `store` with a long failover time (renewals every 10 s), so that
+/// no renewal runs between the checkpoints a test makes.
+fn with_store(env: &TestEnv, recorder: &Recorder, store: &FaultyLeaseStore) -> anyhow::Result<kcl_core::Scheduler> {
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(30));
+    lease.lease_taking_interval = Duration::from_millis(500);
+    Ok(env
+        .scheduler(recorder, CheckpointMode::EveryBatch)
+        .lease_store(store.clone())
+        .lease_config(lease)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?)
+}
+
+/// Writes `rounds` rounds of 20 records, each after the previous one was delivered, so
+/// that each round is its own batch and checkpoint (the processor checkpoints every
+/// batch, and gets the next only after that). Returns everything written.
+async fn rounds(env: &TestEnv, recorder: &Recorder, rounds: usize) -> anyhow::Result<Vec<kcl_tests::Written>> {
+    let mut written = Vec::new();
+    for round in 0..rounds {
+        written.extend(env.put(20, &format!("round{round}")).await?);
+        recorder.wait_for_records(written.len(), WAIT).await?;
+    }
+    Ok(written)
+}
+
+async fn stored_checkpoint(env: &TestEnv) -> anyhow::Result<ExtendedSequenceNumber> {
+    Ok(env.lease_store().get_lease(SHARD0).await?.context("lease")?.checkpoint)
+}
+
+/// Guards item 3: a checkpoint write that landed but reported failure moved the
+/// counter; the next checkpoint must adopt the stored lease (it is still ours) and
+/// succeed, not declare the lease lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_landed_but_reported_failure_does_not_lose_the_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    store
+        .land_then_fail_checkpoints
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let recorder = Recorder::default();
+    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
+    let written = rounds(&env, &recorder, 2).await?;
+    // The second round's checkpoint is the one that meets the moved counter.
+    recorder
+        .wait_until("two checkpoints after the failed one", WAIT, |_| {
+            store.checkpoints.load(std::sync::atomic::Ordering::SeqCst) >= 2
+        })
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(lease_losses(&recorder), 0, "{:?}", recorder.state().events);
+    let errors = recorder.state().checkpoint_errors.clone();
+    assert_eq!(errors.len(), 1, "only the injected failure: {errors:?}");
+    let last = written.last().context("written")?;
+    assert_eq!(
+        stored_checkpoint(&env).await?.checkpoint,
+        Checkpoint::Sequence(last.sequence_number.clone())
+    );
+    Ok(())
+}
+
+/// Guards item 3: a failing verification read after a refused checkpoint is a
+/// retryable failure, not a lost lease; the checkpoint after it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_verification_read_is_a_retry_not_a_lost_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    store
+        .land_then_fail_checkpoints
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    store.fail_get_lease.store(1, std::sync::atomic::Ordering::SeqCst);
+    let recorder = Recorder::default();
+    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
+    let written = rounds(&env, &recorder, 3).await?;
+    recorder
+        .wait_until("three checkpoints", WAIT, |_| {
+            store.checkpoints.load(std::sync::atomic::Ordering::SeqCst) >= 3
+        })
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(lease_losses(&recorder), 0, "{:?}", recorder.state().events);
+    assert_eq!(
+        recorder.state().checkpoint_errors.len(),
+        2,
+        "the landed write, the failed read"
+    );
+    let last = written.last().context("written")?;
+    assert_eq!(
+        stored_checkpoint(&env).await?.checkpoint,
+        Checkpoint::Sequence(last.sequence_number.clone())
+    );
+    Ok(())
+}
+
+/// Guards item 3: a take that landed but reported failure is a success: the shard is
+/// consumed at once, with one take, instead of waiting for its own lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_that_landed_but_reported_failure_is_a_success() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(10, "take").await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    store.land_then_fail_takes.store(1, std::sync::atomic::Ordering::SeqCst);
+    let recorder = Recorder::default();
+    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(store.takes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}
+
+/// Guards item 6: a `GetRecords` call that never answers is abandoned after
+/// `kinesis_call_timeout` and retried; the shard does not stall while its lease stays
+/// renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_get_records_call_does_not_stall_the_shard() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(20, "hung").await?;
+    let config = env.backend.kinesis_sdk_config();
+    let http = HangingHttpClient::new(&config);
+    http.hang_next("GetRecords", 1);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(http.kinesis_client(&config, None))
+        .retrieval_config(RetrievalConfig {
+            kinesis_call_timeout: Duration::from_secs(1),
+            ..quick_retrieval()
+        })
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder
+        .wait_for_records(written.len(), Duration::from_secs(30))
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(http.hanging("GetRecords"), 1);
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}
+
+/// Guards item 6: with the lease table hanging (every call, the lease-taking scan
+/// included, never answers), a graceful shutdown still returns within
+/// `graceful_shutdown_timeout + lease_store_call_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_returns_in_time_while_the_lease_table_hangs() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(10, "hang").await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(3600), 0);
+    let recorder = Recorder::default();
+    let graceful = Duration::from_secs(2);
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .lease_store(store.clone())
+        .coordinator_config(CoordinatorConfig {
+            graceful_shutdown_timeout: graceful,
+            ..CoordinatorConfig::default()
+        })
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let call_timeout = LeaseManagementConfig::with_failover_time(Duration::from_secs(3)).lease_store_call_timeout;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    store.partitioned.store(true, std::sync::atomic::Ordering::SeqCst);
+    store.wait_hung_scans(1, WAIT).await?;
+    let asked = Instant::now();
+    let result = stop_scheduler(handle, task, Duration::from_secs(30)).await?;
+    let took = asked.elapsed();
+    result?;
+    // The bound, plus room for a loaded machine.
+    assert!(
+        took < graceful + call_timeout + Duration::from_secs(3),
+        "shutdown took {took:?}"
+    );
+    Ok(())
+}
+
+/// Guards item 7: `build()` refuses a renewal interval that cannot renew a lease
+/// within its provable window (half the failover time or more).
+#[tokio::test]
+async fn build_refuses_a_renewal_interval_that_loses_every_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let recorder = Recorder::default();
+    let failover = Duration::from_secs(10);
+    let lease = LeaseManagementConfig {
+        renewal_interval: failover / 2,
+        lease_store_call_timeout: Duration::from_millis(100),
+        ..LeaseManagementConfig::with_failover_time(failover)
+    };
+    let err = env
+        .scheduler(&recorder, CheckpointMode::Never)
+        .lease_config(lease)
+        .build()
+        .expect_err("refused");
+    assert_eq!(err.field, "lease.renewal_interval");
+    assert!(err.reason.contains("failover_time"), "says what to set: {}", err.reason);
+    Ok(())
+}
+
+/// A processor whose `initialize` always fails (noted as `Event::Failed`), recording
+/// any batch it is handed anyway.
+#[derive(Debug)]
+struct FailingInit(RecordingProcessor, Recorder, String);
+
+#[async_trait]
+impl RecordProcessor for FailingInit {
+    async fn initialize(&mut self, _input: InitializationInput) -> Result<(), ProcessorError> {
+        self.1.note(Event::Failed {
+            shard_id: self.2.clone(),
+        });
+        Err("initialize fails on purpose".into())
+    }
+
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        self.0.process_records(input).await
+    }
+}
+
+/// Guards item 9: `SkipBatch` skips batches only. A failing `initialize` is retried,
+/// then stops the consumer (which is started again after a backoff); an uninitialized
+/// processor never gets records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_initialize_is_never_skipped() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    env.put(10, "init").await?;
+    let recorder = Recorder::default();
+    let factory_recorder = recorder.clone();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .processor_factory(move |shard_id: &str| {
+            FailingInit(
+                RecordingProcessor::new(shard_id, factory_recorder.clone(), CheckpointMode::EveryBatch),
+                factory_recorder.clone(),
+                shard_id.to_owned(),
+            )
+        })
+        .processor_error_policy(ProcessorErrorPolicy {
+            retry: RetryPolicy::no_sleep(Some(2)),
+            on_exhausted: OnProcessorFailure::SkipBatch,
+        })
+        .coordinator_config(CoordinatorConfig {
+            shard_failure_backoff: RetryPolicy::new(Duration::from_millis(100), Duration::from_millis(200), None),
+            ..CoordinatorConfig::default()
+        })
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    // Two consumers' worth of attempts, or a delivery (the bug).
+    recorder
+        .wait_until("four initialize attempts or a delivery", WAIT, |s| {
+            !s.deliveries.is_empty() || s.count(|e| matches!(e, Event::Failed { .. })) >= 4
+        })
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert!(
+        recorder.state().deliveries.is_empty(),
+        "records reached an uninitialized processor"
+    );
+    Ok(())
+}
+
+/// Guards item 10: a failing shard backs off exponentially on this worker (keeping its
+/// lease) instead of being released and retaken at every lease-taking pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_shard_backs_off_exponentially_and_keeps_its_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let recorder = Recorder::default();
+    let factory_recorder = recorder.clone();
+    let initial = Duration::from_millis(1500);
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .processor_factory(move |shard_id: &str| -> RecordingProcessor {
+            factory_recorder.note(Event::Failed {
+                shard_id: shard_id.to_owned(),
+            });
+            panic!("the processor factory fails on purpose")
+        })
+        .coordinator_config(CoordinatorConfig {
+            shard_failure_backoff: RetryPolicy::new(initial, Duration::from_secs(30), None),
+            ..CoordinatorConfig::default()
+        })
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let worker_id = scheduler.worker_id().to_owned();
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder
+        .wait_until("three factory calls", WAIT, |s| {
+            s.count(|e| matches!(e, Event::Failed { .. })) >= 3
+        })
+        .await?;
+    let lease = env.lease_store().get_lease(SHARD0).await?.context("lease")?;
+    stop_scheduler(handle, task, WAIT).await??;
+    let calls: Vec<Instant> = recorder
+        .state()
+        .timeline
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Failed { .. }))
+        .map(|(at, _)| *at)
+        .collect();
+    let (first, second) = (calls[1] - calls[0], calls[2] - calls[1]);
+    assert!(first >= initial, "first wait {first:?}");
+    assert!(second >= initial * 2, "second wait {second:?} doubles");
+    assert_eq!(
+        lease.lease_owner.as_deref(),
+        Some(worker_id.as_str()),
+        "kept while backing off"
+    );
+    Ok(())
+}
+
+/// Guards item 13: an SDK error is logged with its whole chain: the service's own
+/// message, not only `service error` or an error code.
+#[tokio::test]
+async fn sdk_errors_are_logged_with_their_cause() -> anyhow::Result<()> {
+    let (logs, _guard) = capture_logs();
+    let env = TestEnv::start(1).await?;
+    let written = env.put(5, "logs").await?;
+    let faults = FaultInjector::default();
+    faults.push("GetRecords", Fault::InternalFailure("backend-cause-7f3a".to_owned()));
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .retrieval_config(quick_retrieval())
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    logs.wait_for("backend-cause-7f3a", WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    Ok(())
+}
+
+/// Guards item 14: a checkpoint Kinesis refuses as invalid (older than the stream's
+/// retention) resumes at `TRIM_HORIZON` with nothing at or below the checkpoint
+/// delivered again, on the first try, instead of bouncing the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_older_than_the_retention_resumes_at_trim_horizon() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let first = env.put(20, "first").await?;
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(first.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    let last = first.last().context("written")?;
+    assert_eq!(
+        stored_checkpoint(&env).await?.checkpoint,
+        Checkpoint::Sequence(last.sequence_number.clone())
+    );
+
+    let second = env.put(10, "second").await?;
+    let faults = FaultInjector::default();
+    faults.push_for_shard("GetShardIterator", SHARD0, Fault::InvalidArgument);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(second.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(faults.injected(), [("GetShardIterator", Fault::InvalidArgument)]);
+    assert_eq!(initialized(&recorder, SHARD0), 1, "resumed on the first try, no bounce");
+    assert_eq!(
+        recorder.state().by_shard(),
+        by_shard(&second),
+        "nothing before the checkpoint again"
+    );
+    Ok(())
+}
