@@ -334,8 +334,8 @@ impl HangState {
 /// An HTTP client that wraps an SDK config's client (or the SDK's default one) and
 /// makes chosen requests hang forever: after [`hang_next`](Self::hang_next)`(op, n)`,
 /// the next `n` requests whose `X-Amz-Target` header ends with `.<op>` (e.g.
-/// `Kinesis_20131202.GetRecords`, `DynamoDB_20120810.GetItem`) never complete and never
-/// reach the server; everything else goes through. The caller's own timeout (or
+/// `Kinesis_20131202.GetRecords`, `DynamoDB_20120810.GetItem`) are sent to the server
+/// but never complete (the answer is lost); everything else goes through. The caller's own timeout (or
 /// cancellation) is what ends such a call.
 #[derive(Debug, Clone)]
 pub struct HangingHttpClient {
@@ -456,7 +456,14 @@ struct HangingConnector {
 impl HttpConnector for HangingConnector {
     fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
         if self.state.take(&request) {
-            return HttpConnectorFuture::new(std::future::pending::<Result<HttpResponse, ConnectorError>>());
+            // Sent and answered by the server, but the answer never arrives: the case
+            // only a client-side timeout ends (the request body was fully read, so the
+            // SDK's stalled-stream protection does not step in).
+            let sent = self.inner.call(request);
+            return HttpConnectorFuture::new(async move {
+                let _ = sent.await;
+                std::future::pending::<Result<HttpResponse, ConnectorError>>().await
+            });
         }
         self.inner.call(request)
     }

@@ -71,47 +71,33 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
 
 /// Captures logs into memory: `kcl_core` and `kcl_dynamo` at DEBUG and above (they log
 /// nothing at TRACE), everything else at WARN and above, formatted by
-/// `tracing_subscriber::fmt` without ANSI colors. Logging goes there until the guard is
-/// dropped.
+/// `tracing_subscriber::fmt` without ANSI colors.
 ///
-/// The subscriber is the default of the **current thread** only
-/// ([`tracing::subscriber::set_default`]): it sees what runs on this thread, and nothing
-/// of other threads. Tests using it must therefore run on the default current-thread
-/// runtime (`#[tokio::test]`, not `flavor = "multi_thread"`), where tasks spawned with
-/// `tokio::spawn` run on the same thread; tasks of other runtimes (`spawn_blocking`,
-/// the embedded backend's threads, a `kcl-worker` process) are not captured.
-pub fn capture_logs() -> (LogCapture, tracing::subscriber::DefaultGuard) {
-    let capture = LogCapture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(FILTER))
-        .with_ansi(false)
-        .with_writer(capture.clone())
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
-    (capture, guard)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn warnings_are_captured_and_awaited() -> anyhow::Result<()> {
-        let (logs, _guard) = capture_logs();
-        tracing::debug!(target: "elsewhere", "filtered-out-debug");
-        tracing::debug!(target: "kcl_core::lease", "library-debug");
-        let task = tokio::spawn(async {
-            tokio::task::yield_now().await;
-            tracing::warn!(shard = "shardId-1", "spawned-warning");
-        });
-        logs.wait_for("spawned-warning", Duration::from_secs(1)).await?;
-        task.await?;
-        let text = logs.contents();
-        assert!(text.contains("WARN") && text.contains("shard=\"shardId-1\""), "{text}");
-        assert!(text.contains("library-debug"), "{text}");
-        assert!(!text.contains("filtered-out-debug"), "{text}");
-        assert!(!text.contains('\u{1b}'), "no ANSI escapes: {text}");
-        assert!(logs.wait_for("never-logged", Duration::from_millis(20)).await.is_err());
-        Ok(())
-    }
+/// The subscriber is installed as the process-wide default on the first call (every
+/// thread and runtime is captured, `multi_thread` tests included), and every call
+/// returns the same shared capture. A test binary that uses it must use it for all its
+/// logging: put such tests in their own file under `tests/`, where nothing installed
+/// another global subscriber first ([`init_tracing`](crate::init_tracing) only tries,
+/// and then leaves this one in place). A thread-local subscriber is not used on
+/// purpose: spans that cross threads (the SDK's, the embedded backend's) would be closed
+/// in a registry that never opened them.
+///
+/// # Panics
+/// When another global subscriber was installed before the first call.
+pub fn capture_logs() -> LogCapture {
+    static CAPTURE: std::sync::OnceLock<LogCapture> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = LogCapture::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(FILTER))
+                .with_ansi(false)
+                .with_writer(capture.clone())
+                .finish();
+            if tracing::subscriber::set_global_default(subscriber).is_err() {
+                panic!("capture_logs must be the first to install a global subscriber in this test binary");
+            }
+            capture
+        })
+        .clone()
 }

@@ -509,6 +509,92 @@ impl PollingPublisher {
 mod tests {
     use super::*;
 
+    /// Counts every counter increment by metric name (labels ignored).
+    #[derive(Debug, Default)]
+    struct Counting {
+        counters: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+    }
+
+    impl Counting {
+        fn get(&self, name: &str) -> u64 {
+            let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            counters.get(name).map_or(0, |c| c.load(Ordering::SeqCst))
+        }
+    }
+
+    impl ::metrics::Recorder for Counting {
+        fn describe_counter(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn describe_gauge(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn describe_histogram(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn register_counter(&self, key: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Counter {
+            let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            ::metrics::Counter::from_arc(counters.entry(key.name().to_owned()).or_default().clone())
+        }
+        fn register_gauge(&self, _: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Gauge {
+            ::metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Histogram {
+            ::metrics::Histogram::noop()
+        }
+    }
+
+    fn kinesis_record(sequence_number: &str, data: Vec<u8>) -> aws_sdk_kinesis::types::Record {
+        aws_sdk_kinesis::types::Record::builder()
+            .sequence_number(sequence_number)
+            .partition_key("key")
+            .data(aws_sdk_kinesis::primitives::Blob::new(data))
+            .build()
+            .expect("all required fields set")
+    }
+
+    /// Guards hardening item 12: a record with an unparseable sequence number is not
+    /// skipped in silence (it is counted, and logged), and a malformed KPL aggregate is
+    /// delivered marked as such, and counted.
+    #[test]
+    fn unparseable_sequence_numbers_are_counted_and_malformed_aggregates_marked() {
+        use md5::Digest as _;
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .build();
+        let (tx, _rx) = mpsc::channel(1);
+        let mut publisher = PollingPublisher {
+            kinesis: aws_sdk_kinesis::Client::from_conf(config),
+            stream_name: "stream".into(),
+            shard_id: "shardId-000000000000".into(),
+            config: RetrievalConfig::default(),
+            budget: Arc::new(PrefetchBudget {
+                records: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                max_records: 10,
+                max_bytes: 1000,
+                released: Notify::new(),
+            }),
+            tx,
+            last_fetched: None,
+        };
+        let garbage = b"\xff\xff not protobuf".to_vec();
+        let mut malformed = aggregation::AGGREGATED_RECORD_MAGIC.to_vec();
+        malformed.extend_from_slice(&garbage);
+        malformed.extend_from_slice(&md5::Md5::digest(&garbage));
+        let records = vec![
+            kinesis_record("not-a-number", b"a".to_vec()),
+            kinesis_record("100", b"b".to_vec()),
+            kinesis_record("101", malformed.clone()),
+        ];
+        let counting = Counting::default();
+        let out = ::metrics::with_local_recorder(&counting, || publisher.convert(records));
+        assert_eq!(out.len(), 2, "only the unparseable record is left out");
+        assert_eq!(out[0].sequence_number.as_str(), "100");
+        assert!(!out[0].malformed_aggregate);
+        assert_eq!(out[1].sequence_number.as_str(), "101");
+        assert!(out[1].malformed_aggregate, "marked for the processor");
+        assert_eq!(out[1].data.as_ref(), &malformed[..], "delivered as it is");
+        assert_eq!(counting.get("kcl_records_invalid_sequence_number_total"), 1);
+        assert_eq!(counting.get("kcl_records_malformed_aggregate_total"), 1);
+        assert_eq!(publisher.last_fetched.as_ref().map(SequenceNumber::as_str), Some("101"));
+    }
+
     #[tokio::test]
     async fn budget_blocks_until_a_batch_is_released() {
         let budget = Arc::new(PrefetchBudget {
