@@ -155,7 +155,7 @@ async fn checkpoint(checkpointer: &Checkpointer) -> Result<(), ProcessorError> {
             Ok(())
         }
         Err(error @ (CheckpointError::Throttled { .. } | CheckpointError::Dependency { .. })) => {
-            tracing::warn!(error = ?error, "checkpoint failed; the next checkpoint covers these records");
+            tracing::warn!(error = %kcl_core::error::ErrorChain(&error), "checkpoint failed; the next checkpoint covers these records");
             Ok(())
         }
         Err(error) => Err(error.into()),

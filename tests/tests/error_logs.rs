@@ -34,6 +34,15 @@ async fn sdk_errors_are_logged_with_their_cause() -> anyhow::Result<()> {
     let (handle, task) = spawn_scheduler(scheduler);
     recorder.wait_for_records(written.len(), WAIT).await?;
     logs.wait_for("backend-cause-7f3a", WAIT).await?;
+    let contents = logs.contents();
+    let line = contents
+        .lines()
+        .find(|l| l.contains("backend-cause-7f3a"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("kcl_core") && line.contains("GetRecords failed"),
+        "the library's own log line names the cause: {line}"
+    );
     stop_scheduler(handle, task, WAIT).await??;
     Ok(())
 }

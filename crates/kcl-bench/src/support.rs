@@ -352,7 +352,7 @@ impl BenchProcessor {
         self.counters.checkpoint_micros.fetch_add(micros, Ordering::AcqRel);
         if let Err(error) = result {
             self.counters.checkpoint_errors.fetch_add(1, Ordering::AcqRel);
-            tracing::warn!(shard_id = %self.shard_id, %error, "checkpoint failed");
+            tracing::warn!(shard_id = %self.shard_id, error = %kcl_core::error::ErrorChain(&error), "checkpoint failed");
         }
     }
 }

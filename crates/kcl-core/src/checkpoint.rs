@@ -17,7 +17,9 @@
 //!     // Another worker owns the shard now; `lease_lost` follows.
 //!     Err(e) if e.is_lease_lost() => {}
 //!     // Throttled or the store failed: the next checkpoint covers these records.
-//!     Err(e) if e.is_retryable() => tracing::warn!(error = %e, "checkpoint failed; will retry later"),
+//!     Err(e) if e.is_retryable() => {
+//!         tracing::warn!(error = %kcl_core::error::ErrorChain(&e), "checkpoint failed; will retry later")
+//!     }
 //!     Err(e) => return Err(e.into()),
 //! }
 //! # Ok(()) }

@@ -37,7 +37,10 @@ use crate::table::{self, BillingMode, TableOptions};
 /// | `list_leases` / `list_readable_leases` / `get_lease` | `Scan` (all pages) / `Scan`, corrupt items set aside / `GetItem` | — | — |
 ///
 /// "Owner" in a condition is the owner in the caller's lease, or "no owner" when that is
-/// `None`. The SDK client's retry and timeout configuration applies to every call.
+/// `None`. The SDK client's retry and timeout configuration applies to every call; the
+/// scheduler also bounds every call it makes (`LeaseManagementConfig::
+/// lease_store_call_timeout` and `lease_table_scan_timeout`), and table creation is
+/// bounded by the table creation timeout.
 ///
 /// # Errors
 /// Throttling ([`LeaseStoreError::Throttled`]) and a missing table
@@ -222,7 +225,7 @@ fn read_back(operation: &str, lease_key: &str, written: &Item) -> Option<Box<Lea
     match item::item_to_lease(written) {
         Ok(lease) => lease.map(Box::new),
         Err(error) => {
-            tracing::warn!(lease_key, %error, "{operation}: cannot read the written lease back");
+            tracing::warn!(lease_key, error = %kcl_core::error::ErrorChain(&error), "{operation}: cannot read the written lease back");
             None
         }
     }
@@ -335,7 +338,23 @@ impl Update {
 #[async_trait]
 impl LeaseStore for DynamoLeaseStore {
     async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
-        table::create_table_if_not_exists(&self.client, &self.table_name, &self.table).await
+        // The wait for ACTIVE has its own bound; this one also covers a single
+        // `DescribeTable` or `CreateTable` call that never answers.
+        let bound = self.table.creation_timeout + self.table.poll_interval;
+        tokio::time::timeout(
+            bound,
+            table::create_table_if_not_exists(&self.client, &self.table_name, &self.table),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(LeaseStoreError::Dependency {
+                message: format!(
+                    "creating lease table {:?} did not finish within {bound:?}",
+                    self.table_name
+                ),
+                source: "lease table creation timed out".into(),
+            })
+        })
     }
 
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
