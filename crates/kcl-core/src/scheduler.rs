@@ -310,6 +310,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             backoff: HashMap::new(),
             backoff_policy: self.coordinator.shard_failure_backoff.clone(),
+            sync_requested: false,
         };
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
@@ -331,7 +332,7 @@ impl Scheduler {
                 // a sleep).
                 () = self.shutdown.cancelled() => break,
                 Some(joined) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {
-                    if let Some(e) = workers.reap(joined, &coordinator, &detector, store.as_ref(), self.initial_position).await {
+                    if let Some(e) = workers.reap(joined, &coordinator).await {
                         failure = Some(e);
                         break;
                     }
@@ -346,7 +347,13 @@ impl Scheduler {
                     }
                 }
                 _ = sync_tick.tick() => {
-                    match sync_shards(&detector, store.as_ref(), self.initial_position).await {
+                    let synced = tokio::select! {
+                        // Cancel safety: a sync dropped half-way created its leases
+                        // ancestors first; the next worker's sync creates the rest.
+                        () = self.shutdown.cancelled() => break,
+                        synced = sync_shards(&detector, store.as_ref(), self.initial_position) => synced,
+                    };
+                    match synced {
                         Ok(_) => {}
                         Err(e @ SchedulerError::StreamNotFound { .. }) => {
                             error!(error = %ErrorChain(&e), "the stream does not exist any more; stopping");
@@ -358,6 +365,9 @@ impl Scheduler {
                 }
                 () = sleep_until_or_never(next_retry) => {}
             }
+            if std::mem::take(&mut workers.sync_requested) {
+                sync_tick.reset_immediately();
+            }
             workers.start_new(&coordinator, &self.shutdown).await;
         }
 
@@ -367,10 +377,7 @@ impl Scheduler {
         }
         let drain = async {
             while let Some(joined) = workers.tasks.join_next().await {
-                if let Some(e) = workers
-                    .reap(joined, &coordinator, &detector, store.as_ref(), self.initial_position)
-                    .await
-                {
+                if let Some(e) = workers.reap(joined, &coordinator).await {
                     failure.get_or_insert(e);
                 }
             }
@@ -513,6 +520,9 @@ struct Workers {
     /// is kept meanwhile, so the failure does not travel around the fleet.
     backoff: HashMap<String, ShardBackoff>,
     backoff_policy: RetryPolicy,
+    /// Set when a shard ended: the shard list is synced at once (in the scheduler loop,
+    /// where a shutdown can interrupt it), for children the consumer could not create.
+    sync_requested: bool,
 }
 
 impl Workers {
@@ -603,9 +613,6 @@ impl Workers {
         &mut self,
         joined: Result<(Arc<HeldLease>, ConsumerOutcome), tokio::task::JoinError>,
         coordinator: &LeaseCoordinator,
-        detector: &ShardDetector,
-        store: &dyn LeaseStore,
-        initial: InitialPositionInStream,
     ) -> Option<SchedulerError> {
         let (held, outcome) = match joined {
             Ok(v) => v,
@@ -621,9 +628,7 @@ impl Workers {
             ConsumerOutcome::Completed(ShutdownReason::ShardEnd) => {
                 self.backoff.remove(&shard_id);
                 coordinator.release(&held).await;
-                if let Err(e) = sync_shards(detector, store, initial).await {
-                    warn!(error = %ErrorChain(&e), "shard sync after a shard end failed; the periodic sync will retry");
-                }
+                self.sync_requested = true;
             }
             ConsumerOutcome::Completed(ShutdownReason::LeaseLost) => {
                 self.backoff.remove(&shard_id);
