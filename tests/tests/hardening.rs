@@ -180,29 +180,32 @@ async fn stored_checkpoint(env: &TestEnv) -> anyhow::Result<ExtendedSequenceNumb
     Ok(env.lease_store().get_lease(SHARD0).await?.context("lease")?.checkpoint)
 }
 
-/// Guards item 3: a checkpoint write that landed but reported failure moved the
-/// counter; the next checkpoint must adopt the stored lease (it is still ours) and
-/// succeed, not declare the lease lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkpoint_that_landed_but_reported_failure_does_not_lose_the_lease() -> anyhow::Result<()> {
+/// Runs `n_rounds` rounds (a batch and a checkpoint each) where the first checkpoint
+/// lands but reports failure and the next `failed_reads` reads of the lease fail, and
+/// checks that the lease was never lost, that the processor saw `expected_errors`
+/// checkpoint errors, and that the last record ended up checkpointed.
+async fn checkpoints_after_a_landed_failure(
+    failed_reads: usize,
+    n_rounds: usize,
+    expected_errors: usize,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
     let env = TestEnv::start(1).await?;
     let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
-    store
-        .land_then_fail_checkpoints
-        .store(1, std::sync::atomic::Ordering::SeqCst);
+    store.land_then_fail_checkpoints.store(1, SeqCst);
+    store.fail_get_lease.store(failed_reads, SeqCst);
     let recorder = Recorder::default();
     let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
-    let written = rounds(&env, &recorder, 2).await?;
-    // The second round's checkpoint is the one that meets the moved counter.
+    let written = rounds(&env, &recorder, n_rounds).await?;
     recorder
-        .wait_until("two checkpoints after the failed one", WAIT, |_| {
-            store.checkpoints.load(std::sync::atomic::Ordering::SeqCst) >= 2
+        .wait_until("a checkpoint per round", WAIT, |_| {
+            store.checkpoints.load(SeqCst) >= n_rounds
         })
         .await?;
     stop_scheduler(handle, task, WAIT).await??;
     assert_eq!(lease_losses(&recorder), 0, "{:?}", recorder.state().events);
     let errors = recorder.state().checkpoint_errors.clone();
-    assert_eq!(errors.len(), 1, "only the injected failure: {errors:?}");
+    assert_eq!(errors.len(), expected_errors, "{errors:?}");
     let last = written.last().context("written")?;
     assert_eq!(
         stored_checkpoint(&env).await?.checkpoint,
@@ -211,37 +214,21 @@ async fn a_checkpoint_that_landed_but_reported_failure_does_not_lose_the_lease()
     Ok(())
 }
 
+/// Guards item 3: a checkpoint write that landed but reported failure moved the
+/// counter; the next checkpoint must adopt the stored lease (it is still ours) and
+/// succeed, not declare the lease lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_landed_but_reported_failure_does_not_lose_the_lease() -> anyhow::Result<()> {
+    // Only the injected failure reaches the processor.
+    checkpoints_after_a_landed_failure(0, 2, 1).await
+}
+
 /// Guards item 3: a failing verification read after a refused checkpoint is a
 /// retryable failure, not a lost lease; the checkpoint after it succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_verification_read_is_a_retry_not_a_lost_lease() -> anyhow::Result<()> {
-    let env = TestEnv::start(1).await?;
-    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
-    store
-        .land_then_fail_checkpoints
-        .store(1, std::sync::atomic::Ordering::SeqCst);
-    store.fail_get_lease.store(1, std::sync::atomic::Ordering::SeqCst);
-    let recorder = Recorder::default();
-    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
-    let written = rounds(&env, &recorder, 3).await?;
-    recorder
-        .wait_until("three checkpoints", WAIT, |_| {
-            store.checkpoints.load(std::sync::atomic::Ordering::SeqCst) >= 3
-        })
-        .await?;
-    stop_scheduler(handle, task, WAIT).await??;
-    assert_eq!(lease_losses(&recorder), 0, "{:?}", recorder.state().events);
-    assert_eq!(
-        recorder.state().checkpoint_errors.len(),
-        2,
-        "the landed write, the failed read"
-    );
-    let last = written.last().context("written")?;
-    assert_eq!(
-        stored_checkpoint(&env).await?.checkpoint,
-        Checkpoint::Sequence(last.sequence_number.clone())
-    );
-    Ok(())
+    // The landed write, then the failed read.
+    checkpoints_after_a_landed_failure(1, 3, 2).await
 }
 
 /// Guards item 3: a take that landed but reported failure is a success: the shard is
