@@ -37,12 +37,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::FutureExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Checkpointer;
-use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy, RetrievalConfig};
+use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy};
 use crate::coordinator::{HeldLease, LeaseCoordinator};
 use crate::error::{BoxError, ErrorChain, SchedulerError};
 use crate::lease::Lease;
@@ -50,7 +49,9 @@ use crate::metrics;
 use crate::processor::{
     InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, ShardEndedInput, ShutdownRequestedInput,
 };
-use crate::retrieval::{spawn_polling_publisher, PublisherEvent, RecordsBatch, StartingPosition};
+use crate::retrieval::{
+    ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, RetrievalFactory, StartingPosition,
+};
 use crate::retry::{retry, RetryPolicy};
 use crate::sequence::ExtendedSequenceNumber;
 use crate::shard_sync::ShardDetector;
@@ -147,7 +148,12 @@ pub(crate) struct ConsumerContext {
     pub(crate) kinesis: aws_sdk_kinesis::Client,
     pub(crate) stream_name: String,
     pub(crate) coordinator: Arc<LeaseCoordinator>,
-    pub(crate) retrieval: RetrievalConfig,
+    /// Starts each shard's publisher (polling or fan-out).
+    pub(crate) retrieval: Arc<dyn RetrievalFactory>,
+    /// Bound of the Kinesis calls the consumer makes itself.
+    pub(crate) kinesis_call_timeout: std::time::Duration,
+    /// Backoff of those calls.
+    pub(crate) kinesis_retry: RetryPolicy,
     pub(crate) coordinator_config: CoordinatorConfig,
     pub(crate) error_policy: ProcessorErrorPolicy,
     pub(crate) initial_timestamp: Option<SystemTime>,
@@ -215,7 +221,7 @@ impl ShardConsumer {
         // Stops the publisher whatever way this consumer ends.
         let publisher_cancel = CancellationToken::new();
         let _stop_publisher = publisher_cancel.clone().drop_guard();
-        let mut events: Option<mpsc::Receiver<PublisherEvent>> = None;
+        let mut events: Option<RecordsPublisher> = None;
         let mut last_delivered = start.clone();
         let mut outcome = None;
         loop {
@@ -248,18 +254,13 @@ impl ShardConsumer {
                     match result {
                         Ok(()) => {
                             info!(checkpoint = %start, "shard consumer initialized");
-                            let position = StartingPosition {
-                                checkpoint: start.clone(),
-                                timestamp: self.ctx.initial_timestamp,
-                            };
-                            events = Some(spawn_polling_publisher(
-                                self.ctx.kinesis.clone(),
-                                self.ctx.stream_name.clone(),
-                                self.shard_id().to_owned(),
-                                position,
-                                self.ctx.retrieval.clone(),
-                                publisher_cancel.child_token(),
-                            ));
+                            events = Some(self.ctx.retrieval.start(PublisherStart {
+                                kinesis: self.ctx.kinesis.clone(),
+                                stream_name: self.ctx.stream_name.clone(),
+                                shard_id: self.shard_id().to_owned(),
+                                position: StartingPosition::new(start.clone(), self.ctx.initial_timestamp),
+                                cancel: publisher_cancel.child_token(),
+                            }));
                             self.transition(self.state.on_success());
                         }
                         Err(CallFailure::StopScheduler(e)) => return ConsumerOutcome::Failed(e),
@@ -273,10 +274,10 @@ impl ShardConsumer {
                     let event = tokio::select! {
                         biased;
                         // Cancel safety: the signal branches lose nothing, and
-                        // `recv` is cancel safe (an unreceived batch stays queued).
+                        // `next` is cancel safe (an unreceived batch stays queued).
                         () = self.held.lost.cancelled() => continue,
                         () = self.shutdown.cancelled() => continue,
-                        event = rx.recv() => event,
+                        event = rx.next() => event,
                     };
                     // Deliver only while ownership is provable; otherwise the batch is
                     // dropped (the next owner re-reads it after the last checkpoint) and
@@ -301,12 +302,25 @@ impl ShardConsumer {
                             outcome = Some(ConsumerOutcome::RetrievalFailed);
                             self.signal(ShutdownReason::Requested);
                         }
-                        Some(PublisherEvent::StreamNotFound) => {
-                            error!(stream = %self.ctx.stream_name, "the stream does not exist any more");
-                            outcome = Some(ConsumerOutcome::Failed(SchedulerError::StreamNotFound {
-                                stream: self.ctx.stream_name.clone(),
-                            }));
-                            self.signal(ShutdownReason::Requested);
+                        Some(PublisherEvent::ShardNotFound { operation, source }) => {
+                            if stream_exists(&self.ctx).await {
+                                metrics::shard_gone(self.shard_id());
+                                warn!(
+                                    operation,
+                                    error = %ErrorChain(source.as_ref()),
+                                    "Kinesis no longer knows this shard (aged out past retention, or resharded long \
+                                     ago); treating it as ended"
+                                );
+                                let children = create_child_leases(&self.ctx, &self.held.shard_id, Vec::new()).await;
+                                checkpointer.set_shard_ended(children);
+                                self.signal(ShutdownReason::ShardEnd);
+                            } else {
+                                error!(stream = %self.ctx.stream_name, "the stream does not exist any more");
+                                outcome = Some(ConsumerOutcome::Failed(SchedulerError::StreamNotFound {
+                                    stream: self.ctx.stream_name.clone(),
+                                }));
+                                self.signal(ShutdownReason::Requested);
+                            }
                         }
                         None => {
                             outcome = Some(ConsumerOutcome::RetrievalFailed);
@@ -396,16 +410,13 @@ impl ShardConsumer {
     /// position, and calls the processor under the error policy.
     async fn deliver(
         &mut self,
-        batch: RecordsBatch,
+        mut batch: RecordsBatch,
         checkpointer: &Checkpointer,
         last_delivered: &mut ExtendedSequenceNumber,
     ) -> Result<(), SchedulerError> {
-        let RecordsBatch {
-            mut records,
-            millis_behind_latest,
-            fetched_at,
-            _permit,
-        } = batch;
+        // `batch` keeps its share of the prefetch budget until this returns.
+        let records = &mut batch.records;
+        let (millis_behind_latest, fetched_at) = (batch.millis_behind_latest, batch.fetched_at);
         records.retain(|r| {
             r.extended_sequence_number()
                 .partial_cmp(last_delivered)
@@ -526,16 +537,42 @@ impl ShardConsumer {
     }
 }
 
+/// After a `ResourceNotFoundException` for this consumer's shard: whether the stream
+/// itself still exists (then the shard is gone: it aged out past retention, or the stream
+/// was resharded while nobody read it). Keeps asking with backoff while the answer is
+/// unknown, as long as the consumer is not told to stop.
+async fn stream_exists(ctx: &ConsumerContext) -> bool {
+    use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+    use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
+    let mut attempt = 0u32;
+    loop {
+        let call = ctx
+            .kinesis
+            .describe_stream_summary()
+            .stream_name(&ctx.stream_name)
+            .send();
+        match crate::retry::with_timeout(ctx.kinesis_call_timeout, call).await {
+            Ok(_) => return true,
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
+            {
+                return false
+            }
+            Err(e) => {
+                warn!(error = %DisplayErrorContext(&e), "cannot tell whether the stream still exists; retrying");
+                attempt = attempt.saturating_add(1);
+                tokio::time::sleep(ctx.kinesis_retry.backoff(attempt)).await;
+            }
+        }
+    }
+}
+
 /// Learns the children of this ended shard, from `GetRecords`'s `ChildShards` or,
 /// where the backend did not send them, from `ListShards` parent links, and creates
 /// their leases (at `TRIM_HORIZON`, with their parents) before the processor is told
 /// of the shard end, so that no child is left without a lease. Returns the child ids;
 /// when neither source knows them yet the periodic shard sync creates them later.
-async fn create_child_leases(
-    ctx: &ConsumerContext,
-    shard_id: &str,
-    child_shards: Vec<aws_sdk_kinesis::types::ChildShard>,
-) -> Vec<String> {
+async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards: Vec<ChildShard>) -> Vec<String> {
     let source = if child_shards.is_empty() {
         "ListShards"
     } else {
@@ -563,12 +600,9 @@ async fn create_child_leases(
         child_shards
             .iter()
             .map(|c| {
-                let mut l = Lease::new(c.shard_id(), crate::ExtendedSequenceNumber::TRIM_HORIZON)
-                    .with_parents(c.parent_shards().iter().cloned());
-                l.hash_key_range = c.hash_key_range().map(|r| crate::lease::HashKeyRange {
-                    starting_hash_key: r.starting_hash_key().to_owned(),
-                    ending_hash_key: r.ending_hash_key().to_owned(),
-                });
+                let mut l = Lease::new(c.shard_id.clone(), crate::ExtendedSequenceNumber::TRIM_HORIZON)
+                    .with_parents(c.parent_shard_ids.iter().cloned());
+                l.hash_key_range = c.hash_key_range.clone();
                 l
             })
             .collect()

@@ -218,6 +218,15 @@ pub enum SchedulerError {
         #[source]
         source: BoxError,
     },
+    /// The retrieval could not be set up: for enhanced fan-out, the stream consumer could
+    /// not be registered or did not become active. The source says why (for fan-out, a
+    /// `kcl_efo::FanOutError`).
+    #[error("retrieval could not be set up")]
+    Retrieval {
+        /// The retrieval's error.
+        #[source]
+        source: BoxError,
+    },
     /// A processor kept failing on a batch and the
     /// [`ProcessorErrorPolicy`](crate::config::ProcessorErrorPolicy) says to stop.
     /// Nothing past the shard's last checkpoint was skipped.

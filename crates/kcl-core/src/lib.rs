@@ -48,12 +48,13 @@
 //! - [`sequence`]: sequence numbers, checkpoint sentinels, [`ExtendedSequenceNumber`].
 //! - [`aggregation`]: KPL aggregated-record de-aggregation (and aggregation, for tests).
 //! - [`retry`]: the one retry policy (exponential backoff, full jitter).
+//! - [`retrieval`]: how shards are read, behind one seam ([`RetrievalFactory`],
+//!   [`RecordsPublisher`]): polling `GetRecords` here, enhanced fan-out in `kcl-efo`.
 //! - [`metrics`]: the counters and gauges emitted, through the `metrics` facade.
 //! - [`error`]: typed errors, one variant per way to react.
 //!
 //! Internal modules: `coordinator` (lease renewal, taking, fenced writes), `shard_sync`
-//! (`ListShards` and lease creation), `retrieval` (polling `GetRecords` with bounded
-//! prefetch).
+//! (`ListShards` and lease creation).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 pub mod aggregation;
@@ -66,7 +67,7 @@ pub mod lease;
 pub mod metrics;
 pub mod processor;
 pub mod record;
-mod retrieval;
+pub mod retrieval;
 pub mod retry;
 pub mod scheduler;
 pub mod sequence;
@@ -85,6 +86,7 @@ pub use processor::{
     ShutdownRequestedInput,
 };
 pub use record::Record;
+pub use retrieval::{PollingRetrievalFactory, RecordsPublisher, RetrievalFactory};
 pub use retry::RetryPolicy;
 pub use scheduler::{Scheduler, SchedulerBuilder, ShutdownHandle};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};

@@ -29,6 +29,7 @@ use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, Scheduler
 use crate::lease::{LeaseStore, TimedLeaseStore};
 use crate::metrics;
 use crate::processor::RecordProcessorFactory;
+use crate::retrieval::{PollingRetrievalFactory, RetrievalFactory};
 use crate::retry::{retry, with_timeout, RetryPolicy};
 use crate::shard_sync::{report_corrupt, sync_shards, ShardDetector};
 
@@ -63,6 +64,9 @@ pub struct Scheduler {
     initial_position: InitialPositionInStream,
     lease: LeaseManagementConfig,
     retrieval: RetrievalConfig,
+    /// Starts each shard's publisher: polling (with `retrieval`) unless the builder was
+    /// given another factory (enhanced fan-out).
+    retrieval_factory: Arc<dyn RetrievalFactory>,
     coordinator: CoordinatorConfig,
     error_policy: ProcessorErrorPolicy,
     /// The root token: cancelling it starts the graceful shutdown.
@@ -78,6 +82,7 @@ impl fmt::Debug for Scheduler {
             .field("initial_position", &self.initial_position)
             .field("lease", &self.lease)
             .field("retrieval", &self.retrieval)
+            .field("retrieval_factory", &self.retrieval_factory)
             .field("coordinator", &self.coordinator)
             .field("error_policy", &self.error_policy)
             .finish_non_exhaustive()
@@ -95,6 +100,7 @@ pub struct SchedulerBuilder {
     initial_position: InitialPositionInStream,
     lease: LeaseManagementConfig,
     retrieval: RetrievalConfig,
+    retrieval_factory: Option<Arc<dyn RetrievalFactory>>,
     coordinator: CoordinatorConfig,
     error_policy: ProcessorErrorPolicy,
 }
@@ -151,9 +157,20 @@ impl SchedulerBuilder {
         self
     }
 
-    /// Polling retrieval settings.
+    /// Polling retrieval settings. Their `kinesis_call_timeout` and `retry` also bound
+    /// and pace the Kinesis calls the scheduler makes itself (`ListShards`,
+    /// `DescribeStreamSummary`), whatever the retrieval.
     pub fn retrieval_config(mut self, config: RetrievalConfig) -> Self {
         self.retrieval = config;
+        self
+    }
+
+    /// How shards are read: by default polling `GetRecords` with the
+    /// [`retrieval_config`](Self::retrieval_config); enhanced fan-out with the factory of
+    /// the crate `kcl-efo` (or its `RetrievalMode`, which selects either from one
+    /// config value). The processor code is the same for both.
+    pub fn retrieval_factory(mut self, factory: impl RetrievalFactory) -> Self {
+        self.retrieval_factory = Some(Arc::new(factory));
         self
     }
 
@@ -194,7 +211,11 @@ impl SchedulerBuilder {
             Some(id) => id,
             None => format!("worker-{}-{:08x}", std::process::id(), rand::random::<u32>()),
         };
+        let retrieval_factory = self
+            .retrieval_factory
+            .unwrap_or_else(|| Arc::new(PollingRetrievalFactory::new(self.retrieval.clone())));
         Ok(Scheduler {
+            retrieval_factory,
             stream_name: self.stream_name,
             worker_id,
             kinesis,
@@ -222,6 +243,7 @@ impl Scheduler {
             initial_position: InitialPositionInStream::default(),
             lease: LeaseManagementConfig::default(),
             retrieval: RetrievalConfig::default(),
+            retrieval_factory: None,
             coordinator: CoordinatorConfig::default(),
             error_policy: ProcessorErrorPolicy::default(),
         }
@@ -259,6 +281,10 @@ impl Scheduler {
     async fn run_inner(self) -> Result<(), SchedulerError> {
         let started = Instant::now();
         self.check_stream().await?;
+        self.retrieval_factory
+            .initialize(&self.kinesis, &self.stream_name)
+            .await
+            .map_err(|source| SchedulerError::Retrieval { source })?;
         // Every lease-table call is bounded from here on.
         let store: Arc<dyn LeaseStore> = Arc::new(TimedLeaseStore::new(
             self.store.clone(),
@@ -297,7 +323,9 @@ impl Scheduler {
             kinesis: self.kinesis.clone(),
             stream_name: self.stream_name.clone(),
             coordinator: coordinator.clone(),
-            retrieval: self.retrieval.clone(),
+            retrieval: self.retrieval_factory.clone(),
+            kinesis_call_timeout: self.retrieval.kinesis_call_timeout,
+            kinesis_retry: self.retrieval.retry.clone(),
             coordinator_config: self.coordinator.clone(),
             error_policy: self.error_policy.clone(),
             initial_timestamp,

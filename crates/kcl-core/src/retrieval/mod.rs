@@ -1,0 +1,476 @@
+//! Retrieval: how a shard consumer gets its shard's records, behind one seam (the Java
+//! KCL's `RetrievalFactory` and `RecordsPublisher`).
+//!
+//! A [`RetrievalFactory`] starts one publisher per shard consumer. The publisher reads
+//! its shard from a [`StartingPosition`] and hands [`PublisherEvent`]s to the consumer
+//! through a bounded channel ([`RecordsPublisher::channel`]): at most
+//! [`PrefetchLimits::max_batches`] batches, and no batch is to be fetched while the
+//! queued records or bytes are at their limits, so a slow processor slows the reader
+//! down instead of growing memory. The contract of every implementation:
+//!
+//! - **Order.** Batches come in sequence-number order. A publisher may repeat records
+//!   (after a reconnect, for example): the consumer drops everything at or below the
+//!   last (sequence, sub-sequence) it delivered, so repeats never reach the processor.
+//!   It must never skip one.
+//! - **End.** [`PublisherEvent::ShardEnd`] comes after the shard's last record, and
+//!   nothing after it. Children are optional: the consumer learns them from `ListShards`
+//!   when the backend did not send them.
+//! - **Failures.** Transient errors (throttling, timeouts, dropped connections) are the
+//!   publisher's to retry, with backoff, without end. A shard Kinesis does not know
+//!   ([`PublisherEvent::ShardNotFound`]) and errors retrying cannot fix
+//!   ([`PublisherEvent::Failed`]) end the publisher; the consumer decides what they mean.
+//! - **Stop.** The publisher stops when its [`PublisherStart::cancel`] token fires or
+//!   its [`RecordsPublisher`] is dropped; [`PublisherSink`] reports both.
+//!
+//! Implementations: polling `GetRecords` ([`PollingRetrievalFactory`], the default) and
+//! enhanced fan-out `SubscribeToShard` (the crate `kcl-efo`). Both build records with
+//! [`records_from_kinesis`], so KPL de-aggregation and bad-data handling are the same.
+
+mod polling;
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant as StdInstant, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::aggregation;
+use crate::error::{BoxError, ErrorChain};
+use crate::lease::HashKeyRange;
+use crate::metrics;
+use crate::record::Record;
+use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+
+pub use polling::PollingRetrievalFactory;
+
+/// Where a publisher starts reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StartingPosition {
+    /// The lease's checkpoint: a sentinel (`TRIM_HORIZON`, `LATEST`, `AT_TIMESTAMP`)
+    /// or the last processed record, which the publisher reads again (`AT_SEQUENCE_NUMBER`,
+    /// so that the rest of a partly processed KPL aggregate is not lost; the consumer
+    /// drops what was delivered).
+    pub checkpoint: ExtendedSequenceNumber,
+    /// The time of an `AT_TIMESTAMP` checkpoint.
+    pub timestamp: Option<SystemTime>,
+}
+
+impl StartingPosition {
+    /// A position at `checkpoint` (and `timestamp`, for `AT_TIMESTAMP`).
+    pub fn new(checkpoint: ExtendedSequenceNumber, timestamp: Option<SystemTime>) -> Self {
+        Self { checkpoint, timestamp }
+    }
+}
+
+/// What a [`RetrievalFactory`] needs to start one shard's publisher.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PublisherStart {
+    /// The scheduler's Kinesis client.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// The stream.
+    pub stream_name: String,
+    /// The shard to read.
+    pub shard_id: String,
+    /// Where to start.
+    pub position: StartingPosition,
+    /// Cancelled when the consumer no longer wants events; the publisher stops.
+    pub cancel: CancellationToken,
+}
+
+/// Creates the publisher of each shard consumer (the Java KCL's `RetrievalFactory`).
+/// One factory serves every shard of a scheduler.
+#[async_trait]
+pub trait RetrievalFactory: Send + Sync + Debug + 'static {
+    /// Called once by [`Scheduler::run`](crate::Scheduler::run) after it checked the
+    /// stream and before any shard is read; for example to register an enhanced fan-out
+    /// consumer and wait until it is active. The default does nothing.
+    ///
+    /// # Errors
+    /// Any error ends `run()` with
+    /// [`SchedulerError::Retrieval`](crate::SchedulerError::Retrieval), its source kept.
+    async fn initialize(&self, kinesis: &aws_sdk_kinesis::Client, stream_name: &str) -> Result<(), BoxError> {
+        let _ = (kinesis, stream_name);
+        Ok(())
+    }
+
+    /// Starts reading a shard: spawns the publisher's task and returns the receiving
+    /// end of its channel (see the module docs for the contract).
+    fn start(&self, start: PublisherStart) -> RecordsPublisher;
+}
+
+/// A child of an ended shard, as the backend reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ChildShard {
+    /// The child's shard id.
+    pub shard_id: String,
+    /// All of the child's parents (two for a merge).
+    pub parent_shard_ids: Vec<String>,
+    /// The child's hash key range.
+    pub hash_key_range: Option<HashKeyRange>,
+}
+
+impl From<&aws_sdk_kinesis::types::ChildShard> for ChildShard {
+    fn from(c: &aws_sdk_kinesis::types::ChildShard) -> Self {
+        Self {
+            shard_id: c.shard_id().to_owned(),
+            parent_shard_ids: c.parent_shards().to_vec(),
+            hash_key_range: c.hash_key_range().map(|r| HashKeyRange {
+                starting_hash_key: r.starting_hash_key().to_owned(),
+                ending_hash_key: r.ending_hash_key().to_owned(),
+            }),
+        }
+    }
+}
+
+/// What a publisher hands to its shard consumer.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PublisherEvent {
+    /// Records, in order.
+    Batch(RecordsBatch),
+    /// The shard was read to its end; every record was sent before this.
+    ShardEnd {
+        /// The children, when the backend named them (else the consumer asks
+        /// `ListShards`).
+        child_shards: Vec<ChildShard>,
+    },
+    /// Kinesis does not know the shard (`ResourceNotFoundException`): it aged out past
+    /// the retention, was resharded while nobody read it, or the whole stream is gone.
+    /// The consumer tells which.
+    ShardNotFound {
+        /// The API operation that failed.
+        operation: &'static str,
+        /// Its error.
+        source: BoxError,
+    },
+    /// The shard cannot be read and retrying will not fix it (access denied, an
+    /// invalid request).
+    Failed {
+        /// The API operation that failed.
+        operation: &'static str,
+        /// Its error.
+        source: BoxError,
+    },
+}
+
+/// A batch of records waiting for the processor. Holds its share of the prefetch
+/// budget until it is dropped.
+#[derive(Debug)]
+pub struct RecordsBatch {
+    /// The records, in order.
+    pub records: Vec<Record>,
+    /// How far the batch was behind the shard's tip, when the backend said.
+    pub millis_behind_latest: Option<i64>,
+    /// When the batch was received.
+    pub fetched_at: StdInstant,
+    _permit: PrefetchPermit,
+}
+
+/// Bounds of what a publisher may hold ahead of the processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefetchLimits {
+    /// Batches queued at most.
+    pub max_batches: usize,
+    /// Records queued before the publisher stops fetching (one more batch may follow).
+    pub max_records: usize,
+    /// Bytes of record data queued before the publisher stops fetching.
+    pub max_bytes: usize,
+}
+
+/// Shared accounting of what sits in the prefetch queue.
+#[derive(Debug)]
+struct PrefetchBudget {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    max_records: usize,
+    max_bytes: usize,
+    /// Woken whenever a batch is released, so a waiting fetcher re-checks the budget.
+    released: Notify,
+}
+
+impl PrefetchBudget {
+    fn has_room(&self) -> bool {
+        self.records.load(Ordering::Acquire) < self.max_records && self.bytes.load(Ordering::Acquire) < self.max_bytes
+    }
+
+    async fn wait_for_room(&self) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+/// Returns a batch's share of the budget when the batch is dropped.
+#[derive(Debug)]
+struct PrefetchPermit {
+    budget: Arc<PrefetchBudget>,
+    records: usize,
+    bytes: usize,
+}
+
+impl PrefetchPermit {
+    fn new(budget: Arc<PrefetchBudget>, records: usize, bytes: usize) -> Self {
+        budget.records.fetch_add(records, Ordering::AcqRel);
+        budget.bytes.fetch_add(bytes, Ordering::AcqRel);
+        Self { budget, records, bytes }
+    }
+}
+
+impl Drop for PrefetchPermit {
+    fn drop(&mut self) {
+        self.budget.records.fetch_sub(self.records, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.released.notify_waiters();
+    }
+}
+
+/// The receiving end of one shard's publisher (the Java KCL's `RecordsPublisher`, seen
+/// from the consumer).
+#[derive(Debug)]
+pub struct RecordsPublisher {
+    rx: mpsc::Receiver<PublisherEvent>,
+}
+
+impl RecordsPublisher {
+    /// A bounded channel between a publisher (the [`PublisherSink`]) and its consumer.
+    pub fn channel(limits: PrefetchLimits) -> (PublisherSink, RecordsPublisher) {
+        let (tx, rx) = mpsc::channel(limits.max_batches.max(1));
+        let budget = Arc::new(PrefetchBudget {
+            records: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_records: limits.max_records,
+            max_bytes: limits.max_bytes,
+            released: Notify::new(),
+        });
+        (PublisherSink { tx, budget }, RecordsPublisher { rx })
+    }
+
+    /// The next event; `None` once the publisher stopped without an end event (its task
+    /// ended or panicked).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an event not returned stays queued.
+    pub async fn next(&mut self) -> Option<PublisherEvent> {
+        self.rx.recv().await
+    }
+}
+
+/// The sending end of a publisher's channel.
+#[derive(Debug, Clone)]
+pub struct PublisherSink {
+    tx: mpsc::Sender<PublisherEvent>,
+    budget: Arc<PrefetchBudget>,
+}
+
+/// The consumer dropped its [`RecordsPublisher`]: stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shard consumer stopped listening")]
+pub struct ConsumerGone;
+
+impl PublisherSink {
+    /// Waits until the queued records and bytes are under their limits: call it before
+    /// fetching (or reading the next pushed event), so that a slow processor holds the
+    /// publisher back.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn wait_for_room(&self) {
+        self.budget.wait_for_room().await;
+    }
+
+    /// Queues a batch (waiting while `max_batches` are queued). Empty batches are sent
+    /// too when they carry `millis_behind_latest`, so that the consumer can publish it.
+    ///
+    /// # Errors
+    /// [`ConsumerGone`] when the consumer stopped listening.
+    pub async fn batch(&self, records: Vec<Record>, millis_behind_latest: Option<i64>) -> Result<(), ConsumerGone> {
+        if records.is_empty() && millis_behind_latest.is_none() {
+            return Ok(());
+        }
+        let bytes = records.iter().map(|r| r.data.len()).sum();
+        let permit = PrefetchPermit::new(self.budget.clone(), records.len(), bytes);
+        let batch = RecordsBatch {
+            records,
+            millis_behind_latest,
+            fetched_at: StdInstant::now(),
+            _permit: permit,
+        };
+        self.send(PublisherEvent::Batch(batch)).await
+    }
+
+    /// Sends a final event (`ShardEnd`, `ShardNotFound`, `Failed`).
+    ///
+    /// # Errors
+    /// [`ConsumerGone`] when the consumer stopped listening.
+    pub async fn send(&self, event: PublisherEvent) -> Result<(), ConsumerGone> {
+        self.tx.send(event).await.map_err(|_| ConsumerGone)
+    }
+
+    /// True once the consumer dropped its [`RecordsPublisher`].
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Turns Kinesis records into processor [`Record`]s, for any publisher: KPL aggregates
+/// are unpacked; a record whose sequence number cannot be parsed is left out (it could
+/// not be ordered, checkpointed or resumed after) with an error log and
+/// `kcl_records_invalid_sequence_number_total`; a malformed aggregate is delivered
+/// whole, marked [`Record::malformed_aggregate`], logged and counted. Returns the
+/// records and the sequence number of the last Kinesis record that was parsed.
+pub fn records_from_kinesis(
+    shard_id: &str,
+    records: Vec<aws_sdk_kinesis::types::Record>,
+) -> (Vec<Record>, Option<SequenceNumber>) {
+    let mut out = Vec::with_capacity(records.len());
+    let mut last = None;
+    for r in records {
+        let Ok(sequence_number) = SequenceNumber::parse(r.sequence_number()) else {
+            metrics::invalid_sequence_number(shard_id);
+            error!(
+                shard_id,
+                sequence_number = r.sequence_number(),
+                "record with an unparseable sequence number skipped"
+            );
+            continue;
+        };
+        last = Some(sequence_number.clone());
+        let arrival = r
+            .approximate_arrival_timestamp()
+            .and_then(|t| SystemTime::try_from(*t).ok());
+        let mut record = Record::new(
+            bytes::Bytes::from(r.data.into_inner()),
+            r.partition_key.unwrap_or_default(),
+            sequence_number,
+        );
+        record.approximate_arrival_timestamp = arrival;
+        match aggregation::deaggregate(record.clone()) {
+            Ok(user_records) => out.extend(user_records),
+            Err(e) => {
+                // Delivered as it is, marked: losing it would be worse than a record the
+                // processor may not be able to parse.
+                metrics::malformed_aggregate(shard_id);
+                warn!(shard_id, error = %ErrorChain(&e), sequence_number = %record.sequence_number, "malformed aggregated record delivered without de-aggregation");
+                record.malformed_aggregate = true;
+                out.push(record);
+            }
+        }
+    }
+    (out, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts every counter increment by metric name (labels ignored).
+    #[derive(Debug, Default)]
+    struct Counting {
+        counters: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+    }
+
+    impl Counting {
+        fn get(&self, name: &str) -> u64 {
+            let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            counters.get(name).map_or(0, |c| c.load(Ordering::SeqCst))
+        }
+    }
+
+    impl ::metrics::Recorder for Counting {
+        fn describe_counter(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn describe_gauge(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn describe_histogram(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+        fn register_counter(&self, key: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Counter {
+            let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            ::metrics::Counter::from_arc(counters.entry(key.name().to_owned()).or_default().clone())
+        }
+        fn register_gauge(&self, _: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Gauge {
+            ::metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Histogram {
+            ::metrics::Histogram::noop()
+        }
+    }
+
+    fn kinesis_record(sequence_number: &str, data: Vec<u8>) -> aws_sdk_kinesis::types::Record {
+        aws_sdk_kinesis::types::Record::builder()
+            .sequence_number(sequence_number)
+            .partition_key("key")
+            .data(aws_sdk_kinesis::primitives::Blob::new(data))
+            .build()
+            .expect("all required fields set")
+    }
+
+    /// Guards hardening item 12: a record with an unparseable sequence number is not
+    /// skipped in silence (it is counted, and logged), and a malformed KPL aggregate is
+    /// delivered marked as such, and counted.
+    #[test]
+    fn unparseable_sequence_numbers_are_counted_and_malformed_aggregates_marked() {
+        use md5::Digest as _;
+        let garbage = b"\xff\xff not protobuf".to_vec();
+        let mut malformed = aggregation::AGGREGATED_RECORD_MAGIC.to_vec();
+        malformed.extend_from_slice(&garbage);
+        malformed.extend_from_slice(&md5::Md5::digest(&garbage));
+        let records = vec![
+            kinesis_record("not-a-number", b"a".to_vec()),
+            kinesis_record("100", b"b".to_vec()),
+            kinesis_record("101", malformed.clone()),
+        ];
+        let counting = Counting::default();
+        let (out, last) =
+            ::metrics::with_local_recorder(&counting, || records_from_kinesis("shardId-000000000000", records));
+        assert_eq!(out.len(), 2, "only the unparseable record is left out");
+        assert_eq!(out[0].sequence_number.as_str(), "100");
+        assert!(!out[0].malformed_aggregate);
+        assert_eq!(out[1].sequence_number.as_str(), "101");
+        assert!(out[1].malformed_aggregate, "marked for the processor");
+        assert_eq!(out[1].data.as_ref(), &malformed[..], "delivered as it is");
+        assert_eq!(counting.get("kcl_records_invalid_sequence_number_total"), 1);
+        assert_eq!(counting.get("kcl_records_malformed_aggregate_total"), 1);
+        assert_eq!(last.as_ref().map(SequenceNumber::as_str), Some("101"));
+    }
+
+    #[tokio::test]
+    async fn budget_blocks_until_a_batch_is_released() {
+        let (sink, mut publisher) = RecordsPublisher::channel(PrefetchLimits {
+            max_batches: 3,
+            max_records: 10,
+            max_bytes: 1000,
+        });
+        let records: Vec<Record> = (0..10)
+            .map(|i| {
+                Record::new(
+                    bytes::Bytes::from_static(b"x"),
+                    "k",
+                    SequenceNumber::parse(&i.to_string()).expect("valid"),
+                )
+            })
+            .collect();
+        sink.batch(records, None).await.expect("sent");
+        let waiter = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "10 records queued: at the limit");
+        let event = publisher.next().await.expect("event");
+        drop(event);
+        waiter.await.expect("room once the batch is released");
+        drop(publisher);
+        assert!(sink.is_closed());
+        assert_eq!(sink.batch(Vec::new(), Some(0)).await, Err(ConsumerGone));
+    }
+}

@@ -1,0 +1,336 @@
+//! Polling retrieval (the Java KCL's `PrefetchRecordsPublisher` over `GetRecords`).
+//!
+//! One task per shard consumer fetches ahead of the processor into the bounded channel
+//! of the [retrieval seam](super): at most `max_pending_batches` batches, and no new
+//! fetch starts while the queued records or bytes are at their limits, so memory is
+//! bounded by the limits plus one batch whatever the backlog. Between calls it waits
+//! `idle_time_between_reads` from the start of the previous call (so a new record waits
+//! about one idle time, never more), or `backlog_time_between_reads` while the shard
+//! has a backlog.
+//!
+//! Expired iterators are renewed after the last record fetched (or, with nothing
+//! fetched yet, where the first iterator stood); throttling, transient failures and
+//! calls that exceed `kinesis_call_timeout` are retried with backoff without end (each
+//! one logged and counted). A shard Kinesis does not know is reported as
+//! `ShardNotFound`; a checkpoint older than the retention resumes at `TRIM_HORIZON`.
+
+use std::time::SystemTime;
+
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_smithy_types::DateTime;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use super::{
+    records_from_kinesis, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
+    RetrievalFactory, StartingPosition,
+};
+use crate::config::RetrievalConfig;
+use crate::error::BoxError;
+use crate::metrics;
+use crate::retry::with_timeout;
+use crate::sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
+
+/// Polling retrieval: a `GetRecords` loop per shard with bounded prefetch, configured
+/// by a [`RetrievalConfig`]. The default [`RetrievalFactory`].
+#[derive(Debug, Clone, Default)]
+pub struct PollingRetrievalFactory {
+    config: RetrievalConfig,
+}
+
+impl PollingRetrievalFactory {
+    /// Polling with `config`.
+    pub fn new(config: RetrievalConfig) -> Self {
+        Self { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RetrievalConfig {
+        &self.config
+    }
+}
+
+#[async_trait::async_trait]
+impl RetrievalFactory for PollingRetrievalFactory {
+    fn start(&self, start: PublisherStart) -> RecordsPublisher {
+        let (sink, publisher) = RecordsPublisher::channel(PrefetchLimits {
+            max_batches: self.config.max_pending_batches,
+            max_records: self.config.max_prefetch_records,
+            max_bytes: self.config.max_prefetch_bytes,
+        });
+        let task = PollingPublisher {
+            kinesis: start.kinesis,
+            stream_name: start.stream_name,
+            shard_id: start.shard_id,
+            config: self.config.clone(),
+            sink,
+            last_fetched: None,
+        };
+        let position = start.position;
+        let cancel = start.cancel;
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                tokio::select! {
+                    // Cancel safety: dropping the publisher mid-call loses nothing; the
+                    // consumer resumes from its own last delivered position.
+                    () = cancel.cancelled() => {}
+                    () = task.run(position) => {}
+                }
+            },
+            span,
+        ));
+        publisher
+    }
+}
+
+struct PollingPublisher {
+    kinesis: aws_sdk_kinesis::Client,
+    stream_name: String,
+    shard_id: String,
+    config: RetrievalConfig,
+    sink: PublisherSink,
+    /// The last Kinesis record fetched, where a renewed iterator resumes after.
+    last_fetched: Option<SequenceNumber>,
+}
+
+enum Step<T> {
+    Done(T),
+    Retry,
+    Fatal(&'static str, BoxError),
+    ExpiredIterator,
+    /// `ResourceNotFoundException`: the shard, or the whole stream, is gone.
+    NotFound(BoxError),
+}
+
+impl PollingPublisher {
+    async fn run(mut self, start: StartingPosition) {
+        let Some((mut iterator, resume)) = self.first_iterator(&start).await else {
+            return;
+        };
+        let mut attempt = 0u32;
+        let mut next_call = Instant::now();
+        loop {
+            self.sink.wait_for_room().await;
+            tokio::time::sleep_until(next_call).await;
+            let call_start = Instant::now();
+            match self.get_records(&iterator).await {
+                Step::Done(out) => {
+                    attempt = 0;
+                    let full = out.records().len() >= usize::try_from(self.config.max_records).unwrap_or(usize::MAX);
+                    let behind = out.millis_behind_latest().is_some_and(|m| m > 0);
+                    let pause = if full || behind {
+                        self.config.backlog_time_between_reads
+                    } else {
+                        self.config.idle_time_between_reads
+                    };
+                    next_call = call_start + pause;
+                    let millis_behind_latest = out.millis_behind_latest();
+                    let next_iterator = out.next_shard_iterator().map(str::to_owned);
+                    let child_shards = out.child_shards().to_vec();
+                    let (records, last) = records_from_kinesis(&self.shard_id, out.records);
+                    if last.is_some() {
+                        self.last_fetched = last;
+                    }
+                    if self.sink.batch(records, millis_behind_latest).await.is_err() {
+                        return;
+                    }
+                    match next_iterator {
+                        Some(next) => iterator = next,
+                        None => {
+                            debug!("shard end reached");
+                            let child_shards = child_shards.iter().map(ChildShard::from).collect();
+                            let _ = self.sink.send(PublisherEvent::ShardEnd { child_shards }).await;
+                            return;
+                        }
+                    }
+                }
+                Step::ExpiredIterator => {
+                    // After the last record fetched; with nothing fetched yet, where the
+                    // first iterator stood (a LATEST start resumes at the time it was
+                    // obtained, not at a newer LATEST that would skip what was written
+                    // in between).
+                    let position = match &self.last_fetched {
+                        Some(seq) => StartingPosition {
+                            checkpoint: ExtendedSequenceNumber::new(seq.clone(), 0),
+                            timestamp: None,
+                        },
+                        None => resume.clone(),
+                    };
+                    debug!(resume_at = %position.checkpoint, "shard iterator expired; getting a new one");
+                    iterator = match self.get_iterator(&position).await {
+                        Some(it) => it,
+                        None => return,
+                    };
+                }
+                Step::Retry => {
+                    attempt = attempt.saturating_add(1);
+                    next_call = Instant::now() + self.config.retry.backoff(attempt);
+                }
+                Step::Fatal(operation, source) => {
+                    let _ = self.sink.send(PublisherEvent::Failed { operation, source }).await;
+                    return;
+                }
+                Step::NotFound(source) => {
+                    let operation = "GetRecords";
+                    let _ = self
+                        .sink
+                        .send(PublisherEvent::ShardNotFound { operation, source })
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The first iterator, and the position an expired iterator resumes at while
+    /// nothing was fetched: the start itself, except that `LATEST` becomes
+    /// `AT_TIMESTAMP` of the moment the first iterator was asked for.
+    async fn first_iterator(&mut self, start: &StartingPosition) -> Option<(String, StartingPosition)> {
+        let asked_at = SystemTime::now();
+        let iterator = self.get_iterator(start).await?;
+        let resume = match start.checkpoint.checkpoint {
+            Checkpoint::Latest => StartingPosition {
+                checkpoint: ExtendedSequenceNumber::AT_TIMESTAMP,
+                timestamp: Some(asked_at),
+            },
+            _ => start.clone(),
+        };
+        Some((iterator, resume))
+    }
+
+    async fn get_records(&self, iterator: &str) -> Step<aws_sdk_kinesis::operation::get_records::GetRecordsOutput> {
+        let call = self
+            .kinesis
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(self.config.max_records)
+            .send();
+        match with_timeout(self.config.kinesis_call_timeout, call).await {
+            Ok(out) => Step::Done(out),
+            Err(SdkError::ServiceError(e)) => match e.err() {
+                GetRecordsError::ExpiredIteratorException(_) => Step::ExpiredIterator,
+                GetRecordsError::ProvisionedThroughputExceededException(_)
+                | GetRecordsError::KmsThrottlingException(_) => {
+                    metrics::throttled("GetRecords");
+                    debug!("GetRecords throttled; backing off");
+                    Step::Retry
+                }
+                GetRecordsError::ResourceNotFoundException(_) => {
+                    Step::NotFound(BoxError::from(SdkError::ServiceError(e)))
+                }
+                GetRecordsError::AccessDeniedException(_) | GetRecordsError::InvalidArgumentException(_) => {
+                    Step::Fatal("GetRecords", BoxError::from(SdkError::ServiceError(e)))
+                }
+                _ => {
+                    let e = SdkError::ServiceError(e);
+                    warn!(error = %DisplayErrorContext(&e), "GetRecords failed; retrying");
+                    Step::Retry
+                }
+            },
+            Err(e) => {
+                warn!(error = %DisplayErrorContext(&e), "GetRecords failed; retrying");
+                Step::Retry
+            }
+        }
+    }
+
+    /// A shard iterator at `start`: sentinels map to their iterator types, and a
+    /// sequence number to `AT_SEQUENCE_NUMBER` (the consumer drops what it has already
+    /// delivered, which keeps the remaining user records of a partly checkpointed
+    /// aggregated record). A sequence number Kinesis refuses as invalid is a checkpoint
+    /// older than the stream's retention: reading resumes at `TRIM_HORIZON`, the oldest
+    /// record left, with a loud warning and `kcl_checkpoints_expired_total`.
+    async fn get_iterator(&self, start: &StartingPosition) -> Option<String> {
+        let mut attempt = 0u32;
+        let mut checkpoint = start.checkpoint.checkpoint.clone();
+        loop {
+            let mut req = self
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(&self.stream_name)
+                .shard_id(&self.shard_id);
+            req = match &checkpoint {
+                Checkpoint::TrimHorizon | Checkpoint::ShardEnd => {
+                    req.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                Checkpoint::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
+                Checkpoint::AtTimestamp => req
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(DateTime::from(start.timestamp.unwrap_or(SystemTime::UNIX_EPOCH))),
+                Checkpoint::Sequence(seq) => req
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(seq.as_str()),
+            };
+            let result = with_timeout(self.config.kinesis_call_timeout, req.send()).await;
+            let e = match result {
+                Ok(out) => match out.shard_iterator {
+                    Some(it) => return Some(it),
+                    None => {
+                        // No iterator means the shard is closed and read through.
+                        let _ = self
+                            .sink
+                            .send(PublisherEvent::ShardEnd {
+                                child_shards: Vec::new(),
+                            })
+                            .await;
+                        return None;
+                    }
+                },
+                Err(e) => e,
+            };
+            let kind = match &e {
+                SdkError::ServiceError(s) => Some(s.err()),
+                _ => None,
+            };
+            match kind {
+                Some(GetShardIteratorError::ResourceNotFoundException(_)) => {
+                    let event = PublisherEvent::ShardNotFound {
+                        operation: "GetShardIterator",
+                        source: BoxError::from(e),
+                    };
+                    let _ = self.sink.send(event).await;
+                    return None;
+                }
+                Some(GetShardIteratorError::InvalidArgumentException(_))
+                    if matches!(checkpoint, Checkpoint::Sequence(_)) =>
+                {
+                    metrics::checkpoint_expired(&self.shard_id);
+                    error!(
+                        checkpoint = %start.checkpoint,
+                        error = %DisplayErrorContext(&e),
+                        "Kinesis refuses the checkpoint's sequence number: it is older than the stream's retention \
+                         (records past it were trimmed unread). Resuming at TRIM_HORIZON, the oldest record left"
+                    );
+                    checkpoint = Checkpoint::TrimHorizon;
+                }
+                Some(
+                    GetShardIteratorError::AccessDeniedException(_)
+                    | GetShardIteratorError::InvalidArgumentException(_),
+                ) => {
+                    let _ = self
+                        .sink
+                        .send(PublisherEvent::Failed {
+                            operation: "GetShardIterator",
+                            source: BoxError::from(e),
+                        })
+                        .await;
+                    return None;
+                }
+                Some(GetShardIteratorError::ProvisionedThroughputExceededException(_)) => {
+                    metrics::throttled("GetShardIterator");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                }
+                _ => {
+                    warn!(error = %DisplayErrorContext(&e), "GetShardIterator failed; retrying");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                }
+            }
+        }
+    }
+}
