@@ -1,0 +1,582 @@
+//! The fan-out publisher (the Java KCL's `FanOutRecordsPublisher`): one task per shard
+//! consumer that subscribes with `SubscribeToShard` and hands each event's records on,
+//! in order, through the bounded channel of the retrieval seam.
+//!
+//! Positions: the first subscription starts at the checkpoint (`AT_SEQUENCE_NUMBER`, so
+//! that the rest of a partly processed KPL aggregate is read again; the consumer drops
+//! what it delivered already) or the initial position. Every later one starts
+//! `AFTER_SEQUENCE_NUMBER` of the last event's continuation sequence number (or, where a
+//! backend sends none, its last record); a `LATEST` start that received nothing yet
+//! resumes `AT_TIMESTAMP` of the first subscription, so nothing written in between is
+//! skipped.
+//!
+//! A subscription is replaced when it ends (Kinesis ends each after 5 minutes), after
+//! [`subscription_lifetime`](crate::FanOutConfig::subscription_lifetime), when it sends
+//! nothing for [`idle_timeout`](crate::FanOutConfig::idle_timeout), when its stream
+//! fails, and after a refused (`ResourceInUseException`) or throttled subscription,
+//! with backoff; each replacement is counted.
+//!
+//! Shard end: an event with `ChildShards` and no continuation sequence number. Where a
+//! backend never sends one, the publisher asks `GetRecords` whether the shard is closed
+//! and read through once the subscription has delivered no records for
+//! [`shard_end_check_interval`](crate::FanOutConfig::shard_end_check_interval), and
+//! hands on any records it finds on the way (they follow the last delivered one).
+
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::operation::describe_stream_consumer::DescribeStreamConsumerError;
+use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardError;
+use aws_sdk_kinesis::types::{ShardIteratorType, SubscribeToShardEventStream};
+use aws_smithy_types::DateTime;
+use kcl_core::error::{BoxError, ErrorChain};
+use kcl_core::retrieval::{
+    records_from_kinesis, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
+    RetrievalFactory,
+};
+use kcl_core::{Checkpoint, ConfigError, SequenceNumber};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::FanOutConfig;
+use crate::registration::{register_stream_consumer, StreamConsumer};
+
+/// Enhanced fan-out retrieval: registers (or finds) the stream consumer when the
+/// scheduler starts, then reads every shard with `SubscribeToShard`. Hand it to
+/// `SchedulerBuilder::retrieval_factory`, or select it with
+/// [`RetrievalMode::FanOut`](crate::RetrievalMode::FanOut). One factory per scheduler.
+#[derive(Debug)]
+pub struct FanOutRetrievalFactory {
+    config: FanOutConfig,
+    /// Set by `initialize`; `start` is only called after it.
+    consumer: OnceLock<StreamConsumer>,
+}
+
+impl FanOutRetrievalFactory {
+    /// Fan-out with `config`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field that cannot work.
+    pub fn new(config: FanOutConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            consumer: OnceLock::new(),
+        })
+    }
+
+    /// The stream consumer, once the scheduler registered it.
+    pub fn consumer(&self) -> Option<&StreamConsumer> {
+        self.consumer.get()
+    }
+}
+
+#[async_trait]
+impl RetrievalFactory for FanOutRetrievalFactory {
+    async fn initialize(&self, kinesis: &aws_sdk_kinesis::Client, stream_name: &str) -> Result<(), BoxError> {
+        let consumer = register_stream_consumer(
+            kinesis,
+            stream_name,
+            &self.config.consumer_name,
+            self.config.registration_timeout,
+            self.config.call_timeout,
+        )
+        .await?;
+        if let Some(existing) = self.consumer.get() {
+            if existing != &consumer {
+                return Err("a FanOutRetrievalFactory serves one scheduler; build one per scheduler".into());
+            }
+        }
+        let _ = self.consumer.set(consumer);
+        Ok(())
+    }
+
+    fn start(&self, start: PublisherStart) -> RecordsPublisher {
+        let (sink, publisher) = RecordsPublisher::channel(PrefetchLimits {
+            max_batches: self.config.max_pending_batches,
+            max_records: self.config.max_prefetch_records,
+            max_bytes: self.config.max_prefetch_bytes,
+        });
+        let span = tracing::Span::current();
+        let cancel = start.cancel.clone();
+        let consumer = self.consumer.get().cloned();
+        let config = self.config.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let Some(consumer) = consumer else {
+                    let source = "the fan-out retrieval was not initialized by the scheduler".into();
+                    let _ = sink
+                        .send(PublisherEvent::Failed {
+                            operation: "SubscribeToShard",
+                            source,
+                        })
+                        .await;
+                    return;
+                };
+                let position = Position::from_start(&start.position.checkpoint.checkpoint, start.position.timestamp);
+                let task = FanOutPublisher {
+                    kinesis: start.kinesis,
+                    stream_name: start.stream_name,
+                    shard_id: start.shard_id,
+                    consumer,
+                    config,
+                    sink,
+                };
+                tokio::select! {
+                    // Cancel safety: dropping the subscription loses nothing; the
+                    // consumer resumes from its own last delivered position.
+                    () = cancel.cancelled() => {}
+                    () = task.run(position) => {}
+                }
+            },
+            span,
+        ));
+        publisher
+    }
+}
+
+/// Where the next subscription (or shard-end check) starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Position {
+    TrimHorizon,
+    Latest,
+    AtTimestamp(SystemTime),
+    AtSequence(SequenceNumber),
+    AfterSequence(String),
+}
+
+impl Position {
+    fn from_start(checkpoint: &Checkpoint, timestamp: Option<SystemTime>) -> Self {
+        match checkpoint {
+            Checkpoint::TrimHorizon | Checkpoint::ShardEnd => Self::TrimHorizon,
+            Checkpoint::Latest => Self::Latest,
+            Checkpoint::AtTimestamp => Self::AtTimestamp(timestamp.unwrap_or(SystemTime::UNIX_EPOCH)),
+            Checkpoint::Sequence(s) => Self::AtSequence(s.clone()),
+        }
+    }
+
+    fn kind(&self) -> ShardIteratorType {
+        match self {
+            Self::TrimHorizon => ShardIteratorType::TrimHorizon,
+            Self::Latest => ShardIteratorType::Latest,
+            Self::AtTimestamp(_) => ShardIteratorType::AtTimestamp,
+            Self::AtSequence(_) => ShardIteratorType::AtSequenceNumber,
+            Self::AfterSequence(_) => ShardIteratorType::AfterSequenceNumber,
+        }
+    }
+
+    fn sequence_number(&self) -> Option<&str> {
+        match self {
+            Self::AtSequence(s) => Some(s.as_str()),
+            Self::AfterSequence(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn timestamp(&self) -> Option<DateTime> {
+        match self {
+            Self::AtTimestamp(t) => Some(DateTime::from(*t)),
+            _ => None,
+        }
+    }
+
+    fn starting_position(&self) -> Result<aws_sdk_kinesis::types::StartingPosition, BoxError> {
+        Ok(aws_sdk_kinesis::types::StartingPosition::builder()
+            .r#type(self.kind())
+            .set_sequence_number(self.sequence_number().map(str::to_owned))
+            .set_timestamp(self.timestamp())
+            .build()?)
+    }
+}
+
+/// Why a subscription was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replaced {
+    /// It ended, or reached the configured lifetime.
+    Ended,
+    /// It sent nothing for the idle timeout.
+    Idle,
+    /// It failed, or was refused.
+    Failed,
+}
+
+/// What a shard-end check found.
+enum EndCheck {
+    /// The shard is open (or not read through yet).
+    Open,
+    /// The publisher is done (shard end or a final event was sent, or the consumer left).
+    Done,
+}
+
+struct FanOutPublisher {
+    kinesis: aws_sdk_kinesis::Client,
+    stream_name: String,
+    shard_id: String,
+    consumer: StreamConsumer,
+    config: FanOutConfig,
+    sink: PublisherSink,
+}
+
+impl FanOutPublisher {
+    async fn run(self, mut position: Position) {
+        let mut failures = 0u32;
+        // When records last reached the sink (or the publisher started).
+        let mut quiet_since = Instant::now();
+        let mut first = true;
+        loop {
+            if self.sink.is_closed() {
+                return;
+            }
+            if !first {
+                let (resubscriptions, _) = counters(&self.shard_id);
+                resubscriptions.increment(1);
+            }
+            first = false;
+            let asked_at = SystemTime::now();
+            let subscription = match self.subscribe(&position).await {
+                Ok(stream) => stream,
+                Err(Subscribe::Retry) => {
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(failures)).await;
+                    continue;
+                }
+                Err(Subscribe::CheckpointExpired) => {
+                    metrics::counter!("kcl_checkpoints_expired_total", "shard_id" => self.shard_id.clone())
+                        .increment(1);
+                    error!(
+                        position = ?position,
+                        "Kinesis refuses the checkpoint's sequence number: it is older than the stream's retention \
+                         (records past it were trimmed unread). Resuming at TRIM_HORIZON, the oldest record left"
+                    );
+                    position = Position::TrimHorizon;
+                    continue;
+                }
+                Err(Subscribe::Final(event)) => {
+                    let _ = self.sink.send(event).await;
+                    return;
+                }
+            };
+            if position == Position::Latest {
+                // Nothing received yet: a new subscription must not skip what is written
+                // from now on.
+                position = Position::AtTimestamp(asked_at);
+            }
+            let (replaced, done) = self.read(subscription, &mut position, &mut quiet_since).await;
+            if done {
+                return;
+            }
+            match replaced {
+                Replaced::Ended => failures = 0,
+                Replaced::Idle => warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again"),
+                Replaced::Failed => {
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(self.config.retry.backoff(failures)).await;
+                }
+            }
+            if quiet_since.elapsed() >= self.config.shard_end_check_interval {
+                match self.check_shard_end(&mut position).await {
+                    EndCheck::Done => return,
+                    EndCheck::Open => quiet_since = Instant::now(),
+                }
+            }
+        }
+    }
+
+    /// Reads one subscription until it is to be replaced. Returns why, and whether the
+    /// publisher is done (shard end sent, or the consumer left).
+    async fn read(
+        &self,
+        mut subscription: aws_sdk_kinesis::primitives::event_stream::EventReceiver<
+            SubscribeToShardEventStream,
+            aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError,
+        >,
+        position: &mut Position,
+        quiet_since: &mut Instant,
+    ) -> (Replaced, bool) {
+        let ends_at = Instant::now() + self.config.subscription_lifetime;
+        loop {
+            // Backpressure: the subscription is not read while the processor is behind,
+            // and that wait is not idleness.
+            self.sink.wait_for_room().await;
+            let now = Instant::now();
+            if now >= ends_at {
+                return (Replaced::Ended, false);
+            }
+            let limit = self.config.idle_timeout.min(ends_at - now);
+            let next = match tokio::time::timeout(limit, subscription.recv()).await {
+                Ok(next) => next,
+                Err(_) if Instant::now() >= ends_at => return (Replaced::Ended, false),
+                Err(_) => return (Replaced::Idle, false),
+            };
+            let event = match next {
+                Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event))) => event,
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    debug!("the subscription ended");
+                    return (Replaced::Ended, false);
+                }
+                Err(e) => {
+                    let (_, errors) = counters(&self.shard_id);
+                    errors.increment(1);
+                    warn!(error = %DisplayErrorContext(&e), "the subscription failed; subscribing again");
+                    return (Replaced::Failed, false);
+                }
+            };
+            // Required in the SDK's model, so a closed shard's "none" arrives empty.
+            let continuation = Some(event.continuation_sequence_number.clone()).filter(|c| !c.is_empty());
+            let child_shards: Vec<ChildShard> = event.child_shards().iter().map(ChildShard::from).collect();
+            let (records, last) = records_from_kinesis(&self.shard_id, event.records);
+            if !records.is_empty() {
+                *quiet_since = Instant::now();
+            }
+            if self.sink.batch(records, Some(event.millis_behind_latest)).await.is_err() {
+                return (Replaced::Ended, true);
+            }
+            match (&continuation, last) {
+                (Some(c), _) => *position = Position::AfterSequence(c.clone()),
+                (None, Some(last)) => *position = Position::AfterSequence(last.as_str().to_owned()),
+                (None, None) => {}
+            }
+            if continuation.is_none() && !child_shards.is_empty() {
+                info!(children = ?child_shards.iter().map(|c| c.shard_id.as_str()).collect::<Vec<_>>(), "shard end reached");
+                let _ = self.sink.send(PublisherEvent::ShardEnd { child_shards }).await;
+                return (Replaced::Ended, true);
+            }
+            if quiet_since.elapsed() >= self.config.shard_end_check_interval {
+                match self.check_shard_end(position).await {
+                    EndCheck::Done => return (Replaced::Ended, true),
+                    EndCheck::Open => *quiet_since = Instant::now(),
+                }
+            }
+        }
+    }
+
+    /// Subscribes at `position`.
+    async fn subscribe(
+        &self,
+        position: &Position,
+    ) -> Result<
+        aws_sdk_kinesis::primitives::event_stream::EventReceiver<
+            SubscribeToShardEventStream,
+            aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError,
+        >,
+        Subscribe,
+    > {
+        let starting = position.starting_position().map_err(|source| {
+            Subscribe::Final(PublisherEvent::Failed {
+                operation: "SubscribeToShard",
+                source,
+            })
+        })?;
+        let call = self
+            .kinesis
+            .subscribe_to_shard()
+            .consumer_arn(&self.consumer.consumer_arn)
+            .shard_id(&self.shard_id)
+            .starting_position(starting)
+            .send();
+        let result = match tokio::time::timeout(self.config.call_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                warn!(timeout = ?self.config.call_timeout, "SubscribeToShard did not answer; subscribing again");
+                return Err(Subscribe::Retry);
+            }
+        };
+        let e = match result {
+            Ok(output) => {
+                debug!(?position, "subscribed");
+                return Ok(output.event_stream);
+            }
+            Err(e) => e,
+        };
+        let (_, errors) = counters(&self.shard_id);
+        errors.increment(1);
+        let kind = match &e {
+            SdkError::ServiceError(s) => Some(s.err()),
+            _ => None,
+        };
+        match kind {
+            Some(SubscribeToShardError::ResourceInUseException(_)) => {
+                // Another subscription of this consumer to this shard is still open (ours,
+                // ended a moment ago, or a worker that lost the lease): wait, then retry.
+                debug!("the shard's subscription is still in use; retrying");
+                Err(Subscribe::Retry)
+            }
+            Some(SubscribeToShardError::LimitExceededException(_)) => {
+                metrics::counter!("kcl_throttles_total", "operation" => "SubscribeToShard").increment(1);
+                Err(Subscribe::Retry)
+            }
+            Some(SubscribeToShardError::ResourceNotFoundException(_)) => Err(self.not_found(BoxError::from(e)).await),
+            Some(SubscribeToShardError::InvalidArgumentException(_))
+                if matches!(position, Position::AtSequence(_) | Position::AfterSequence(_)) =>
+            {
+                Err(Subscribe::CheckpointExpired)
+            }
+            Some(
+                SubscribeToShardError::AccessDeniedException(_)
+                | SubscribeToShardError::InvalidArgumentException(_)
+                | SubscribeToShardError::KmsAccessDeniedException(_)
+                | SubscribeToShardError::KmsDisabledException(_)
+                | SubscribeToShardError::KmsInvalidStateException(_)
+                | SubscribeToShardError::KmsNotFoundException(_),
+            ) => Err(Subscribe::Final(PublisherEvent::Failed {
+                operation: "SubscribeToShard",
+                source: BoxError::from(e),
+            })),
+            _ => {
+                warn!(error = %DisplayErrorContext(&e), "SubscribeToShard failed; retrying");
+                Err(Subscribe::Retry)
+            }
+        }
+    }
+
+    /// After `ResourceNotFoundException` from `SubscribeToShard`: the consumer may be gone
+    /// (deregistered: nothing to read through it, an operator's decision), or the shard
+    /// (then the shard-consumer decides whether it ended). Never reports a missing
+    /// consumer as a missing shard, which would end an open shard.
+    async fn not_found(&self, source: BoxError) -> Subscribe {
+        let describe = self
+            .kinesis
+            .describe_stream_consumer()
+            .consumer_arn(&self.consumer.consumer_arn)
+            .send();
+        match tokio::time::timeout(self.config.call_timeout, describe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(SdkError::ServiceError(s)))
+                if matches!(s.err(), DescribeStreamConsumerError::ResourceNotFoundException(_)) =>
+            {
+                let message = format!(
+                    "stream consumer {:?} does not exist any more (deregistered?): {}",
+                    self.consumer.consumer_name,
+                    ErrorChain(source.as_ref())
+                );
+                return Subscribe::Final(PublisherEvent::Failed {
+                    operation: "SubscribeToShard",
+                    source: message.into(),
+                });
+            }
+            _ => return Subscribe::Retry,
+        }
+        let probe = self
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(&self.stream_name)
+            .shard_id(&self.shard_id)
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send();
+        match tokio::time::timeout(self.config.call_timeout, probe).await {
+            Ok(Err(SdkError::ServiceError(s)))
+                if matches!(s.err(), GetShardIteratorError::ResourceNotFoundException(_)) =>
+            {
+                Subscribe::Final(PublisherEvent::ShardNotFound {
+                    operation: "SubscribeToShard",
+                    source,
+                })
+            }
+            _ => Subscribe::Retry,
+        }
+    }
+
+    /// Asks `GetRecords` whether the shard is closed and read through after `position`;
+    /// hands on any record found on the way and moves `position` past it.
+    async fn check_shard_end(&self, position: &mut Position) -> EndCheck {
+        debug!("no records for a while; checking whether the shard has ended");
+        let request = self
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(&self.stream_name)
+            .shard_id(&self.shard_id)
+            .shard_iterator_type(position.kind())
+            .set_starting_sequence_number(position.sequence_number().map(str::to_owned))
+            .set_timestamp(position.timestamp())
+            .send();
+        let mut iterator = match tokio::time::timeout(self.config.call_timeout, request).await {
+            Ok(Ok(out)) => match out.shard_iterator {
+                Some(it) => it,
+                None => return self.end(Vec::new()).await,
+            },
+            Ok(Err(SdkError::ServiceError(s)))
+                if matches!(s.err(), GetShardIteratorError::ResourceNotFoundException(_)) =>
+            {
+                let event = PublisherEvent::ShardNotFound {
+                    operation: "GetShardIterator",
+                    source: BoxError::from(SdkError::ServiceError(s)),
+                };
+                let _ = self.sink.send(event).await;
+                return EndCheck::Done;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %DisplayErrorContext(&e), "shard-end check failed; trying later");
+                return EndCheck::Open;
+            }
+            Err(_) => return EndCheck::Open,
+        };
+        // Bounded: a shard with a backlog is read by the subscription, not here.
+        for _ in 0..100 {
+            self.sink.wait_for_room().await;
+            let call = self.kinesis.get_records().shard_iterator(&iterator).send();
+            let out = match tokio::time::timeout(self.config.call_timeout, call).await {
+                Ok(Ok(out)) => out,
+                Ok(Err(SdkError::ServiceError(s)))
+                    if matches!(s.err(), GetRecordsError::ResourceNotFoundException(_)) =>
+                {
+                    let event = PublisherEvent::ShardNotFound {
+                        operation: "GetRecords",
+                        source: BoxError::from(SdkError::ServiceError(s)),
+                    };
+                    let _ = self.sink.send(event).await;
+                    return EndCheck::Done;
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %DisplayErrorContext(&e), "shard-end check failed; trying later");
+                    return EndCheck::Open;
+                }
+                Err(_) => return EndCheck::Open,
+            };
+            let child_shards: Vec<ChildShard> = out.child_shards().iter().map(ChildShard::from).collect();
+            let next = out.next_shard_iterator.clone();
+            let (records, last) = records_from_kinesis(&self.shard_id, out.records);
+            let found = !records.is_empty();
+            if found && self.sink.batch(records, out.millis_behind_latest).await.is_err() {
+                return EndCheck::Done;
+            }
+            if let Some(last) = last {
+                *position = Position::AfterSequence(last.as_str().to_owned());
+            }
+            match next {
+                None => return self.end(child_shards).await,
+                Some(_) if !found => return EndCheck::Open,
+                Some(next) => iterator = next,
+            }
+        }
+        EndCheck::Open
+    }
+
+    async fn end(&self, child_shards: Vec<ChildShard>) -> EndCheck {
+        info!("shard end reached (found by GetRecords: the backend sent no ChildShards)");
+        let _ = self.sink.send(PublisherEvent::ShardEnd { child_shards }).await;
+        EndCheck::Done
+    }
+}
+
+/// Why a subscription was not opened.
+enum Subscribe {
+    /// Try again after the backoff.
+    Retry,
+    /// The checkpoint is older than the retention: resume at `TRIM_HORIZON`.
+    CheckpointExpired,
+    /// Send this event and stop.
+    Final(PublisherEvent),
+}
+
+/// The shard's resubscription and subscription-error counters.
+fn counters(shard_id: &str) -> (metrics::Counter, metrics::Counter) {
+    (
+        metrics::counter!("kcl_fanout_resubscriptions_total", "shard_id" => shard_id.to_owned()),
+        metrics::counter!("kcl_fanout_subscription_errors_total", "shard_id" => shard_id.to_owned()),
+    )
+}
