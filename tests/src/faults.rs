@@ -99,6 +99,8 @@ struct InjectorState {
     sticky: Vec<Rule>,
     /// What was injected, in order.
     injected: Vec<(&'static str, Fault)>,
+    /// Requests sent, per operation.
+    calls: BTreeMap<String, usize>,
 }
 
 impl InjectorState {
@@ -205,6 +207,12 @@ impl FaultInjector {
         self.state().sticky.retain(|r| r.operation != operation);
     }
 
+    /// How many requests of `operation` (e.g. `"SubscribeToShard"`) clients with this
+    /// injector sent so far, faulted or not.
+    pub fn calls(&self, operation: &str) -> usize {
+        self.state().calls.get(operation).copied().unwrap_or(0)
+    }
+
     /// What was injected so far, in order.
     pub fn injected(&self) -> Vec<(&'static str, Fault)> {
         self.state().injected.clone()
@@ -256,6 +264,9 @@ impl aws_sdk_kinesis::config::Intercept for FaultInjector {
     ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
         let shard_id = context.request().body().bytes().and_then(shard_id_of);
         cfg.interceptor_state().store_put(RequestShard(shard_id));
+        if let Some(operation) = cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>() {
+            *self.state().calls.entry(operation.name().to_owned()).or_default() += 1;
+        }
         Ok(())
     }
 
