@@ -271,7 +271,9 @@ impl FanOutPublisher {
             }
             match replaced {
                 Replaced::Ended => failures = 0,
-                Replaced::Idle => warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again"),
+                Replaced::Idle => {
+                    warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again")
+                }
                 Replaced::Failed => {
                     failures = failures.saturating_add(1);
                     tokio::time::sleep(self.config.retry.backoff(failures)).await;
@@ -333,7 +335,12 @@ impl FanOutPublisher {
             if !records.is_empty() {
                 *quiet_since = Instant::now();
             }
-            if self.sink.batch(records, Some(event.millis_behind_latest)).await.is_err() {
+            if self
+                .sink
+                .batch(records, Some(event.millis_behind_latest))
+                .await
+                .is_err()
+            {
                 return (Replaced::Ended, true);
             }
             match (&continuation, last) {

@@ -36,7 +36,9 @@ fn unsupported<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     match e {
         SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or_default();
-            code.contains("UnknownOperation") || code.contains("NotImplemented") || code.contains("UnsupportedOperation")
+            code.contains("UnknownOperation")
+                || code.contains("NotImplemented")
+                || code.contains("UnsupportedOperation")
         }
         _ => false,
     }
@@ -143,7 +145,11 @@ pub async fn register_stream_consumer(
         match bounded(call_timeout, describe).await {
             Ok(out) => match out.consumer_description() {
                 Some(d) if *d.consumer_status() == ConsumerStatus::Active => {
-                    info!(consumer_name, consumer_arn = d.consumer_arn(), "stream consumer is active");
+                    info!(
+                        consumer_name,
+                        consumer_arn = d.consumer_arn(),
+                        "stream consumer is active"
+                    );
                     return Ok(StreamConsumer {
                         consumer_name: consumer_name.to_owned(),
                         consumer_arn: d.consumer_arn().to_owned(),
@@ -209,10 +215,11 @@ async fn register(
             info!(consumer_name, "registered the stream consumer");
             Ok(())
         }
-        Err(SdkError::ServiceError(s))
-            if matches!(s.err(), RegisterStreamConsumerError::ResourceInUseException(_)) =>
-        {
-            debug!(consumer_name, "the stream consumer is being registered by another worker");
+        Err(SdkError::ServiceError(s)) if matches!(s.err(), RegisterStreamConsumerError::ResourceInUseException(_)) => {
+            debug!(
+                consumer_name,
+                "the stream consumer is being registered by another worker"
+            );
             Ok(())
         }
         Err(e) if unsupported(&e) => Err(FanOutError::NotSupported {
