@@ -37,6 +37,9 @@ pub enum Fault {
     /// HTTP 200 with this JSON body (`application/x-amz-json-1.1`): a crafted successful
     /// response, e.g. a `GetRecords` output with a record the library must reject.
     Body(String),
+    /// HTTP 400 with this error type (`ResourceInUseException`, `LimitExceededException`,
+    /// `UnknownOperationException`, ...).
+    Error(&'static str),
 }
 
 impl Fault {
@@ -53,6 +56,7 @@ impl Fault {
             Self::InvalidArgument => (400, error("InvalidArgumentException", MESSAGE)),
             Self::InternalFailure(message) => (500, error("InternalFailure", message)),
             Self::Body(body) => (200, body.clone()),
+            Self::Error(error_type) => (400, error(error_type, MESSAGE)),
         }
     }
 }
@@ -101,6 +105,8 @@ struct InjectorState {
     injected: Vec<(&'static str, Fault)>,
     /// Requests sent, per operation.
     calls: BTreeMap<String, usize>,
+    /// `SubscribeToShard` requests rewritten to start at `TRIM_HORIZON`.
+    replay: bool,
 }
 
 impl InjectorState {
@@ -213,6 +219,12 @@ impl FaultInjector {
         self.state().calls.get(operation).copied().unwrap_or(0)
     }
 
+    /// Makes every `SubscribeToShard` request start at `TRIM_HORIZON`, whatever position
+    /// it asked for: a backend that replays from an earlier position than requested.
+    pub fn replay_subscriptions_from_trim_horizon(&self, on: bool) {
+        self.state().replay = on;
+    }
+
     /// What was injected so far, in order.
     pub fn injected(&self) -> Vec<(&'static str, Fault)> {
         self.state().injected.clone()
@@ -254,6 +266,30 @@ impl FaultInjector {
 impl aws_sdk_kinesis::config::Intercept for FaultInjector {
     fn name(&self) -> &'static str {
         "FaultInjector"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut aws_sdk_kinesis::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
+        let subscribe = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .is_some_and(|m| m.name() == "SubscribeToShard");
+        if !subscribe || !self.state().replay {
+            return Ok(());
+        }
+        let request = context.request_mut();
+        let Some(body) = request.body().bytes() else {
+            return Ok(());
+        };
+        let mut json: serde_json::Value = serde_json::from_slice(body)?;
+        json["StartingPosition"] = serde_json::json!({ "Type": "TRIM_HORIZON" });
+        let bytes = serde_json::to_vec(&json)?;
+        request.headers_mut().insert("content-length", bytes.len().to_string());
+        *request.body_mut() = aws_smithy_types::body::SdkBody::from(bytes);
+        Ok(())
     }
 
     fn read_before_transmit(

@@ -15,6 +15,7 @@ fn fan_out() -> FanOutConfig {
     FanOutConfig {
         shard_end_check_interval: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(10),
+        registration_timeout: Duration::from_secs(20),
         ..FanOutConfig::new(unique("consumer"))
     }
 }
@@ -56,4 +57,167 @@ async fn every_record_exactly_once_in_order_on_the_embedded_backend() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_exactly_once_in_order_on_kinesis_mock() -> anyhow::Result<()> {
     every_record_exactly_once_in_order(TestEnv::start_conformance(2).await?, 200).await
+}
+
+/// Writes rounds of `keys` records until `for_how_long` is over, then waits for the
+/// producer; returns everything written.
+async fn produce_for(env: &TestEnv, keys: usize, for_how_long: Duration) -> anyhow::Result<Vec<kcl_tests::Written>> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer = kcl_tests::spawn_keyed_producer(env.kinesis.clone(), env.stream.clone(), keys, stop.clone());
+    tokio::time::sleep(for_how_long).await;
+    stop.cancel();
+    Ok(producer.await??.into_iter().map(|k| k.written).collect())
+}
+
+/// Resubscription: with subscriptions ended every 300 ms under a steady producer, the
+/// publisher resubscribes many times from the last continuation; nothing is lost and
+/// nothing reaches the processor twice, even from a backend that replays every
+/// subscription from `TRIM_HORIZON`.
+async fn resubscribes_without_loss_or_duplicates(replaying_backend: bool) -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let faults = FaultInjector::default();
+    faults.replay_subscriptions_from_trim_horizon(replaying_backend);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+            subscription_lifetime: Duration::from_millis(300),
+            ..fan_out()
+        }))?
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    let written = produce_for(&env, 8, Duration::from_secs(3)).await?;
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(
+        recorder.state().by_shard(),
+        by_shard(&written),
+        "nothing lost, nothing twice"
+    );
+    let subscriptions = faults.calls("SubscribeToShard");
+    assert!(
+        subscriptions >= 10,
+        "resubscribed many times: {subscriptions} subscriptions"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscriptions_lose_nothing_and_duplicate_nothing() -> anyhow::Result<()> {
+    resubscribes_without_loss_or_duplicates(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_replaying_from_an_earlier_position_causes_no_duplicate() -> anyhow::Result<()> {
+    resubscribes_without_loss_or_duplicates(true).await
+}
+
+/// The same application reads the same stream in polling and in fan-out mode, the mode
+/// chosen by one configuration value (here parsed from JSON as a config file would be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_and_fan_out_are_one_config_value_apart() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let written = env.put(300, "mode").await?;
+    let consumer = unique("consumer");
+    for config in [
+        r#"{"polling": {"idle_time_between_reads": {"secs": 0, "nanos": 200000000}}}"#.to_owned(),
+        format!(r#"{{"fan_out": {{"consumer_name": "{consumer}"}}}}"#),
+    ] {
+        let mode: RetrievalMode = serde_json::from_str(&config)?;
+        let recorder = Recorder::default();
+        let faults = FaultInjector::default();
+        let scheduler = env
+            .scheduler(&recorder, CheckpointMode::Never)
+            .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+            .initial_position(InitialPositionInStream::TrimHorizon)
+            .retrieval_mode(mode.clone())?
+            .build()?;
+        let (handle, task) = spawn_scheduler(scheduler);
+        recorder.wait_for_records(written.len(), WAIT).await?;
+        stop_scheduler(handle, task, WAIT).await??;
+        assert_eq!(recorder.state().by_shard(), by_shard(&written), "{config}");
+        let (polled, subscribed) = (faults.calls("GetRecords"), faults.calls("SubscribeToShard"));
+        match mode {
+            RetrievalMode::FanOut(_) => assert!(subscribed > 0 && polled == 0, "{config}: {polled} {subscribed}"),
+            _ => assert!(polled > 0 && subscribed == 0, "{config}: {polled} {subscribed}"),
+        }
+    }
+    Ok(())
+}
+
+/// A subscription refused with `ResourceInUseException` (another subscription of the
+/// consumer to the shard is still open) or throttled is retried after a backoff;
+/// nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscriptions_are_retried_without_loss() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(100, "refused").await?;
+    let faults = FaultInjector::default();
+    for fault in [
+        "ResourceInUseException",
+        "ResourceInUseException",
+        "LimitExceededException",
+    ] {
+        faults.push("SubscribeToShard", kcl_tests::Fault::Error(fault));
+    }
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+            retry: kcl_core::RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(100), None),
+            ..fan_out()
+        }))?
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(faults.injected().len(), 3);
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}
+
+/// Bad input: a consumer name Kinesis would refuse, a registration the backend refuses,
+/// and a backend without enhanced fan-out each end `run()` with a typed error naming
+/// the cause, before any shard is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_that_cannot_be_registered_are_typed_errors() -> anyhow::Result<()> {
+    use kcl_core::SchedulerError;
+    use kcl_efo::FanOutError;
+    let env = TestEnv::start(1).await?;
+    let recorder = Recorder::default();
+    let err = env
+        .scheduler(&recorder, CheckpointMode::Never)
+        .retrieval_mode(RetrievalMode::FanOut(FanOutConfig::new("bad name!")))
+        .expect_err("refused by the builder");
+    assert_eq!(err.field, "fan_out.consumer_name");
+
+    let cases = [
+        ("RegisterStreamConsumer", "InvalidArgumentException"),
+        ("DescribeStreamConsumer", "UnknownOperationException"),
+    ];
+    for (operation, error) in cases {
+        let faults = FaultInjector::default();
+        faults.set_sticky(operation, None, kcl_tests::Fault::Error(error));
+        let scheduler = env
+            .scheduler(&recorder, CheckpointMode::Never)
+            .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+            .retrieval_mode(RetrievalMode::FanOut(fan_out()))?
+            .build()?;
+        let result = tokio::time::timeout(WAIT, scheduler.run()).await?;
+        let Err(SchedulerError::Retrieval { source }) = result else {
+            panic!("{operation} {error}: expected a retrieval error, got {result:?}");
+        };
+        let fan_out_error = source.downcast_ref::<FanOutError>().expect("a FanOutError");
+        match (operation, fan_out_error) {
+            ("RegisterStreamConsumer", FanOutError::RegistrationRefused { .. })
+            | ("DescribeStreamConsumer", FanOutError::NotSupported { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(recorder.state().deliveries.is_empty());
+    Ok(())
 }

@@ -230,12 +230,10 @@ async fn register(
             warn!(consumer_name, error = %ErrorChain(&e), "RegisterStreamConsumer failed; retrying");
             Ok(())
         }
+        // (`LimitExceededException` is retried above: Kinesis uses it both for the rate
+        // limit and for too many consumers; the latter ends as `ConsumerNotActive`.)
         Err(SdkError::ServiceError(s))
-            if matches!(
-                s.err(),
-                RegisterStreamConsumerError::InvalidArgumentException(_)
-                    | RegisterStreamConsumerError::LimitExceededException(_)
-            ) =>
+            if matches!(s.err(), RegisterStreamConsumerError::InvalidArgumentException(_)) =>
         {
             Err(FanOutError::RegistrationRefused {
                 consumer_name: consumer_name.to_owned(),
