@@ -574,6 +574,9 @@ pub struct WorkerSpec {
     pub taking_interval: Duration,
     /// GetRecords limit.
     pub max_records: i32,
+    /// `Some(consumer name)`: read through enhanced fan-out with that stream consumer
+    /// (`--retrieval fan-out --consumer-name NAME`); `None`: polling.
+    pub fan_out_consumer: Option<String>,
 }
 
 impl Default for WorkerSpec {
@@ -582,6 +585,7 @@ impl Default for WorkerSpec {
             failover: Duration::from_secs(3),
             taking_interval: Duration::from_millis(500),
             max_records: 10_000,
+            fan_out_consumer: None,
         }
     }
 }
@@ -600,7 +604,11 @@ impl WorkerProcess {
     ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{worker_id}.log"));
         let err = std::fs::File::create(dir.join(format!("{worker_id}.err")))?;
-        let child = tokio::process::Command::new(binary)
+        let mut command = tokio::process::Command::new(binary);
+        if let Some(consumer) = &spec.fan_out_consumer {
+            command.args(["--retrieval", "fan-out", "--consumer-name", consumer]);
+        }
+        let child = command
             .args(["--kinesis-endpoint", &env.backend.kinesis_endpoint()])
             .args(["--dynamodb-endpoint", &env.backend.dynamodb_endpoint()])
             .args([

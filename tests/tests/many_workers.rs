@@ -128,10 +128,22 @@ fn spawn_producer(env: &TestEnv, cancel: CancellationToken) -> JoinHandle<anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_one_of_two_workers_loses_nothing_and_resumes_after_the_checkpoints() -> anyhow::Result<()> {
+    kill_9_one_of_two_workers(None).await
+}
+
+/// The same through enhanced fan-out: the survivor subscribes to the victim's shards
+/// from their checkpoints (the victim's subscriptions die with its connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_fan_out_worker_resumes_the_subscription_after_the_checkpoints() -> anyhow::Result<()> {
+    kill_9_one_of_two_workers(Some(kcl_tests::unique("consumer"))).await
+}
+
+async fn kill_9_one_of_two_workers(fan_out_consumer: Option<String>) -> anyhow::Result<()> {
     let env = TestEnv::start(4).await?;
     let dir = tempfile::tempdir()?;
     let spec = WorkerSpec {
         max_records: 25,
+        fan_out_consumer,
         ..WorkerSpec::default()
     };
     let store = env.lease_store();

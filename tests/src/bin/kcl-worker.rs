@@ -6,7 +6,7 @@
 //! ```sh
 //! cargo run -p kcl-local -- serve --kinesis-port 4567 --dynamodb-port 8000 &
 //! cargo run -p kcl-tests --bin kcl-worker -- --stream clicks --application demo \
-//!     --worker-id w1 --output /tmp/w1.log
+//!     --worker-id w1 --output /tmp/w1.log [--retrieval fan-out --consumer-name demo]
 //! ```
 //!
 //! Log lines (space separated; the payload is the last field, written by the tests'
@@ -32,11 +32,20 @@ use kcl_core::{
     ProcessorError, RecordProcessor, RetrievalConfig, Scheduler, ShardEndedInput, ShutdownRequestedInput,
 };
 use kcl_dynamo::DynamoLeaseStore;
+use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Position {
     TrimHorizon,
     Latest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Retrieval {
+    /// `GetRecords` polling.
+    Polling,
+    /// Enhanced fan-out (`SubscribeToShard`), through `--consumer-name`.
+    FanOut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,6 +98,12 @@ struct Args {
     /// When to checkpoint.
     #[arg(long, value_enum, default_value = "batch")]
     checkpoint: CheckpointEvery,
+    /// How shards are read.
+    #[arg(long, value_enum, default_value = "polling")]
+    retrieval: Retrieval,
+    /// The stream consumer of `--retrieval fan-out` (registered when missing).
+    #[arg(long, default_value = "kcl-worker")]
+    consumer_name: String,
 }
 
 /// The log file, shared by the processors of this process.
@@ -199,10 +214,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(ms) = args.taking_interval_ms {
         lease.lease_taking_interval = Duration::from_millis(ms);
     }
-    let retrieval = RetrievalConfig {
-        idle_time_between_reads: Duration::from_millis(args.idle_ms),
-        max_records: args.max_records,
-        ..RetrievalConfig::default()
+    let retrieval = match args.retrieval {
+        Retrieval::Polling => RetrievalMode::Polling(RetrievalConfig {
+            idle_time_between_reads: Duration::from_millis(args.idle_ms),
+            max_records: args.max_records,
+            ..RetrievalConfig::default()
+        }),
+        Retrieval::FanOut => RetrievalMode::FanOut(FanOutConfig {
+            shard_end_check_interval: Duration::from_secs(1),
+            ..FanOutConfig::new(args.consumer_name.clone())
+        }),
     };
     let checkpoint = args.checkpoint;
     let factory_log = log.clone();
@@ -215,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
             Position::Latest => InitialPositionInStream::Latest,
         })
         .lease_config(lease)
-        .retrieval_config(retrieval)
+        .retrieval_mode(retrieval)?
         .processor_factory(move |shard_id: &str| LoggingProcessor {
             shard_id: shard_id.to_owned(),
             log: factory_log.clone(),
