@@ -4,7 +4,7 @@
 //!
 //! On the embedded backend, `GetRecords` never names child shards, so children are
 //! found through `ListShards` lineage; the conformance variants (kinesis-mock) exercise
-//! the `ChildShards` path.
+//! the `ChildShards` path. The fan-out variants read through `SubscribeToShard`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use kcl_core::{
     ShutdownHandle,
 };
 use kcl_dynamo::DynamoLeaseStore;
+use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
 use kcl_tests::{
     fast_config, list_shards, merge_shards, spawn_keyed_producer, split_shard_in_half, CheckpointMode, Event, Recorder,
     RecordingProcessor, TestEnv,
@@ -30,6 +31,19 @@ fn worker(
     id: &str,
     recorder: &Recorder,
     position: InitialPositionInStream,
+) -> anyhow::Result<(ShutdownHandle, JoinHandle<Result<(), SchedulerError>>)> {
+    worker_reading(env, table, id, recorder, position, None)
+}
+
+/// A worker reading through enhanced fan-out with the stream consumer `fan_out`, or
+/// by polling with `None`.
+fn worker_reading(
+    env: &TestEnv,
+    table: &str,
+    id: &str,
+    recorder: &Recorder,
+    position: InitialPositionInStream,
+    fan_out: Option<&str>,
 ) -> anyhow::Result<(ShutdownHandle, JoinHandle<Result<(), SchedulerError>>)> {
     let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
     lease.lease_taking_interval = Duration::from_millis(500);
@@ -52,7 +66,14 @@ fn worker(
     })
     .worker_id(id)
     .initial_position(position)
-    .processor_factory(move |shard: &str| RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch))
+    .processor_factory(move |shard: &str| RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch));
+    let scheduler = match fan_out {
+        Some(consumer) => scheduler.retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+            shard_end_check_interval: Duration::from_millis(500),
+            ..FanOutConfig::new(consumer)
+        }))?,
+        None => scheduler,
+    }
     .build()?;
     Ok((scheduler.shutdown_handle(), tokio::spawn(scheduler.run())))
 }
@@ -118,11 +139,12 @@ fn assert_parents_before_children(recorder: &Recorder, lineage: &BTreeMap<String
     }
 }
 
-async fn split_and_merge_under_load(env: TestEnv) -> anyhow::Result<()> {
+async fn split_and_merge_under_load(env: TestEnv, fan_out: Option<&str>) -> anyhow::Result<()> {
     // Three shards: split 0, merge 1 and 2 (adjacent hash ranges).
     let recorder = Recorder::default();
-    let a = worker(&env, &env.table, "a", &recorder, InitialPositionInStream::TrimHorizon)?;
-    let b = worker(&env, &env.table, "b", &recorder, InitialPositionInStream::TrimHorizon)?;
+    let th = InitialPositionInStream::TrimHorizon;
+    let a = worker_reading(&env, &env.table, "a", &recorder, th, fan_out)?;
+    let b = worker_reading(&env, &env.table, "b", &recorder, th, fan_out)?;
     let stop_producing = CancellationToken::new();
     let producer = spawn_keyed_producer(env.kinesis.clone(), env.stream.clone(), 12, stop_producing.clone());
     recorder.wait_for_records(100, WAIT).await?;
@@ -279,7 +301,7 @@ async fn initial_positions_on_a_resharded_stream(env: TestEnv) -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_under_load_embedded() -> anyhow::Result<()> {
-    split_and_merge_under_load(TestEnv::start(3).await?).await
+    split_and_merge_under_load(TestEnv::start(3).await?, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +311,21 @@ async fn initial_positions_on_a_resharded_stream_embedded() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_under_load_conformance() -> anyhow::Result<()> {
-    split_and_merge_under_load(TestEnv::start_conformance(3).await?).await
+    split_and_merge_under_load(TestEnv::start_conformance(3).await?, None).await
+}
+
+/// Resharding while consuming through enhanced fan-out: parents before children,
+/// nothing lost, per-key order kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_under_load_through_fan_out_embedded() -> anyhow::Result<()> {
+    split_and_merge_under_load(TestEnv::start(3).await?, Some("resharding")).await
+}
+
+/// The same on kinesis-mock, which never ends a fan-out subscription at a shard's end:
+/// the end is found through `GetRecords`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_under_load_through_fan_out_conformance() -> anyhow::Result<()> {
+    split_and_merge_under_load(TestEnv::start_conformance(3).await?, Some("resharding")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,6 +184,20 @@ impl Position {
         }
     }
 
+    /// Whether a record at `sequence_number` lies at or after this position (records
+    /// before it were asked not to be sent). Positions without a sequence number admit
+    /// everything.
+    fn admits(&self, sequence_number: &SequenceNumber) -> bool {
+        match self {
+            Self::AtSequence(at) => sequence_number >= at,
+            Self::AfterSequence(after) => match SequenceNumber::parse(after) {
+                Ok(after) => *sequence_number > after,
+                Err(_) => true,
+            },
+            _ => true,
+        }
+    }
+
     fn starting_position(&self) -> Result<aws_sdk_kinesis::types::StartingPosition, BoxError> {
         Ok(aws_sdk_kinesis::types::StartingPosition::builder()
             .r#type(self.kind())
@@ -202,6 +216,8 @@ enum Replaced {
     Idle,
     /// It failed, or was refused.
     Failed,
+    /// Its stream said `ResourceNotFoundException`.
+    NotFound,
 }
 
 /// What a shard-end check found.
@@ -270,6 +286,16 @@ impl FanOutPublisher {
                 return;
             }
             match replaced {
+                Replaced::NotFound => match self.not_found("the subscription's stream: not found".into()).await {
+                    Subscribe::Final(event) => {
+                        let _ = self.sink.send(event).await;
+                        return;
+                    }
+                    _ => {
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep(self.config.retry.backoff(failures)).await;
+                    }
+                },
                 Replaced::Ended => failures = 0,
                 Replaced::Idle => {
                     warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again")
@@ -324,6 +350,17 @@ impl FanOutPublisher {
                 Err(e) => {
                     let (_, errors) = counters(&self.shard_id);
                     errors.increment(1);
+                    // Some backends refuse a subscription in its event stream rather than
+                    // in the response (kinesis-mock: HTTP 200, then an exception event).
+                    if let SdkError::ServiceError(s) = &e {
+                        if s.err().is_resource_not_found_exception() {
+                            return (Replaced::NotFound, false);
+                        }
+                        if s.err().is_resource_in_use_exception() {
+                            debug!("the shard's subscription is still in use; retrying");
+                            return (Replaced::Failed, false);
+                        }
+                    }
                     warn!(error = %DisplayErrorContext(&e), "the subscription failed; subscribing again");
                     return (Replaced::Failed, false);
                 }
@@ -331,7 +368,12 @@ impl FanOutPublisher {
             // Required in the SDK's model, so a closed shard's "none" arrives empty.
             let continuation = Some(event.continuation_sequence_number.clone()).filter(|c| !c.is_empty());
             let child_shards: Vec<ChildShard> = event.child_shards().iter().map(ChildShard::from).collect();
-            let (records, last) = records_from_kinesis(&self.shard_id, event.records);
+            let delivered_any = !event.records.is_empty();
+            let (mut records, last) = records_from_kinesis(&self.shard_id, event.records);
+            // A backend that ignores the requested position replays from earlier; what
+            // lies before the position is not handed on (the consumer would drop it too,
+            // except while it has delivered nothing yet).
+            records.retain(|r| position.admits(&r.sequence_number));
             if !records.is_empty() {
                 *quiet_since = Instant::now();
             }
@@ -348,7 +390,10 @@ impl FanOutPublisher {
                 (None, Some(last)) => *position = Position::AfterSequence(last.as_str().to_owned()),
                 (None, None) => {}
             }
-            if continuation.is_none() && !child_shards.is_empty() {
+            // The end: `ChildShards` with no continuation (AWS), or with an event that has
+            // no records left (a backend that names the children on every event of a
+            // closed shard, records or not).
+            if !child_shards.is_empty() && (continuation.is_none() || !delivered_any) {
                 info!(children = ?child_shards.iter().map(|c| c.shard_id.as_str()).collect::<Vec<_>>(), "shard end reached");
                 let _ = self.sink.send(PublisherEvent::ShardEnd { child_shards }).await;
                 return (Replaced::Ended, true);
