@@ -73,8 +73,11 @@ async fn produce_for(env: &TestEnv, keys: usize, for_how_long: Duration) -> anyh
 /// publisher resubscribes many times from the last continuation; nothing is lost and
 /// nothing reaches the processor twice, even from a backend that replays every
 /// subscription from `TRIM_HORIZON`.
-async fn resubscribes_without_loss_or_duplicates(replaying_backend: bool) -> anyhow::Result<()> {
-    let env = TestEnv::start(2).await?;
+async fn resubscribes_without_loss_or_duplicates(
+    env: TestEnv,
+    replaying_backend: bool,
+    min_subscriptions: usize,
+) -> anyhow::Result<()> {
     let faults = FaultInjector::default();
     faults.replay_subscriptions_from_trim_horizon(replaying_backend);
     let recorder = Recorder::default();
@@ -98,7 +101,7 @@ async fn resubscribes_without_loss_or_duplicates(replaying_backend: bool) -> any
     );
     let subscriptions = faults.calls("SubscribeToShard");
     assert!(
-        subscriptions >= 10,
+        subscriptions >= min_subscriptions,
         "resubscribed many times: {subscriptions} subscriptions"
     );
     Ok(())
@@ -106,12 +109,21 @@ async fn resubscribes_without_loss_or_duplicates(replaying_backend: bool) -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscriptions_lose_nothing_and_duplicate_nothing() -> anyhow::Result<()> {
-    resubscribes_without_loss_or_duplicates(false).await
+    // ferrokinesis replays every subscription from the shard's start anyway.
+    resubscribes_without_loss_or_duplicates(TestEnv::start(2).await?, false, 10).await
+}
+
+/// On kinesis-mock, which honours the position (and sends an event a second, and frees
+/// a shard's subscription slot only about a second after it was dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscriptions_lose_nothing_and_duplicate_nothing_on_kinesis_mock() -> anyhow::Result<()> {
+    resubscribes_without_loss_or_duplicates(TestEnv::start_conformance(2).await?, false, 4).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_replaying_from_an_earlier_position_causes_no_duplicate() -> anyhow::Result<()> {
-    resubscribes_without_loss_or_duplicates(true).await
+    // kinesis-mock honours positions: the rewritten requests are what replays here.
+    resubscribes_without_loss_or_duplicates(TestEnv::start_conformance(2).await?, true, 4).await
 }
 
 /// The same application reads the same stream in polling and in fan-out mode, the mode
@@ -219,5 +231,71 @@ async fn consumers_that_cannot_be_registered_are_typed_errors() -> anyhow::Resul
         }
     }
     assert!(recorder.state().deliveries.is_empty());
+    Ok(())
+}
+
+/// What each backend does with a `SubscribeToShard` starting position, as the crate
+/// docs of `kcl-efo` state: kinesis-mock honours `AFTER_SEQUENCE_NUMBER`; ferrokinesis
+/// 0.7 ignores it and sends the shard from its first record. The publisher is correct
+/// either way (see the resubscription tests); this pins the fact the docs state.
+async fn first_record_after(env: &TestEnv) -> anyhow::Result<(Vec<kcl_tests::Written>, String)> {
+    use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEventStream};
+    let written = env.put(10, "position").await?;
+    let shard = written[0].shard_id.clone();
+    let in_shard: Vec<_> = written.iter().filter(|w| w.shard_id == shard).cloned().collect();
+    anyhow::ensure!(in_shard.len() >= 3, "records on {shard}");
+    let consumer = kcl_efo::register_stream_consumer(
+        &env.kinesis,
+        &env.stream,
+        &unique("probe"),
+        Duration::from_secs(20),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let output = env
+        .kinesis
+        .subscribe_to_shard()
+        .consumer_arn(&consumer.consumer_arn)
+        .shard_id(&shard)
+        .starting_position(
+            StartingPosition::builder()
+                .r#type(ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(in_shard[1].sequence_number.as_str())
+                .build()?,
+        )
+        .send()
+        .await?;
+    let mut events = output.event_stream;
+    loop {
+        let event = tokio::time::timeout(WAIT, events.recv()).await??;
+        if let Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)) = event {
+            if let Some(first) = event.records().first() {
+                return Ok((in_shard, first.sequence_number().to_owned()));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrokinesis_ignores_the_subscription_position() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let (in_shard, first) = first_record_after(&env).await?;
+    assert_eq!(
+        first,
+        in_shard[0].sequence_number.as_str(),
+        "from the shard's first record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_mock_honours_the_subscription_position() -> anyhow::Result<()> {
+    let env = TestEnv::start_conformance(1).await?;
+    let (in_shard, first) = first_record_after(&env).await?;
+    assert_eq!(
+        first,
+        in_shard[2].sequence_number.as_str(),
+        "after the requested record"
+    );
     Ok(())
 }
