@@ -15,6 +15,10 @@
 //! from the usual environment, or `--region`), from LATEST (`--trim-horizon` to start at
 //! the oldest record), until Ctrl-C. `--produce N` first writes N click events to it.
 //!
+//! `--fan-out` reads through enhanced fan-out (`SubscribeToShard`, with a stream
+//! consumer named after `--application`) instead of polling, in either mode: the
+//! processor is the same, only the retrieval configuration changes.
+//!
 //! Progress goes to stdout; logs go to stderr, filtered by `RUST_LOG` (default
 //! `warn,kcl_core=info`, and only errors from the DynamoDB emulator).
 //!
@@ -33,6 +37,7 @@ use aws_config::{BehaviorVersion, Region};
 use clap::Parser;
 use kcl_core::{InitialPositionInStream, RetrievalConfig, Scheduler, SchedulerError};
 use kcl_dynamo::DynamoLeaseStore;
+use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
 use kcl_local::LocalBackend;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -86,6 +91,23 @@ struct Args {
     /// With --stream: write this many click events to the stream before consuming.
     #[arg(long, value_name = "N", requires = "stream")]
     produce: Option<u64>,
+
+    /// Read through enhanced fan-out (SubscribeToShard, with a stream consumer named
+    /// after the application, registered when missing) instead of polling GetRecords.
+    /// The processor is the same: only the retrieval configuration changes.
+    #[arg(long)]
+    fan_out: bool,
+}
+
+impl Args {
+    /// The retrieval: fan-out with `--fan-out`, else `polling`.
+    fn retrieval(&self, polling: RetrievalConfig) -> RetrievalMode {
+        if self.fan_out {
+            RetrievalMode::FanOut(FanOutConfig::new(self.application.clone()))
+        } else {
+            RetrievalMode::Polling(polling)
+        }
+    }
 }
 
 #[tokio::main]
@@ -145,7 +167,7 @@ async fn local_demo(backend: &LocalBackend, args: &Args) -> anyhow::Result<()> {
         kinesis,
         dynamodb: backend.dynamodb_client(),
         initial_position: InitialPositionInStream::TrimHorizon,
-        retrieval: snappy_retrieval(),
+        retrieval: args.retrieval(snappy_retrieval()),
     };
     let run = consumer
         .run(
@@ -223,9 +245,9 @@ async fn run_on_aws(args: &Args, stream: &str) -> anyhow::Result<()> {
         } else {
             InitialPositionInStream::Latest
         },
-        // The defaults (a caught-up shard is polled every 1.5 s) leave room for other
-        // consumers within Kinesis's five reads per shard per second.
-        retrieval: RetrievalConfig::default(),
+        // The polling defaults (a caught-up shard is polled every 1.5 s) leave room for
+        // other consumers within Kinesis's five reads per shard per second.
+        retrieval: args.retrieval(RetrievalConfig::default()),
     };
     println!(
         "consuming {stream:?} as application {:?}; Ctrl-C to stop",
@@ -249,8 +271,8 @@ struct Consumer<'a> {
     dynamodb: aws_sdk_dynamodb::Client,
     /// Where shards without a checkpoint start.
     initial_position: InitialPositionInStream,
-    /// Polling settings.
-    retrieval: RetrievalConfig,
+    /// Polling or fan-out, and its settings.
+    retrieval: RetrievalMode,
 }
 
 /// Why [`Consumer::run`] stopped the scheduler.
@@ -300,7 +322,8 @@ impl Consumer<'_> {
             .lease_store(DynamoLeaseStore::new(self.dynamodb, self.application))
             .processor_factory(move |shard_id: &str| ClickCounter::new(shard_id, factory_tx.clone()))
             .initial_position(self.initial_position)
-            .retrieval_config(self.retrieval)
+            .retrieval_mode(self.retrieval)
+            .context("the retrieval configuration")?
             .build()
             .context("building the scheduler")?;
         let shutdown = scheduler.shutdown_handle();
