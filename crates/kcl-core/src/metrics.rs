@@ -18,6 +18,8 @@
 //! | `kcl_checkpoints_expired_total` | counter | `shard_id` | checkpoints older than the stream's retention, resumed at `TRIM_HORIZON` instead |
 //! | `kcl_records_invalid_sequence_number_total` | counter | `shard_id` | records skipped because their sequence number cannot be parsed |
 //! | `kcl_records_malformed_aggregate_total` | counter | `shard_id` | KPL aggregated records that could not be de-aggregated, delivered as they are |
+//! | `kcl_fanout_resubscriptions_total` | counter | `shard_id` | enhanced fan-out: subscriptions after a shard's first (emitted by `kcl-efo`) |
+//! | `kcl_fanout_subscription_errors_total` | counter | `shard_id` | enhanced fan-out: refused subscriptions and failed event streams (emitted by `kcl-efo`) |
 
 pub(crate) fn records_processed(shard_id: &str, n: usize) {
     ::metrics::counter!("kcl_records_processed_total", "shard_id" => shard_id.to_owned()).increment(n as u64);

@@ -37,7 +37,24 @@
 //! (refused subscriptions and failed event streams).
 //!
 //! ## What the local backends do
-//! See the crate README's table (checked by the tests in `tests/tests/fan_out.rs`).
+//! Checked by experiment (and the tests in `tests/tests/fan_out.rs`), against the
+//! DESIGN notes' doubts. The publisher is correct on all three.
+//!
+//! | | AWS | ferrokinesis 0.7 (embedded) | kinesis-mock 0.6 (npm) |
+//! |---|---|---|---|
+//! | starting position | honoured | **only `TRIM_HORIZON` and `LATEST`**: `AT_`/`AFTER_SEQUENCE_NUMBER` and `AT_TIMESTAMP` are dropped by its request validation, every subscription starts at the shard's first record | all honoured (a sequence number not in the shard falls back to `TRIM_HORIZON`) |
+//! | events | at least every 5 s | the backlog (up to 10,000 records) at once, then every 200 ms | the backlog, then every second; `send()` itself waits for the first event |
+//! | continuation | the last record's | past the last record (not a record's number) | the last record's |
+//! | shard end | `ChildShards`, empty continuation | `ChildShards` on every event of a closed shard, then the stream ends | **never** on the subscription; `GetRecords` shows it |
+//! | second subscription, same shard | `ResourceInUseException` | allowed | `ResourceInUseException` in the event stream (HTTP 200), until about a second after the first was dropped |
+//! | consumer `ACTIVE` after | seconds | 500 ms | the configured transition (200 ms in the tests) |
+//!
+//! What follows for the publisher: records before the requested position are dropped
+//! (so a replaying backend causes no duplicate, even before the consumer has delivered
+//! anything); a record-less event with `ChildShards` ends the shard; a shard that stays
+//! quiet is checked with `GetRecords`; refusals are recognised in the response and in the
+//! event stream. Calls by `StreamARN` alone fail on ferrokinesis except the consumer
+//! APIs, so streams are named, and the stream ARN is only used to register consumers.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 mod config;
