@@ -83,6 +83,26 @@ pub struct PublisherStart {
     pub cancel: CancellationToken,
 }
 
+impl PublisherStart {
+    /// A start request (the scheduler builds these; tests and other drivers of a
+    /// [`RetrievalFactory`] may too).
+    pub fn new(
+        kinesis: aws_sdk_kinesis::Client,
+        stream_name: String,
+        shard_id: String,
+        position: StartingPosition,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            kinesis,
+            stream_name,
+            shard_id,
+            position,
+            cancel,
+        }
+    }
+}
+
 /// Creates the publisher of each shard consumer (the Java KCL's `RetrievalFactory`).
 /// One factory serves every shard of a scheduler.
 #[async_trait]

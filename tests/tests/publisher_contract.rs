@@ -1,0 +1,150 @@
+//! The retrieval seam's contract (`kcl_core::retrieval`), checked the same way against
+//! every implementation: polling (`PollingRetrievalFactory`) and enhanced fan-out
+//! (`kcl_efo::FanOutRetrievalFactory`), each on the embedded backend and kinesis-mock.
+//! The publishers are driven directly, without a scheduler or leases.
+//!
+//! - every record of the shard, in order; repeats are allowed (the consumer drops them),
+//!   gaps are not;
+//! - after a closed shard's last record, `ShardEnd`, and nothing after it;
+//! - a shard Kinesis does not know ends with `ShardNotFound`;
+//! - the publisher stops when its `cancel` token fires.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kcl_core::retrieval::{PublisherEvent, PublisherStart, RecordsPublisher, RetrievalFactory, StartingPosition};
+use kcl_core::{ExtendedSequenceNumber, PollingRetrievalFactory, RetrievalConfig, SequenceNumber};
+use kcl_efo::{FanOutConfig, FanOutRetrievalFactory};
+use kcl_tests::{split_shard_in_half, unique, TestEnv};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+const SHARD0: &str = "shardId-000000000000";
+
+/// The two implementations, ready to start publishers on `env`'s stream.
+async fn factories(env: &TestEnv) -> anyhow::Result<Vec<(&'static str, Box<dyn RetrievalFactory>)>> {
+    let polling = PollingRetrievalFactory::new(RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        ..RetrievalConfig::default()
+    });
+    let fan_out = FanOutRetrievalFactory::new(FanOutConfig {
+        shard_end_check_interval: Duration::from_millis(500),
+        ..FanOutConfig::new(unique("contract"))
+    })?;
+    let factories: Vec<(&'static str, Box<dyn RetrievalFactory>)> =
+        vec![("polling", Box::new(polling)), ("fan-out", Box::new(fan_out))];
+    for (_, factory) in &factories {
+        factory
+            .initialize(&env.kinesis, &env.stream)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    Ok(factories)
+}
+
+fn start(
+    env: &TestEnv,
+    factory: &dyn RetrievalFactory,
+    shard_id: &str,
+    cancel: &CancellationToken,
+) -> RecordsPublisher {
+    factory.start(PublisherStart::new(
+        env.kinesis.clone(),
+        env.stream.clone(),
+        shard_id.to_owned(),
+        StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
+        cancel.clone(),
+    ))
+}
+
+/// Reads events until `want` distinct records arrived (checking order: never a gap,
+/// never backwards past what was seen, repeats dropped as the consumer does), or the
+/// shard ended. Returns the distinct records in order and whether `ShardEnd` came.
+async fn read(
+    publisher: &mut RecordsPublisher,
+    want: usize,
+    until_end: bool,
+) -> anyhow::Result<(Vec<SequenceNumber>, bool)> {
+    let mut seen: Vec<SequenceNumber> = Vec::new();
+    loop {
+        if !until_end && seen.len() >= want {
+            return Ok((seen, false));
+        }
+        let event = tokio::time::timeout(WAIT, publisher.next())
+            .await
+            .with_context(|| format!("no event after {} records", seen.len()))?
+            .context("the publisher stopped without an end")?;
+        match event {
+            PublisherEvent::Batch(batch) => {
+                for record in &batch.records {
+                    if seen.last().is_none_or(|last| record.sequence_number > *last) {
+                        seen.push(record.sequence_number.clone());
+                    }
+                }
+            }
+            PublisherEvent::ShardEnd { .. } => return Ok((seen, true)),
+            other => anyhow::bail!("unexpected event {other:?}"),
+        }
+    }
+}
+
+async fn contract(env: TestEnv) -> anyhow::Result<()> {
+    // An open shard: every record, in order.
+    let written = env.put(50, "contract").await?;
+    let expected: Vec<SequenceNumber> = written.iter().map(|w| w.sequence_number.clone()).collect();
+    for (name, factory) in factories(&env).await? {
+        let cancel = CancellationToken::new();
+        let mut publisher = start(&env, factory.as_ref(), SHARD0, &cancel);
+        let (seen, ended) = read(&mut publisher, expected.len(), false).await?;
+        assert!(!ended, "{name}: an open shard does not end");
+        assert_eq!(seen, expected, "{name}: every record, in order");
+        // Stops when cancelled: the channel closes.
+        cancel.cancel();
+        let drained = tokio::time::timeout(WAIT, async { while publisher.next().await.is_some() {} }).await;
+        assert!(drained.is_ok(), "{name}: the publisher stops when cancelled");
+    }
+
+    // A closed shard: every record, then ShardEnd, and nothing after it.
+    split_shard_in_half(&env.kinesis, &env.stream, SHARD0).await?;
+    for (name, factory) in factories(&env).await? {
+        let cancel = CancellationToken::new();
+        let mut publisher = start(&env, factory.as_ref(), SHARD0, &cancel);
+        let (seen, ended) = read(&mut publisher, expected.len(), true).await?;
+        assert!(ended, "{name}: ShardEnd");
+        assert_eq!(seen, expected, "{name}: every record before the end");
+        let after = tokio::time::timeout(WAIT, publisher.next()).await?;
+        assert!(after.is_none(), "{name}: nothing after ShardEnd: {after:?}");
+    }
+
+    // A shard Kinesis does not know.
+    for (name, factory) in factories(&env).await? {
+        let cancel = CancellationToken::new();
+        let mut publisher = start(&env, factory.as_ref(), "shardId-000000009999", &cancel);
+        // kinesis-mock accepts a subscription to any shard id and sends empty events:
+        // the publisher's own check finds out.
+        let event = tokio::time::timeout(WAIT, async {
+            loop {
+                match publisher.next().await {
+                    Some(PublisherEvent::Batch(batch)) if batch.records.is_empty() => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await?;
+        assert!(
+            matches!(event, Some(PublisherEvent::ShardNotFound { .. })),
+            "{name}: {event:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_publishers_keep_the_contract_on_the_embedded_backend() -> anyhow::Result<()> {
+    contract(TestEnv::start(1).await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_publishers_keep_the_contract_on_kinesis_mock() -> anyhow::Result<()> {
+    contract(TestEnv::start_conformance(1).await?).await
+}
