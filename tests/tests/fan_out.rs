@@ -299,3 +299,32 @@ async fn kinesis_mock_honours_the_subscription_position() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A `SubscribeToShard` call whose answer never comes is abandoned after
+/// `call_timeout` and made again; the shard does not stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_subscription_is_abandoned_and_made_again() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(50, "hung").await?;
+    let config = env.backend.kinesis_sdk_config();
+    let http = kcl_tests::HangingHttpClient::new(&config);
+    http.hang_next("SubscribeToShard", 1);
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(http.kinesis_client(&config, None))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+            call_timeout: Duration::from_secs(1),
+            ..fan_out()
+        }))?
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder
+        .wait_for_records(written.len(), Duration::from_secs(30))
+        .await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(http.hanging("SubscribeToShard"), 1);
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}

@@ -632,3 +632,49 @@ fn counters(shard_id: &str) -> (metrics::Counter, metrics::Counter) {
         metrics::counter!("kcl_fanout_subscription_errors_total", "shard_id" => shard_id.to_owned()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: &str) -> SequenceNumber {
+        SequenceNumber::parse(n).expect("valid")
+    }
+
+    #[test]
+    fn records_before_the_requested_position_are_not_admitted() {
+        let after = Position::AfterSequence("100".into());
+        assert!(!after.admits(&seq("99")) && !after.admits(&seq("100")));
+        assert!(after.admits(&seq("101")));
+        let at = Position::AtSequence(seq("100"));
+        assert!(!at.admits(&seq("99")) && at.admits(&seq("100")));
+        // A continuation that is no record's number (ferrokinesis) still orders.
+        let past = Position::AfterSequence("150".into());
+        assert!(!past.admits(&seq("149")) && past.admits(&seq("151")));
+        for open in [
+            Position::TrimHorizon,
+            Position::Latest,
+            Position::AtTimestamp(SystemTime::UNIX_EPOCH),
+        ] {
+            assert!(open.admits(&seq("1")));
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_read_again_and_sentinels_map_to_their_types() {
+        let cp = Position::from_start(&Checkpoint::Sequence(seq("7")), None);
+        assert_eq!(cp, Position::AtSequence(seq("7")));
+        assert_eq!(cp.kind(), ShardIteratorType::AtSequenceNumber);
+        assert_eq!(
+            Position::from_start(&Checkpoint::TrimHorizon, None).kind(),
+            ShardIteratorType::TrimHorizon
+        );
+        assert_eq!(
+            Position::from_start(&Checkpoint::Latest, None).kind(),
+            ShardIteratorType::Latest
+        );
+        let at = Position::from_start(&Checkpoint::AtTimestamp, Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(at.kind(), ShardIteratorType::AtTimestamp);
+        assert!(at.starting_position().is_ok());
+    }
+}
