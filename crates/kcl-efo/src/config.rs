@@ -158,7 +158,10 @@ pub trait SchedulerBuilderExt: Sized {
 impl SchedulerBuilderExt for SchedulerBuilder {
     fn retrieval_mode(self, mode: RetrievalMode) -> Result<SchedulerBuilder, ConfigError> {
         Ok(match mode {
-            RetrievalMode::Polling(config) => self.retrieval_config(config),
+            // Both: the factory replaces a fan-out one set before.
+            RetrievalMode::Polling(config) => self
+                .retrieval_factory(kcl_core::PollingRetrievalFactory::new(config.clone()))
+                .retrieval_config(config),
             RetrievalMode::FanOut(config) => self.retrieval_factory(FanOutRetrievalFactory::new(config)?),
         })
     }
