@@ -28,10 +28,26 @@
 //!   to check: a record reaches the processor within about one idle time, so
 //!   `max ≈ idle + one call` (`max_over_idle_time` ≈ 1) and `mean ≈ idle / 2`.
 //!   `mean_get_records_interval_ms` shows the actual poll cadence.
+//! - `latency --fan-out`: the same through enhanced fan-out (`SubscribeToShard`;
+//!   `--idle-ms` does not apply), with p50/p90/p99/max, and next to it a reference
+//!   measured on the same stream with the same producer pattern: a bare
+//!   `SubscribeToShard` reader (its own stream consumer, `LATEST`, no leases, no
+//!   checkpoints) stamping each record when its event arrives, and the ratio
+//!   ours/reference of p50 and p99. The embedded backend (ferrokinesis 0.7) sends one
+//!   event every 200 ms after a subscription's first (backlog) event, so both sides
+//!   are bounded below by that cadence; it makes a consumer `ACTIVE` after a fixed
+//!   500 ms, ignores `AT_`/`AFTER_SEQUENCE_NUMBER` positions (always starts at the
+//!   shard's first record) and honours `TRIM_HORIZON` and `LATEST`.
 //! - `throughput`: `--records` (default 100,000) records on 4 shards, written first
 //!   (write rate reported), then consumed from `TRIM_HORIZON` by one scheduler whose
 //!   processor checkpoints every batch. Reports records/s and the time from `run()` to
-//!   the last record, with and without the startup part.
+//!   the last record, with and without the startup part, and the process's CPU time
+//!   per record and resident peak while reading (`read.resources`).
+//!   With `--fan-out` the drain runs through fan-out and then through polling, each in
+//!   a fresh child process with its own backend and the same records (1 KiB by default,
+//!   `--record-size`), and both are printed side by side with their ratios; on the
+//!   embedded backend a fan-out drain is paced by its 200 ms event cadence (at most
+//!   10,000 records per shard per event).
 //! - `memory`: the bounded-prefetch promise. For each prefetch limit × backlog size, a
 //!   child process writes a backlog of ~1 KiB records, measures its resident memory as
 //!   a baseline, and runs a scheduler with a deliberately slow processor for a fixed
@@ -43,16 +59,18 @@
 //!   `--kinesis-endpoint`/`--dynamodb-endpoint` the cases use a backend in another
 //!   process instead (`kcl-local serve --kinesis-port 0 --dynamodb-port 0`), and RSS is
 //!   the consumer's alone.
-//! - `all`: every scenario with its defaults, one JSON object each, in the order above.
+//! - `all`: every scenario with its defaults, one JSON object each, in the order above,
+//!   including `latency --fan-out` (but not `throughput --fan-out`).
 //!
 //! Defaults are sized so that `all` takes a few minutes in a debug build on 2 cores.
 //! For bigger runs use a release build (`cargo run --release -p kcl-bench -- ...`) and,
-//! for example, `throughput --records 1000000` or `memory --records 200000,1000000`.
+//! for example, `throughput --records 1000000`, `throughput --fan-out --records 200000`
+//! or `memory --records 200000,1000000`.
 //!
 //! # Modules
 //! - `support`: the backend, producer, instrumented Kinesis client (counts what
 //!   `GetRecords` returns), the benchmark processor, a stoppable running scheduler,
-//!   statistics.
+//!   fan-out selection, statistics, process CPU time and resident memory.
 //! - `startup`, `latency`, `throughput`, `memory`: one scenario each.
 
 mod latency;
@@ -78,18 +96,25 @@ enum Scenario {
     /// Time from run() to the first record, and to every shard's first record, for a
     /// new application on a 4-shard stream (min/median/max over iterations).
     Startup(startup::StartupArgs),
-    /// PutRecord-ack to processor latency on an idle shard, per idle_time_between_reads.
+    /// PutRecord-ack to processor latency on an idle shard, per idle_time_between_reads
+    /// (or through fan-out, next to a bare SubscribeToShard reader, with --fan-out).
     Latency(latency::LatencyArgs),
-    /// Write rate, then read rate of one scheduler checkpointing every batch.
+    /// Write rate, then read rate, CPU per record and peak RSS of one scheduler
+    /// checkpointing every batch (fan-out and polling side by side with --fan-out).
     Throughput(throughput::ThroughputArgs),
     /// Peak resident memory with a large backlog and a slow processor, per prefetch
     /// limit and backlog size (each case in a child process).
     Memory(memory::MemoryArgs),
-    /// Every scenario with its default options, one JSON object each.
+    /// Every scenario with its default options (and latency --fan-out), one JSON object
+    /// each.
     All,
     /// One memory case in this process (used by `memory`; prints one JSON line).
     #[command(hide = true)]
     MemoryCase(memory::MemoryCaseArgs),
+    /// One throughput drain in this process (used by `throughput --fan-out`; prints one
+    /// JSON line).
+    #[command(hide = true)]
+    ThroughputCase(throughput::ThroughputCaseArgs),
 }
 
 #[tokio::main]
@@ -109,17 +134,29 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Throughput(args) => print(throughput::run(&args).await?),
         Scenario::Memory(args) => print(memory::run(&args).await?),
         Scenario::MemoryCase(args) => memory::run_case(&args).await?,
+        Scenario::ThroughputCase(args) => throughput::run_case(&args).await?,
         Scenario::All => {
-            // Defaults of each scenario, as if run on its own with no options.
-            let defaults = |scenario: &str| Cli::try_parse_from(["kcl-bench", scenario]).map(|cli| cli.scenario);
-            for name in ["startup", "latency", "throughput", "memory"] {
-                eprintln!("== {name}");
-                let value = match defaults(name)? {
+            // Defaults of each scenario, as if run on its own with these arguments only.
+            let defaults = |args: &[&str]| {
+                Cli::try_parse_from(std::iter::once("kcl-bench").chain(args.iter().copied())).map(|cli| cli.scenario)
+            };
+            let runs: [&[&str]; 5] = [
+                &["startup"],
+                &["latency"],
+                &["latency", "--fan-out"],
+                &["throughput"],
+                &["memory"],
+            ];
+            for args in runs {
+                eprintln!("== {}", args.join(" "));
+                let value = match defaults(args)? {
                     Scenario::Startup(args) => startup::run(&args).await?,
                     Scenario::Latency(args) => latency::run(&args).await?,
                     Scenario::Throughput(args) => throughput::run(&args).await?,
                     Scenario::Memory(args) => memory::run(&args).await?,
-                    Scenario::All | Scenario::MemoryCase(_) => unreachable!("only scenarios are listed"),
+                    Scenario::All | Scenario::MemoryCase(_) | Scenario::ThroughputCase(_) => {
+                        unreachable!("only scenarios are listed")
+                    }
                 };
                 print(value);
             }

@@ -20,18 +20,19 @@
 //! (the limit is checked before each fetch, and one batch may be in flight).
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
 use clap::Args;
 use kcl_core::{InitialPositionInStream, RetrievalConfig};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::support::{ms, round3, write_backlog, Bench, Counters, ProcessorOptions, Running, MIB};
+use crate::support::{
+    ms, read_status, reset_hwm, round3, run_case_in_child, write_backlog, Bench, Counters, ProcessorOptions, Running,
+    MIB,
+};
 
 /// How often resident memory is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
@@ -110,7 +111,6 @@ pub(crate) struct MemoryCaseArgs {
 
 /// Runs every case, each in a child process, and returns the scenario's JSON object.
 pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
-    let exe = std::env::current_exe().context("finding this program to run the memory cases")?;
     let mut runs = Vec::new();
     let mut table = Vec::new();
     for &kib in &args.prefetch_kib {
@@ -133,30 +133,8 @@ pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
                 child_args.push(format!("--kinesis-endpoint={kinesis}"));
                 child_args.push(format!("--dynamodb-endpoint={dynamodb}"));
             }
-            let exe = exe.clone();
-            let output = tokio::task::spawn_blocking(move || {
-                Command::new(exe)
-                    .args(child_args)
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .output()
-            })
-            .await
-            .context("waiting for a memory case")?
-            .context("running a memory case")?;
-            if !output.status.success() {
-                bail!(
-                    "the memory case (prefetch {kib} KiB, {records} records) failed: {}",
-                    output.status
-                );
-            }
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let line = stdout
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .context("a memory case printed nothing")?;
-            let case: Value = serde_json::from_str(line).context("parsing a memory case's output")?;
+            let what = format!("the memory case (prefetch {kib} KiB, {records} records)");
+            let case = run_case_in_child(child_args, what).await?;
             table.push(json!({
                 "max_prefetch_mib": round3(kib as f64 / 1024.0),
                 "backlog_records": records,
@@ -303,41 +281,6 @@ async fn case(args: &MemoryCaseArgs) -> anyhow::Result<Value> {
         "ran_ms": ms(ran_for),
         "graceful_shutdown_ms": ms(shutdown),
     }))
-}
-
-/// The two lines of `/proc/self/status` this scenario reads.
-#[derive(Debug, Clone, Copy)]
-struct Status {
-    /// `VmRSS`: resident now.
-    rss_kib: u64,
-    /// `VmHWM`: the resident peak since start (or since the last reset).
-    hwm_kib: u64,
-}
-
-fn read_status() -> anyhow::Result<Status> {
-    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status (Linux only)")?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("{name} missing from /proc/self/status"))?;
-        let kib = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("cannot parse {line:?}"))?;
-        Ok(kib)
-    };
-    Ok(Status {
-        rss_kib: field("VmRSS:")?,
-        hwm_kib: field("VmHWM:")?,
-    })
-}
-
-/// Resets the kernel's peak-RSS counter (`VmHWM`) to the current RSS; false where the
-/// kernel does not allow it (then only the samples count).
-fn reset_hwm() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// What the sampler thread saw.

@@ -20,6 +20,7 @@ use kcl_core::{
     SchedulerBuilder, SchedulerError, ShutdownHandle, ShutdownRequestedInput,
 };
 use kcl_dynamo::DynamoLeaseStore;
+use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
 use kcl_local::LocalBackend;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -508,4 +509,176 @@ impl Jitter {
             low + r % (high - low + 1)
         }
     }
+}
+
+/// The two lines of `/proc/self/status` the benchmarks read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Status {
+    /// `VmRSS`: resident now.
+    pub(crate) rss_kib: u64,
+    /// `VmHWM`: the resident peak since start (or since the last reset).
+    pub(crate) hwm_kib: u64,
+}
+
+/// Reads `VmRSS` and `VmHWM` from `/proc/self/status` (Linux only).
+pub(crate) fn read_status() -> anyhow::Result<Status> {
+    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status (Linux only)")?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing from /proc/self/status"))?;
+        let kib = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("cannot parse {line:?}"))?;
+        Ok(kib)
+    };
+    Ok(Status {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+    })
+}
+
+/// Resets the kernel's peak-RSS counter (`VmHWM`) to the current RSS; false where the
+/// kernel does not allow it (then `VmHWM` is the peak since the process started).
+pub(crate) fn reset_hwm() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Clock ticks per second of the `utime`/`stime` fields of `/proc/self/stat`
+/// (`USER_HZ`). It is 100 on every mainstream Linux architecture and part of the
+/// kernel's user ABI; the workspace forbids `unsafe`, so `sysconf(_SC_CLK_TCK)` (and
+/// `getrusage`) through `libc` are not used, and 100 is assumed.
+pub(crate) const CLOCK_TICKS_PER_SEC: u64 = 100;
+
+/// CPU time used by the whole process so far (every thread, exited ones included).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CpuTime {
+    /// User mode.
+    pub(crate) user: Duration,
+    /// Kernel mode.
+    pub(crate) system: Duration,
+}
+
+/// Reads `utime` and `stime` (fields 14 and 15) of `/proc/self/stat`, in clock ticks of
+/// 1/[`CLOCK_TICKS_PER_SEC`] s (so a resolution of 10 ms).
+pub(crate) fn cpu_time() -> anyhow::Result<CpuTime> {
+    let text = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat (Linux only)")?;
+    // The command name (field 2) is in parentheses and may hold spaces: count fields
+    // after its closing parenthesis, where field 3 (the state) is the first.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |n: usize| -> anyhow::Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {n} of /proc/self/stat"))
+    };
+    let to_duration = |t: u64| Duration::from_millis(t * 1000 / CLOCK_TICKS_PER_SEC);
+    Ok(CpuTime {
+        user: to_duration(ticks(14)?),
+        system: to_duration(ticks(15)?),
+    })
+}
+
+/// CPU time and peak resident memory of one measured phase: [`Resources::start`] resets
+/// the kernel's peak counter and notes the CPU time, [`Resources::finish`] reports both.
+#[derive(Debug)]
+pub(crate) struct Resources {
+    cpu: CpuTime,
+    rss_kib: u64,
+    hwm_reset: bool,
+}
+
+impl Resources {
+    /// Starts measuring (resets `VmHWM` to the current RSS where the kernel allows it).
+    pub(crate) fn start() -> anyhow::Result<Self> {
+        let hwm_reset = reset_hwm();
+        Ok(Self {
+            cpu: cpu_time()?,
+            rss_kib: read_status()?.rss_kib,
+            hwm_reset,
+        })
+    }
+
+    /// CPU time since [`Resources::start`] (total, user, system, and per record) and the
+    /// resident peak (`VmHWM`) since then, as JSON.
+    pub(crate) fn finish(&self, records: usize) -> anyhow::Result<Value> {
+        let cpu = cpu_time()?;
+        let status = read_status()?;
+        let user = cpu.user.saturating_sub(self.cpu.user);
+        let system = cpu.system.saturating_sub(self.cpu.system);
+        let total = user + system;
+        let per_record = if records == 0 {
+            f64::NAN
+        } else {
+            round3(total.as_secs_f64() * 1e6 / records as f64)
+        };
+        let mib = |kib: u64| round1(kib as f64 / 1024.0);
+        Ok(json!({
+            "cpu_ms": ms(total),
+            "cpu_user_ms": ms(user),
+            "cpu_system_ms": ms(system),
+            "cpu_us_per_record": per_record,
+            "rss_at_start_mib": mib(self.rss_kib),
+            "peak_rss_mib": mib(status.hwm_kib),
+            "peak_rss_above_start_mib": mib(status.hwm_kib.saturating_sub(self.rss_kib)),
+            "peak_rss_since": if self.hwm_reset {
+                "the start of this phase (VmHWM reset)"
+            } else {
+                "process start (VmHWM could not be reset)"
+            },
+        }))
+    }
+}
+
+/// Switches a scheduler builder to enhanced fan-out with `config` (its stream consumer
+/// is registered by the scheduler when it starts).
+pub(crate) fn fan_out(builder: SchedulerBuilder, config: FanOutConfig) -> anyhow::Result<SchedulerBuilder> {
+    builder
+        .retrieval_mode(RetrievalMode::FanOut(config))
+        .context("fan-out configuration")
+}
+
+/// Like [`summary`], with the 99th percentile too.
+pub(crate) fn summary_with_p99(values: &[f64]) -> Value {
+    let mut value = summary(values);
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if let Value::Object(map) = &mut value {
+        map.insert("p99".into(), json!(round3(quantile(&sorted, 0.99))));
+    }
+    value
+}
+
+/// Runs this program again as a child process with `args` (a hidden `*-case`
+/// subcommand), stderr inherited, and parses the last non-empty line of its stdout as
+/// JSON. `what` names the case in errors.
+pub(crate) async fn run_case_in_child(args: Vec<String>, what: String) -> anyhow::Result<Value> {
+    let exe = std::env::current_exe().context("finding this program to run a case")?;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+    })
+    .await
+    .with_context(|| format!("waiting for {what}"))?
+    .with_context(|| format!("running {what}"))?;
+    if !output.status.success() {
+        bail!("{what} failed: {}", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .with_context(|| format!("{what} printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing the output of {what}"))
 }
