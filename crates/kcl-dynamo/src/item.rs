@@ -502,4 +502,100 @@ mod tests {
 
         assert_eq!(item_to_lease(&Item::new()).expect("skipped"), None);
     }
+
+    mod fuzz {
+        //! Lease items as anything in the table may hold them (property tests): reading
+        //! one never panics; it is a lease, "not a lease", or a `CorruptLease` naming
+        //! the lease and one of its attributes.
+
+        use std::collections::HashMap;
+
+        use aws_sdk_dynamodb::primitives::Blob;
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        const NAMES: [&str; 16] = [
+            LEASE_KEY,
+            LEASE_OWNER,
+            LEASE_COUNTER,
+            CHECKPOINT,
+            CHECKPOINT_SUB_SEQUENCE_NUMBER,
+            PENDING_CHECKPOINT,
+            PENDING_CHECKPOINT_SUB_SEQUENCE_NUMBER,
+            PENDING_CHECKPOINT_STATE,
+            OWNER_SWITCHES_SINCE_CHECKPOINT,
+            PARENT_SHARD_ID,
+            CHILD_SHARD_IDS,
+            STARTING_HASH_KEY,
+            ENDING_HASH_KEY,
+            CHECKPOINT_OWNER,
+            "entityType",
+            "throughputKBps",
+        ];
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("TRIM_HORIZON".to_owned()),
+                Just("SHARD_END".to_owned()),
+                Just("LATEST".to_owned()),
+                "[0-9]{1,60}",
+                "-?[0-9]{1,30}(\\.[0-9]{1,5})?",
+                ".{0,40}",
+                // Oversized.
+                "[0-9a-z]{2000,3000}",
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = AttributeValue> {
+            let leaf = prop_oneof![
+                text().prop_map(AttributeValue::S),
+                text().prop_map(AttributeValue::N),
+                prop::collection::vec(text(), 0..4).prop_map(AttributeValue::Ss),
+                prop::collection::vec(text(), 0..4).prop_map(AttributeValue::Ns),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| AttributeValue::B(Blob::new(b))),
+                any::<bool>().prop_map(AttributeValue::Bool),
+                Just(AttributeValue::Null(true)),
+            ];
+            leaf.prop_recursive(2, 8, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
+                    prop::collection::hash_map("[a-z]{1,8}", inner, 0..4).prop_map(AttributeValue::M),
+                ]
+            })
+        }
+
+        fn item() -> impl Strategy<Value = Item> {
+            prop::collection::vec((prop::sample::select(NAMES.to_vec()), value()), 0..16).prop_map(|pairs| {
+                let mut item: Item = pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect::<HashMap<_, _>>();
+                // Mostly lease-like: a string key and a checkpoint, so that the reader
+                // gets past its "not a lease" checks.
+                item.entry(LEASE_KEY.to_owned())
+                    .or_insert_with(|| s("shardId-000000000001"));
+                item
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn reading_any_item_never_panics(item in item()) {
+                match item_to_lease(&item) {
+                    Ok(Some(lease)) => {
+                        // What was read writes back to an item that reads the same.
+                        let again = item_to_lease(&lease_to_item(&lease));
+                        prop_assert!(matches!(&again, Ok(Some(l)) if *l == lease), "{:?}", again);
+                    }
+                    Ok(None) => {}
+                    Err(LeaseStoreError::CorruptLease { lease_key, attribute, .. }) => {
+                        prop_assert_eq!(Some(&AttributeValue::S(lease_key)), item.get(LEASE_KEY));
+                        prop_assert!(NAMES.contains(&attribute.as_str()), "names a lease attribute: {}", attribute);
+                    }
+                    Err(other) => prop_assert!(false, "not a typed corruption: {:?}", other),
+                }
+            }
+        }
+    }
 }
