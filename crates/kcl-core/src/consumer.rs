@@ -472,16 +472,22 @@ impl ShardConsumer {
             };
             metrics::processor_failure(self.shard_id());
             if self.held.lost.is_cancelled() {
-                // Its checkpoints fail now anyway; stop retrying and let the lease go.
+                // Its checkpoints fail now anyway; stop retrying and let the lease go. A
+                // call that cannot be skipped (`initialize`) ends the consumer instead, so
+                // that a processor that failed to initialize is never handed anything.
                 warn!(what, error = %ErrorChain(error.as_ref()), "processor failed after the lease was lost");
-                return Ok(());
+                return if skippable {
+                    Ok(())
+                } else {
+                    Err(CallFailure::StopConsumer)
+                };
             }
             if policy.retry.should_retry(attempt) {
                 let wait = policy.retry.backoff(attempt);
                 warn!(what, attempt, error = %ErrorChain(error.as_ref()), ?wait, "processor failed; retrying the same input");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    () = self.held.lost.cancelled() => return Ok(()),
+                    () = self.held.lost.cancelled() => return if skippable { Ok(()) } else { Err(CallFailure::StopConsumer) },
                 }
                 attempt += 1;
                 continue;
@@ -540,7 +546,7 @@ impl ShardConsumer {
 /// After a `ResourceNotFoundException` for this consumer's shard: whether the stream
 /// itself still exists (then the shard is gone: it aged out past retention, or the stream
 /// was resharded while nobody read it). Keeps asking with backoff while the answer is
-/// unknown, as long as the consumer is not told to stop.
+/// unknown (a graceful shutdown's bound ends the wait, as for any processor call).
 async fn stream_exists(ctx: &ConsumerContext) -> bool {
     use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
     use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
@@ -624,7 +630,8 @@ async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards
     children.into_iter().map(|l| l.lease_key).collect()
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// The text of a panic payload (a `&str` or a `String`), for logs.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -579,11 +579,7 @@ impl Workers {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_processor(&shard_id))) {
                     Ok(p) => p,
                     Err(panic) => {
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                        let message = crate::consumer::panic_message(&panic);
                         error!(shard_id, panic = %message, "processor factory panicked");
                         self.back_off(&shard_id, now);
                         continue;
