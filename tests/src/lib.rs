@@ -12,11 +12,14 @@
 //! - [`faulty_store`]: lease-table faults ([`FaultyLeaseStore`]: partitions, failed
 //!   renewals and reads, writes that land but report failure);
 //! - [`logs`]: in-memory log capture ([`capture_logs`]).
+//! - [`verifier`]: the chaos verifier, which checks the design's promises against what a
+//!   producer acknowledged and what workers recorded.
 
 pub mod conformance;
 pub mod faults;
 pub mod faulty_store;
 pub mod logs;
+pub mod verifier;
 
 pub use faults::{Fault, FaultInjector, HangingHttpClient};
 pub use faulty_store::FaultyLeaseStore;
