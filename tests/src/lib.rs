@@ -12,6 +12,8 @@
 //! - [`faulty_store`]: lease-table faults ([`FaultyLeaseStore`]: partitions, failed
 //!   renewals and reads, writes that land but report failure);
 //! - [`logs`]: in-memory log capture ([`capture_logs`]).
+//! - [`proxy`]: a TCP proxy for network faults (resets mid-response, slowness,
+//!   blackouts) through the real client code paths ([`proxy::ChaosProxy`]).
 //! - [`verifier`]: the chaos verifier, which checks the design's promises against what a
 //!   producer acknowledged and what workers recorded.
 
@@ -19,6 +21,7 @@ pub mod conformance;
 pub mod faults;
 pub mod faulty_store;
 pub mod logs;
+pub mod proxy;
 pub mod verifier;
 
 pub use faults::{Fault, FaultInjector, HangingHttpClient};
