@@ -83,6 +83,9 @@ pub(crate) enum WriteOutcome {
 /// Owns the set of held leases and performs every write to them.
 #[derive(Debug)]
 pub(crate) struct LeaseCoordinator {
+    /// Every call is bounded by the store itself: the scheduler hands a
+    /// `TimedLeaseStore` (`lease_store_call_timeout`). Checkpoint writes get a tighter
+    /// bound here, the proof of ownership left.
     store: Arc<dyn LeaseStore>,
     worker_id: String,
     config: LeaseManagementConfig,
@@ -161,15 +164,13 @@ impl LeaseCoordinator {
             let mut guard = held.lease.lock().await;
             let mut next = guard.clone();
             let sent = Instant::now();
-            let result =
-                tokio::time::timeout(self.config.lease_store_call_timeout, self.store.renew_lease(&mut next)).await;
-            outcome = match result {
-                Ok(Ok(true)) => {
+            outcome = match self.store.renew_lease(&mut next).await {
+                Ok(true) => {
                     *guard = next;
                     held.record_renewal(sent);
                     Ok(true)
                 }
-                Ok(Ok(false)) => match self.verify_refusal(&held.shard_id).await {
+                Ok(false) => match self.verify_refusal(&held.shard_id).await {
                     Verdict::StillOurs(stored) => {
                         debug!(shard_id = %held.shard_id, counter = stored.lease_counter, "renewal refused but the lease is still ours; adopting the stored lease");
                         *guard = *stored;
@@ -178,11 +179,7 @@ impl LeaseCoordinator {
                     Verdict::Lost => Ok(false),
                     Verdict::Unknown(e) => Err(e),
                 },
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(LeaseStoreError::Dependency {
-                    message: format!("renewal timed out after {:?}", self.config.lease_store_call_timeout),
-                    source: "lease store call timed out".into(),
-                }),
+                Err(e) => Err(e),
             };
             break;
         }
@@ -203,17 +200,10 @@ impl LeaseCoordinator {
     /// consistent, as stores read) to tell a lost lease from one whose counter an
     /// earlier write of ours moved.
     async fn verify_refusal(&self, shard_id: &str) -> Verdict {
-        match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.get_lease(shard_id)).await {
-            Ok(Ok(Some(stored))) if stored.is_owned_by(&self.worker_id) => Verdict::StillOurs(Box::new(stored)),
-            Ok(Ok(_)) => Verdict::Lost,
-            Ok(Err(e)) => Verdict::Unknown(e),
-            Err(_) => Verdict::Unknown(LeaseStoreError::Dependency {
-                message: format!(
-                    "reading lease {shard_id:?} to verify a refused write timed out after {:?}",
-                    self.config.lease_store_call_timeout
-                ),
-                source: "lease store call timed out".into(),
-            }),
+        match self.store.get_lease(shard_id).await {
+            Ok(Some(stored)) if stored.is_owned_by(&self.worker_id) => Verdict::StillOurs(Box::new(stored)),
+            Ok(_) => Verdict::Lost,
+            Err(e) => Verdict::Unknown(e),
         }
     }
 
@@ -380,13 +370,12 @@ impl LeaseCoordinator {
         h.lost.cancel();
         let shard_id = h.shard_id.as_str();
         let mut lease = h.lease.lock().await.clone();
-        match tokio::time::timeout(self.config.lease_store_call_timeout, self.store.evict_lease(&mut lease)).await {
-            Ok(Ok(true)) => info!(shard_id, "lease released"),
-            Ok(Ok(false)) => info!(shard_id, "lease not released: another worker holds it already"),
-            Ok(Err(e)) => {
+        match self.store.evict_lease(&mut lease).await {
+            Ok(true) => info!(shard_id, "lease released"),
+            Ok(false) => info!(shard_id, "lease not released: another worker holds it already"),
+            Err(e) => {
                 warn!(shard_id, error = %ErrorChain(&e), "lease release failed; it expires after the failover time")
             }
-            Err(_) => warn!(shard_id, "lease release timed out; it expires after the failover time"),
         }
     }
 

@@ -104,11 +104,15 @@ where
 
 /// Bounds one AWS SDK call: past `limit` the call is dropped and reported as the SDK's
 /// own `TimeoutError`, which every caller already treats as transient. The Rust SDK
-/// has no operation timeout unless the application configures one.
+/// has no operation timeout unless the application configures one. Used by every
+/// Kinesis call of this library and of `kcl-efo`.
+///
+/// # Errors
+/// The call's own error, or `SdkError::TimeoutError` past `limit`.
 ///
 /// # Cancel safety
 /// Dropping the call leaves its outcome unknown, as any timeout does.
-pub(crate) async fn with_timeout<T, E, R>(
+pub async fn with_timeout<T, E, R>(
     limit: Duration,
     call: impl std::future::Future<Output = Result<T, aws_sdk_kinesis::error::SdkError<E, R>>>,
 ) -> Result<T, aws_sdk_kinesis::error::SdkError<E, R>> {

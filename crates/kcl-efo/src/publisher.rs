@@ -38,6 +38,7 @@ use kcl_core::retrieval::{
     records_from_kinesis, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
     RetrievalFactory,
 };
+use kcl_core::retry::with_timeout;
 use kcl_core::{Checkpoint, ConfigError, SequenceNumber};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -431,14 +432,8 @@ impl FanOutPublisher {
             .shard_id(&self.shard_id)
             .starting_position(starting)
             .send();
-        let result = match tokio::time::timeout(self.config.call_timeout, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                warn!(timeout = ?self.config.call_timeout, "SubscribeToShard did not answer; subscribing again");
-                return Err(Subscribe::Retry);
-            }
-        };
-        let e = match result {
+        // A call that does not answer ends as the SDK's `TimeoutError`: retried below.
+        let e = match with_timeout(self.config.call_timeout, call).await {
             Ok(output) => {
                 debug!(?position, "subscribed");
                 return Ok(output.event_stream);
@@ -496,9 +491,9 @@ impl FanOutPublisher {
             .describe_stream_consumer()
             .consumer_arn(&self.consumer.consumer_arn)
             .send();
-        match tokio::time::timeout(self.config.call_timeout, describe).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(SdkError::ServiceError(s)))
+        match with_timeout(self.config.call_timeout, describe).await {
+            Ok(_) => {}
+            Err(SdkError::ServiceError(s))
                 if matches!(s.err(), DescribeStreamConsumerError::ResourceNotFoundException(_)) =>
             {
                 let message = format!(
@@ -520,8 +515,8 @@ impl FanOutPublisher {
             .shard_id(&self.shard_id)
             .shard_iterator_type(ShardIteratorType::TrimHorizon)
             .send();
-        match tokio::time::timeout(self.config.call_timeout, probe).await {
-            Ok(Err(SdkError::ServiceError(s)))
+        match with_timeout(self.config.call_timeout, probe).await {
+            Err(SdkError::ServiceError(s))
                 if matches!(s.err(), GetShardIteratorError::ResourceNotFoundException(_)) =>
             {
                 Subscribe::Final(PublisherEvent::ShardNotFound {
@@ -546,48 +541,32 @@ impl FanOutPublisher {
             .set_starting_sequence_number(position.sequence_number().map(str::to_owned))
             .set_timestamp(position.timestamp())
             .send();
-        let mut iterator = match tokio::time::timeout(self.config.call_timeout, request).await {
-            Ok(Ok(out)) => match out.shard_iterator {
+        let mut iterator = match with_timeout(self.config.call_timeout, request).await {
+            Ok(out) => match out.shard_iterator {
                 Some(it) => it,
                 None => return self.end(Vec::new()).await,
             },
-            Ok(Err(SdkError::ServiceError(s)))
+            Err(SdkError::ServiceError(s))
                 if matches!(s.err(), GetShardIteratorError::ResourceNotFoundException(_)) =>
             {
-                let event = PublisherEvent::ShardNotFound {
-                    operation: "GetShardIterator",
-                    source: BoxError::from(SdkError::ServiceError(s)),
-                };
-                let _ = self.sink.send(event).await;
-                return EndCheck::Done;
+                return self
+                    .shard_not_found("GetShardIterator", SdkError::ServiceError(s).into())
+                    .await;
             }
-            Ok(Err(e)) => {
-                debug!(error = %DisplayErrorContext(&e), "shard-end check failed; trying later");
-                return EndCheck::Open;
-            }
-            Err(_) => return EndCheck::Open,
+            Err(e) => return Self::check_failed(&e),
         };
         // Bounded: a shard with a backlog is read by the subscription, not here.
         for _ in 0..100 {
             self.sink.wait_for_room().await;
             let call = self.kinesis.get_records().shard_iterator(&iterator).send();
-            let out = match tokio::time::timeout(self.config.call_timeout, call).await {
-                Ok(Ok(out)) => out,
-                Ok(Err(SdkError::ServiceError(s)))
-                    if matches!(s.err(), GetRecordsError::ResourceNotFoundException(_)) =>
-                {
-                    let event = PublisherEvent::ShardNotFound {
-                        operation: "GetRecords",
-                        source: BoxError::from(SdkError::ServiceError(s)),
-                    };
-                    let _ = self.sink.send(event).await;
-                    return EndCheck::Done;
+            let out = match with_timeout(self.config.call_timeout, call).await {
+                Ok(out) => out,
+                Err(SdkError::ServiceError(s)) if matches!(s.err(), GetRecordsError::ResourceNotFoundException(_)) => {
+                    return self
+                        .shard_not_found("GetRecords", SdkError::ServiceError(s).into())
+                        .await;
                 }
-                Ok(Err(e)) => {
-                    debug!(error = %DisplayErrorContext(&e), "shard-end check failed; trying later");
-                    return EndCheck::Open;
-                }
-                Err(_) => return EndCheck::Open,
+                Err(e) => return Self::check_failed(&e),
             };
             let child_shards: Vec<ChildShard> = out.child_shards().iter().map(ChildShard::from).collect();
             let next = out.next_shard_iterator.clone();
@@ -605,6 +584,21 @@ impl FanOutPublisher {
                 Some(next) => iterator = next,
             }
         }
+        EndCheck::Open
+    }
+
+    /// Kinesis does not know the shard: the consumer decides what that means.
+    async fn shard_not_found(&self, operation: &'static str, source: BoxError) -> EndCheck {
+        let _ = self
+            .sink
+            .send(PublisherEvent::ShardNotFound { operation, source })
+            .await;
+        EndCheck::Done
+    }
+
+    /// A shard-end check that could not be made is tried again later.
+    fn check_failed<E: std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> EndCheck {
+        debug!(error = %DisplayErrorContext(e), "shard-end check failed; trying later");
         EndCheck::Open
     }
 

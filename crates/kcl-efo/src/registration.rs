@@ -11,7 +11,7 @@ use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryEr
 use aws_sdk_kinesis::operation::register_stream_consumer::RegisterStreamConsumerError;
 use aws_sdk_kinesis::types::ConsumerStatus;
 use kcl_core::error::{BoxError, ErrorChain};
-use kcl_core::retry::RetryPolicy;
+use kcl_core::retry::{with_timeout, RetryPolicy};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -52,16 +52,6 @@ fn transient<E, R>(e: &SdkError<E, R>) -> bool {
     )
 }
 
-async fn bounded<T, E, R>(
-    limit: Duration,
-    call: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
-) -> Result<T, SdkError<E, R>> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result,
-        Err(_) => Err(SdkError::timeout_error(format!("no response within {limit:?}"))),
-    }
-}
-
 /// The ARN of a stream, by name.
 ///
 /// # Errors
@@ -75,7 +65,7 @@ pub async fn stream_arn(
     let mut attempt = 1;
     loop {
         let call = kinesis.describe_stream_summary().stream_name(stream_name).send();
-        match bounded(call_timeout, call).await {
+        match with_timeout(call_timeout, call).await {
             Ok(out) => {
                 return out
                     .stream_description_summary()
@@ -142,7 +132,7 @@ pub async fn register_stream_consumer(
             .stream_arn(&stream_arn)
             .consumer_name(consumer_name)
             .send();
-        match bounded(call_timeout, describe).await {
+        match with_timeout(call_timeout, describe).await {
             Ok(out) => match out.consumer_description() {
                 Some(d) if *d.consumer_status() == ConsumerStatus::Active => {
                     info!(
@@ -210,7 +200,7 @@ async fn register(
         .stream_arn(stream_arn)
         .consumer_name(consumer_name)
         .send();
-    match bounded(call_timeout, call).await {
+    match with_timeout(call_timeout, call).await {
         Ok(_) => {
             info!(consumer_name, "registered the stream consumer");
             Ok(())
@@ -265,7 +255,7 @@ pub async fn deregister_stream_consumer(
         .stream_arn(stream_arn)
         .consumer_name(consumer_name)
         .send();
-    match bounded(call_timeout, call).await {
+    match with_timeout(call_timeout, call).await {
         Ok(_) => {
             info!(consumer_name, "deregistered the stream consumer");
             Ok(true)
