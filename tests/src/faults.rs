@@ -219,6 +219,26 @@ impl FaultInjector {
         self.state().calls.get(operation).copied().unwrap_or(0)
     }
 
+    /// Waits until clients with this injector sent at least `n` requests of
+    /// `operation`; fails after `timeout`.
+    pub async fn wait_calls(&self, operation: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.calls(operation) >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                bail!(
+                    "timed out after {timeout:?} waiting for {n} {operation} requests: {} so far",
+                    self.calls(operation)
+                );
+            }
+        }
+    }
+
     /// Makes every `SubscribeToShard` request start at `TRIM_HORIZON`, whatever position
     /// it asked for: a backend that replays from an earlier position than requested.
     pub fn replay_subscriptions_from_trim_horizon(&self, on: bool) {
@@ -302,6 +322,7 @@ impl aws_sdk_kinesis::config::Intercept for FaultInjector {
         cfg.interceptor_state().store_put(RequestShard(shard_id));
         if let Some(operation) = cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>() {
             *self.state().calls.entry(operation.name().to_owned()).or_default() += 1;
+            self.changed.notify_waiters();
         }
         Ok(())
     }

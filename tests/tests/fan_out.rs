@@ -328,3 +328,40 @@ async fn a_hung_subscription_is_abandoned_and_made_again() -> anyhow::Result<()>
     assert_eq!(recorder.state().by_shard(), by_shard(&written));
     Ok(())
 }
+
+/// A subscription that sends nothing for `idle_timeout` is replaced: with every answer
+/// held back by a slow network (the proxy), the publisher subscribes again and again;
+/// once the network recovers, everything arrives, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_replaced_after_the_idle_timeout() -> anyhow::Result<()> {
+    use kcl_tests::proxy::{ChaosProxy, ProxyFault};
+    let env = TestEnv::start(1).await?;
+    let upstream: std::net::SocketAddr = env.backend.kinesis_endpoint().trim_start_matches("http://").parse()?;
+    let proxy = ChaosProxy::start(upstream).await?;
+    let faults = FaultInjector::default();
+    let config = kcl_local::sdk_config_for_endpoint(&proxy.endpoint(), "us-east-1");
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&config))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+            idle_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(20),
+            ..fan_out()
+        }))?
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    let mut written = env.put(10, "before").await?;
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    let before = faults.calls("SubscribeToShard");
+    proxy.set(ProxyFault::Slow(Duration::from_secs(3)));
+    // Subscriptions last 5 minutes: only the idle timeout replaces them this soon.
+    faults.wait_calls("SubscribeToShard", before + 2, WAIT).await?;
+    proxy.set(ProxyFault::None);
+    written.extend(env.put(10, "after").await?);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}
