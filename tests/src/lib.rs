@@ -16,12 +16,19 @@
 //!   blackouts) through the real client code paths ([`proxy::ChaosProxy`]).
 //! - [`verifier`]: the chaos verifier, which checks the design's promises against what a
 //!   producer acknowledged and what workers recorded.
+//! - [`chaos`]: the chaos runner's seeded schedule (kills, stops, reshards, network
+//!   faults); [`recording`]: the event files of a round and how they are read back;
+//!   [`sdk_faults`]: faults at a rate in Kinesis and DynamoDB responses
+//!   ([`sdk_faults::RandomFaults`]). The runner itself is `src/bin/chaos.rs`.
 
+pub mod chaos;
 pub mod conformance;
 pub mod faults;
 pub mod faulty_store;
 pub mod logs;
 pub mod proxy;
+pub mod recording;
+pub mod sdk_faults;
 pub mod verifier;
 
 pub use faults::{Fault, FaultInjector, HangingHttpClient};

@@ -73,6 +73,18 @@ pub enum Recorded {
         /// When.
         at: Duration,
     },
+    /// The worker took the shard's lease and initialized a processor, resuming after
+    /// `resume` (`None`: at the initial position, no checkpoint yet).
+    LeaseTaken {
+        /// The worker.
+        worker: String,
+        /// The shard.
+        shard_id: String,
+        /// The checkpoint it resumes after.
+        resume: Option<SequenceNumber>,
+        /// When.
+        at: Duration,
+    },
     /// The worker's processor was told it lost the shard's lease.
     LeaseLost {
         /// The worker.
@@ -98,6 +110,7 @@ impl Recorded {
         match self {
             Self::Delivered { at, .. }
             | Self::Checkpointed { at, .. }
+            | Self::LeaseTaken { at, .. }
             | Self::LeaseLost { at, .. }
             | Self::WorkerStopped { at, .. } => *at,
         }
@@ -184,9 +197,16 @@ impl Report {
     }
 }
 
-impl fmt::Display for Report {
-    /// A human report, the JSON object as its last line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Report {
+    /// The human part of the report: counts, then each kind of violation with up to five
+    /// examples (the counts are in [`json`](Self::json)).
+    pub fn human(&self) -> String {
+        let mut f = String::new();
+        self.write_human(&mut f).unwrap_or(());
+        f
+    }
+
+    fn write_human(&self, f: &mut impl fmt::Write) -> fmt::Result {
         writeln!(f, "produced {}, delivered {}", self.produced, self.delivered)?;
         writeln!(
             f,
@@ -206,7 +226,14 @@ impl fmt::Display for Report {
                 writeln!(f, "VIOLATION {:?}: {}", v.kind, v.example)?;
             }
         }
-        write!(f, "{}", self.json())
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    /// A human report, the JSON object as its last line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.human(), self.json())
     }
 }
 
@@ -359,115 +386,8 @@ pub fn verify(
         }
     }
 
-    // Ownership: who delivers each shard, and why a record comes again.
-    let mut duplicates = Duplicates::default();
-    let (mut kills, mut stops) = (0, 0);
-    // The last time each worker delivered each shard.
-    let mut last_delivery: BTreeMap<(&str, &str), Duration> = BTreeMap::new();
-    // Shard -> (owner, its last delivery).
-    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
-    // Why the last owner of a shard left, with the checkpoint stored then.
-    let mut handover: BTreeMap<&str, (&'static str, Option<&SequenceNumber>)> = BTreeMap::new();
-    let mut seen: BTreeSet<(&str, &SequenceNumber)> = BTreeSet::new();
-    let mut checkpoint_now: BTreeMap<&str, &SequenceNumber> = BTreeMap::new();
-    let mut redelivery_checked: BTreeSet<(&str, &str)> = BTreeSet::new();
-    for e in &events {
-        match e {
-            Recorded::WorkerStopped { worker, killed, .. } => {
-                if *killed {
-                    kills += 1;
-                } else {
-                    stops += 1;
-                }
-                for (shard, o) in &owner {
-                    if o == worker {
-                        let cause = if *killed { "kill" } else { "stop" };
-                        handover.insert(shard, (cause, checkpoint_now.get(shard).copied()));
-                    }
-                }
-            }
-            Recorded::LeaseLost { worker, shard_id, .. } => {
-                if owner.get(shard_id.as_str()) == Some(&worker.as_str()) {
-                    handover.insert(shard_id, ("lease loss", checkpoint_now.get(shard_id.as_str()).copied()));
-                }
-            }
-            Recorded::Checkpointed {
-                shard_id,
-                sequence_number: Some(seq),
-                ..
-            } => {
-                checkpoint_now.insert(shard_id, seq);
-            }
-            Recorded::Checkpointed { .. } => {}
-            Recorded::Delivered {
-                worker,
-                shard_id,
-                sequence_number,
-                at,
-                ..
-            } => {
-                let shard = shard_id.as_str();
-                match owner.get(shard) {
-                    Some(previous) if previous != worker => {
-                        let previous_last = last_delivery.get(&(*previous, shard)).copied().unwrap_or_default();
-                        let explained = handover.contains_key(shard);
-                        if !explained && at.saturating_sub(previous_last) < options.transfer_window {
-                            violations.push(Violation {
-                                kind: ViolationKind::TwoOwners,
-                                example: format!(
-                                    "{shard}: {worker} delivered {sequence_number} at {at:?}, {previous} delivered at {previous_last:?}, no crash, stop or lease loss between"
-                                ),
-                            });
-                        }
-                        owner.insert(shard, worker);
-                    }
-                    Some(_) => {}
-                    None => {
-                        owner.insert(shard, worker);
-                    }
-                }
-                last_delivery.insert((worker, shard), *at);
-                if !seen.insert((shard, sequence_number)) {
-                    match handover.get(shard) {
-                        Some((cause, checkpoint)) => {
-                            match *cause {
-                                "kill" => duplicates.after_kill += 1,
-                                "stop" => duplicates.after_stop += 1,
-                                _ => duplicates.after_lease_loss += 1,
-                            }
-                            // The first redelivery after a handover starts right after the
-                            // checkpoint stored then.
-                            if redelivery_checked.insert((shard, worker)) {
-                                if let Some(cp) = checkpoint {
-                                    if sequence_number <= cp {
-                                        violations.push(Violation {
-                                            kind: ViolationKind::UnexplainedRedelivery,
-                                            example: format!(
-                                                "{shard}: {worker} redelivered {sequence_number}, at or before the checkpoint {cp} stored at the {cause}"
-                                            ),
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                        None => {
-                            duplicates.unexplained += 1;
-                            violations.push(Violation {
-                                kind: ViolationKind::UnexplainedRedelivery,
-                                example: format!(
-                                    "{shard}: {worker} delivered {sequence_number} again with no crash, stop or lease loss before"
-                                ),
-                            });
-                        }
-                    }
-                } else if handover.contains_key(shard) && owner.get(shard) == Some(&worker.as_str()) {
-                    // New records under the new owner: the handover is complete.
-                    handover.remove(shard);
-                    redelivery_checked.retain(|(s, _)| *s != shard);
-                }
-            }
-        }
-    }
+    // Ownership: who delivers each shard when, and why a record comes again.
+    let (duplicates, kills, stops) = check_ownership(&events, options, &mut violations);
 
     Report {
         produced: produced.len(),
@@ -477,6 +397,236 @@ pub fn verify(
         stops,
         violations,
     }
+}
+
+/// When each worker stopped (killed or not), and when it lost each shard's lease.
+#[derive(Default)]
+struct Departures<'a> {
+    stopped: HashMap<&'a str, (Duration, bool)>,
+    lost: HashMap<(&'a str, &'a str), Vec<Duration>>,
+}
+
+impl<'a> Departures<'a> {
+    fn new(events: &[&'a Recorded]) -> Self {
+        let mut d = Self::default();
+        for e in events {
+            match e {
+                Recorded::WorkerStopped { worker, killed, at } => {
+                    d.stopped.entry(worker).or_insert((*at, *killed));
+                }
+                Recorded::LeaseLost { worker, shard_id, at } => {
+                    d.lost.entry((worker, shard_id)).or_default().push(*at);
+                }
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// Why `worker`'s delivery of a `shard` record at `then` may come again at `now`
+    /// from another worker: it was killed or stopped before `now`, or lost the lease
+    /// after `then` and at most `window` after `now` (a worker learns of a lost lease at
+    /// its next renewal, and may deliver until then).
+    fn cause(
+        &self,
+        worker: &str,
+        shard: &str,
+        then: Duration,
+        now: Duration,
+        window: Duration,
+    ) -> Option<&'static str> {
+        if let Some((at, killed)) = self.stopped.get(worker) {
+            if *at <= now + window {
+                return Some(if *killed { "kill" } else { "stop" });
+            }
+        }
+        self.lost
+            .get(&(worker, shard))
+            .is_some_and(|times| times.iter().any(|t| *t >= then && *t <= now + window))
+            .then_some("lease loss")
+    }
+
+    /// Whether `worker` lost `shard`'s lease between `then` and `now`.
+    fn lost_between(&self, worker: &str, shard: &str, then: Duration, now: Duration) -> bool {
+        self.lost
+            .get(&(worker, shard))
+            .is_some_and(|times| times.iter().any(|t| *t >= then && *t <= now))
+    }
+}
+
+/// Open tenures per (shard, worker), with the resume point of the lease taken.
+type OpenTenures<'a> = BTreeMap<(&'a str, &'a str), (Option<Tenure>, Option<Option<&'a SequenceNumber>>)>;
+
+/// Ends the open tenure of `key` (shard, worker), if any.
+fn close<'a>(
+    open: &mut OpenTenures<'a>,
+    closed: &mut BTreeMap<&'a str, Vec<(&'a str, Tenure)>>,
+    key: (&'a str, &'a str),
+) {
+    if let Some((Some(tenure), _)) = open.remove(&key) {
+        closed.entry(key.0).or_default().push((key.1, tenure));
+    }
+}
+
+/// A worker's stretch of deliveries of one shard: from its first delivery after taking
+/// the lease to its last before losing it, stopping or taking it again.
+#[derive(Clone, Copy, Debug)]
+struct Tenure {
+    first: Duration,
+    last: Duration,
+}
+
+/// The ownership checks: two owners beyond the transfer window, redeliveries without a
+/// crash, stop or lease loss, resumes before the last checkpoint. Returns the
+/// duplicates by cause, kills and stops.
+fn check_ownership<'a>(
+    events: &[&'a Recorded],
+    options: &VerifyOptions,
+    violations: &mut Vec<Violation>,
+) -> (Duplicates, usize, usize) {
+    let window = options.transfer_window;
+    let departures = Departures::new(events);
+    let mut duplicates = Duplicates::default();
+    let (mut kills, mut stops) = (0, 0);
+    // The first delivery of each record: who, when.
+    let mut first: HashMap<(&'a str, &'a SequenceNumber), (&'a str, Duration)> = HashMap::new();
+    // Each worker's last delivery of each record.
+    let mut last_own: HashMap<(&str, &str, &SequenceNumber), Duration> = HashMap::new();
+    // The checkpoint stored last, per shard.
+    let mut stored: BTreeMap<&str, &SequenceNumber> = BTreeMap::new();
+    let mut open = OpenTenures::new();
+    let mut closed: BTreeMap<&str, Vec<(&str, Tenure)>> = BTreeMap::new();
+    for e in events {
+        match e {
+            Recorded::WorkerStopped { worker, killed, .. } => {
+                if *killed {
+                    kills += 1;
+                } else {
+                    stops += 1;
+                }
+                let keys: Vec<(&str, &str)> = open.keys().filter(|k| k.1 == worker).copied().collect();
+                for key in keys {
+                    close(&mut open, &mut closed, key);
+                }
+            }
+            Recorded::LeaseLost { worker, shard_id, .. } => close(&mut open, &mut closed, (shard_id, worker)),
+            Recorded::Checkpointed {
+                shard_id,
+                sequence_number: Some(seq),
+                ..
+            } => {
+                stored.insert(shard_id, seq);
+            }
+            Recorded::Checkpointed { .. } => {}
+            Recorded::LeaseTaken {
+                worker,
+                shard_id,
+                resume,
+                at,
+            } => {
+                if let Some(last) = stored.get(shard_id.as_str()) {
+                    if resume.as_ref().is_none_or(|r| r < *last) {
+                        violations.push(Violation {
+                            kind: ViolationKind::UnexplainedRedelivery,
+                            example: format!(
+                                "{shard_id}: {worker} took the lease at {at:?} resuming after {}, before the checkpoint {last} stored earlier",
+                                resume.as_ref().map_or("the initial position".to_owned(), ToString::to_string)
+                            ),
+                        });
+                    }
+                }
+                close(&mut open, &mut closed, (shard_id, worker));
+                open.insert((shard_id, worker), (None, Some(resume.as_ref())));
+            }
+            Recorded::Delivered {
+                worker,
+                shard_id,
+                sequence_number,
+                at,
+                ..
+            } => {
+                let (shard, worker) = (shard_id.as_str(), worker.as_str());
+                let (tenure, resume) = open.entry((shard, worker)).or_insert((None, None));
+                match tenure {
+                    None => {
+                        *tenure = Some(Tenure { first: *at, last: *at });
+                        // A tenure starts right after the checkpoint it resumed from.
+                        if let Some(Some(resume)) = resume {
+                            if sequence_number <= *resume {
+                                violations.push(Violation {
+                                    kind: ViolationKind::UnexplainedRedelivery,
+                                    example: format!(
+                                        "{shard}: {worker} resumed after {resume} and delivered {sequence_number}, at or before it"
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    Some(t) => t.last = *at,
+                }
+                if let Some((by, then)) = first.get(&(shard, sequence_number)).copied() {
+                    let cause = if by == worker {
+                        let previous = last_own.get(&(worker, shard, sequence_number)).copied().unwrap_or(then);
+                        departures
+                            .lost_between(worker, shard, previous, *at)
+                            .then_some("lease loss")
+                    } else {
+                        // The first deliverer left, or this one is a stale owner that
+                        // learns of its lost lease at its next renewal.
+                        departures.cause(by, shard, then, *at, window).or_else(|| {
+                            departures
+                                .lost_between(worker, shard, *at, *at + window)
+                                .then_some("lease loss")
+                        })
+                    };
+                    match cause {
+                        Some("kill") => duplicates.after_kill += 1,
+                        Some("stop") => duplicates.after_stop += 1,
+                        Some(_) => duplicates.after_lease_loss += 1,
+                        None => {
+                            duplicates.unexplained += 1;
+                            violations.push(Violation {
+                                kind: ViolationKind::UnexplainedRedelivery,
+                                example: format!(
+                                    "{shard}: {worker} delivered {sequence_number} at {at:?}, first delivered by {by} at {then:?}, with no crash, stop or lease loss of {by} in between"
+                                ),
+                            });
+                        }
+                    }
+                } else {
+                    first.insert((shard, sequence_number), (worker, *at));
+                }
+                last_own.insert((worker, shard, sequence_number), *at);
+            }
+        }
+    }
+    let keys: Vec<(&str, &str)> = open.keys().copied().collect();
+    for key in keys {
+        close(&mut open, &mut closed, key);
+    }
+
+    // Two tenures of different workers overlapping by more than the window.
+    for (shard, tenures) in &mut closed {
+        tenures.sort_by_key(|(_, t)| t.first);
+        for (i, (a, ta)) in tenures.iter().enumerate() {
+            for (b, tb) in &tenures[i + 1..] {
+                if tb.first > ta.last {
+                    break;
+                }
+                let overlap = ta.last.min(tb.last) - tb.first;
+                if a != b && overlap > window {
+                    violations.push(Violation {
+                        kind: ViolationKind::TwoOwners,
+                        example: format!(
+                            "{shard}: {a} delivered from {:?} to {:?} and {b} from {:?} to {:?}: {overlap:?} at once",
+                            ta.first, ta.last, tb.first, tb.last
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    (duplicates, kills, stops)
 }
 
 #[cfg(test)]
@@ -595,18 +745,75 @@ mod tests {
         assert_eq!(kinds(&report), [ViolationKind::CheckpointBackwards]);
     }
 
+    fn lease_lost(worker: &str, shard: &str, at: u64) -> Recorded {
+        Recorded::LeaseLost {
+            worker: worker.into(),
+            shard_id: shard.into(),
+            at: ms(at),
+        }
+    }
+
+    fn taken(worker: &str, shard: &str, resume: Option<u64>, at: u64) -> Recorded {
+        Recorded::LeaseTaken {
+            worker: worker.into(),
+            shard_id: shard.into(),
+            resume: resume.map(seq),
+            at: ms(at),
+        }
+    }
+
     #[test]
     fn two_owners_at_once_are_reported() {
         let p: Vec<Produced> = (1..=4).map(|i| produced("s0", i, "k", i - 1)).collect();
-        // b starts delivering s0 while a is still at it, with no crash, stop or loss.
+        // b delivers s0 for 15 s while a is still at it, and a never loses the lease.
         let r = vec![
-            delivered("a", &p[0], 10),
-            delivered("a", &p[1], 11),
-            delivered("b", &p[2], 12),
-            delivered("b", &p[3], 13),
+            delivered("a", &p[0], 0),
+            delivered("b", &p[1], 1_000),
+            delivered("a", &p[2], 15_000),
+            delivered("b", &p[3], 16_000),
         ];
         let report = verify(&p, &r, &BTreeMap::new(), &VerifyOptions::default());
         assert_eq!(kinds(&report), [ViolationKind::TwoOwners]);
+        assert!(
+            report.violations[0].example.contains("14s at once"),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    #[test]
+    fn a_stolen_lease_may_overlap_within_the_window_and_its_duplicates_are_lease_losses() {
+        let p: Vec<Produced> = (1..=4).map(|i| produced("s0", i, "k", i - 1)).collect();
+        // b steals s0 at checkpoint 1; a delivers 2 and 3 before it learns at its renewal.
+        let r = vec![
+            taken("a", "s0", None, 0),
+            delivered("a", &p[0], 10),
+            checkpointed("a", "s0", Some(1), 11),
+            taken("b", "s0", Some(1), 100),
+            delivered("b", &p[1], 101),
+            delivered("a", &p[1], 102),
+            delivered("b", &p[2], 103),
+            delivered("a", &p[2], 104),
+            lease_lost("a", "s0", 900),
+            delivered("b", &p[3], 1000),
+            checkpointed("b", "s0", Some(4), 1001),
+        ];
+        let report = verify(&p, &r, &BTreeMap::new(), &VerifyOptions::default());
+        assert_eq!(kinds(&report), []);
+        assert_eq!(report.duplicates.after_lease_loss, 2);
+        // Without the lease loss, the same is two workers reading one shard.
+        let r: Vec<Recorded> = r
+            .into_iter()
+            .filter(|e| !matches!(e, Recorded::LeaseLost { .. }))
+            .collect();
+        let report = verify(&p, &r, &BTreeMap::new(), &VerifyOptions::default());
+        assert_eq!(
+            kinds(&report),
+            [
+                ViolationKind::UnexplainedRedelivery,
+                ViolationKind::UnexplainedRedelivery
+            ]
+        );
     }
 
     #[test]
@@ -622,8 +829,9 @@ mod tests {
         assert_eq!(kinds(&report), [ViolationKind::UnexplainedRedelivery]);
         assert_eq!(report.duplicates.unexplained, 1);
 
-        // After a kill with checkpoint 2 stored, the survivor starts at 1: too early.
-        let r = vec![
+        // After a kill with checkpoint 2 stored, the survivor resumes from it and
+        // starts at 1: too early.
+        let mut r = vec![
             delivered("a", &p[0], 10),
             delivered("a", &p[1], 11),
             checkpointed("a", "s0", Some(2), 12),
@@ -632,12 +840,27 @@ mod tests {
                 killed: true,
                 at: ms(20),
             },
+            taken("b", "s0", Some(2), 4999),
             delivered("b", &p[0], 5000),
             delivered("b", &p[1], 5001),
             delivered("b", &p[2], 5002),
         ];
         let report = verify(&p, &r, &BTreeMap::new(), &VerifyOptions::default());
         assert_eq!(kinds(&report), [ViolationKind::UnexplainedRedelivery]);
-        assert!(report.violations[0].example.contains("checkpoint 2"));
+        assert!(
+            report.violations[0].example.contains("resumed after 2"),
+            "{:?}",
+            report.violations
+        );
+        // Resuming before the checkpoint stored is reported too.
+        r[4] = taken("b", "s0", Some(1), 4999);
+        r.drain(5..7);
+        let report = verify(&p, &r, &BTreeMap::new(), &VerifyOptions::default());
+        assert_eq!(kinds(&report), [ViolationKind::UnexplainedRedelivery]);
+        assert!(
+            report.violations[0].example.contains("before the checkpoint 2"),
+            "{:?}",
+            report.violations
+        );
     }
 }
