@@ -22,7 +22,9 @@
 //! - `K <mono> <wall> <worker>` / `G <mono> <wall> <worker>`: a worker killed (SIGKILL) /
 //!   stopped gracefully (SIGTERM);
 //! - `R <mono> <wall> <split|merge> <shard>...`: a reshard;
-//! - `N <mono> <wall> <kinesis|dynamodb> <fault>`: a network fault set on a proxy.
+//! - `N <mono> <wall> <kinesis|dynamodb> <slow|blackout|reset> <parameter>`: a network
+//!   fault set on a proxy (`slow 300ms`, `blackout -`, `reset 1200B`: the bytes of each
+//!   response passed before the reset).
 //!
 //! The monotonic clock (`CLOCK_MONOTONIC`) is shared by every process of the machine, so
 //! the verifier orders events of different processes by it.
@@ -311,7 +313,7 @@ mod tests {
     #[test]
     fn runner_lines_count_and_a_bad_line_is_an_error() -> anyhow::Result<()> {
         let text = "P 1 1 k0 0 shard-0 9\nT 1 1 w1-0 shard-0 TRIM_HORIZON\nT 1 1 w1-0 shard-1 5/2\nK 2 2 w1-0\nR 3 3 split shard-0\nR 4 4 merge a b\n\
-                    N 5 5 kinesis blackout\nF 6 6 w2-1 dynamodb PutItem throttle\nC 7 7 w2-1 shard-0 SHARD_END\n";
+                    N 5 5 kinesis blackout -\nF 6 6 w2-1 dynamodb PutItem throttle\nC 7 7 w2-1 shard-0 SHARD_END\n";
         let mut round = Round::default();
         round.add(&parse_lines(text)?)?;
         assert_eq!(round.produced.len(), 1);

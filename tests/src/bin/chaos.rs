@@ -516,10 +516,10 @@ impl Runner {
             Action::Network(service, fault) => {
                 self.proxy(service).set(fault);
                 let name = match fault {
-                    ProxyFault::None => "none".to_owned(),
-                    ProxyFault::Slow(d) => format!("slow-{}ms", d.as_millis()),
-                    ProxyFault::Blackout => "blackout".to_owned(),
-                    ProxyFault::ResetAfter(n) => format!("reset-after-{n}B"),
+                    ProxyFault::None => "none -".to_owned(),
+                    ProxyFault::Slow(d) => format!("slow {}ms", d.as_millis()),
+                    ProxyFault::Blackout => "blackout -".to_owned(),
+                    ProxyFault::ResetAfter(n) => format!("reset {n}B"),
                 };
                 self.recording.line('N', format!("{} {name}", service.name()));
                 Ok(())
