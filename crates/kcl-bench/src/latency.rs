@@ -64,6 +64,13 @@ pub(crate) struct LatencyArgs {
     /// so that the measured records find an idle, caught-up shard.
     #[arg(long, default_value_t = 5)]
     pub(crate) warmup_records: usize,
+    /// Write at this many records per second for `--seconds` instead (`--records`,
+    /// `--min-gap-ms` and `--max-gap-ms` are then ignored): the steady-traffic case.
+    #[arg(long)]
+    pub(crate) rate: Option<u32>,
+    /// How long to write at `--rate`, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) seconds: u64,
     /// Read through enhanced fan-out (SubscribeToShard) instead of polling, and measure
     /// a bare SubscribeToShard reader on the same stream as a reference (`--idle-ms`
     /// does not apply).
@@ -71,8 +78,23 @@ pub(crate) struct LatencyArgs {
     pub(crate) fan_out: bool,
 }
 
+impl LatencyArgs {
+    /// With `--rate`: the records and the (fixed) gap it stands for.
+    fn effective(&self) -> Self {
+        let mut args = self.clone();
+        if let Some(rate) = self.rate {
+            let rate = rate.max(1);
+            args.records = usize::try_from(u64::from(rate) * self.seconds).unwrap_or(usize::MAX);
+            args.min_gap_ms = 1000 / u64::from(rate);
+            args.max_gap_ms = args.min_gap_ms;
+        }
+        args
+    }
+}
+
 /// Runs the scenario and returns its JSON object.
 pub(crate) async fn run(args: &LatencyArgs) -> anyhow::Result<Value> {
+    let args = &args.effective();
     if args.fan_out {
         return run_fan_out(args).await;
     }
@@ -369,6 +391,15 @@ async fn one_run(bench: &Bench, args: &LatencyArgs, idle: Duration) -> anyhow::R
     let shutdown = running.stop().await?;
 
     let (latency, from_send, put_call) = latencies(&delivered_at, &sent_at, &acked_at);
+    let reference = reference_polling_run(bench, &stream, args, idle).await?;
+    let ratio = |q: f64| {
+        let theirs = sorted_quantile(&reference.latency, q);
+        if theirs > 0.0 {
+            round3(sorted_quantile(&latency, q) / theirs)
+        } else {
+            f64::NAN
+        }
+    };
     let idle_ms = ms(idle);
     let max_latency = latency.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     eprintln!(
@@ -377,14 +408,84 @@ async fn one_run(bench: &Bench, args: &LatencyArgs, idle: Duration) -> anyhow::R
     );
     Ok(json!({
         "idle_time_between_reads_ms": idle_ms,
-        "latency_ms": summary(&latency),
-        "from_send_ms": summary(&from_send),
+        "latency_ms": summary_with_p99(&latency),
+        "from_send_ms": summary_with_p99(&from_send),
+        "reference": reference.json,
+        "ours_over_reference": { "p50": ratio(0.5), "p99": ratio(0.99) },
         "put_record_call_ms": summary(&put_call),
         "max_over_idle_time": if idle_ms > 0.0 { (max_latency / idle_ms * 1000.0).round() / 1000.0 } else { f64::NAN },
         "get_records_calls_during_run": calls,
         "mean_get_records_interval_ms": if calls == 0 { f64::NAN } else { round1(ms(window) / calls as f64) },
         "graceful_shutdown_ms": ms(shutdown),
     }))
+}
+
+/// The polling reference on `stream` (after ours stopped): a bare loop that asks
+/// `GetRecords` once per `idle` (from the start of the previous call, as the library
+/// paces an idle shard) from `LATEST`, and stamps records when the answer arrives.
+async fn reference_polling_run(
+    bench: &Bench,
+    stream: &str,
+    args: &LatencyArgs,
+    idle: Duration,
+) -> anyhow::Result<Measured> {
+    let shards = bench.kinesis.list_shards().stream_name(stream).send().await?;
+    let shard_id = shards
+        .shards()
+        .first()
+        .map(|s| s.shard_id().to_owned())
+        .context("the stream has no shard")?;
+    let mut iterator = bench
+        .kinesis
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(&shard_id)
+        .shard_iterator_type(ShardIteratorType::Latest)
+        .send()
+        .await?
+        .shard_iterator
+        .context("no iterator")?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Delivered>();
+    let kinesis = bench.kinesis.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let started = tokio::time::Instant::now();
+            let out = kinesis.get_records().shard_iterator(&iterator).send().await?;
+            let at = Instant::now();
+            let payloads: Vec<bytes::Bytes> = out
+                .records()
+                .iter()
+                .map(|r| bytes::Bytes::copy_from_slice(r.data().as_ref()))
+                .collect();
+            if !payloads.is_empty() {
+                let _ = tx.send(Delivered {
+                    shard_id: shard_id.clone(),
+                    at,
+                    records: payloads.len(),
+                    payloads,
+                });
+            }
+            iterator = out.next_shard_iterator.context("the shard closed")?;
+            tokio::time::sleep_until(started + idle).await;
+        }
+        #[allow(unreachable_code, reason = "the loop only ends with an error")]
+        anyhow::Ok(())
+    });
+    let (sent_at, acked_at) = write_measured(bench, stream, args, "ref-").await?;
+    let deadline = tokio::time::Instant::now() + idle + Duration::from_secs(30);
+    let collected = collect(&mut rx, args.records, "ref-", deadline).await;
+    reader.abort();
+    let delivered_at = match collected {
+        Ok(d) => d,
+        Err(received) => bail!("reference: only {received} of {} records arrived", args.records),
+    };
+    let (latency, from_send, _) = latencies(&delivered_at, &sent_at, &acked_at);
+    let json = json!({
+        "what": "a bare GetRecords loop, one call per idle time from LATEST, records stamped on the answer",
+        "latency_ms": summary_with_p99(&latency),
+        "from_send_ms": summary_with_p99(&from_send),
+    });
+    Ok(Measured { latency, json })
 }
 
 /// Waits until `records` records reached the processor (the warm-up).
@@ -413,8 +514,12 @@ async fn write_measured(
     let mut jitter = Jitter::from_clock();
     let mut sent_at = Vec::with_capacity(args.records);
     let mut acked_at = Vec::with_capacity(args.records);
+    // Each write is due a gap after the previous one was due (not after it returned), so
+    // a fixed gap holds the rate whatever the call takes.
+    let mut due = tokio::time::Instant::now();
     for i in 0..args.records {
-        tokio::time::sleep(Duration::from_millis(jitter.between(args.min_gap_ms, args.max_gap_ms))).await;
+        due += Duration::from_millis(jitter.between(args.min_gap_ms, args.max_gap_ms));
+        tokio::time::sleep_until(due).await;
         let sent = Instant::now();
         bench
             .kinesis

@@ -73,6 +73,8 @@
 //!   fan-out selection, statistics, process CPU time and resident memory.
 //! - `startup`, `latency`, `throughput`, `memory`: one scenario each.
 
+mod drain;
+mod external;
 mod latency;
 mod memory;
 mod startup;
@@ -105,6 +107,10 @@ enum Scenario {
     /// Peak resident memory with a large backlog and a slow processor, per prefetch
     /// limit and backlog size (each case in a child process).
     Memory(memory::MemoryArgs),
+    /// A backlog read by one worker (polling at idle 200 ms and default, fan-out) next
+    /// to a bare SDK reference reader: records/s, CPU per record, peak RSS; the backend
+    /// in its own process, each case in a fresh child process.
+    Drain(drain::DrainArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -115,6 +121,13 @@ enum Scenario {
     /// JSON line).
     #[command(hide = true)]
     ThroughputCase(throughput::ThroughputCaseArgs),
+    /// One drain case in this process (used by `drain`; prints one JSON line).
+    #[command(hide = true)]
+    DrainCase(drain::DrainCaseArgs),
+    /// The embedded backend in this process until stdin closes (used by scenarios that
+    /// keep the backend out of the measured process).
+    #[command(hide = true)]
+    Serve,
 }
 
 #[tokio::main]
@@ -135,6 +148,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Memory(args) => print(memory::run(&args).await?),
         Scenario::MemoryCase(args) => memory::run_case(&args).await?,
         Scenario::ThroughputCase(args) => throughput::run_case(&args).await?,
+        Scenario::Drain(args) => print(drain::run(&args).await?),
+        Scenario::DrainCase(args) => drain::run_case(&args).await?,
+        Scenario::Serve => external::serve().await?,
         Scenario::All => {
             // Defaults of each scenario, as if run on its own with these arguments only.
             let defaults = |args: &[&str]| {
@@ -154,7 +170,12 @@ async fn main() -> anyhow::Result<()> {
                     Scenario::Latency(args) => latency::run(&args).await?,
                     Scenario::Throughput(args) => throughput::run(&args).await?,
                     Scenario::Memory(args) => memory::run(&args).await?,
-                    Scenario::All | Scenario::MemoryCase(_) | Scenario::ThroughputCase(_) => {
+                    Scenario::All
+                    | Scenario::MemoryCase(_)
+                    | Scenario::ThroughputCase(_)
+                    | Scenario::Drain(_)
+                    | Scenario::DrainCase(_)
+                    | Scenario::Serve => {
                         unreachable!("only scenarios are listed")
                     }
                 };

@@ -586,11 +586,23 @@ pub(crate) fn cpu_time() -> anyhow::Result<CpuTime> {
     })
 }
 
+/// CPU time (user + system) of the whole process so far, from
+/// `CLOCK_PROCESS_CPUTIME_ID` (nanoseconds, unlike the 10 ms ticks of `/proc/self/stat`).
+pub(crate) fn process_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// CPU time and peak resident memory of one measured phase: [`Resources::start`] resets
 /// the kernel's peak counter and notes the CPU time, [`Resources::finish`] reports both.
 #[derive(Debug)]
 pub(crate) struct Resources {
     cpu: CpuTime,
+    /// `CLOCK_PROCESS_CPUTIME_ID` at the start: user + system, to the nanosecond.
+    cpu_precise: Duration,
     rss_kib: u64,
     hwm_reset: bool,
 }
@@ -601,6 +613,7 @@ impl Resources {
         let hwm_reset = reset_hwm();
         Ok(Self {
             cpu: cpu_time()?,
+            cpu_precise: process_cpu_time(),
             rss_kib: read_status()?.rss_kib,
             hwm_reset,
         })
@@ -613,7 +626,7 @@ impl Resources {
         let status = read_status()?;
         let user = cpu.user.saturating_sub(self.cpu.user);
         let system = cpu.system.saturating_sub(self.cpu.system);
-        let total = user + system;
+        let total = process_cpu_time().saturating_sub(self.cpu_precise);
         let per_record = if records == 0 {
             f64::NAN
         } else {

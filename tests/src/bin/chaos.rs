@@ -297,6 +297,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kcl_core=info,kcl_efo=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let recording = Recording::open(&args.output, &args.id)?;
     let observer: FaultObserver = {
@@ -735,6 +736,7 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dynoxide=error,ferrokinesis=error")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     anyhow::ensure!(
         args.workers >= 1 && args.shards >= 1,
