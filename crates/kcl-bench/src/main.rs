@@ -73,9 +73,11 @@
 //!   fan-out selection, statistics, process CPU time and resident memory.
 //! - `startup`, `latency`, `throughput`, `memory`: one scenario each.
 
+mod cold_start;
 mod drain;
 mod external;
 mod latency;
+mod lease_cost;
 mod memory;
 mod startup;
 mod support;
@@ -111,6 +113,12 @@ enum Scenario {
     /// to a bare SDK reference reader: records/s, CPU per record, peak RSS; the backend
     /// in its own process, each case in a fresh child process.
     Drain(drain::DrainArgs),
+    /// Process start to first record: new lease table, existing one with the same and
+    /// with another worker id.
+    ColdStart(cold_start::ColdStartArgs),
+    /// DynamoDB requests per minute by operation in steady state, per fleet of workers
+    /// and shards.
+    LeaseCost(lease_cost::LeaseCostArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -121,6 +129,9 @@ enum Scenario {
     /// JSON line).
     #[command(hide = true)]
     ThroughputCase(throughput::ThroughputCaseArgs),
+    /// One cold-start worker (used by `cold-start`).
+    #[command(hide = true)]
+    ColdStartCase(cold_start::ColdStartCaseArgs),
     /// One drain case in this process (used by `drain`; prints one JSON line).
     #[command(hide = true)]
     DrainCase(drain::DrainCaseArgs),
@@ -151,6 +162,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Drain(args) => print(drain::run(&args).await?),
         Scenario::DrainCase(args) => drain::run_case(&args).await?,
         Scenario::Serve => external::serve().await?,
+        Scenario::ColdStart(args) => print(cold_start::run(&args).await?),
+        Scenario::LeaseCost(args) => print(lease_cost::run(&args).await?),
+        Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
         Scenario::All => {
             // Defaults of each scenario, as if run on its own with these arguments only.
             let defaults = |args: &[&str]| {
@@ -175,7 +189,10 @@ async fn main() -> anyhow::Result<()> {
                     | Scenario::ThroughputCase(_)
                     | Scenario::Drain(_)
                     | Scenario::DrainCase(_)
-                    | Scenario::Serve => {
+                    | Scenario::Serve
+                    | Scenario::ColdStart(_)
+                    | Scenario::ColdStartCase(_)
+                    | Scenario::LeaseCost(_) => {
                         unreachable!("only scenarios are listed")
                     }
                 };
