@@ -76,6 +76,7 @@
 mod cold_start;
 mod drain;
 mod external;
+mod failover;
 mod latency;
 mod lease_cost;
 mod memory;
@@ -119,6 +120,9 @@ enum Scenario {
     /// DynamoDB requests per minute by operation in steady state, per fleet of workers
     /// and shards.
     LeaseCost(lease_cost::LeaseCostArgs),
+    /// Two worker processes on 8 shards: balance, crash takeover, graceful handoff,
+    /// lost records and duplicates.
+    Failover(failover::FailoverArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -129,6 +133,9 @@ enum Scenario {
     /// JSON line).
     #[command(hide = true)]
     ThroughputCase(throughput::ThroughputCaseArgs),
+    /// A worker process of `failover`.
+    #[command(hide = true)]
+    FailoverWorker(failover::FailoverWorkerArgs),
     /// One cold-start worker (used by `cold-start`).
     #[command(hide = true)]
     ColdStartCase(cold_start::ColdStartCaseArgs),
@@ -164,6 +171,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Serve => external::serve().await?,
         Scenario::ColdStart(args) => print(cold_start::run(&args).await?),
         Scenario::LeaseCost(args) => print(lease_cost::run(&args).await?),
+        Scenario::Failover(args) => print(failover::run(&args).await?),
+        Scenario::FailoverWorker(args) => failover::worker(&args).await?,
         Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
         Scenario::All => {
             // Defaults of each scenario, as if run on its own with these arguments only.
@@ -192,7 +201,9 @@ async fn main() -> anyhow::Result<()> {
                     | Scenario::Serve
                     | Scenario::ColdStart(_)
                     | Scenario::ColdStartCase(_)
-                    | Scenario::LeaseCost(_) => {
+                    | Scenario::LeaseCost(_)
+                    | Scenario::Failover(_)
+                    | Scenario::FailoverWorker(_) => {
                         unreachable!("only scenarios are listed")
                     }
                 };
