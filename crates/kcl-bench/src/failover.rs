@@ -302,7 +302,12 @@ pub(crate) async fn run(args: &FailoverArgs) -> anyhow::Result<Value> {
             while !cancel.is_cancelled() {
                 ticks.tick().await;
                 let records: Vec<(String, bytes::Bytes)> = (0..per_tick)
-                    .map(|i| (format!("pk-{}", acked.len() + i), bytes::Bytes::from_static(b"failover")))
+                    .map(|i| {
+                        (
+                            format!("pk-{}", acked.len() + i),
+                            bytes::Bytes::from_static(b"failover"),
+                        )
+                    })
                     .collect();
                 for r in kcl_local::put_records(&kinesis, &stream, &records).await? {
                     acked.push((r.shard_id, r.sequence_number));

@@ -80,6 +80,7 @@ mod failover;
 mod latency;
 mod lease_cost;
 mod memory;
+mod overhead;
 mod startup;
 mod support;
 mod throughput;
@@ -123,6 +124,9 @@ enum Scenario {
     /// Two worker processes on 8 shards: balance, crash takeover, graceful handoff,
     /// lost records and duplicates.
     Failover(failover::FailoverArgs),
+    /// The framework alone (synthetic records, in-memory leases): ns per record of
+    /// dispatch and checkpoint bookkeeping.
+    Overhead(overhead::OverheadArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -172,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::ColdStart(args) => print(cold_start::run(&args).await?),
         Scenario::LeaseCost(args) => print(lease_cost::run(&args).await?),
         Scenario::Failover(args) => print(failover::run(&args).await?),
+        Scenario::Overhead(args) => print(overhead::run(&args).await?),
         Scenario::FailoverWorker(args) => failover::worker(&args).await?,
         Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
         Scenario::All => {
@@ -203,7 +208,8 @@ async fn main() -> anyhow::Result<()> {
                     | Scenario::ColdStartCase(_)
                     | Scenario::LeaseCost(_)
                     | Scenario::Failover(_)
-                    | Scenario::FailoverWorker(_) => {
+                    | Scenario::FailoverWorker(_)
+                    | Scenario::Overhead(_) => {
                         unreachable!("only scenarios are listed")
                     }
                 };

@@ -852,81 +852,8 @@ mod tests {
             .is_empty());
     }
 
-    /// An in-memory lease store with the trait's conditional semantics, for the
-    /// coordinator's own unit tests.
-    #[derive(Debug, Default)]
-    struct MemStore {
-        leases: Mutex<HashMap<String, Lease>>,
-    }
-
-    #[async_trait::async_trait]
-    impl LeaseStore for MemStore {
-        async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
-            Ok(false)
-        }
-        async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
-            Ok(lock(&self.leases).values().cloned().collect())
-        }
-        async fn get_lease(&self, key: &str) -> Result<Option<Lease>, LeaseStoreError> {
-            Ok(lock(&self.leases).get(key).cloned())
-        }
-        async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-            let mut map = lock(&self.leases);
-            if map.contains_key(&lease.lease_key) {
-                return Ok(false);
-            }
-            map.insert(lease.lease_key.clone(), lease.clone());
-            Ok(true)
-        }
-        async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
-            self.write(lease, |l| l.lease_counter += 1)
-        }
-        async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
-            self.write(lease, |l| {
-                l.lease_owner = Some(owner.to_owned());
-                l.lease_counter += 1;
-            })
-        }
-        async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
-            let mut map = lock(&self.leases);
-            match map.get_mut(&lease.lease_key) {
-                Some(stored) if stored.lease_owner == lease.lease_owner => {
-                    stored.lease_owner = None;
-                    stored.lease_counter += 1;
-                    *lease = stored.clone();
-                    Ok(true)
-                }
-                _ => Ok(false),
-            }
-        }
-        async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
-            let wanted = lease.clone();
-            self.write(lease, move |l| {
-                l.checkpoint = wanted.checkpoint.clone();
-                l.lease_counter += 1;
-            })
-        }
-        async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-            lock(&self.leases).remove(&lease.lease_key);
-            Ok(())
-        }
-    }
-
-    impl MemStore {
-        fn write(&self, lease: &mut Lease, change: impl FnOnce(&mut Lease)) -> Result<bool, LeaseStoreError> {
-            let mut map = lock(&self.leases);
-            match map.get_mut(&lease.lease_key) {
-                Some(stored)
-                    if stored.lease_counter == lease.lease_counter && stored.lease_owner == lease.lease_owner =>
-                {
-                    change(stored);
-                    *lease = stored.clone();
-                    Ok(true)
-                }
-                _ => Ok(false),
-            }
-        }
-    }
+    /// The in-memory store, with the trait's conditional semantics.
+    type MemStore = crate::lease::InMemoryLeaseStore;
 
     /// Guards hardening item 11: a consumer whose lease was lost, finishing after this
     /// worker took the shard again, must not release the newer lease period.

@@ -7,9 +7,12 @@
 //! the counter change on their own monotonic clock, never by comparing wall clocks.
 //!
 //! `kcl-core` defines the trait; `kcl-dynamo` implements it on DynamoDB.
+//! [`InMemoryLeaseStore`] keeps a table in memory with the same conditional semantics,
+//! for unit tests of code built on the library and for measuring the framework alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -277,5 +280,107 @@ impl LeaseStore for TimedLeaseStore {
     }
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
         bounded("delete_lease", self.call, self.inner.delete_lease(lease)).await
+    }
+}
+
+/// A lease table in memory, with the trait's conditional semantics (every write is
+/// conditional on the counter and owner the caller last saw, and increments the
+/// counter). One process only: for unit tests of code built on the library and for
+/// measuring the framework without DynamoDB. Production needs a shared table
+/// (`kcl-dynamo`).
+#[derive(Debug, Default)]
+pub struct InMemoryLeaseStore {
+    leases: Mutex<HashMap<String, Lease>>,
+}
+
+impl InMemoryLeaseStore {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn leases(&self) -> MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` to the stored lease if its counter and owner are the caller's,
+    /// then gives the caller the stored lease.
+    fn write(&self, lease: &mut Lease, change: impl FnOnce(&mut Lease)) -> bool {
+        let mut map = self.leases();
+        match map.get_mut(&lease.lease_key) {
+            Some(stored) if stored.lease_counter == lease.lease_counter && stored.lease_owner == lease.lease_owner => {
+                change(stored);
+                stored.lease_counter += 1;
+                *lease = stored.clone();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryLeaseStore {
+    async fn create_lease_table_if_not_exists(&self) -> Result<bool, LeaseStoreError> {
+        Ok(false)
+    }
+
+    async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
+        Ok(self.leases().values().cloned().collect())
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError> {
+        Ok(self.leases().get(lease_key).cloned())
+    }
+
+    async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        let mut map = self.leases();
+        if map.contains_key(&lease.lease_key) {
+            return Ok(false);
+        }
+        map.insert(lease.lease_key.clone(), lease.clone());
+        Ok(true)
+    }
+
+    async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        Ok(self.write(lease, |_| {}))
+    }
+
+    async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
+        Ok(self.write(lease, |l| {
+            if l.lease_owner.as_deref() != Some(owner) {
+                l.owner_switches_since_checkpoint += 1;
+            }
+            l.lease_owner = Some(owner.to_owned());
+        }))
+    }
+
+    async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        let mut map = self.leases();
+        match map.get_mut(&lease.lease_key) {
+            Some(stored) if stored.lease_owner == lease.lease_owner => {
+                stored.lease_owner = None;
+                stored.lease_counter += 1;
+                *lease = stored.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        let wanted = lease.clone();
+        Ok(self.write(lease, move |l| {
+            l.checkpoint = wanted.checkpoint;
+            l.pending_checkpoint = wanted.pending_checkpoint;
+            l.pending_checkpoint_state = wanted.pending_checkpoint_state;
+            l.owner_switches_since_checkpoint = 0;
+            l.child_shard_ids = wanted.child_shard_ids;
+        }))
+    }
+
+    async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+        self.leases().remove(&lease.lease_key);
+        Ok(())
     }
 }

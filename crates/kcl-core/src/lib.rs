@@ -80,7 +80,7 @@ pub use config::{
 };
 pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};
-pub use lease::{Lease, LeaseListing, LeaseStore};
+pub use lease::{InMemoryLeaseStore, Lease, LeaseListing, LeaseStore};
 pub use processor::{
     InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory, ShardEndedInput,
     ShutdownRequestedInput,
