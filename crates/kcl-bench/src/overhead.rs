@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::external::ExternalBackend;
-use crate::support::{process_cpu_time, round1, round3};
+use crate::support::{process_cpu_time, round1};
 
 /// Options of the `overhead` scenario.
 #[derive(Args, Debug, Clone)]
