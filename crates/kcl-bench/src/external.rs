@@ -23,9 +23,15 @@ pub(crate) struct ExternalBackend {
 impl ExternalBackend {
     /// Starts `serve` and waits until it is ready.
     pub(crate) async fn start() -> anyhow::Result<Self> {
+        Self::start_with_shard_limit(1000).await
+    }
+
+    /// Starts `serve` allowing `shard_limit` open shards, and waits until it is ready.
+    pub(crate) async fn start_with_shard_limit(shard_limit: u32) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this program to run the backend")?;
         let mut child = tokio::process::Command::new(exe)
             .arg("serve")
+            .arg(format!("--shard-limit={shard_limit}"))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
@@ -79,9 +85,19 @@ impl ExternalBackend {
     }
 }
 
+/// Options of the hidden `serve` command.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ServeArgs {
+    /// The most open shards all streams together may have.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) shard_limit: u32,
+}
+
 /// The hidden `serve` command: the embedded backend until stdin closes.
-pub(crate) async fn serve() -> anyhow::Result<()> {
-    let backend = kcl_local::LocalBackend::start()
+pub(crate) async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let mut options = kcl_local::LocalOptions::default();
+    options.shard_limit = args.shard_limit;
+    let backend = kcl_local::LocalBackend::start_with(options)
         .await
         .context("starting the embedded backend")?;
     println!("kinesis {}", backend.kinesis_endpoint());

@@ -40,10 +40,16 @@ pub(crate) struct LeaseCostArgs {
 
 /// DynamoDB requests by operation.
 #[derive(Debug, Clone, Default)]
-struct RequestCounter(Arc<Mutex<BTreeMap<String, u64>>>);
+pub(crate) struct RequestCounter(Arc<Mutex<BTreeMap<String, u64>>>);
 
 impl RequestCounter {
-    fn take(&self) -> BTreeMap<String, u64> {
+    /// A DynamoDB client like `client` whose requests this counts.
+    pub(crate) fn client(&self, client: &aws_sdk_dynamodb::Client) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::from_conf(client.config().to_builder().interceptor(self.clone()).build())
+    }
+
+    /// The counts so far, by operation; starts counting again from zero.
+    pub(crate) fn take(&self) -> BTreeMap<String, u64> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -113,14 +119,7 @@ async fn one_fleet(args: &LeaseCostArgs, workers: usize, shards: i32) -> anyhow:
     let stream = bench.new_stream(shards).await?;
     let application = unique("bench-lease-cost");
     let counter = RequestCounter::default();
-    let dynamodb = aws_sdk_dynamodb::Client::from_conf(
-        bench
-            .dynamodb
-            .config()
-            .to_builder()
-            .interceptor(counter.clone())
-            .build(),
-    );
+    let dynamodb = counter.client(&bench.dynamodb);
     let counters = Arc::new(Counters::default());
     let mut running = Vec::new();
     for w in 0..workers {

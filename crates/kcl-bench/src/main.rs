@@ -81,6 +81,7 @@ mod latency;
 mod lease_cost;
 mod memory;
 mod overhead;
+mod scale;
 mod startup;
 mod support;
 mod throughput;
@@ -127,6 +128,9 @@ enum Scenario {
     /// The framework alone (synthetic records, in-memory leases): ns per record of
     /// dispatch and checkpoint bookkeeping.
     Overhead(overhead::OverheadArgs),
+    /// 1,000 shards in one worker (CPU share, RSS), and a fleet of 20 workers on 10,000
+    /// leases (time to balanced, lease-table requests per minute).
+    Scale(scale::ScaleArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -137,6 +141,9 @@ enum Scenario {
     /// JSON line).
     #[command(hide = true)]
     ThroughputCase(throughput::ThroughputCaseArgs),
+    /// The worker process of `scale`.
+    #[command(hide = true)]
+    ScaleWorker(scale::ScaleWorkerArgs),
     /// A worker process of `failover`.
     #[command(hide = true)]
     FailoverWorker(failover::FailoverWorkerArgs),
@@ -149,7 +156,7 @@ enum Scenario {
     /// The embedded backend in this process until stdin closes (used by scenarios that
     /// keep the backend out of the measured process).
     #[command(hide = true)]
-    Serve,
+    Serve(external::ServeArgs),
 }
 
 #[tokio::main]
@@ -172,11 +179,13 @@ async fn main() -> anyhow::Result<()> {
         Scenario::ThroughputCase(args) => throughput::run_case(&args).await?,
         Scenario::Drain(args) => print(drain::run(&args).await?),
         Scenario::DrainCase(args) => drain::run_case(&args).await?,
-        Scenario::Serve => external::serve().await?,
+        Scenario::Serve(args) => external::serve(&args).await?,
         Scenario::ColdStart(args) => print(cold_start::run(&args).await?),
         Scenario::LeaseCost(args) => print(lease_cost::run(&args).await?),
         Scenario::Failover(args) => print(failover::run(&args).await?),
         Scenario::Overhead(args) => print(overhead::run(&args).await?),
+        Scenario::Scale(args) => print(scale::run(&args).await?),
+        Scenario::ScaleWorker(args) => scale::worker(&args).await?,
         Scenario::FailoverWorker(args) => failover::worker(&args).await?,
         Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
         Scenario::All => {
@@ -203,13 +212,15 @@ async fn main() -> anyhow::Result<()> {
                     | Scenario::ThroughputCase(_)
                     | Scenario::Drain(_)
                     | Scenario::DrainCase(_)
-                    | Scenario::Serve
+                    | Scenario::Serve(_)
                     | Scenario::ColdStart(_)
                     | Scenario::ColdStartCase(_)
                     | Scenario::LeaseCost(_)
                     | Scenario::Failover(_)
                     | Scenario::FailoverWorker(_)
-                    | Scenario::Overhead(_) => {
+                    | Scenario::Overhead(_)
+                    | Scenario::Scale(_)
+                    | Scenario::ScaleWorker(_) => {
                         unreachable!("only scenarios are listed")
                     }
                 };
