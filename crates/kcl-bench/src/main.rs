@@ -131,6 +131,9 @@ enum Scenario {
     /// 1,000 shards in one worker (CPU share, RSS), and a fleet of 20 workers on 10,000
     /// leases (time to balanced, lease-table requests per minute).
     Scale(scale::ScaleArgs),
+    /// A slow processor on a large backlog, the backend in its own process: peak RSS
+    /// per prefetch limit and backlog size (each case in a child process).
+    BacklogMemory(memory::MemoryArgs),
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -185,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Failover(args) => print(failover::run(&args).await?),
         Scenario::Overhead(args) => print(overhead::run(&args).await?),
         Scenario::Scale(args) => print(scale::run(&args).await?),
+        Scenario::BacklogMemory(args) => print(memory::run_backlog_memory(&args).await?),
         Scenario::ScaleWorker(args) => scale::worker(&args).await?,
         Scenario::FailoverWorker(args) => failover::worker(&args).await?,
         Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
@@ -220,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
                     | Scenario::FailoverWorker(_)
                     | Scenario::Overhead(_)
                     | Scenario::Scale(_)
+                    | Scenario::BacklogMemory(_)
                     | Scenario::ScaleWorker(_) => {
                         unreachable!("only scenarios are listed")
                     }

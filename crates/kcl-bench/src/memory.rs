@@ -109,6 +109,34 @@ pub(crate) struct MemoryCaseArgs {
     pub(crate) common: MemoryCommon,
 }
 
+/// `backlog-memory`: the memory cases against a backend in its own process (started
+/// here unless endpoints are given), so that each case's RSS is the consumer's alone.
+pub(crate) async fn run_backlog_memory(args: &MemoryArgs) -> anyhow::Result<Value> {
+    let mut args = args.clone();
+    let backend = match (&args.common.kinesis_endpoint, &args.common.dynamodb_endpoint) {
+        (Some(_), Some(_)) => None,
+        _ => {
+            let backend = crate::external::ExternalBackend::start().await?;
+            args.common.kinesis_endpoint = Some(backend.kinesis_endpoint.clone());
+            args.common.dynamodb_endpoint = Some(backend.dynamodb_endpoint.clone());
+            Some(backend)
+        }
+    };
+    let mut value = run(&args).await?;
+    if let Some(backend) = backend {
+        backend.stop().await?;
+    }
+    value["scenario"] = json!("backlog-memory");
+    value["note"] = json!(
+        "Each case ran in a fresh child process against the backend in another process, so RSS is the \
+         consumer's own: the peak above the baseline (measured just before run()) should stay within the \
+         prefetch bound plus a fixed overhead whatever the backlog size. peak_library_outstanding_mib is exact: \
+         payload bytes fetched minus bytes whose process_records returned; bound_mib = shards x \
+         (max_prefetch_bytes + one batch of max_records x record_size)."
+    );
+    Ok(value)
+}
+
 /// Runs every case, each in a child process, and returns the scenario's JSON object.
 pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
     let mut runs = Vec::new();
