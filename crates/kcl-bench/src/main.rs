@@ -134,6 +134,8 @@ enum Scenario {
     /// A slow processor on a large backlog, the backend in its own process: peak RSS
     /// per prefetch limit and backlog size (each case in a child process).
     BacklogMemory(memory::MemoryArgs),
+    /// Every scenario at a tiny size, to prove they still run (CI runs this).
+    Smoke,
     /// Every scenario with its default options (and latency --fan-out), one JSON object
     /// each.
     All,
@@ -174,66 +176,89 @@ async fn main() -> anyhow::Result<()> {
 
     let cli = Cli::parse();
     match cli.scenario {
-        Scenario::Startup(args) => print(startup::run(&args).await?),
-        Scenario::Latency(args) => print(latency::run(&args).await?),
-        Scenario::Throughput(args) => print(throughput::run(&args).await?),
-        Scenario::Memory(args) => print(memory::run(&args).await?),
-        Scenario::MemoryCase(args) => memory::run_case(&args).await?,
-        Scenario::ThroughputCase(args) => throughput::run_case(&args).await?,
-        Scenario::Drain(args) => print(drain::run(&args).await?),
-        Scenario::DrainCase(args) => drain::run_case(&args).await?,
-        Scenario::Serve(args) => external::serve(&args).await?,
-        Scenario::ColdStart(args) => print(cold_start::run(&args).await?),
-        Scenario::LeaseCost(args) => print(lease_cost::run(&args).await?),
-        Scenario::Failover(args) => print(failover::run(&args).await?),
-        Scenario::Overhead(args) => print(overhead::run(&args).await?),
-        Scenario::Scale(args) => print(scale::run(&args).await?),
-        Scenario::BacklogMemory(args) => print(memory::run_backlog_memory(&args).await?),
-        Scenario::ScaleWorker(args) => scale::worker(&args).await?,
-        Scenario::FailoverWorker(args) => failover::worker(&args).await?,
-        Scenario::ColdStartCase(args) => cold_start::run_case(&args).await?,
-        Scenario::All => {
-            // Defaults of each scenario, as if run on its own with these arguments only.
-            let defaults = |args: &[&str]| {
-                Cli::try_parse_from(std::iter::once("kcl-bench").chain(args.iter().copied())).map(|cli| cli.scenario)
-            };
-            let runs: [&[&str]; 5] = [
-                &["startup"],
-                &["latency"],
-                &["latency", "--fan-out"],
-                &["throughput"],
-                &["memory"],
-            ];
-            for args in runs {
-                eprintln!("== {}", args.join(" "));
-                let value = match defaults(args)? {
-                    Scenario::Startup(args) => startup::run(&args).await?,
-                    Scenario::Latency(args) => latency::run(&args).await?,
-                    Scenario::Throughput(args) => throughput::run(&args).await?,
-                    Scenario::Memory(args) => memory::run(&args).await?,
-                    Scenario::All
-                    | Scenario::MemoryCase(_)
-                    | Scenario::ThroughputCase(_)
-                    | Scenario::Drain(_)
-                    | Scenario::DrainCase(_)
-                    | Scenario::Serve(_)
-                    | Scenario::ColdStart(_)
-                    | Scenario::ColdStartCase(_)
-                    | Scenario::LeaseCost(_)
-                    | Scenario::Failover(_)
-                    | Scenario::FailoverWorker(_)
-                    | Scenario::Overhead(_)
-                    | Scenario::Scale(_)
-                    | Scenario::BacklogMemory(_)
-                    | Scenario::ScaleWorker(_) => {
-                        unreachable!("only scenarios are listed")
-                    }
-                };
-                print(value);
-            }
+        Scenario::All => run_list(ALL).await,
+        Scenario::Smoke => run_list(SMOKE).await,
+        Scenario::MemoryCase(args) => memory::run_case(&args).await,
+        Scenario::ThroughputCase(args) => throughput::run_case(&args).await,
+        Scenario::DrainCase(args) => drain::run_case(&args).await,
+        Scenario::ColdStartCase(args) => cold_start::run_case(&args).await,
+        Scenario::FailoverWorker(args) => failover::worker(&args).await,
+        Scenario::ScaleWorker(args) => scale::worker(&args).await,
+        Scenario::Serve(args) => external::serve(&args).await,
+        scenario => {
+            print(measure(scenario).await?);
+            Ok(())
         }
     }
+}
+
+/// Every scenario with its defaults, in this order (`all`).
+const ALL: &[&[&str]] = &[
+    &["startup"],
+    &["latency"],
+    &["latency", "--fan-out"],
+    &["throughput"],
+    &["memory"],
+];
+
+/// Every scenario at a tiny size, to prove they still run (`smoke`, run by CI).
+const SMOKE: &[&[&str]] = &[
+    &["drain", "--records", "2000"],
+    &["latency", "--rate", "50", "--seconds", "1", "--idle-ms", "200"],
+    &["latency", "--fan-out", "--records", "5"],
+    &["failover", "--failover-ms", "2000", "--rate", "50"],
+    &["cold-start", "--iterations", "1"],
+    &["lease-cost", "--fleets", "2x4", "--seconds", "3"],
+    &[
+        "backlog-memory",
+        "--records",
+        "2000",
+        "--prefetch-kib",
+        "256",
+        "--duration-secs",
+        "1",
+    ],
+    &[
+        "scale",
+        "--shards",
+        "20",
+        "--fleet-workers",
+        "2",
+        "--fleet-leases",
+        "20",
+        "--seconds",
+        "2",
+    ],
+    &["overhead", "--records", "20000"],
+];
+
+/// Runs each scenario of `list` as if given on the command line, printing each one's
+/// JSON object.
+async fn run_list(list: &[&[&str]]) -> anyhow::Result<()> {
+    for args in list {
+        eprintln!("== {}", args.join(" "));
+        let cli = Cli::try_parse_from(std::iter::once("kcl-bench").chain(args.iter().copied()))?;
+        print(measure(cli.scenario).await?);
+    }
     Ok(())
+}
+
+/// Runs one measuring scenario and returns its JSON object.
+async fn measure(scenario: Scenario) -> anyhow::Result<Value> {
+    match scenario {
+        Scenario::Startup(args) => startup::run(&args).await,
+        Scenario::Latency(args) => latency::run(&args).await,
+        Scenario::Throughput(args) => throughput::run(&args).await,
+        Scenario::Memory(args) => memory::run(&args).await,
+        Scenario::Drain(args) => drain::run(&args).await,
+        Scenario::ColdStart(args) => cold_start::run(&args).await,
+        Scenario::LeaseCost(args) => lease_cost::run(&args).await,
+        Scenario::Failover(args) => failover::run(&args).await,
+        Scenario::Overhead(args) => overhead::run(&args).await,
+        Scenario::Scale(args) => scale::run(&args).await,
+        Scenario::BacklogMemory(args) => memory::run_backlog_memory(&args).await,
+        other => anyhow::bail!("{other:?} is not a measuring scenario"),
+    }
 }
 
 /// Prints one scenario's JSON object on one line of stdout.
