@@ -1,11 +1,20 @@
 //! `kcl-bench`: benchmarks of the Kinesis Client Library against the embedded backend.
 //!
 //! ```text
-//! cargo run -p kcl-bench -- <startup|latency|throughput|memory|all> [options]
+//! cargo run --release -p kcl-bench -- <scenario> [options]
 //! cargo run -p kcl-bench -- <scenario> --help
+//! cargo run -p kcl-bench -- smoke      # every scenario at a tiny size (CI)
 //! ```
 //!
-//! Every scenario starts the embedded Kinesis + DynamoDB (`kcl-local`) in this process,
+//! The scenarios of `BENCHMARKS.md` (`drain`, `latency`, `failover`, `cold-start`,
+//! `lease-cost`, `backlog-memory`, `scale`, `overhead`) run the backend in a process of
+//! its own (this program's hidden `serve` command: the `kcl-local serve` servers), so
+//! that the CPU time and memory they read from `/proc/self` are the consumer's alone;
+//! where it makes sense they measure a reference reader (a bare SDK loop) on the same
+//! backend and data and print the ratio. The older scenarios below (`startup`,
+//! `throughput`, `memory`) keep the backend in the measuring process.
+//!
+//! The older scenarios start the embedded Kinesis + DynamoDB (`kcl-local`) in this process,
 //! uses a fresh stream and a new lease table (a new application), runs a real
 //! [`Scheduler`](kcl_core::Scheduler) with a `DynamoLeaseStore`, shuts it down
 //! gracefully, and prints ONE JSON object on stdout:
@@ -71,7 +80,10 @@
 //! - `support`: the backend, producer, instrumented Kinesis client (counts what
 //!   `GetRecords` returns), the benchmark processor, a stoppable running scheduler,
 //!   fan-out selection, statistics, process CPU time and resident memory.
-//! - `startup`, `latency`, `throughput`, `memory`: one scenario each.
+//! - `external`: the backend in its own process (`serve`).
+//! - `drain`, `latency`, `failover`, `cold_start`, `lease_cost`, `memory`
+//!   (`backlog-memory` and `memory`), `scale`, `overhead`, `startup`, `throughput`: one
+//!   scenario each.
 
 mod cold_start;
 mod drain;

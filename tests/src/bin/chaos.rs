@@ -382,6 +382,8 @@ struct Runner {
     slots: Vec<Slot>,
     /// Stopped gracefully, still shutting down.
     stopping: Vec<tokio::task::JoinHandle<()>>,
+    /// Workers that exited without being stopped.
+    unexpected_exits: Vec<String>,
 }
 
 impl Runner {
@@ -507,7 +509,26 @@ impl Runner {
         Ok(())
     }
 
+    /// Restarts the workers that exited on their own (a scheduler error: each is counted
+    /// and reported, and its stderr says why).
+    fn restart_exited(&mut self) -> anyhow::Result<()> {
+        for slot in 0..self.slots.len() {
+            let exited = match self.slots[slot].child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                let id = self.slots[slot].id.clone();
+                eprintln!("chaos: {id} exited on its own ({status}); see {id}.err");
+                self.unexpected_exits.push(id);
+                self.start_worker(slot)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn act(&mut self, action: Action) -> anyhow::Result<()> {
+        self.restart_exited()?;
         match action {
             Action::Kill(slot) => self.kill(slot).await,
             Action::Stop(slot) => self.stop(slot),
@@ -801,6 +822,7 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
             })
             .collect(),
         stopping: Vec::new(),
+        unexpected_exits: Vec::new(),
         args,
     };
     for slot in 0..runner.slots.len() {
@@ -831,6 +853,7 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
     let acknowledged = producer.await??;
     runner.kinesis_proxy.set(ProxyFault::None);
     runner.dynamodb_proxy.set(ProxyFault::None);
+    runner.restart_exited()?;
     for slot in 0..runner.slots.len() {
         if runner.slots[slot].child.is_none() {
             runner.start_worker(slot)?;
@@ -874,9 +897,13 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
         "mode": format!("{:?}", runner.args.mode),
         "faults_rate": runner.args.faults,
         "drained": drained,
+        "workers_exited_on_their_own": runner.unexpected_exits,
         "drain_seconds": drain_time.as_secs_f64(),
     });
-    let (text, ok) = verify_dir(&runner.args.dir, Duration::from_millis(runner.args.failover_ms), &extra)?;
+    let (text, verified) = verify_dir(&runner.args.dir, Duration::from_millis(runner.args.failover_ms), &extra)?;
+    // A worker that stopped on its own is a failure of the round even when nothing was
+    // lost: the library gave up where it should have recovered.
+    let ok = verified && runner.unexpected_exits.is_empty();
     std::fs::write(runner.args.dir.join("report.txt"), format!("{text}\n"))?;
     println!("{text}");
     drop(runner);
