@@ -13,12 +13,15 @@
 //!   `GetShardIterator(TRIM_HORIZON)`, then `GetRecords` (10,000 a call) until the
 //!   records are all read, pausing 200 ms only on an empty answer; no leases, no
 //!   checkpoints;
+//! - `reference-polling-paced`: the same, keeping to Kinesis's limit of five calls per
+//!   shard per second (200 ms between call starts), as the library does (its
+//!   `backlog_time_between_reads`) and as any reader on AWS must;
 //! - `reference-fan-out`: a bare `SubscribeToShard(TRIM_HORIZON)` per shard with its own
 //!   stream consumer.
 //!
 //! Each reports records/s from its first record to its last, CPU microseconds per
 //! record and the resident peak of its process; each of ours is set against its
-//! reference (`ours_over_reference`).
+//! reference (`ours_over_reference`, polling against both polling references).
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -48,8 +51,11 @@ pub(crate) enum Case {
     PollingDefault,
     /// Enhanced fan-out.
     FanOut,
-    /// A bare `GetRecords` loop.
+    /// A bare `GetRecords` loop, as fast as the backend answers.
     ReferencePolling,
+    /// A bare `GetRecords` loop that keeps to Kinesis's five calls per shard per second
+    /// (200 ms between call starts), as any reader on AWS must.
+    ReferencePollingPaced,
     /// A bare `SubscribeToShard` reader.
     ReferenceFanOut,
 }
@@ -61,12 +67,12 @@ impl Case {
             .unwrap_or_default()
     }
 
-    /// The reference each of ours is compared with.
-    fn reference(self) -> Option<Case> {
+    /// The references each of ours is compared with.
+    fn references(self) -> &'static [Case] {
         match self {
-            Self::PollingIdle200 | Self::PollingDefault => Some(Self::ReferencePolling),
-            Self::FanOut => Some(Self::ReferenceFanOut),
-            Self::ReferencePolling | Self::ReferenceFanOut => None,
+            Self::PollingIdle200 | Self::PollingDefault => &[Self::ReferencePolling, Self::ReferencePollingPaced],
+            Self::FanOut => &[Self::ReferenceFanOut],
+            Self::ReferencePolling | Self::ReferencePollingPaced | Self::ReferenceFanOut => &[],
         }
     }
 }
@@ -88,7 +94,7 @@ pub(crate) struct DrainArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "reference-polling,polling-idle-200,polling-default,reference-fan-out,fan-out"
+        default_value = "reference-polling,reference-polling-paced,polling-idle-200,polling-default,reference-fan-out,fan-out"
     )]
     pub(crate) cases: Vec<Case>,
     /// Give up on a case that has not read everything after this many seconds.
@@ -145,22 +151,27 @@ pub(crate) async fn run(args: &DrainArgs) -> anyhow::Result<Value> {
 
     let mut comparisons = Map::new();
     for case in &args.cases {
-        let (Some(reference), Some(ours)) = (case.reference(), cases.get(&case.name())) else {
+        let Some(ours) = cases.get(&case.name()) else {
             continue;
         };
-        let Some(theirs) = cases.get(&reference.name()) else {
-            continue;
-        };
-        let get = |v: &Value, key: &str| v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        comparisons.insert(
-            case.name(),
-            json!({
-                "reference": reference.name(),
-                "records_per_sec_ratio": round3(get(ours, "records_per_sec") / get(theirs, "records_per_sec")),
-                "cpu_us_per_record_ratio": round3(get(ours, "cpu_us_per_record") / get(theirs, "cpu_us_per_record")),
-                "peak_rss_extra_mib": round1(get(ours, "peak_rss_mib") - get(theirs, "peak_rss_mib")),
-            }),
-        );
+        let mut against = Map::new();
+        for reference in case.references() {
+            let Some(theirs) = cases.get(&reference.name()) else {
+                continue;
+            };
+            let get = |v: &Value, key: &str| v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            against.insert(
+                reference.name(),
+                json!({
+                    "records_per_sec_ratio": round3(get(ours, "records_per_sec") / get(theirs, "records_per_sec")),
+                    "cpu_us_per_record_ratio": round3(get(ours, "cpu_us_per_record") / get(theirs, "cpu_us_per_record")),
+                    "peak_rss_extra_mib": round1(get(ours, "peak_rss_mib") - get(theirs, "peak_rss_mib")),
+                }),
+            );
+        }
+        if !against.is_empty() {
+            comparisons.insert(case.name(), Value::Object(against));
+        }
     }
     Ok(json!({
         "scenario": "drain",
@@ -245,8 +256,9 @@ async fn case(args: &DrainCaseArgs) -> anyhow::Result<Value> {
             extra = json!({ "graceful_shutdown_ms": ms(shutdown), "library": counters.to_json() });
             read?
         }
-        Case::ReferencePolling => {
-            let readers = reference_polling(&bench, &args.stream, tx).await?;
+        Case::ReferencePolling | Case::ReferencePollingPaced => {
+            let paced = args.case == Case::ReferencePollingPaced;
+            let readers = reference_polling(&bench, &args.stream, tx, paced).await?;
             let read = collect(rx, args.records, deadline).await;
             readers.abort();
             read?
@@ -322,11 +334,13 @@ async fn shard_ids(bench: &Bench, stream: &str) -> anyhow::Result<Vec<String>> {
     Ok(shards.shards().iter().map(|s| s.shard_id().to_owned()).collect())
 }
 
-/// The reference polling reader: one bare `GetRecords` loop per shard.
+/// The reference polling reader: one bare `GetRecords` loop per shard; `paced`: at most
+/// five calls per shard per second.
 async fn reference_polling(
     bench: &Bench,
     stream: &str,
     tx: mpsc::UnboundedSender<(Instant, usize)>,
+    paced: bool,
 ) -> anyhow::Result<Readers> {
     let mut tasks = Vec::new();
     for shard_id in shard_ids(bench, stream).await? {
@@ -344,6 +358,7 @@ async fn reference_polling(
                 .shard_iterator
                 .context("no iterator")?;
             loop {
+                let call_start = tokio::time::Instant::now();
                 let out = kinesis
                     .get_records()
                     .shard_iterator(&iterator)
@@ -355,6 +370,9 @@ async fn reference_polling(
                 let n = out.records().iter().filter(|r| !r.data().as_ref().is_empty()).count();
                 if n > 0 {
                     let _ = tx.send((at, n));
+                    if paced {
+                        tokio::time::sleep_until(call_start + Duration::from_millis(200)).await;
+                    }
                 } else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

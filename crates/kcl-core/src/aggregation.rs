@@ -150,6 +150,12 @@ fn split_aggregated(data: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(rest.split_at(protobuf_len))
 }
 
+/// Whether `data` may be a KPL aggregate (opens with the magic and can hold the digest):
+/// records for which this is false are plain, and [`deaggregate`] returns them as they are.
+pub(crate) fn may_be_aggregated(data: &[u8]) -> bool {
+    split_aggregated(data).is_some()
+}
+
 /// Unpacks one Kinesis record into its user records (the Java KCL's
 /// `AggregatorUtil.deaggregate`, for one record).
 ///

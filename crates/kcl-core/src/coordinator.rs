@@ -115,6 +115,11 @@ impl LeaseCoordinator {
         lock(&self.held).values().cloned().collect()
     }
 
+    /// The keys of the leases held.
+    pub(crate) fn held_keys(&self) -> HashSet<String> {
+        lock(&self.held).keys().cloned().collect()
+    }
+
     pub(crate) fn held_count(&self) -> usize {
         lock(&self.held).len()
     }
@@ -449,6 +454,18 @@ impl LeaseTaker {
         }
     }
 
+    /// The next moment after `after` at which a lease this worker does not hold expires,
+    /// if nothing renews it first (by this worker's observations): a taking pass then
+    /// finds a crashed worker's leases without waiting for the next regular pass.
+    pub(crate) fn next_expiry(&self, held: &HashSet<String>, after: Instant, failover: Duration) -> Option<Instant> {
+        self.observed
+            .iter()
+            .filter(|(key, o)| o.owner.is_some() && !held.contains(*key))
+            .map(|(_, o)| o.since + failover)
+            .filter(|at| *at > after)
+            .min()
+    }
+
     fn is_expired(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
         if lease.lease_owner.is_none() {
             return true;
@@ -636,6 +653,44 @@ mod tests {
 
     fn set(keys: &[&str]) -> HashSet<String> {
         keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_earliest_stalled_lease_of_another_worker_still_to_come() {
+        let cfg = LeaseManagementConfig::default();
+        let failover = cfg.failover_time;
+        let mut taker = LeaseTaker::default();
+        let t0 = Instant::now();
+        let table = vec![
+            lease("a", Some("other"), 5),
+            lease("mine", Some("me"), 1),
+            lease("free", None, 0),
+        ];
+        taker.leases_to_take(&table, "me", &set(&["mine"]), t0, &cfg);
+        // "a" expires a failover time after it was first seen; held and free leases never.
+        assert_eq!(taker.next_expiry(&set(&["mine"]), t0, failover), Some(t0 + failover));
+        // "b" seen later, "a" renewed later still: "b" is next.
+        let t1 = t0 + Duration::from_secs(1);
+        let t2 = t0 + Duration::from_secs(2);
+        taker.leases_to_take(
+            &[table[0].clone(), lease("b", Some("other"), 1)],
+            "me",
+            &none(),
+            t1,
+            &cfg,
+        );
+        taker.leases_to_take(
+            &[lease("a", Some("other"), 6), lease("b", Some("other"), 1)],
+            "me",
+            &none(),
+            t2,
+            &cfg,
+        );
+        assert_eq!(taker.next_expiry(&none(), t2, failover), Some(t1 + failover));
+        // Once that moment has passed, it is not the next one any more (no busy loop on a
+        // lease this worker does not take).
+        assert_eq!(taker.next_expiry(&none(), t1 + failover, failover), Some(t2 + failover));
+        assert_eq!(taker.next_expiry(&none(), t2 + failover, failover), None);
     }
 
     #[test]

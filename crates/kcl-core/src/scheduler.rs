@@ -8,7 +8,7 @@
 //! publisher). One root `CancellationToken` asks for shutdown; each consumer has a
 //! child token; a lost lease cancels only its own consumer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -351,6 +351,10 @@ impl Scheduler {
         sync_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut failure: Option<SchedulerError> = None;
         let mut first_take = true;
+        // When a lease another worker holds expires if it is not renewed before: a pass
+        // then, so that a crashed worker's shards move after the failover time and not
+        // up to a taking interval later.
+        let mut next_expiry: Option<Instant> = None;
 
         loop {
             let next_retry = workers.next_retry();
@@ -369,10 +373,19 @@ impl Scheduler {
                     if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator).await {
                         break;
                     }
+                    next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
                     if first_take {
                         info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
                         first_take = false;
                     }
+                }
+                () = sleep_until_or_never(next_expiry) => {
+                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator).await {
+                        break;
+                    }
+                    next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
+                    // This pass replaces the next regular one.
+                    take_tick.reset();
                 }
                 _ = sync_tick.tick() => {
                     let synced = tokio::select! {
@@ -500,11 +513,7 @@ impl Scheduler {
                 }
             }
         }
-        let held: HashSet<String> = coordinator
-            .held_leases()
-            .into_iter()
-            .map(|h| h.shard_id.clone())
-            .collect();
+        let held = coordinator.held_keys();
         let to_take = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
         for lease in to_take {
             let key = lease.lease_key.clone();

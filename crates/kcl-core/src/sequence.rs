@@ -12,9 +12,10 @@ use std::str::FromStr;
 use crate::error::InvalidSequenceNumber;
 
 /// A Kinesis sequence number: a non-empty string of decimal digits, kept without
-/// leading zeros so that numeric order is (length, lexicographic) order.
+/// leading zeros so that numeric order is (length, lexicographic) order. Cloning is
+/// cheap (a shared buffer): positions are copied on every record's way through.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SequenceNumber(String);
+pub struct SequenceNumber(std::sync::Arc<str>);
 
 impl SequenceNumber {
     /// Parses a decimal sequence number as Kinesis returns it.
@@ -26,11 +27,15 @@ impl SequenceNumber {
             return Err(InvalidSequenceNumber(s.to_owned()));
         }
         let trimmed = s.trim_start_matches('0');
-        Ok(Self(if trimmed.is_empty() {
-            "0".to_owned()
-        } else {
-            trimmed.to_owned()
-        }))
+        Ok(Self(if trimmed.is_empty() { "0".into() } else { trimmed.into() }))
+    }
+
+    /// [`parse`](Self::parse) of an owned string (the error keeps it without a copy).
+    pub(crate) fn parse_owned(s: String) -> Result<Self, InvalidSequenceNumber> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(InvalidSequenceNumber(s));
+        }
+        Self::parse(&s)
     }
 
     /// The decimal form.

@@ -357,26 +357,43 @@ pub fn records_from_kinesis(
 ) -> (Vec<Record>, Option<SequenceNumber>) {
     let mut out = Vec::with_capacity(records.len());
     let mut last = None;
-    for r in records {
-        let Ok(sequence_number) = SequenceNumber::parse(r.sequence_number()) else {
-            metrics::invalid_sequence_number(shard_id);
-            error!(
-                shard_id,
-                sequence_number = r.sequence_number(),
-                "record with an unparseable sequence number skipped"
-            );
-            continue;
-        };
-        last = Some(sequence_number.clone());
+    let count = records.len();
+    for (i, r) in records.into_iter().enumerate() {
         let arrival = r
             .approximate_arrival_timestamp()
             .and_then(|t| SystemTime::try_from(*t).ok());
+        let aws_sdk_kinesis::types::Record {
+            sequence_number,
+            data,
+            partition_key,
+            ..
+        } = r;
+        let sequence_number = match SequenceNumber::parse_owned(sequence_number) {
+            Ok(s) => s,
+            Err(e) => {
+                metrics::invalid_sequence_number(shard_id);
+                error!(
+                    shard_id,
+                    sequence_number = %e.0,
+                    "record with an unparseable sequence number skipped"
+                );
+                continue;
+            }
+        };
+        if i + 1 == count {
+            last = Some(sequence_number.clone());
+        }
         let mut record = Record::new(
-            bytes::Bytes::from(r.data.into_inner()),
-            r.partition_key.unwrap_or_default(),
+            bytes::Bytes::from(data.into_inner()),
+            partition_key.unwrap_or_default(),
             sequence_number,
         );
         record.approximate_arrival_timestamp = arrival;
+        if !aggregation::may_be_aggregated(&record.data) {
+            // A plain record (nearly all of them): no copy, no de-aggregation.
+            out.push(record);
+            continue;
+        }
         match aggregation::deaggregate(record.clone()) {
             Ok(user_records) => out.extend(user_records),
             Err(e) => {
@@ -388,6 +405,10 @@ pub fn records_from_kinesis(
                 out.push(record);
             }
         }
+    }
+    if last.is_none() {
+        // The last record's sequence number did not parse: the last that did.
+        last = out.last().map(|r| r.sequence_number.clone());
     }
     (out, last)
 }
