@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
-use crate::external::ExternalBackend;
-use crate::support::{ms, put_records, summary, unique, Bench, Counters, ProcessorOptions, Running};
+use crate::external::{Endpoints, ExternalBackend};
+use crate::support::{ms, put_records, summary, unique, Counters, ProcessorOptions, Running};
 
 /// Options of the `cold-start` scenario.
 #[derive(Args, Debug, Clone)]
@@ -38,10 +38,8 @@ pub(crate) struct ColdStartArgs {
 /// Options of the hidden `cold-start-case` command.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ColdStartCaseArgs {
-    #[arg(long)]
-    pub(crate) kinesis_endpoint: String,
-    #[arg(long)]
-    pub(crate) dynamodb_endpoint: String,
+    #[command(flatten)]
+    pub(crate) endpoints: Endpoints,
     #[arg(long)]
     pub(crate) stream: String,
     #[arg(long)]
@@ -125,7 +123,7 @@ pub(crate) async fn run(args: &ColdStartArgs) -> anyhow::Result<Value> {
 /// The hidden `cold-start-case` command: runs until the first record, prints
 /// `first-record`, shuts down gracefully.
 pub(crate) async fn run_case(args: &ColdStartCaseArgs) -> anyhow::Result<()> {
-    let bench = Bench::connect(&args.kinesis_endpoint, &args.dynamodb_endpoint);
+    let bench = args.endpoints.bench();
     let counters = std::sync::Arc::new(Counters::default());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let builder = bench

@@ -35,7 +35,7 @@ use kcl_efo::FanOutConfig;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::external::ExternalBackend;
+use crate::external::{Endpoints, ExternalBackend};
 use crate::support::{
     fan_out, ms, round1, round3, run_case_in_child, unique, write_backlog, Bench, Counters, ProcessorOptions,
     Resources, Running,
@@ -108,12 +108,8 @@ pub(crate) struct DrainCaseArgs {
     /// The case.
     #[arg(long, value_enum)]
     pub(crate) case: Case,
-    /// Kinesis endpoint of the backend process.
-    #[arg(long)]
-    pub(crate) kinesis_endpoint: String,
-    /// DynamoDB endpoint of the backend process.
-    #[arg(long)]
-    pub(crate) dynamodb_endpoint: String,
+    #[command(flatten)]
+    pub(crate) endpoints: Endpoints,
     /// The stream holding the backlog.
     #[arg(long)]
     pub(crate) stream: String,
@@ -216,7 +212,7 @@ struct Read {
 }
 
 async fn case(args: &DrainCaseArgs) -> anyhow::Result<Value> {
-    let bench = Bench::connect(&args.kinesis_endpoint, &args.dynamodb_endpoint);
+    let bench = args.endpoints.bench();
     let resources = Resources::start()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, usize)>();

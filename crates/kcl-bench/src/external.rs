@@ -10,6 +10,25 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
 use crate::support::Bench;
 
+/// The endpoints of a backend process, as the hidden `*-case` and `*-worker` commands
+/// take them (see [`ExternalBackend::endpoint_args`]).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Endpoints {
+    /// Kinesis endpoint of the backend process.
+    #[arg(long)]
+    pub(crate) kinesis_endpoint: String,
+    /// DynamoDB endpoint of the backend process.
+    #[arg(long)]
+    pub(crate) dynamodb_endpoint: String,
+}
+
+impl Endpoints {
+    /// Clients for them.
+    pub(crate) fn bench(&self) -> Bench {
+        Bench::connect(&self.kinesis_endpoint, &self.dynamodb_endpoint)
+    }
+}
+
 /// A `serve` child process and its endpoints.
 #[derive(Debug)]
 pub(crate) struct ExternalBackend {

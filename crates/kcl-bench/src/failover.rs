@@ -32,8 +32,8 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::external::ExternalBackend;
-use crate::support::{ms, round1, unique, Bench};
+use crate::external::{Endpoints, ExternalBackend};
+use crate::support::{ms, round1, unique};
 
 /// Options of the `failover` scenario.
 #[derive(Args, Debug, Clone)]
@@ -52,10 +52,8 @@ pub(crate) struct FailoverArgs {
 /// Options of the hidden `failover-worker` command.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct FailoverWorkerArgs {
-    #[arg(long)]
-    pub(crate) kinesis_endpoint: String,
-    #[arg(long)]
-    pub(crate) dynamodb_endpoint: String,
+    #[command(flatten)]
+    pub(crate) endpoints: Endpoints,
     #[arg(long)]
     pub(crate) stream: String,
     #[arg(long)]
@@ -104,7 +102,7 @@ impl RecordProcessor for PrintingProcessor {
 /// The hidden `failover-worker` command: a worker that prints what it processes, until
 /// SIGTERM (graceful) or SIGKILL.
 pub(crate) async fn worker(args: &FailoverWorkerArgs) -> anyhow::Result<()> {
-    let bench = Bench::connect(&args.kinesis_endpoint, &args.dynamodb_endpoint);
+    let bench = args.endpoints.bench();
     let scheduler = Scheduler::builder(args.stream.clone())
         .kinesis_client(bench.kinesis.clone())
         .lease_store(kcl_dynamo::DynamoLeaseStore::new(

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::external::ExternalBackend;
-use crate::support::{put_records, round1, unique, Counters, ProcessorOptions, Running};
+use crate::support::{round1, spawn_steady_producer, unique, Counters, ProcessorOptions, Running};
 
 /// Options of the `lease-cost` scenario.
 #[derive(Args, Debug, Clone)]
@@ -142,27 +142,7 @@ async fn one_fleet(args: &LeaseCostArgs, workers: usize, shards: i32) -> anyhow:
     }
 
     let cancel = CancellationToken::new();
-    let producer = tokio::spawn({
-        let kinesis = bench.kinesis.clone();
-        let stream = stream.clone();
-        let cancel = cancel.clone();
-        let rate = args.rate.max(1);
-        async move {
-            // Ten writes a second, each of rate / 10 records.
-            let mut ticks = tokio::time::interval(Duration::from_millis(100));
-            let per_tick = usize::try_from(rate.div_ceil(10)).unwrap_or(1);
-            let mut n = 0usize;
-            while !cancel.is_cancelled() {
-                ticks.tick().await;
-                put_records(&kinesis, &stream, per_tick, |i| {
-                    bytes::Bytes::from(format!("r{}", n + i))
-                })
-                .await?;
-                n += per_tick;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let producer = spawn_steady_producer(bench.kinesis.clone(), stream.clone(), args.rate, cancel.clone());
 
     // Steady state: every worker holds its share (a bounded poll of the lease table).
     let store = kcl_dynamo::DynamoLeaseStore::new(bench.dynamodb.clone(), application.clone());

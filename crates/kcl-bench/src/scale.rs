@@ -25,10 +25,10 @@ use kcl_core::{InitialPositionInStream, LeaseStore as _, RecordsPublisher, Retri
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::external::ExternalBackend;
+use crate::external::{Endpoints, ExternalBackend};
 use crate::lease_cost::RequestCounter;
 use crate::support::{
-    process_cpu_time, put_records, read_status, round1, round3, run_case_in_child, unique, Bench, Counters,
+    process_cpu_time, read_status, round1, round3, run_case_in_child, spawn_steady_producer, unique, Counters,
     ProcessorOptions, Running,
 };
 
@@ -58,10 +58,8 @@ pub(crate) struct ScaleArgs {
 /// Options of the hidden `scale-worker` command.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ScaleWorkerArgs {
-    #[arg(long)]
-    pub(crate) kinesis_endpoint: String,
-    #[arg(long)]
-    pub(crate) dynamodb_endpoint: String,
+    #[command(flatten)]
+    pub(crate) endpoints: Endpoints,
     #[arg(long)]
     pub(crate) stream: String,
     #[arg(long)]
@@ -106,23 +104,7 @@ async fn one_worker(args: &ScaleArgs) -> anyhow::Result<Value> {
     eprintln!("scale: a stream of {} shards", args.shards);
     let stream = bench.new_stream(args.shards).await?;
     let cancel = CancellationToken::new();
-    let producer = tokio::spawn({
-        let (kinesis, stream, cancel, rate) = (bench.kinesis.clone(), stream.clone(), cancel.clone(), args.rate.max(1));
-        async move {
-            let mut ticks = tokio::time::interval(Duration::from_millis(100));
-            let per_tick = usize::try_from(rate.div_ceil(10)).unwrap_or(1);
-            let mut n = 0usize;
-            while !cancel.is_cancelled() {
-                ticks.tick().await;
-                put_records(&kinesis, &stream, per_tick, |i| {
-                    bytes::Bytes::from(format!("r{}", n + i))
-                })
-                .await?;
-                n += per_tick;
-            }
-            anyhow::Ok(())
-        }
-    });
+    let producer = spawn_steady_producer(bench.kinesis.clone(), stream.clone(), args.rate, cancel.clone());
     let mut child_args = vec![
         "scale-worker".to_owned(),
         format!("--stream={stream}"),
@@ -140,7 +122,7 @@ async fn one_worker(args: &ScaleArgs) -> anyhow::Result<Value> {
 
 /// The hidden `scale-worker` command: takes every lease, then measures itself.
 pub(crate) async fn worker(args: &ScaleWorkerArgs) -> anyhow::Result<()> {
-    let bench = Bench::connect(&args.kinesis_endpoint, &args.dynamodb_endpoint);
+    let bench = args.endpoints.bench();
     let counters = Arc::new(Counters::default());
     let application = unique("bench-scale");
     let builder = bench

@@ -164,6 +164,27 @@ pub(crate) async fn put_records(
     Ok(shards)
 }
 
+/// Writes `rate` records a second to `stream` (ten `PutRecords` a second) until
+/// `cancel`; the task fails when a write does.
+pub(crate) fn spawn_steady_producer(
+    kinesis: aws_sdk_kinesis::Client,
+    stream: String,
+    rate: u32,
+    cancel: tokio_util::sync::CancellationToken,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        let per_tick = usize::try_from(rate.max(1).div_ceil(10)).unwrap_or(1);
+        let mut n = 0usize;
+        while !cancel.is_cancelled() {
+            ticks.tick().await;
+            put_records(&kinesis, &stream, per_tick, |i| Bytes::from(format!("r{}", n + i))).await?;
+            n += per_tick;
+        }
+        Ok(())
+    })
+}
+
 /// Writes `n` records of `size` bytes and returns the write rate as JSON
 /// (`records`, `bytes`, `seconds`, `records_per_sec`, `mib_per_sec`).
 pub(crate) async fn write_backlog(
