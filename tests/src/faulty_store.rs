@@ -17,8 +17,9 @@ use tokio::sync::Notify;
 /// - While `partitioned`, every call hangs for `hang` and then fails as a network error
 ///   would (use an hour to mean "forever"); [`wait_hung`](Self::wait_hung) awaits such
 ///   a call.
-/// - Otherwise every `fail_every_nth_renewal`-th renewal fails (deterministic, so a
-///   short test always sees failures).
+/// - Otherwise every `fail_every_nth_write`-th lease write that keeps a lease alive (a
+///   renewal or a checkpoint, which renews too) fails without reaching the store
+///   (deterministic, so a short test always sees failures).
 /// - `land_then_fail_*`: while positive, a checkpoint / take / renewal is passed to the
 ///   inner store (on a copy of the caller's lease, so it lands) and then reported as a
 ///   [`LeaseStoreError::Dependency`] (`"injected: checkpoint landed but reported
@@ -37,9 +38,10 @@ pub struct FaultyLeaseStore {
     pub partitioned: Arc<AtomicBool>,
     /// How long a call hangs before failing while partitioned.
     pub hang: Duration,
-    /// Every n-th renewal fails outside a partition (0: none).
-    pub fail_every_nth_renewal: usize,
-    renewals: Arc<AtomicUsize>,
+    /// Every n-th renewal or checkpoint fails outside a partition (0: none).
+    pub fail_every_nth_write: usize,
+    /// Renewals and checkpoints counted for `fail_every_nth_write`.
+    writes: Arc<AtomicUsize>,
     /// Calls failed so far (every injected failure).
     pub failures: Arc<AtomicUsize>,
     /// While positive: `update_lease_checkpoint` writes, then fails (decrements).
@@ -71,13 +73,13 @@ fn take_one(counter: &AtomicUsize) -> bool {
 
 impl FaultyLeaseStore {
     /// Wraps a store.
-    pub fn new(inner: impl LeaseStore, hang: Duration, fail_every_nth_renewal: usize) -> Self {
+    pub fn new(inner: impl LeaseStore, hang: Duration, fail_every_nth_write: usize) -> Self {
         Self {
             inner: Arc::new(inner),
             partitioned: Arc::default(),
             hang,
-            fail_every_nth_renewal,
-            renewals: Arc::default(),
+            fail_every_nth_write,
+            writes: Arc::default(),
             failures: Arc::default(),
             land_then_fail_checkpoints: Arc::default(),
             land_then_fail_takes: Arc::default(),
@@ -128,6 +130,12 @@ impl FaultyLeaseStore {
             self.hung_scans.fetch_add(1, Ordering::SeqCst);
         }
         self.gate().await
+    }
+
+    /// Counts a renewal or checkpoint; true when it is one to fail.
+    fn nth_write_fails(&self) -> bool {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        self.fail_every_nth_write > 0 && n.is_multiple_of(self.fail_every_nth_write)
     }
 
     fn injected(&self, message: &str, source: &str) -> LeaseStoreError {
@@ -187,8 +195,7 @@ impl LeaseStore for FaultyLeaseStore {
 
     async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         self.gate().await?;
-        let n = self.renewals.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.fail_every_nth_renewal > 0 && n.is_multiple_of(self.fail_every_nth_renewal) {
+        if self.nth_write_fails() {
             return Err(self.injected("injected renewal failure", "injected"));
         }
         if take_one(&self.land_then_fail_renewals) {
@@ -216,6 +223,9 @@ impl LeaseStore for FaultyLeaseStore {
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         self.checkpoints.fetch_add(1, Ordering::SeqCst);
         self.gate().await?;
+        if self.nth_write_fails() {
+            return Err(self.injected("injected checkpoint failure", "injected"));
+        }
         if take_one(&self.land_then_fail_checkpoints) {
             self.inner.update_lease_checkpoint(&mut lease.clone()).await?;
             return Err(self.landed_but_failed("checkpoint"));

@@ -445,7 +445,7 @@ async fn lease_table_faults_never_let_two_workers_process_a_shard_at_once() -> a
     let producer = spawn_producer(&env, stop_producing.clone());
     let a = Recorder::default();
     let b = Recorder::default();
-    // Both stores fail every fifth renewal; a's is also cut off for a while, its
+    // Both stores fail every fifth renewal or checkpoint; a's is also cut off for a while, its
     // calls hanging past the renewer's timeout before they fail.
     let faulty_a = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 5);
     let faulty_b = FaultyLeaseStore::new(env.lease_store(), Duration::from_secs(2), 5);
