@@ -37,8 +37,7 @@ pub struct LeaseManagementConfig {
     /// Default 10 s.
     pub failover_time: Duration,
     /// How often a worker renews the leases it holds. Must be shorter than
-    /// `failover_time`. Default `failover_time / 3`. A lease written (checkpointed) in
-    /// the last half interval is not renewed separately: the checkpoint moved its counter.
+    /// `failover_time`. Default `failover_time / 3`.
     pub renewal_interval: Duration,
     /// How often a worker reads the lease table to take unowned and expired leases
     /// and to balance. Default `failover_time / 5` (2 s). The Java KCL reads every

@@ -7,9 +7,7 @@
 //! clock, so wall-clock skew between machines never matters. A lease this worker holds
 //! counts as lost as soon as it could be expired for others: when no renewal sent in
 //! the last `failover_time - renewal_interval` succeeded; no checkpoint write runs past
-//! that point either. A checkpoint counts as a renewal (it moves the counter): a lease
-//! written in the last half renewal interval is not renewed separately, which halves
-//! the lease table's writes for shards that checkpoint often.
+//! that point either.
 //!
 //! A lease stolen by a balancing worker is taken while its owner is alive: the owner
 //! learns of it at its next renewal or checkpoint (within a renewal interval), or, if it
@@ -158,14 +156,6 @@ impl LeaseCoordinator {
 
     async fn renew_one(&self, held: &Arc<HeldLease>) {
         if held.lost.is_cancelled() {
-            return;
-        }
-        // A checkpoint moves the counter as a renewal does: a lease written within the
-        // last half renewal interval needs no separate renewal. (Half, so that writes stay
-        // at most 1.5 intervals apart and a failed renewal still has time to be retried
-        // before the ownership proof runs out.)
-        if Instant::now().saturating_duration_since(held.last_renewal_sent()) < self.config.renewal_interval / 2 {
-            debug!(shard_id = %held.shard_id, "written recently; renewal skipped");
             return;
         }
         // A refused renewal is verified: when the stored lease is still ours, an earlier
@@ -919,54 +909,6 @@ mod tests {
 
     /// The in-memory store, with the trait's conditional semantics.
     type MemStore = crate::lease::InMemoryLeaseStore;
-
-    /// A checkpoint is also a renewal: a lease written within half a renewal interval is
-    /// not renewed separately; one written longer ago is.
-    #[tokio::test(start_paused = true)]
-    async fn a_recent_checkpoint_stands_in_for_the_renewal() {
-        let store = Arc::new(MemStore::default());
-        store
-            .create_lease_if_not_exists(&lease("s", None, 0))
-            .await
-            .expect("created");
-        let config = LeaseManagementConfig::default();
-        let c = LeaseCoordinator::new(store.clone(), "me".into(), config.clone());
-        let first = store.get_lease("s").await.expect("read").expect("exists");
-        assert!(c.take(first).await.expect("take"));
-        let counter = || async { store.get_lease("s").await.expect("read").expect("exists").lease_counter };
-        let taken = counter().await;
-
-        // Written just now (the take): no renewal.
-        c.renew_all().await;
-        assert_eq!(counter().await, taken, "renewed right after a write");
-
-        // A checkpoint later, then a renewal pass soon after it: skipped.
-        tokio::time::advance(config.renewal_interval).await;
-        let held = c.held_lease("s").expect("held");
-        let outcome = c
-            .update_checkpoint(&held, |l| {
-                l.checkpoint = ExtendedSequenceNumber::new(crate::SequenceNumber::parse("7").expect("valid"), 0);
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .await
-            .expect("infallible");
-        assert!(matches!(outcome, WriteOutcome::Written));
-        let checkpointed = counter().await;
-        assert_eq!(checkpointed, taken + 1);
-        tokio::time::advance(config.renewal_interval / 4).await;
-        c.renew_all().await;
-        assert_eq!(counter().await, checkpointed, "the checkpoint stood in for the renewal");
-
-        // Half an interval after the last write, the renewal is sent.
-        tokio::time::advance(config.renewal_interval / 4).await;
-        c.renew_all().await;
-        assert_eq!(
-            counter().await,
-            checkpointed + 1,
-            "renewed once the checkpoint is old enough"
-        );
-        assert!(c.is_held("s"));
-    }
 
     /// Guards hardening item 11: a consumer whose lease was lost, finishing after this
     /// worker took the shard again, must not release the newer lease period.
