@@ -17,12 +17,12 @@ use anyhow::{bail, Context as _};
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use clap::Args;
-use kcl_core::{InitialPositionInStream, LeaseStore as _, RetrievalConfig};
+use kcl_core::{InitialPositionInStream, RetrievalConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::external::ExternalBackend;
-use crate::support::{round1, spawn_steady_producer, unique, Counters, ProcessorOptions, Running};
+use crate::support::{leases_per_owner, round1, spawn_steady_producer, unique, Counters, ProcessorOptions, Running};
 
 /// Options of the `lease-cost` scenario.
 #[derive(Args, Debug, Clone)]
@@ -127,12 +127,7 @@ async fn one_fleet(args: &LeaseCostArgs, workers: usize, shards: i32) -> anyhow:
             .scheduler(
                 &stream,
                 &counters,
-                ProcessorOptions {
-                    events: None,
-                    keep_payloads: false,
-                    checkpoint: true,
-                    sleep_per_record: Duration::ZERO,
-                },
+                ProcessorOptions::counting(),
                 InitialPositionInStream::TrimHorizon,
                 RetrievalConfig::default(),
             )
@@ -149,11 +144,7 @@ async fn one_fleet(args: &LeaseCostArgs, workers: usize, shards: i32) -> anyhow:
     let share = usize::try_from(shards)? / workers;
     let started = Instant::now();
     loop {
-        let leases = store.list_leases().await.unwrap_or_default();
-        let mut held: BTreeMap<String, usize> = BTreeMap::new();
-        for owner in leases.iter().filter_map(|l| l.lease_owner.clone()) {
-            *held.entry(owner).or_default() += 1;
-        }
+        let held = leases_per_owner(&store).await;
         if held.len() == workers && held.values().all(|&n| n >= share) {
             break;
         }

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::external::{Endpoints, ExternalBackend};
 use crate::lease_cost::RequestCounter;
 use crate::support::{
-    process_cpu_time, read_status, round1, round3, run_case_in_child, spawn_steady_producer, unique, Counters,
-    ProcessorOptions, Running,
+    leases_per_owner, process_cpu_time, read_status, round1, round3, run_case_in_child, spawn_steady_producer, unique,
+    Counters, ProcessorOptions, Running,
 };
 
 /// Options of the `scale` scenario.
@@ -129,12 +129,7 @@ pub(crate) async fn worker(args: &ScaleWorkerArgs) -> anyhow::Result<()> {
         .scheduler(
             &args.stream,
             &counters,
-            ProcessorOptions {
-                events: None,
-                keep_payloads: false,
-                checkpoint: true,
-                sleep_per_record: Duration::ZERO,
-            },
+            ProcessorOptions::counting(),
             InitialPositionInStream::TrimHorizon,
             RetrievalConfig::default(),
         )
@@ -234,16 +229,7 @@ async fn fleet(args: &ScaleArgs) -> anyhow::Result<Value> {
     let share = leases / args.fleet_workers;
     let mut last: BTreeMap<String, usize> = BTreeMap::new();
     loop {
-        let mut held: BTreeMap<String, usize> = BTreeMap::new();
-        for owner in store
-            .list_leases()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|l| l.lease_owner)
-        {
-            *held.entry(owner).or_default() += 1;
-        }
+        let held = leases_per_owner(&store).await;
         if held.len() == args.fleet_workers && held.values().all(|&n| n >= share) {
             break;
         }

@@ -164,6 +164,23 @@ pub(crate) async fn put_records(
     Ok(shards)
 }
 
+/// Leases held per owner in `store`'s table now (unowned leases are not counted; a
+/// failed read counts as an empty table).
+pub(crate) async fn leases_per_owner(store: &DynamoLeaseStore) -> std::collections::BTreeMap<String, usize> {
+    use kcl_core::LeaseStore as _;
+    let mut held = std::collections::BTreeMap::new();
+    for owner in store
+        .list_leases()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|l| l.lease_owner)
+    {
+        *held.entry(owner).or_default() += 1;
+    }
+    held
+}
+
 /// Writes `rate` records a second to `stream` (ten `PutRecords` a second) until
 /// `cancel`; the task fails when a write does.
 pub(crate) fn spawn_steady_producer(
@@ -333,6 +350,16 @@ pub(crate) struct ProcessorOptions {
 }
 
 impl ProcessorOptions {
+    /// A processor that only counts and checkpoints every batch (reports nothing).
+    pub(crate) fn counting() -> Self {
+        Self {
+            events: None,
+            keep_payloads: false,
+            checkpoint: true,
+            sleep_per_record: Duration::ZERO,
+        }
+    }
+
     /// A processor that reports each batch on `events` and checkpoints every batch.
     pub(crate) fn reporting(events: mpsc::UnboundedSender<Delivered>) -> Self {
         Self {
