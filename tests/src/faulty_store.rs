@@ -220,6 +220,20 @@ impl LeaseStore for FaultyLeaseStore {
         self.inner.evict_lease(lease).await
     }
 
+    async fn initiate_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        self.gate().await?;
+        self.inner.initiate_graceful_lease_handoff(lease, new_owner).await
+    }
+
+    async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
+        self.gate().await?;
+        self.inner.assign_lease(lease, new_owner).await
+    }
+
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         self.checkpoints.fetch_add(1, Ordering::SeqCst);
         self.gate().await?;

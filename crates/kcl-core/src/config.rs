@@ -65,6 +65,11 @@ pub struct LeaseManagementConfig {
     /// How long a finished (`SHARD_END`) lease is kept after all its children have
     /// started (checkpointed past `TRIM_HORIZON`) before it is deleted. Default 5 min.
     pub completed_lease_cleanup_delay: Duration,
+    /// How long a worker that asked for a lease by a graceful handoff (to balance the
+    /// load) waits for the old owner to stop, checkpoint and hand it over before it
+    /// takes the lease anyway (the old owner's processor then gets `lease_lost`). The
+    /// Java KCL 3.x's `gracefulLeaseHandoffTimeoutMillis`. Default 30 s.
+    pub graceful_lease_handoff_timeout: Duration,
 }
 
 impl Default for LeaseManagementConfig {
@@ -87,6 +92,7 @@ impl LeaseManagementConfig {
             lease_store_call_timeout: renewal_interval,
             lease_table_scan_timeout: Duration::from_secs(30),
             completed_lease_cleanup_delay: Duration::from_secs(300),
+            graceful_lease_handoff_timeout: Duration::from_secs(30),
         }
     }
 
@@ -111,6 +117,12 @@ impl LeaseManagementConfig {
         }
         if self.lease_store_call_timeout.is_zero() {
             return Err(ConfigError::new("lease.lease_store_call_timeout", "must be above zero"));
+        }
+        if self.graceful_lease_handoff_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "lease.graceful_lease_handoff_timeout",
+                "must be above zero",
+            ));
         }
         if self.lease_table_scan_timeout.is_zero() {
             return Err(ConfigError::new("lease.lease_table_scan_timeout", "must be above zero"));

@@ -9,11 +9,24 @@
 //! the last `failover_time - renewal_interval` succeeded; no checkpoint write runs past
 //! that point either.
 //!
-//! A lease stolen by a balancing worker is taken while its owner is alive: the owner
-//! learns of it at its next renewal or checkpoint (within a renewal interval), or, if it
-//! cannot reach the table, stops by itself at the point above. Until then both may be
-//! processing the shard, always within the failover time; the old owner's checkpoints
-//! are refused, so progress is neither lost nor recorded twice.
+//! A lease moves between live workers by a graceful handoff, as in the Java KCL 3.x: the
+//! receiving worker sets `leaseOwner` to itself and `checkpointOwner` to the current
+//! owner, without moving the counter. The current owner learns of it at its next write
+//! (a checkpoint, or a renewal within a renewal interval): the write is refused, the
+//! read that follows shows the handoff, and the owner adopts the new owners and goes
+//! on renewing. Its consumer gets `shutdown_requested` (and may checkpoint: a checkpoint
+//! by the checkpoint owner is accepted), and once it has stopped, the owner removes
+//! `checkpointOwner`, moving the counter. Only then does the receiver start, so no
+//! record is processed by both. A handoff that does not complete within
+//! `graceful_lease_handoff_timeout` (or whose old owner stops renewing for the failover
+//! time) is ended by the receiver with an assignment that moves the counter: the old
+//! owner's next write fails and its consumer gets `lease_lost`.
+//!
+//! Renewals are scheduled per lease, one renewal interval (less a random part, so that
+//! they spread over the interval) after the lease's last successful write: a lease
+//! checkpointed more often than that is never renewed separately. A failed renewal is
+//! tried again after a quarter interval, with jitter, until ownership can no longer be
+//! proven.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,25 +53,50 @@ pub(crate) struct HeldLease {
     /// When the last successful write was *sent*. Other workers start their expiry
     /// clock no earlier than that, so this is a safe lower bound of our ownership.
     last_renewal_sent: Mutex<Instant>,
+    /// When the next renewal is due: a renewal interval after the last successful
+    /// write, less a random part; sooner after a failed renewal.
+    next_renewal: Mutex<Instant>,
     /// Cancelled when the lease is lost; the shard consumer watches it.
     pub(crate) lost: CancellationToken,
+    /// Cancelled when the shard consumer should shut down gracefully: the lease is being
+    /// handed to another worker, or the scheduler shuts down.
+    pub(crate) shutdown_requested: CancellationToken,
 }
 
 impl HeldLease {
-    fn new(lease: Lease, sent: Instant) -> Self {
+    fn new(lease: Lease, sent: Instant, renewal_interval: Duration) -> Self {
+        // The first renewal falls anywhere in the last four fifths of the interval, so
+        // that leases taken together do not renew together.
+        let first = renewal_interval.mul_f64(rand::random_range(0.2..=1.0));
         Self {
             shard_id: lease.lease_key.clone(),
             lease: tokio::sync::Mutex::new(lease),
             last_renewal_sent: Mutex::new(sent),
+            next_renewal: Mutex::new(sent + first),
             lost: CancellationToken::new(),
+            shutdown_requested: CancellationToken::new(),
         }
     }
 
-    fn record_renewal(&self, sent: Instant) {
+    /// Records a successful write sent at `sent` (a renewal or a checkpoint, which
+    /// moves the counter as a renewal does) and schedules the next renewal.
+    fn record_renewal(&self, sent: Instant, renewal_interval: Duration) {
         let mut last = lock(&self.last_renewal_sent);
         if sent > *last {
             *last = sent;
+            let early = renewal_interval.mul_f64(rand::random_range(0.0..0.1));
+            *lock(&self.next_renewal) = sent + renewal_interval - early;
         }
+    }
+
+    /// Schedules another attempt after a failed renewal: a quarter interval, with
+    /// jitter, so that renewals throttled together do not retry together.
+    fn retry_renewal(&self, now: Instant, renewal_interval: Duration) {
+        *lock(&self.next_renewal) = now + (renewal_interval / 4).mul_f64(rand::random_range(0.5..1.5));
+    }
+
+    fn next_renewal(&self) -> Instant {
+        *lock(&self.next_renewal)
     }
 
     fn last_renewal_sent(&self) -> Instant {
@@ -147,11 +185,38 @@ impl LeaseCoordinator {
         }
     }
 
-    /// Renews every held lease once, concurrently; declares lost those whose renewal
-    /// was refused, and those not renewed in time to be sure no one else may take them.
-    pub(crate) async fn renew_all(&self) {
-        let held = self.held_leases();
-        futures::future::join_all(held.iter().map(|h| self.renew_one(h))).await;
+    /// Renews the held leases whose renewal is due by `by`, at most
+    /// [`MAX_CONCURRENT_RENEWALS`] at a time; declares lost those whose renewal was
+    /// refused, and those not renewed in time to be sure no one else may take them.
+    pub(crate) async fn renew_due(&self, by: Instant) {
+        let due: Vec<Arc<HeldLease>> = self
+            .held_leases()
+            .into_iter()
+            .filter(|h| h.next_renewal() <= by)
+            .collect();
+        for chunk in due.chunks(MAX_CONCURRENT_RENEWALS) {
+            futures::future::join_all(chunk.iter().map(|h| self.renew_one(h))).await;
+        }
+    }
+
+    /// When the next held lease's renewal is due, if any lease is held.
+    pub(crate) fn next_renewal_due(&self) -> Option<Instant> {
+        lock(&self.held).values().map(|h| h.next_renewal()).min()
+    }
+
+    /// The renewal interval.
+    pub(crate) fn renewal_interval(&self) -> Duration {
+        self.config.renewal_interval
+    }
+
+    /// Notes that the lease `held` is being handed to another worker: its consumer is
+    /// asked to shut down gracefully.
+    fn handoff_requested(&self, held: &HeldLease, stored: &Lease) {
+        if !held.shutdown_requested.is_cancelled() {
+            info!(shard_id = %held.shard_id, to = ?stored.lease_owner, "lease is being handed to another worker; shutting its consumer down gracefully");
+            metrics::lease_handoff("out", "requested");
+            held.shutdown_requested.cancel();
+        }
     }
 
     async fn renew_one(&self, held: &Arc<HeldLease>) {
@@ -172,12 +237,17 @@ impl LeaseCoordinator {
             outcome = match self.store.renew_lease(&mut next).await {
                 Ok(true) => {
                     *guard = next;
-                    held.record_renewal(sent);
+                    held.record_renewal(sent, self.config.renewal_interval);
                     Ok(true)
                 }
                 Ok(false) => match self.verify_refusal(&held.shard_id).await {
                     Verdict::StillOurs(stored) => {
                         debug!(shard_id = %held.shard_id, counter = stored.lease_counter, "renewal refused but the lease is still ours; adopting the stored lease");
+                        *guard = *stored;
+                        continue;
+                    }
+                    Verdict::HandingOff(stored) => {
+                        self.handoff_requested(held, &stored);
                         *guard = *stored;
                         continue;
                     }
@@ -194,8 +264,11 @@ impl LeaseCoordinator {
             Err(e) => {
                 metrics::lease_renewal_failed();
                 warn!(shard_id = %held.shard_id, error = %ErrorChain(&e), "lease renewal failed");
-                if self.past_safe_ownership(held.last_renewal_sent(), Instant::now()) {
+                let now = Instant::now();
+                if self.past_safe_ownership(held.last_renewal_sent(), now) {
                     self.mark_lost(&held.shard_id, "not renewed within the failover time");
+                } else {
+                    held.retry_renewal(now, self.config.renewal_interval);
                 }
             }
         }
@@ -206,7 +279,12 @@ impl LeaseCoordinator {
     /// earlier write of ours moved.
     async fn verify_refusal(&self, shard_id: &str) -> Verdict {
         match self.store.get_lease(shard_id).await {
-            Ok(Some(stored)) if stored.is_owned_by(&self.worker_id) => Verdict::StillOurs(Box::new(stored)),
+            Ok(Some(stored)) if stored.checkpoint_owner.as_deref() == Some(self.worker_id.as_str()) => {
+                Verdict::HandingOff(Box::new(stored))
+            }
+            Ok(Some(stored)) if stored.is_owned_by(&self.worker_id) && !stored.is_handoff_pending() => {
+                Verdict::StillOurs(Box::new(stored))
+            }
             Ok(_) => Verdict::Lost,
             Err(e) => Verdict::Unknown(e),
         }
@@ -247,26 +325,60 @@ impl LeaseCoordinator {
     /// counter moved past what we saw, our take had landed (the SDK retried it, or its
     /// answer was lost) and it is a success.
     pub(crate) async fn take(&self, lease: Lease) -> Result<bool, LeaseStoreError> {
+        self.acquire(lease, Acquire::Take).await
+    }
+
+    /// Ends a handoff to this worker that did not complete in time: assigns the lease
+    /// to this worker, moving the counter so that the old owner's next write fails.
+    /// Verified as [`LeaseCoordinator::take`] is.
+    pub(crate) async fn assign_to_self(&self, lease: Lease) -> Result<bool, LeaseStoreError> {
+        self.acquire(lease, Acquire::Assign).await
+    }
+
+    async fn acquire(&self, lease: Lease, how: Acquire) -> Result<bool, LeaseStoreError> {
         let sent = Instant::now();
         let seen_counter = lease.lease_counter;
         let mut taken = lease;
         let key = taken.lease_key.clone();
-        let result = self.store.take_lease(&mut taken, &self.worker_id).await;
+        let result = match how {
+            Acquire::Take => self.store.take_lease(&mut taken, &self.worker_id).await,
+            Acquire::Assign => self.store.assign_lease(&mut taken, &self.worker_id).await,
+        };
         let taken = match result {
             Ok(true) => taken,
             Ok(false) | Err(_) => match self.store.get_lease(&key).await {
-                Ok(Some(stored)) if stored.is_owned_by(&self.worker_id) && stored.lease_counter > seen_counter => {
+                Ok(Some(stored))
+                    if stored.is_owned_by(&self.worker_id)
+                        && !stored.is_handoff_pending()
+                        && stored.lease_counter > seen_counter =>
+                {
                     info!(shard_id = %key, "take reported failure but had landed");
                     stored
                 }
                 _ => return result.map(|_| false),
             },
         };
-        info!(shard_id = %taken.lease_key, counter = taken.lease_counter, "lease taken");
+        info!(shard_id = %taken.lease_key, counter = taken.lease_counter, ?how, "lease taken");
         let mut held = lock(&self.held);
-        held.insert(key, Arc::new(HeldLease::new(taken, sent)));
+        held.insert(key, Arc::new(HeldLease::new(taken, sent, self.config.renewal_interval)));
         self.publish_gauge(&held);
         Ok(true)
+    }
+
+    /// Asks the owner of `lease` (as read from the table) to hand it to this worker:
+    /// true when the handoff was recorded. The lease is not held until the old owner
+    /// completes it.
+    pub(crate) async fn initiate_handoff(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
+        let from = lease.lease_owner.clone();
+        let started = self
+            .store
+            .initiate_graceful_lease_handoff(lease, &self.worker_id)
+            .await?;
+        if started {
+            info!(shard_id = %lease.lease_key, from = ?from, "asked for a graceful handoff of the lease");
+            metrics::lease_handoff("in", "requested");
+        }
+        Ok(started)
     }
 
     /// Writes a change to a held lease's checkpoint fields, fenced on its counter.
@@ -330,6 +442,12 @@ impl LeaseCoordinator {
                         *guard = *stored;
                         continue;
                     }
+                    Verdict::HandingOff(stored) => {
+                        // The checkpoint owner still checkpoints during a handoff.
+                        self.handoff_requested(held, &stored);
+                        *guard = *stored;
+                        continue;
+                    }
                     Verdict::Lost => WriteOutcome::LeaseLost,
                     Verdict::Unknown(e) => WriteOutcome::Failed(e),
                 },
@@ -338,7 +456,7 @@ impl LeaseCoordinator {
             match outcome {
                 WriteOutcome::Written => {
                     *guard = next;
-                    held.record_renewal(sent);
+                    held.record_renewal(sent, self.config.renewal_interval);
                 }
                 WriteOutcome::LeaseLost => {
                     drop(guard);
@@ -375,7 +493,20 @@ impl LeaseCoordinator {
         h.lost.cancel();
         let shard_id = h.shard_id.as_str();
         let mut lease = h.lease.lock().await.clone();
-        match self.store.evict_lease(&mut lease).await {
+        let mut result = self.store.evict_lease(&mut lease).await;
+        if matches!(result, Ok(false)) {
+            // A handoff may have begun since our last write: then this release
+            // completes it.
+            if let Verdict::HandingOff(stored) = self.verify_refusal(shard_id).await {
+                lease = *stored;
+                result = self.store.evict_lease(&mut lease).await;
+            }
+        }
+        match result {
+            Ok(true) if lease.lease_owner.is_some() => {
+                info!(shard_id, to = ?lease.lease_owner, "lease handed over");
+                metrics::lease_handoff("out", "completed");
+            }
             Ok(true) => info!(shard_id, "lease released"),
             Ok(false) => info!(shard_id, "lease not released: another worker holds it already"),
             Err(e) => {
@@ -399,11 +530,27 @@ impl LeaseCoordinator {
     }
 }
 
+/// At most this many renewals are in flight at once, so that a worker holding
+/// thousands of leases does not send them in one burst.
+const MAX_CONCURRENT_RENEWALS: usize = 32;
+
+/// How a lease is acquired.
+#[derive(Debug, Clone, Copy)]
+enum Acquire {
+    /// Conditional on the counter: an unowned or expired lease, or one assigned to us.
+    Take,
+    /// Conditional on the owners only: ends a handoff to us that did not complete.
+    Assign,
+}
+
 /// What a read shows after a conditional write to a held lease was refused.
 #[derive(Debug)]
 enum Verdict {
-    /// The stored lease still names this worker as owner.
+    /// The stored lease still names this worker as owner, with no handoff under way.
     StillOurs(Box<Lease>),
+    /// The lease is being handed from this worker (its checkpoint owner) to another:
+    /// this worker may still renew and checkpoint it until it completes the handoff.
+    HandingOff(Box<Lease>),
     /// Another worker owns it, or it is gone.
     Lost,
     /// The read failed: the outcome is unknown, retry later.
@@ -415,8 +562,29 @@ enum Verdict {
 struct Observation {
     counter: u64,
     owner: Option<String>,
-    /// When this worker first saw the counter at its current value.
+    /// Since when, on this worker's clock, the counter counts as unchanged.
     since: Instant,
+}
+
+/// What one lease-taking pass should do.
+#[derive(Debug, Default)]
+pub(crate) struct TakePlan {
+    /// Unowned and expired leases, and leases the table already gives this worker that
+    /// it does not hold (assigned to it, or held by an earlier process with its id):
+    /// taken with a write conditional on the counter.
+    pub(crate) take: Vec<Lease>,
+    /// Leases of live workers to ask for by a graceful handoff, to balance the load.
+    pub(crate) steal: Vec<Lease>,
+    /// Leases being handed to this worker that it does not yet watch.
+    pub(crate) incoming: Vec<Lease>,
+}
+
+#[cfg(test)]
+impl TakePlan {
+    /// The leases to take and to ask for, in that order.
+    fn all(self) -> Vec<Lease> {
+        self.take.into_iter().chain(self.steal).collect()
+    }
 }
 
 /// Decides which leases to take (the Java KCL's `DynamoDBLeaseTaker` arithmetic), as a
@@ -425,30 +593,50 @@ struct Observation {
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTaker {
     observed: HashMap<String, Observation>,
+    /// When the previous read of the table was received.
+    previous_read: Option<Instant>,
 }
 
 impl LeaseTaker {
     /// Records the table as read at `now`. A lease first seen unowned is available at
-    /// once; one first seen owned by another worker gets a full failover time.
-    fn observe(&mut self, leases: &[Lease], now: Instant, failover: Duration) {
-        self.observed.retain(|k, _| leases.iter().any(|l| &l.lease_key == k));
+    /// once; one first seen owned by another worker gets a full failover time. A
+    /// counter seen changed counts as unchanged since the later of the previous read
+    /// and one renewal interval before this one: the write that changed it was sent
+    /// before `now`, and its writer stops using the lease a renewal interval before
+    /// the failover time has passed since it sent its last successful write, so
+    /// judging expiry from that moment is safe, and it takes a crashed worker's leases
+    /// about one failover time after its last write rather than after this read.
+    fn observe(&mut self, leases: &[Lease], now: Instant, failover: Duration, renewal: Duration) {
+        let present: HashSet<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
+        self.observed.retain(|k, _| present.contains(k.as_str()));
+        let changed_since = self
+            .previous_read
+            .map_or(now, |previous| previous.max(now.checked_sub(renewal).unwrap_or(now)));
+        self.previous_read = Some(now);
         for lease in leases {
-            let fresh = Observation {
-                counter: lease.lease_counter,
-                owner: lease.lease_owner.clone(),
-                since: now,
-            };
             match self.observed.get_mut(&lease.lease_key) {
                 Some(o) if o.counter == lease.lease_counter => {}
-                Some(o) => *o = fresh,
+                Some(o) => {
+                    *o = Observation {
+                        counter: lease.lease_counter,
+                        owner: lease.lease_owner.clone(),
+                        since: changed_since.min(now),
+                    }
+                }
                 None => {
                     let since = if lease.lease_owner.is_none() {
                         now.checked_sub(failover).unwrap_or(now)
                     } else {
                         now
                     };
-                    self.observed
-                        .insert(lease.lease_key.clone(), Observation { since, ..fresh });
+                    self.observed.insert(
+                        lease.lease_key.clone(),
+                        Observation {
+                            counter: lease.lease_counter,
+                            owner: lease.lease_owner.clone(),
+                            since,
+                        },
+                    );
                 }
             }
         }
@@ -466,6 +654,14 @@ impl LeaseTaker {
             .min()
     }
 
+    /// When the counter of `lease_key` was last seen to change (or first seen).
+    pub(crate) fn unchanged_since(&self, lease_key: &str, counter: u64) -> Option<Instant> {
+        self.observed
+            .get(lease_key)
+            .filter(|o| o.counter == counter)
+            .map(|o| o.since)
+    }
+
     fn is_expired(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
         if lease.lease_owner.is_none() {
             return true;
@@ -475,14 +671,15 @@ impl LeaseTaker {
             .is_some_and(|o| o.owner == lease.lease_owner && now.saturating_duration_since(o.since) >= failover)
     }
 
-    /// The leases this worker should try to take now (the Java KCL's algorithm):
-    /// count the active workers (owners of unexpired leases, this one included), aim
-    /// for a fair share `ceil(leases / workers)` capped by `max_leases_for_worker`, take
-    /// expired or unowned leases first, and only when there are none steal from the
-    /// most loaded worker, at most `max_leases_to_steal_at_one_time` per pass. A worker
-    /// one lease short of the target does not steal from one that is exactly at it, so
+    /// What this worker should do now (the Java KCL's algorithm): count the active
+    /// workers (owners of unexpired leases, this one included), aim for a fair share
+    /// `ceil(leases / workers)` capped by `max_leases_for_worker`, take expired or
+    /// unowned leases first, and only when there are none ask the most loaded worker
+    /// for a handoff, at most `max_leases_to_steal_at_one_time` per pass. A worker one
+    /// lease short of the target does not steal from one that is exactly at it, so
     /// workers converge without trading leases back and forth. Finished (`SHARD_END`)
-    /// leases are neither counted nor taken.
+    /// leases are neither counted nor taken. `held` are the leases this worker holds or
+    /// is receiving by a handoff.
     pub(crate) fn leases_to_take(
         &mut self,
         leases: &[Lease],
@@ -490,10 +687,11 @@ impl LeaseTaker {
         held: &HashSet<String>,
         now: Instant,
         config: &LeaseManagementConfig,
-    ) -> Vec<Lease> {
-        self.observe(leases, now, config.failover_time);
+    ) -> TakePlan {
+        self.observe(leases, now, config.failover_time, config.renewal_interval);
         let live: Vec<&Lease> = leases.iter().filter(|l| !l.checkpoint.is_shard_end()).collect();
         let failover = config.failover_time;
+        let mut plan = TakePlan::default();
         let mut expired = Vec::new();
         let mut load: HashMap<&str, usize> = HashMap::new();
         load.insert(worker_id, 0);
@@ -502,12 +700,17 @@ impl LeaseTaker {
                 *load.entry(worker_id).or_default() += 1;
             } else if self.is_expired(lease, now, failover) {
                 expired.push((*lease).clone());
-            } else if let Some(owner) = lease.lease_owner.as_deref() {
-                // Includes a lease with our id that this process does not hold (a
-                // previous process with the same id): it is taken once it expires.
-                if owner != worker_id {
-                    *load.entry(owner).or_default() += 1;
+            } else if lease.is_owned_by(worker_id) {
+                // Given to this worker (by a handoff, an assignment, or an earlier
+                // process with its id): it counts as ours.
+                *load.entry(worker_id).or_default() += 1;
+                if lease.is_handoff_pending() {
+                    plan.incoming.push((*lease).clone());
+                } else {
+                    plan.take.push((*lease).clone());
                 }
+            } else if let Some(owner) = lease.lease_owner.as_deref() {
+                *load.entry(owner).or_default() += 1;
             }
         }
         let workers = load.len();
@@ -515,7 +718,7 @@ impl LeaseTaker {
         let mine = load.get(worker_id).copied().unwrap_or(0);
         let needed = target.saturating_sub(mine);
         if needed == 0 {
-            return Vec::new();
+            return plan;
         }
         use rand::seq::SliceRandom;
         if !expired.is_empty() {
@@ -523,7 +726,8 @@ impl LeaseTaker {
             // instead of racing for the same keys.
             expired.shuffle(&mut rand::rng());
             expired.truncate(needed);
-            return expired;
+            plan.take.extend(expired);
+            return plan;
         }
         let Some((victim, victim_load)) = load
             .iter()
@@ -531,26 +735,28 @@ impl LeaseTaker {
             .max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)))
             .map(|(w, n)| (w.to_string(), *n))
         else {
-            return Vec::new();
+            return plan;
         };
         let threshold = if needed > 1 { target } else { target + 1 };
         if victim_load < threshold {
-            return Vec::new();
+            return plan;
         }
         let steal = needed
             .min(victim_load - target)
             .min(config.max_leases_to_steal_at_one_time);
+        // A lease already being handed over cannot be asked for again.
         let mut theirs: Vec<Lease> = live
             .iter()
-            .filter(|l| l.is_owned_by(&victim))
+            .filter(|l| l.is_owned_by(&victim) && !l.is_handoff_pending())
             .map(|l| (*l).clone())
             .collect();
         theirs.shuffle(&mut rand::rng());
         theirs.truncate(steal);
         if !theirs.is_empty() {
-            info!(victim = %victim, count = theirs.len(), target, "stealing leases to balance load");
+            info!(victim = %victim, count = theirs.len(), target, "asking for leases to balance load");
         }
-        theirs
+        plan.steal = theirs;
+        plan
     }
 }
 
@@ -666,31 +872,117 @@ mod tests {
             lease("mine", Some("me"), 1),
             lease("free", None, 0),
         ];
-        taker.leases_to_take(&table, "me", &set(&["mine"]), t0, &cfg);
+        taker.leases_to_take(&table, "me", &set(&["mine"]), t0, &cfg).all();
         // "a" expires a failover time after it was first seen; held and free leases never.
         assert_eq!(taker.next_expiry(&set(&["mine"]), t0, failover), Some(t0 + failover));
         // "b" seen later, "a" renewed later still: "b" is next.
         let t1 = t0 + Duration::from_secs(1);
-        let t2 = t0 + Duration::from_secs(2);
-        taker.leases_to_take(
-            &[table[0].clone(), lease("b", Some("other"), 1)],
-            "me",
-            &none(),
-            t1,
-            &cfg,
-        );
-        taker.leases_to_take(
-            &[lease("a", Some("other"), 6), lease("b", Some("other"), 1)],
-            "me",
-            &none(),
-            t2,
-            &cfg,
-        );
+        let t2 = t0 + Duration::from_secs(5);
+        taker
+            .leases_to_take(
+                &[table[0].clone(), lease("b", Some("other"), 1)],
+                "me",
+                &none(),
+                t1,
+                &cfg,
+            )
+            .all();
+        taker
+            .leases_to_take(
+                &[lease("a", Some("other"), 6), lease("b", Some("other"), 1)],
+                "me",
+                &none(),
+                t2,
+                &cfg,
+            )
+            .all();
+        // "a" changed between the reads at t1 and t2 = t0 + 5 s: it counts as unchanged
+        // since the later of t1 and t2 - renewal interval.
+        let a_since = t1.max(t2 - cfg.renewal_interval);
+        assert!(a_since > t1);
         assert_eq!(taker.next_expiry(&none(), t2, failover), Some(t1 + failover));
         // Once that moment has passed, it is not the next one any more (no busy loop on a
         // lease this worker does not take).
-        assert_eq!(taker.next_expiry(&none(), t1 + failover, failover), Some(t2 + failover));
-        assert_eq!(taker.next_expiry(&none(), t2 + failover, failover), None);
+        assert_eq!(
+            taker.next_expiry(&none(), t1 + failover, failover),
+            Some(a_since + failover)
+        );
+        assert_eq!(taker.next_expiry(&none(), a_since + failover, failover), None);
+    }
+
+    #[test]
+    fn a_renewal_seen_between_two_reads_counts_from_the_later_of_the_previous_read_and_one_interval_back() {
+        let cfg = LeaseManagementConfig::default(); // failover 10 s, renewal 3.33 s
+        let mut taker = LeaseTaker::default();
+        let t0 = Instant::now();
+        taker.leases_to_take(&[lease("a", Some("other"), 5)], "me", &none(), t0, &cfg);
+        // Reads 2 s apart (shorter than the renewal interval): from the previous read.
+        let t1 = t0 + Duration::from_secs(2);
+        taker.leases_to_take(&[lease("a", Some("other"), 6)], "me", &none(), t1, &cfg);
+        assert_eq!(taker.unchanged_since("a", 6), Some(t0));
+        // Reads 8 s apart: from one renewal interval before the read that saw it.
+        let t2 = t1 + Duration::from_secs(8);
+        taker.leases_to_take(&[lease("a", Some("other"), 7)], "me", &none(), t2, &cfg);
+        assert_eq!(taker.unchanged_since("a", 7), Some(t2 - cfg.renewal_interval));
+        assert_eq!(taker.unchanged_since("a", 6), None, "another counter");
+        // So the lease expires a failover time after that, not after t2.
+        let at = t2 - cfg.renewal_interval + cfg.failover_time;
+        let table = [lease("a", Some("other"), 7)];
+        assert!(taker
+            .leases_to_take(&table, "me", &none(), at - Duration::from_millis(1), &cfg)
+            .all()
+            .is_empty());
+        assert_eq!(keys(taker.leases_to_take(&table, "me", &none(), at, &cfg).all()), ["a"]);
+    }
+
+    #[test]
+    fn leases_given_to_this_worker_are_taken_and_handoffs_to_it_are_watched() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let now = Instant::now();
+        let mut incoming = lease("in", Some("me"), 4);
+        incoming.checkpoint_owner = Some("other".into());
+        let table = vec![
+            lease("given", Some("me"), 2),
+            incoming,
+            lease("theirs", Some("other"), 1),
+        ];
+        let plan = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        assert_eq!(keys(plan.take), ["given"]);
+        assert_eq!(keys(plan.incoming), ["in"]);
+        assert!(plan.steal.is_empty(), "two of three leases are already coming to me");
+    }
+
+    #[test]
+    fn balancing_asks_for_a_handoff_and_never_for_a_lease_already_being_handed_over() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker::default();
+        let now = Instant::now();
+        let mut table = owned("a", "a", 4);
+        for l in &mut table[..3] {
+            l.lease_owner = Some("x".into());
+            l.checkpoint_owner = Some("a".into());
+        }
+        // a still processes a0..a2 but they are being handed to x; a3 is a's alone.
+        let mut table2 = table.clone();
+        table2.extend(owned("b", "b", 4));
+        let plan = taker.leases_to_take(&table2, "c", &none(), now, &cfg);
+        assert!(plan.take.is_empty());
+        assert_eq!(plan.steal.len(), 1);
+        assert_eq!(
+            plan.steal[0].lease_owner.as_deref(),
+            Some("b"),
+            "b is the most loaded owner"
+        );
+        // Only a's lease without a handoff could be asked for from a.
+        let mut table3 = table;
+        table3.extend(owned("x", "x", 1));
+        let plan = LeaseTaker::default().leases_to_take(&table3, "c", &none(), now, &cfg);
+        assert_eq!(
+            keys(plan.steal),
+            ["x0"],
+            "x is the most loaded (4), but three are in handoff"
+        );
     }
 
     #[test]
@@ -699,7 +991,10 @@ mod tests {
         let mut taker = LeaseTaker::default();
         let now = Instant::now();
         let table = vec![lease("a", None, 0), lease("b", None, 3)];
-        assert_eq!(keys(taker.leases_to_take(&table, "me", &none(), now, &cfg)), ["a", "b"]);
+        assert_eq!(
+            keys(taker.leases_to_take(&table, "me", &none(), now, &cfg).all()),
+            ["a", "b"]
+        );
     }
 
     #[test]
@@ -708,17 +1003,20 @@ mod tests {
         let mut taker = LeaseTaker::default();
         let t0 = Instant::now();
         let table = vec![lease("a", Some("other"), 5)];
-        assert!(taker.leases_to_take(&table, "me", &none(), t0, &cfg).is_empty());
+        assert!(taker.leases_to_take(&table, "me", &none(), t0, &cfg).all().is_empty());
         // Counter unchanged, but not for long enough.
         let t1 = t0 + cfg.failover_time - Duration::from_millis(1);
-        assert!(taker.leases_to_take(&table, "me", &none(), t1, &cfg).is_empty());
+        assert!(taker.leases_to_take(&table, "me", &none(), t1, &cfg).all().is_empty());
         // The owner renewed: the clock restarts from when we saw the new counter.
         let renewed = vec![lease("a", Some("other"), 6)];
-        assert!(taker.leases_to_take(&renewed, "me", &none(), t1, &cfg).is_empty());
+        assert!(taker.leases_to_take(&renewed, "me", &none(), t1, &cfg).all().is_empty());
         let t2 = t1 + cfg.failover_time - Duration::from_millis(1);
-        assert!(taker.leases_to_take(&renewed, "me", &none(), t2, &cfg).is_empty());
+        assert!(taker.leases_to_take(&renewed, "me", &none(), t2, &cfg).all().is_empty());
         let t3 = t1 + cfg.failover_time;
-        assert_eq!(keys(taker.leases_to_take(&renewed, "me", &none(), t3, &cfg)), ["a"]);
+        assert_eq!(
+            keys(taker.leases_to_take(&renewed, "me", &none(), t3, &cfg).all()),
+            ["a"]
+        );
     }
 
     #[test]
@@ -732,12 +1030,16 @@ mod tests {
         done.checkpoint = ExtendedSequenceNumber::SHARD_END;
         let table = vec![done, lease("a", None, 0), lease("b", None, 0), lease("c", None, 0)];
         let now = Instant::now();
-        let taken = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        let taken = taker.leases_to_take(&table, "me", &none(), now, &cfg).all();
         assert_eq!(taken.len(), 2);
         assert!(taken.iter().all(|l| l.lease_key != "done"));
-        assert_eq!(taker.leases_to_take(&table, "me", &set(&["a"]), now, &cfg).len(), 1);
+        assert_eq!(
+            taker.leases_to_take(&table, "me", &set(&["a"]), now, &cfg).all().len(),
+            1
+        );
         assert!(taker
             .leases_to_take(&table, "me", &set(&["a", "b"]), now, &cfg)
+            .all()
             .is_empty());
     }
 
@@ -753,7 +1055,7 @@ mod tests {
         let now = Instant::now();
         let mut table = owned("a", "a", 4);
         table.extend(owned("b", "b", 4));
-        let stolen = taker.leases_to_take(&table, "c", &none(), now, &cfg);
+        let stolen = taker.leases_to_take(&table, "c", &none(), now, &cfg).all();
         assert_eq!(stolen.len(), 1, "max_leases_to_steal_at_one_time is 1");
         assert_eq!(stolen[0].lease_owner.as_deref(), Some("a"), "ties go to the first name");
         // After two steals c holds 2 and a and b hold 3 each: one short of the target,
@@ -762,7 +1064,7 @@ mod tests {
         table.extend(owned("b", "b", 3));
         table.extend(owned("c", "c", 2));
         let held = set(&["c0", "c1"]);
-        assert!(taker.leases_to_take(&table, "c", &held, now, &cfg).is_empty());
+        assert!(taker.leases_to_take(&table, "c", &held, now, &cfg).all().is_empty());
     }
 
     #[test]
@@ -776,9 +1078,9 @@ mod tests {
         let mut table = owned("a", "a", 4);
         table.extend(owned("b", "b", 4));
         let held = set(&["a0", "a1", "a2", "a3"]);
-        assert!(taker.leases_to_take(&table, "a", &held, t0, &cfg).is_empty());
+        assert!(taker.leases_to_take(&table, "a", &held, t0, &cfg).all().is_empty());
         let later = t0 + cfg.failover_time;
-        let taken = taker.leases_to_take(&table, "a", &held, later, &cfg);
+        let taken = taker.leases_to_take(&table, "a", &held, later, &cfg).all();
         assert_eq!(keys(taken), ["b0", "b1", "b2", "b3"]);
     }
 
@@ -791,7 +1093,7 @@ mod tests {
         // The other worker already took two: it counts, target is ceil(6/2) = 3.
         table[0].lease_owner = Some("other".into());
         table[1].lease_owner = Some("other".into());
-        assert_eq!(taker.leases_to_take(&table, "me", &none(), now, &cfg).len(), 3);
+        assert_eq!(taker.leases_to_take(&table, "me", &none(), now, &cfg).all().len(), 3);
     }
 
     #[test]
@@ -941,6 +1243,65 @@ mod tests {
         assert_eq!(stored.lease_owner, None);
     }
 
+    /// The handoff protocol from the old owner's side: a handoff recorded by another
+    /// worker is noticed at the next renewal, which asks the consumer to shut down and
+    /// goes on renewing; the old owner may still checkpoint; its release completes the
+    /// handoff.
+    #[tokio::test]
+    async fn a_handoff_is_noticed_at_the_next_renewal_and_completed_by_the_release() {
+        let store = Arc::new(MemStore::default());
+        store
+            .create_lease_if_not_exists(&lease("s", None, 0))
+            .await
+            .expect("created");
+        let a = LeaseCoordinator::new(store.clone(), "a".into(), LeaseManagementConfig::default());
+        assert!(a
+            .take(store.get_lease("s").await.expect("read").expect("exists"))
+            .await
+            .expect("take"));
+        let held = a.held_lease("s").expect("held");
+
+        let b = LeaseCoordinator::new(store.clone(), "b".into(), LeaseManagementConfig::default());
+        let mut seen = store.get_lease("s").await.expect("read").expect("exists");
+        let counter = seen.lease_counter;
+        assert!(b.initiate_handoff(&mut seen).await.expect("handoff"));
+        assert_eq!(seen.lease_counter, counter, "a handoff does not move the counter");
+        assert!(
+            !b.initiate_handoff(&mut seen).await.expect("second"),
+            "one handoff at a time"
+        );
+
+        assert!(!held.shutdown_requested.is_cancelled());
+        a.renew_due(Instant::now() + Duration::from_secs(3600)).await;
+        assert!(held.shutdown_requested.is_cancelled(), "the consumer is asked to stop");
+        assert!(
+            !held.lost.is_cancelled(),
+            "not lost: a still owns the shard until it hands over"
+        );
+        let stored = store.get_lease("s").await.expect("read").expect("exists");
+        assert_eq!(stored.lease_counter, counter + 1, "a went on renewing");
+        assert_eq!(stored.checkpoint_owner.as_deref(), Some("a"));
+
+        let checkpoint = ExtendedSequenceNumber::new(crate::SequenceNumber::parse("42").expect("valid"), 0);
+        let outcome = a
+            .update_checkpoint(&held, |l| {
+                l.checkpoint = checkpoint.clone();
+                Ok::<(), ()>(())
+            })
+            .await
+            .expect("no change error");
+        assert!(matches!(outcome, WriteOutcome::Written), "{outcome:?}");
+
+        a.release(&held).await;
+        let stored = store.get_lease("s").await.expect("read").expect("exists");
+        assert_eq!(stored.lease_owner.as_deref(), Some("b"));
+        assert_eq!(stored.checkpoint_owner, None, "the handoff is complete");
+        assert_eq!(stored.checkpoint, checkpoint);
+        assert_eq!(stored.lease_counter, counter + 3);
+        // b now takes it as any lease the table gives it.
+        assert!(b.take(stored).await.expect("take"));
+    }
+
     #[derive(Debug)]
     struct NoStore;
 
@@ -968,6 +1329,12 @@ mod tests {
             Ok(false)
         }
         async fn update_lease_checkpoint(&self, _: &mut Lease) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn initiate_graceful_lease_handoff(&self, _: &mut Lease, _: &str) -> Result<bool, LeaseStoreError> {
+            Ok(false)
+        }
+        async fn assign_lease(&self, _: &mut Lease, _: &str) -> Result<bool, LeaseStoreError> {
             Ok(false)
         }
         async fn delete_lease(&self, _: &Lease) -> Result<(), LeaseStoreError> {

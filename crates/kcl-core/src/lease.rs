@@ -91,6 +91,19 @@ impl Lease {
     pub fn is_owned_by(&self, worker_id: &str) -> bool {
         self.lease_owner.as_deref() == Some(worker_id)
     }
+
+    /// True while a graceful handoff is under way (the Java KCL 3.x's
+    /// `shutdownRequested`): `checkpointOwner` names the worker that still processes the
+    /// shard and checkpoints it, `leaseOwner` the worker it is handed to.
+    pub fn is_handoff_pending(&self) -> bool {
+        self.checkpoint_owner.is_some()
+    }
+
+    /// The worker that processes the shard now (the Java KCL 3.x's `actualOwner`): the
+    /// checkpoint owner during a handoff, else the lease owner.
+    pub fn actual_owner(&self) -> Option<&str> {
+        self.checkpoint_owner.as_deref().or(self.lease_owner.as_deref())
+    }
 }
 
 /// The result of [`LeaseStore::list_readable_leases`].
@@ -115,6 +128,9 @@ impl LeaseListing {
 ///
 /// Every method that changes a lease is conditional: it succeeds only when the stored
 /// item still has the counter (and, where stated, the owner) of the `lease` passed in.
+/// "The owner" in a condition is the pair `leaseOwner` and `checkpointOwner` as the
+/// caller's lease has them (each absent when `None`), so that a write never overlooks
+/// a graceful handoff begun since the caller's last read.
 /// On success the method updates `lease` in place to what it wrote (counter incremented,
 /// owner changed, ...) and returns `Ok(true)`; when the condition fails it returns
 /// `Ok(false)` and leaves `lease` untouched. `Err` means the outcome is unknown or the
@@ -179,20 +195,49 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     async fn renew_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
 
     /// Takes a lease for `owner`: conditional on the counter (and the owner the caller
-    /// saw); sets the owner, increments the counter, and increments
-    /// `ownerSwitchesSinceCheckpoint` when the owner changes.
+    /// saw); sets the owner, removes `checkpointOwner` (a handoff whose workers died
+    /// ends here), increments the counter, and increments `ownerSwitchesSinceCheckpoint`
+    /// when the owner changes.
     ///
     /// # Errors
     /// Transient errors.
     async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError>;
 
     /// Releases a lease (the Java KCL's `evictLease`): conditional on the owner the
-    /// caller saw; clears the owner and increments the counter so that any worker can
-    /// take it at once.
+    /// caller saw; increments the counter. During a handoff (`checkpoint_owner` set) it
+    /// removes `checkpointOwner`, which completes the handoff: the lease now belongs to
+    /// `lease_owner`. Otherwise it removes the owner, so that any worker can take it at
+    /// once.
     ///
     /// # Errors
     /// Transient errors.
     async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Begins a graceful handoff to `new_owner` (the Java KCL 3.x's
+    /// `initiateGracefulLeaseHandoff`): conditional on the lease existing with the owner
+    /// the caller saw and no handoff under way; sets `leaseOwner` to `new_owner` and
+    /// `checkpointOwner` to the current owner, and leaves the counter alone, so that the
+    /// current owner's renewals go on. The current owner notices at its next write,
+    /// shuts its consumer down (its processor may checkpoint) and completes the handoff
+    /// with [`LeaseStore::evict_lease`]; only then does `new_owner` start.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn initiate_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError>;
+
+    /// Assigns the lease to `new_owner` at once (the Java KCL 3.x's `assignLease`):
+    /// conditional on the lease existing with the owner the caller saw; sets the owner,
+    /// removes `checkpointOwner`, increments the counter (so the previous owner's next
+    /// write fails), and increments `ownerSwitchesSinceCheckpoint` when the owner
+    /// changes. Used when a handoff did not complete in time.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError>;
 
     /// Writes the checkpoint fields (`checkpoint`, `checkpointSubSequenceNumber`, the
     /// three pending-checkpoint attributes — removed when `None` —, and
@@ -270,6 +315,21 @@ impl LeaseStore for TimedLeaseStore {
     async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         bounded("evict_lease", self.call, self.inner.evict_lease(lease)).await
     }
+    async fn initiate_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        bounded(
+            "initiate_graceful_lease_handoff",
+            self.call,
+            self.inner.initiate_graceful_lease_handoff(lease, new_owner),
+        )
+        .await
+    }
+    async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
+        bounded("assign_lease", self.call, self.inner.assign_lease(lease, new_owner)).await
+    }
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         bounded(
             "update_lease_checkpoint",
@@ -281,6 +341,16 @@ impl LeaseStore for TimedLeaseStore {
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
         bounded("delete_lease", self.call, self.inner.delete_lease(lease)).await
     }
+}
+
+/// Makes `owner` the owner (a take or an assignment): ends any handoff and counts an
+/// owner switch when the owner changes.
+fn set_owner(lease: &mut Lease, owner: &str) {
+    if lease.lease_owner.as_deref() != Some(owner) {
+        lease.owner_switches_since_checkpoint += 1;
+    }
+    lease.lease_owner = Some(owner.to_owned());
+    lease.checkpoint_owner = None;
 }
 
 /// A lease table in memory, with the trait's conditional semantics (every write is
@@ -303,19 +373,31 @@ impl InMemoryLeaseStore {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies `change` to the stored lease if its counter and owner are the caller's,
-    /// then gives the caller the stored lease.
-    fn write(&self, lease: &mut Lease, change: impl FnOnce(&mut Lease)) -> bool {
+    /// Applies `change` to the stored lease if its owners (and, with `check_counter`,
+    /// its counter) are the caller's; `bump` increments the counter. Then gives the
+    /// caller the stored lease.
+    fn write_if(&self, lease: &mut Lease, check_counter: bool, bump: bool, change: impl FnOnce(&mut Lease)) -> bool {
         let mut map = self.leases();
         match map.get_mut(&lease.lease_key) {
-            Some(stored) if stored.lease_counter == lease.lease_counter && stored.lease_owner == lease.lease_owner => {
+            Some(stored)
+                if (!check_counter || stored.lease_counter == lease.lease_counter)
+                    && stored.lease_owner == lease.lease_owner
+                    && stored.checkpoint_owner == lease.checkpoint_owner =>
+            {
                 change(stored);
-                stored.lease_counter += 1;
+                if bump {
+                    stored.lease_counter += 1;
+                }
                 *lease = stored.clone();
                 true
             }
             _ => false,
         }
+    }
+
+    /// A write conditional on counter and owners that increments the counter.
+    fn write(&self, lease: &mut Lease, change: impl FnOnce(&mut Lease)) -> bool {
+        self.write_if(lease, true, true, change)
     }
 }
 
@@ -347,25 +429,32 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
-        Ok(self.write(lease, |l| {
-            if l.lease_owner.as_deref() != Some(owner) {
-                l.owner_switches_since_checkpoint += 1;
-            }
-            l.lease_owner = Some(owner.to_owned());
-        }))
+        Ok(self.write(lease, |l| set_owner(l, owner)))
     }
 
     async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
-        let mut map = self.leases();
-        match map.get_mut(&lease.lease_key) {
-            Some(stored) if stored.lease_owner == lease.lease_owner => {
-                stored.lease_owner = None;
-                stored.lease_counter += 1;
-                *lease = stored.clone();
-                Ok(true)
+        Ok(self.write_if(lease, false, true, |l| {
+            if l.checkpoint_owner.take().is_none() {
+                l.lease_owner = None;
             }
-            _ => Ok(false),
+        }))
+    }
+
+    async fn initiate_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        if lease.lease_owner.is_none() || lease.checkpoint_owner.is_some() {
+            return Ok(false);
         }
+        Ok(self.write_if(lease, false, false, |l| {
+            l.checkpoint_owner = l.lease_owner.replace(new_owner.to_owned());
+        }))
+    }
+
+    async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
+        Ok(self.write_if(lease, false, true, |l| set_owner(l, new_owner)))
     }
 
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {

@@ -41,6 +41,12 @@ pub(crate) fn lease_lost() {
     ::metrics::counter!("kcl_leases_lost_total").increment(1);
 }
 
+/// `direction`: `out` (this worker hands a lease over) or `in` (it receives one);
+/// `outcome`: `requested`, `completed` or `timed_out`.
+pub(crate) fn lease_handoff(direction: &'static str, outcome: &'static str) {
+    ::metrics::counter!("kcl_lease_handoffs_total", "direction" => direction, "outcome" => outcome).increment(1);
+}
+
 pub(crate) fn throttled(operation: &'static str) {
     ::metrics::counter!("kcl_throttles_total", "operation" => operation).increment(1);
 }

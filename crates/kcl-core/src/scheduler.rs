@@ -18,7 +18,7 @@ use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryEr
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::{
     CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
@@ -26,7 +26,7 @@ use crate::config::{
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
 use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker};
 use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
-use crate::lease::{LeaseStore, TimedLeaseStore};
+use crate::lease::{Lease, LeaseStore, TimedLeaseStore};
 use crate::metrics;
 use crate::processor::RecordProcessorFactory;
 use crate::retrieval::{PollingRetrievalFactory, RetrievalFactory};
@@ -312,9 +312,7 @@ impl Scheduler {
             self.lease.clone(),
         ));
         let renewer_stop = CancellationToken::new();
-        let renewer = tokio::spawn(
-            run_renewer(coordinator.clone(), self.lease.renewal_interval, renewer_stop.clone()).in_current_span(),
-        );
+        let renewer = tokio::spawn(run_renewer(coordinator.clone(), renewer_stop.clone()).in_current_span());
         let initial_timestamp = match self.initial_position {
             InitialPositionInStream::AtTimestamp(t) => Some(t),
             _ => None,
@@ -342,6 +340,7 @@ impl Scheduler {
         };
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
+        let mut incoming = IncomingHandoffs::default();
         let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
         take_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sync_tick = tokio::time::interval_at(
@@ -370,7 +369,7 @@ impl Scheduler {
                     }
                 }
                 _ = take_tick.tick() => {
-                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator).await {
+                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                         break;
                     }
                     next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
@@ -380,7 +379,7 @@ impl Scheduler {
                     }
                 }
                 () = sleep_until_or_never(next_expiry) => {
-                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator).await {
+                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                         break;
                     }
                     next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
@@ -405,6 +404,14 @@ impl Scheduler {
                     }
                 }
                 () = sleep_until_or_never(next_retry) => {}
+                () = sleep_until_or_never(incoming.next_poll()) => {
+                    tokio::select! {
+                        // Cancel safety: a poll dropped half-way leaves its handoffs
+                        // watched; the old owners complete them whether or not we look.
+                        () = self.shutdown.cancelled() => break,
+                        () = incoming.poll(&coordinator, &taker, &self.lease) => {}
+                    }
+                }
             }
             if std::mem::take(&mut workers.sync_requested) {
                 sync_tick.reset_immediately();
@@ -481,6 +488,7 @@ impl Scheduler {
         taker: &mut LeaseTaker,
         cleanup: &mut LeaseCleanup,
         coordinator: &LeaseCoordinator,
+        incoming: &mut IncomingHandoffs,
     ) -> bool {
         let listing = tokio::select! {
             // Cancel safety: dropping a read loses nothing.
@@ -513,15 +521,30 @@ impl Scheduler {
                 }
             }
         }
-        let held = coordinator.held_keys();
-        let to_take = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
-        for lease in to_take {
-            let key = lease.lease_key.clone();
-            match coordinator.take(lease).await {
-                Ok(true) => {}
-                Ok(false) => info!(shard_id = %key, "lease taken by another worker first"),
-                Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking lease failed"),
+        let mut held = coordinator.held_keys();
+        held.extend(incoming.keys().cloned());
+        let plan = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
+        use futures::StreamExt as _;
+        futures::stream::iter(plan.take)
+            .for_each_concurrent(MAX_CONCURRENT_TAKES, |lease| async move {
+                let key = lease.lease_key.clone();
+                match coordinator.take(lease).await {
+                    Ok(true) => {}
+                    Ok(false) => info!(shard_id = %key, "lease taken by another worker first"),
+                    Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking lease failed"),
+                }
+            })
+            .await;
+        let now = Instant::now();
+        for mut lease in plan.steal {
+            match coordinator.initiate_handoff(&mut lease).await {
+                Ok(true) => incoming.watch(lease, now),
+                Ok(false) => info!(shard_id = %lease.lease_key, "lease changed before the handoff could be asked for"),
+                Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "asking for a handoff failed"),
             }
+        }
+        for lease in plan.incoming {
+            incoming.watch(lease, now);
         }
         true
     }
@@ -578,7 +601,9 @@ impl Workers {
             if self.backoff.get(&held.shard_id).is_some_and(|b| b.retry_at > now) {
                 continue;
             }
-            if held.lease.lock().await.checkpoint.is_shard_end() {
+            if held.lease.lock().await.checkpoint.is_shard_end() || held.shutdown_requested.is_cancelled() {
+                // Finished, or being handed over before a consumer ran: releasing
+                // completes the handoff.
                 coordinator.release(&held).await;
                 continue;
             }
@@ -594,7 +619,8 @@ impl Workers {
                         continue;
                     }
                 };
-            let token = root.child_token();
+            // Cancelled by a handoff of the lease, or by the scheduler's shutdown.
+            let token = held.shutdown_requested.clone();
             let consumer = ShardConsumer::new(self.ctx.clone(), held.clone(), processor, token.clone());
             let span = info_span!("shard_consumer", shard_id = %shard_id);
             let period = held.clone();
@@ -686,13 +712,102 @@ impl Workers {
     }
 }
 
-async fn run_renewer(coordinator: Arc<LeaseCoordinator>, every: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+/// At most this many takes of one lease-taking pass are in flight at once.
+const MAX_CONCURRENT_TAKES: usize = 16;
+
+/// How often a lease being handed to this worker is read, to start it as soon as the
+/// old owner has handed it over.
+const HANDOFF_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Leases being handed to this worker: each is read every [`HANDOFF_POLL_INTERVAL`]
+/// until its old owner completes the handoff (then it is taken and consumed), another
+/// worker changes it (then it is forgotten), or the handoff runs out of time (then it is
+/// assigned to this worker, which ends the old owner's period).
+#[derive(Debug, Default)]
+struct IncomingHandoffs {
+    /// Lease key -> when this worker started to watch it.
+    watched: HashMap<String, Instant>,
+    next_poll: Option<Instant>,
+}
+
+impl IncomingHandoffs {
+    fn watch(&mut self, lease: Lease, now: Instant) {
+        self.watched.entry(lease.lease_key).or_insert(now);
+        self.next_poll.get_or_insert(now + HANDOFF_POLL_INTERVAL);
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.watched.keys()
+    }
+
+    fn next_poll(&self) -> Option<Instant> {
+        self.next_poll
+    }
+
+    async fn poll(&mut self, coordinator: &LeaseCoordinator, taker: &LeaseTaker, config: &LeaseManagementConfig) {
+        let me = coordinator.worker_id().to_owned();
+        let keys: Vec<(String, Instant)> = self.watched.iter().map(|(k, t)| (k.clone(), *t)).collect();
+        for (key, since) in keys {
+            let stored = match coordinator.store().get_lease(&key).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    debug!(shard_id = %key, error = %ErrorChain(&e), "reading a lease being handed over failed");
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let Some(stored) = stored.filter(|l| l.is_owned_by(&me)) else {
+                info!(shard_id = %key, "a handoff to this worker was given up: the lease changed");
+                self.watched.remove(&key);
+                continue;
+            };
+            if !stored.is_handoff_pending() {
+                self.watched.remove(&key);
+                match coordinator.take(stored).await {
+                    Ok(true) => metrics::lease_handoff("in", "completed"),
+                    Ok(false) => info!(shard_id = %key, "a handed-over lease was taken by another worker first"),
+                    Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking a handed-over lease failed"),
+                }
+                continue;
+            }
+            // The old owner renews while it hands over; a counter that stands still
+            // for the failover time means it is gone.
+            let stalled = taker
+                .unchanged_since(&key, stored.lease_counter)
+                .is_some_and(|t| now.saturating_duration_since(t) >= config.failover_time);
+            if now.saturating_duration_since(since) >= config.graceful_lease_handoff_timeout || stalled {
+                warn!(
+                    shard_id = %key,
+                    from = ?stored.checkpoint_owner,
+                    timeout = ?config.graceful_lease_handoff_timeout,
+                    stalled,
+                    "the handoff did not complete in time; taking the lease over"
+                );
+                self.watched.remove(&key);
+                metrics::lease_handoff("in", "timed_out");
+                if let Err(e) = coordinator.assign_to_self(stored).await {
+                    warn!(shard_id = %key, error = %ErrorChain(&e), "taking over a handed-over lease failed");
+                }
+            }
+        }
+        self.next_poll = (!self.watched.is_empty()).then(|| Instant::now() + HANDOFF_POLL_INTERVAL);
+    }
+}
+
+/// Renews each held lease when its renewal is due. It wakes at least every fifth of a
+/// renewal interval, so that a lease taken meanwhile is renewed on time.
+async fn run_renewer(coordinator: Arc<LeaseCoordinator>, stop: CancellationToken) {
+    let every = coordinator.renewal_interval();
     loop {
+        let now = Instant::now();
+        let wake = coordinator
+            .next_renewal_due()
+            .map_or(now + every / 5, |due| due.min(now + every / 5));
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => coordinator.renew_all().await,
+            () = tokio::time::sleep_until(wake) => {}
         }
+        // Leases due within the next few milliseconds go in the same round.
+        coordinator.renew_due(Instant::now() + every / 50).await;
     }
 }

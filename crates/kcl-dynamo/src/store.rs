@@ -30,14 +30,16 @@ use crate::table::{self, BillingMode, TableOptions};
 /// |---|---|---|---|
 /// | `create_lease_if_not_exists` | `PutItem` | no item with the key | the whole lease |
 /// | `renew_lease` | `UpdateItem` | counter and owner | counter + 1 |
-/// | `take_lease` | `UpdateItem` | counter and owner | owner, counter + 1, owner switches + 1 if the owner changes |
-/// | `evict_lease` | `UpdateItem` | owner | owner removed, counter + 1 |
+/// | `take_lease` | `UpdateItem` | counter and owner | owner, checkpoint owner removed, counter + 1, owner switches + 1 if the owner changes |
+/// | `evict_lease` | `UpdateItem` | owner, item exists | checkpoint owner removed during a handoff (completing it), else owner removed; counter + 1 |
+/// | `initiate_graceful_lease_handoff` | `UpdateItem` | owner (no checkpoint owner), item exists | owner = the new owner, checkpoint owner = the old one; counter unchanged |
+/// | `assign_lease` | `UpdateItem` | owner, item exists | owner, checkpoint owner removed, counter + 1, owner switches + 1 if the owner changes |
 /// | `update_lease_checkpoint` | `UpdateItem` | counter and owner | checkpoint, pending checkpoint (set or removed), owner switches = 0, children (when known), counter + 1 |
 /// | `delete_lease` | `DeleteItem` | none | — |
 /// | `list_leases` / `list_readable_leases` / `get_lease` | `Scan` (all pages) / `Scan`, corrupt items set aside / `GetItem` | — | — |
 ///
-/// "Owner" in a condition is the owner in the caller's lease, or "no owner" when that is
-/// `None`. The SDK client's retry and timeout configuration applies to every call; the
+/// "Owner" in a condition is `leaseOwner` and `checkpointOwner` as the caller's lease has
+/// them, each "absent" when `None`. The SDK client's retry and timeout configuration applies to every call; the
 /// scheduler also bounds every call it makes (`LeaseManagementConfig::
 /// lease_store_call_timeout` and `lease_table_scan_timeout`), and table creation is
 /// bounded by the table creation timeout.
@@ -306,17 +308,41 @@ impl Update {
         self.conditions.push(format!("{name} = {value}"));
     }
 
-    /// Condition: the stored owner is `owner` (absent for `None`).
-    fn expect_owner(&mut self, owner: Option<&str>) {
-        let name = self.name(item::LEASE_OWNER);
-        let condition = match owner {
-            Some(owner) => {
-                let value = self.value("expectedOwner", s(owner));
+    /// Condition: the stored `attribute` is `value` (absent for `None`).
+    fn expect_string(&mut self, attribute: &str, label: &str, value: Option<&str>) {
+        let name = self.name(attribute);
+        let condition = match value {
+            Some(v) => {
+                let value = self.value(label, s(v));
                 format!("{name} = {value}")
             }
             None => format!("attribute_not_exists({name})"),
         };
         self.conditions.push(condition);
+    }
+
+    /// Condition: the stored owners are the caller's: `leaseOwner` and
+    /// `checkpointOwner` (each absent for `None`).
+    fn expect_owner(&mut self, lease: &Lease) {
+        self.expect_string(item::LEASE_OWNER, "expectedOwner", lease.lease_owner.as_deref());
+        self.expect_string(
+            item::CHECKPOINT_OWNER,
+            "expectedCheckpointOwner",
+            lease.checkpoint_owner.as_deref(),
+        );
+    }
+
+    /// Condition: the item exists.
+    fn expect_exists(&mut self) {
+        let name = self.name(item::LEASE_KEY);
+        self.conditions.push(format!("attribute_exists({name})"));
+    }
+
+    /// `SET leaseCounter = leaseCounter + 1`, for writes not conditional on the counter.
+    fn increment_counter(&mut self) {
+        let counter = self.name(item::LEASE_COUNTER);
+        let one = self.value("one", n(1));
+        self.set.push(format!("{counter} = {counter} + {one}"));
     }
 
     fn expression(&self) -> String {
@@ -398,7 +424,7 @@ impl LeaseStore for DynamoLeaseStore {
         let mut update = Update::default();
         update.set(item::LEASE_COUNTER, n(next));
         update.expect_counter(lease.lease_counter);
-        update.expect_owner(lease.lease_owner.as_deref());
+        update.expect_owner(lease);
         match self.update("UpdateItem (renew)", &lease.lease_key, update).await? {
             Updated::Written(written) => {
                 apply(lease, written, |l| l.lease_counter = next);
@@ -409,7 +435,11 @@ impl LeaseStore for DynamoLeaseStore {
                 // was applied, the retry fails its condition although the renewal
                 // happened. The Java KCL recognises that case the same way.
                 match self.read(&lease.lease_key, true).await? {
-                    Some(stored) if stored.lease_owner == lease.lease_owner && stored.lease_counter == next => {
+                    Some(stored)
+                        if stored.lease_owner == lease.lease_owner
+                            && stored.checkpoint_owner == lease.checkpoint_owner
+                            && stored.lease_counter == next =>
+                    {
                         tracing::debug!(
                             lease_key = %lease.lease_key,
                             "renewal's condition failed but the stored lease shows it applied"
@@ -436,11 +466,12 @@ impl LeaseStore for DynamoLeaseStore {
         let mut update = Update::default();
         update.set(item::LEASE_OWNER, s(owner));
         update.set(item::LEASE_COUNTER, n(next));
+        update.remove(item::CHECKPOINT_OWNER);
         if owner_changes {
             update.increment(item::OWNER_SWITCHES_SINCE_CHECKPOINT);
         }
         update.expect_counter(lease.lease_counter);
-        update.expect_owner(lease.lease_owner.as_deref());
+        update.expect_owner(lease);
         match self.update("UpdateItem (take)", &lease.lease_key, update).await? {
             Updated::Written(written) => {
                 tracing::debug!(
@@ -451,6 +482,7 @@ impl LeaseStore for DynamoLeaseStore {
                 );
                 apply(lease, written, |l| {
                     l.lease_owner = Some(owner.to_owned());
+                    l.checkpoint_owner = None;
                     l.lease_counter = next;
                     if owner_changes {
                         l.owner_switches_since_checkpoint = l.owner_switches_since_checkpoint.saturating_add(1);
@@ -467,19 +499,80 @@ impl LeaseStore for DynamoLeaseStore {
 
     async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         let mut update = Update::default();
-        update.remove(item::LEASE_OWNER);
-        // Conditional on the owner only (as in the Java KCL), so the counter is
+        // During a handoff, removing `checkpointOwner` completes it; otherwise the owner
+        // goes. Conditional on the owners only (as in the Java KCL), so the counter is
         // incremented in place rather than set from the caller's possibly older value.
-        let counter = update.name(item::LEASE_COUNTER);
-        let one = update.value("one", n(1));
-        update.set.push(format!("{counter} = {counter} + {one}"));
-        update.expect_owner(lease.lease_owner.as_deref());
+        let completes_handoff = lease.checkpoint_owner.is_some();
+        update.remove(if completes_handoff {
+            item::CHECKPOINT_OWNER
+        } else {
+            item::LEASE_OWNER
+        });
+        update.increment_counter();
+        update.expect_owner(lease);
+        update.expect_exists();
         match self.update("UpdateItem (evict)", &lease.lease_key, update).await? {
             Updated::Written(written) => {
-                tracing::debug!(lease_key = %lease.lease_key, owner = ?lease.lease_owner, "evicted lease");
+                tracing::debug!(lease_key = %lease.lease_key, owner = ?lease.lease_owner, completes_handoff, "evicted lease");
                 apply(lease, written, |l| {
-                    l.lease_owner = None;
+                    if l.checkpoint_owner.take().is_none() {
+                        l.lease_owner = None;
+                    }
                     l.lease_counter = l.lease_counter.saturating_add(1);
+                });
+                Ok(true)
+            }
+            Updated::ConditionFailed => Ok(false),
+        }
+    }
+
+    async fn initiate_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        let (Some(current), None) = (lease.lease_owner.clone(), &lease.checkpoint_owner) else {
+            return Ok(false);
+        };
+        let mut update = Update::default();
+        update.set(item::LEASE_OWNER, s(new_owner));
+        update.set(item::CHECKPOINT_OWNER, s(&current));
+        update.expect_owner(lease);
+        update.expect_exists();
+        match self.update("UpdateItem (handoff)", &lease.lease_key, update).await? {
+            Updated::Written(written) => {
+                tracing::debug!(lease_key = %lease.lease_key, from = %current, to = new_owner, "initiated graceful handoff");
+                apply(lease, written, |l| {
+                    l.lease_owner = Some(new_owner.to_owned());
+                    l.checkpoint_owner = Some(current);
+                });
+                Ok(true)
+            }
+            Updated::ConditionFailed => Ok(false),
+        }
+    }
+
+    async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
+        let owner_changes = !lease.is_owned_by(new_owner);
+        let mut update = Update::default();
+        update.set(item::LEASE_OWNER, s(new_owner));
+        update.remove(item::CHECKPOINT_OWNER);
+        update.increment_counter();
+        if owner_changes {
+            update.increment(item::OWNER_SWITCHES_SINCE_CHECKPOINT);
+        }
+        update.expect_owner(lease);
+        update.expect_exists();
+        match self.update("UpdateItem (assign)", &lease.lease_key, update).await? {
+            Updated::Written(written) => {
+                tracing::debug!(lease_key = %lease.lease_key, from = ?lease.lease_owner, to = new_owner, "assigned lease");
+                apply(lease, written, |l| {
+                    l.lease_owner = Some(new_owner.to_owned());
+                    l.checkpoint_owner = None;
+                    l.lease_counter = l.lease_counter.saturating_add(1);
+                    if owner_changes {
+                        l.owner_switches_since_checkpoint = l.owner_switches_since_checkpoint.saturating_add(1);
+                    }
                 });
                 Ok(true)
             }
@@ -518,7 +611,7 @@ impl LeaseStore for DynamoLeaseStore {
             update.set(item::CHILD_SHARD_IDS, children);
         }
         update.expect_counter(lease.lease_counter);
-        update.expect_owner(lease.lease_owner.as_deref());
+        update.expect_owner(lease);
         match self.update("UpdateItem (checkpoint)", &lease.lease_key, update).await? {
             Updated::Written(written) => {
                 apply(lease, written, |l| {
@@ -697,7 +790,7 @@ mod tests {
         update.remove(item::PENDING_CHECKPOINT);
         update.increment(item::OWNER_SWITCHES_SINCE_CHECKPOINT);
         update.expect_counter(7);
-        update.expect_owner(None);
+        update.expect_owner(&Lease::new("shard", kcl_core::ExtendedSequenceNumber::TRIM_HORIZON));
         assert_eq!(
             update.expression(),
             "SET #leaseOwner = :leaseOwner, #ownerSwitchesSinceCheckpoint = \
@@ -705,7 +798,10 @@ mod tests {
         );
         assert_eq!(
             update.condition().as_deref(),
-            Some("#leaseCounter = :expectedCounter AND attribute_not_exists(#leaseOwner)")
+            Some(
+                "#leaseCounter = :expectedCounter AND attribute_not_exists(#leaseOwner) AND \
+                 attribute_not_exists(#checkpointOwner)"
+            )
         );
         assert_eq!(update.values.get(":leaseOwner"), Some(&s("worker' OR 1=1")));
         assert_eq!(update.values.get(":expectedCounter"), Some(&n(7)));
