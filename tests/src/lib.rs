@@ -489,6 +489,41 @@ impl RecordProcessor for RecordingProcessor {
     }
 }
 
+/// A processor whose `shutdown_requested` waits until `release` is cancelled before it
+/// goes on as the wrapped one: an application that is slow to let a shard go.
+#[derive(Debug)]
+pub struct HangingShutdownProcessor<P> {
+    inner: P,
+    release: tokio_util::sync::CancellationToken,
+}
+
+impl<P> HangingShutdownProcessor<P> {
+    /// Wraps `inner`.
+    pub fn new(inner: P, release: tokio_util::sync::CancellationToken) -> Self {
+        Self { inner, release }
+    }
+}
+
+#[async_trait]
+impl<P: RecordProcessor> RecordProcessor for HangingShutdownProcessor<P> {
+    async fn initialize(&mut self, input: InitializationInput) -> Result<(), ProcessorError> {
+        self.inner.initialize(input).await
+    }
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        self.inner.process_records(input).await
+    }
+    async fn lease_lost(&mut self, input: LeaseLostInput) {
+        self.inner.lease_lost(input).await;
+    }
+    async fn shard_ended(&mut self, input: ShardEndedInput) -> Result<(), ProcessorError> {
+        self.inner.shard_ended(input).await
+    }
+    async fn shutdown_requested(&mut self, input: ShutdownRequestedInput) -> Result<(), ProcessorError> {
+        self.release.cancelled().await;
+        self.inner.shutdown_requested(input).await
+    }
+}
+
 /// A line of a `kcl-worker` log file (see that binary's docs). The fields name what
 /// the line carries.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -370,6 +370,86 @@ async fn evict_clears_the_owner_only_for_the_owner_seen() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The Java KCL 3.x handoff on the wire: `initiateGracefulLeaseHandoff` sets
+/// `leaseOwner` to the new owner and `checkpointOwner` to the old one without moving the
+/// counter; the old owner's writes that did not expect it fail, those that do pass;
+/// `evictLease` then removes `checkpointOwner` only; `assignLease` ends a handoff at once.
+#[tokio::test]
+async fn a_graceful_handoff_has_the_java_attributes_and_fences_as_java_does() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    let mut a = f
+        .create_and_read(&Lease::new(shard(0), ExtendedSequenceNumber::TRIM_HORIZON))
+        .await?;
+    assert!(f.store.take_lease(&mut a, "worker-a").await?);
+    let counter = a.lease_counter;
+
+    let mut seen_by_b = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert!(
+        f.store
+            .initiate_graceful_lease_handoff(&mut seen_by_b, "worker-b")
+            .await?
+    );
+    assert_eq!(seen_by_b.lease_counter, counter, "the counter does not move");
+    let raw = f.get_raw(&shard(0)).await?;
+    assert_eq!(raw.get("leaseOwner"), Some(&s("worker-b")));
+    assert_eq!(raw.get("checkpointOwner"), Some(&s("worker-a")));
+    assert_eq!(raw.get("leaseCounter"), Some(&n(counter)));
+    // Only one handoff at a time, and only from the owner seen.
+    assert!(
+        !f.store
+            .initiate_graceful_lease_handoff(&mut seen_by_b.clone(), "worker-c")
+            .await?
+    );
+
+    // The old owner, unaware, is refused; once it has read the handoff it renews and
+    // checkpoints as the checkpoint owner.
+    let unaware = a.clone();
+    assert!(!f.store.renew_lease(&mut a).await?);
+    assert_eq!(a, unaware);
+    a.checkpoint = seq("100")?;
+    assert!(!f.store.update_lease_checkpoint(&mut a).await?);
+    let mut a = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert_eq!(a.checkpoint_owner.as_deref(), Some("worker-a"));
+    assert!(a.is_handoff_pending());
+    assert_eq!(a.actual_owner(), Some("worker-a"));
+    assert!(f.store.renew_lease(&mut a).await?);
+    a.checkpoint = seq("100")?;
+    assert!(f.store.update_lease_checkpoint(&mut a).await?);
+    assert_eq!(
+        a.checkpoint_owner.as_deref(),
+        Some("worker-a"),
+        "a checkpoint keeps the handoff"
+    );
+
+    // The release completes the handoff: the lease is worker-b's, the counter moved.
+    assert!(f.store.evict_lease(&mut a).await?);
+    assert_eq!(a.lease_owner.as_deref(), Some("worker-b"));
+    assert_eq!(a.checkpoint_owner, None);
+    assert_eq!(a.lease_counter, counter + 3);
+    let raw = f.get_raw(&shard(0)).await?;
+    assert!(!raw.contains_key("checkpointOwner"));
+    assert_eq!(raw.get("checkpoint"), Some(&s("100")));
+    let mut b = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert!(f.store.take_lease(&mut b, "worker-b").await?);
+
+    // A handoff that does not complete is ended by an assignment, which fences the old
+    // owner; a take of an expired lease in handoff clears it too.
+    assert!(f.store.initiate_graceful_lease_handoff(&mut b, "worker-c").await?);
+    let mut old_owner = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    let mut c = old_owner.clone();
+    assert!(f.store.assign_lease(&mut c, "worker-c").await?);
+    assert!(c.is_owned_by("worker-c") && !c.is_handoff_pending());
+    assert_eq!(c.owner_switches_since_checkpoint, 1);
+    assert!(!f.store.renew_lease(&mut old_owner).await?, "the old owner is fenced");
+    assert!(f.store.initiate_graceful_lease_handoff(&mut c, "worker-d").await?);
+    let mut d = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert!(f.store.take_lease(&mut d, "worker-e").await?);
+    assert!(d.is_owned_by("worker-e") && !d.is_handoff_pending());
+    assert!(!f.get_raw(&shard(0)).await?.contains_key("checkpointOwner"));
+    f.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn taking_a_lease_one_already_owns_does_not_count_a_switch() -> anyhow::Result<()> {
     let f = Fixture::with_table().await?;

@@ -261,7 +261,8 @@ async fn a_graceful_stop_hands_shards_over_well_under_the_failover_time() -> any
                 WorkerLine::Initialized { shard_id, .. } => {
                     running.insert(shard_id);
                 }
-                WorkerLine::LeaseLost { shard_id } => {
+                // Balancing hands a lease over: its consumer gets shutdown_requested.
+                WorkerLine::LeaseLost { shard_id } | WorkerLine::ShutdownRequested { shard_id } => {
                     running.remove(&shard_id);
                 }
                 _ => {}
@@ -278,12 +279,13 @@ async fn a_graceful_stop_hands_shards_over_well_under_the_failover_time() -> any
     }
     env.put(200, "before").await?;
 
+    let handed_over_while_balancing = leaving.lines()?.len();
     let status = leaving.terminate(WAIT).await?;
     assert!(status.success(), "graceful exit: {status:?}");
     let stopped = Instant::now();
     let lines = leaving.lines()?;
     assert_eq!(lines.last(), Some(&WorkerLine::Exited { ok: true }));
-    let leaving_shards: Vec<String> = lines
+    let leaving_shards: Vec<String> = lines[handed_over_while_balancing..]
         .iter()
         .filter_map(|l| match l {
             WorkerLine::ShutdownRequested { shard_id } => Some(shard_id.clone()),
@@ -353,62 +355,181 @@ fn spawn(s: Scheduler) -> (kcl_core::ShutdownHandle, JoinHandle<Result<(), Sched
     (s.shutdown_handle(), tokio::spawn(s.run()))
 }
 
+/// Every delivery of every recorder, counted per (shard, sequence number): the ones
+/// delivered more than once.
+fn delivered_twice(recorders: &[&Recorder]) -> Vec<(String, SequenceNumber)> {
+    let mut seen: BTreeMap<(String, SequenceNumber), usize> = BTreeMap::new();
+    for r in recorders {
+        for d in &r.state().deliveries {
+            *seen.entry((d.shard_id.clone(), d.sequence_number.clone())).or_default() += 1;
+        }
+    }
+    seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k).collect()
+}
+
+fn count(recorder: &Recorder, what: impl Fn(&Event) -> bool) -> usize {
+    recorder.state().events.iter().filter(|e| what(e)).count()
+}
+
+/// Issue 11: balancing between live workers hands leases over instead of stealing
+/// them. Under a steady producer, a second and then a third worker join: the old owners
+/// get `shutdown_requested` (never `lease_lost`), checkpoint there, and the new owners
+/// start from those checkpoints, so no record is delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stolen_lease_gives_lease_lost_and_the_old_owner_cannot_checkpoint() -> anyhow::Result<()> {
+async fn balancing_two_then_three_workers_under_load_delivers_no_record_twice() -> anyhow::Result<()> {
     let env = TestEnv::start(4).await?;
-    env.put(100, "steal").await?;
-    let a = Recorder::default();
-    let b = Recorder::default();
+    let stop_producing = CancellationToken::new();
+    let producer = spawn_producer(&env, stop_producing.clone());
+    let (a, b, c) = (Recorder::default(), Recorder::default(), Recorder::default());
     let worker_a = spawn(in_process(&env, Arc::new(env.lease_store()), "a", &a)?);
-    a.wait_until("a holds all four", WAIT, |s| {
+    a.wait_until("a runs all four", WAIT, |s| {
         s.count(|e| matches!(e, Event::Initialized { .. })) == 4
     })
     .await?;
-    a.wait_for_records(100, WAIT).await?;
+    a.wait_for_records(200, WAIT).await?;
 
     let worker_b = spawn(in_process(&env, Arc::new(env.lease_store()), "b", &b)?);
-    a.wait_until("two leases lost", WAIT, |s| {
-        s.count(|e| matches!(e, Event::LeaseLost { .. })) == 2
-    })
-    .await?;
     b.wait_until("b runs two shards", WAIT, |s| {
         s.count(|e| matches!(e, Event::Initialized { .. })) == 2
     })
     .await?;
+    assert_eq!(count(&a, |e| matches!(e, Event::ShutdownRequested { .. })), 2);
 
-    let lost: Vec<String> = a
+    let worker_c = spawn(in_process(&env, Arc::new(env.lease_store()), "c", &c)?);
+    c.wait_until("c runs a shard", WAIT, |s| {
+        s.count(|e| matches!(e, Event::Initialized { .. })) >= 1
+    })
+    .await?;
+    let store = env.lease_store();
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| o.len() == 4 && load(o) == [1, 1, 2]).await?;
+
+    stop_producing.cancel();
+    let written = producer.await??;
+    let expected: HashSet<SequenceNumber> = written.iter().map(|w| w.sequence_number.clone()).collect();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let delivered: HashSet<SequenceNumber> = [&a, &b, &c]
+            .iter()
+            .flat_map(|r| {
+                r.state()
+                    .deliveries
+                    .iter()
+                    .map(|d| d.sequence_number.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if expected.is_subset(&delivered) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {} records delivered",
+            expected.intersection(&delivered).count(),
+            expected.len()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    let twice = delivered_twice(&[&a, &b, &c]);
+    let handed = [&a, &b, &c]
+        .iter()
+        .map(|r| count(r, |e| matches!(e, Event::ShutdownRequested { .. })))
+        .sum::<usize>();
+    eprintln!(
+        "{} records, {handed} handoffs, {} delivered twice",
+        written.len(),
+        twice.len()
+    );
+    assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    assert!(handed >= 3, "b took two shards and c one, each by a handoff");
+    for r in [&a, &b, &c] {
+        assert_eq!(
+            count(r, |e| matches!(e, Event::LeaseLost { .. })),
+            0,
+            "handoffs, not losses"
+        );
+    }
+    stop(worker_c).await?;
+    stop(worker_b).await?;
+    stop(worker_a).await?;
+    Ok(())
+}
+
+/// A handoff that the old owner does not complete in time (its processor hangs in
+/// `shutdown_requested`) is ended by the new owner after
+/// `graceful_lease_handoff_timeout`: it takes the lease, and the old owner cannot
+/// checkpoint any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_not_completed_in_time_is_taken_and_the_old_owner_cannot_checkpoint() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    env.put(40, "before").await?;
+    let store: Arc<dyn LeaseStore> = Arc::new(env.lease_store());
+    let (a, b) = (Recorder::default(), Recorder::default());
+    let hang = CancellationToken::new();
+    let hang_a = hang.clone();
+    let recorder_a = a.clone();
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    lease.lease_taking_interval = Duration::from_millis(500);
+    lease.graceful_lease_handoff_timeout = Duration::from_secs(2);
+    let worker_a = spawn(
+        fast_config(
+            Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .shared_lease_store(store.clone()),
+        )
+        .lease_config(lease.clone())
+        .worker_id("a")
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_factory(move |shard: &str| {
+            kcl_tests::HangingShutdownProcessor::new(
+                RecordingProcessor::new(shard, recorder_a.clone(), CheckpointMode::EveryBatch),
+                hang_a.clone(),
+            )
+        })
+        .build()?,
+    );
+    a.wait_for_records(40, WAIT).await?;
+    let worker_b = spawn(in_process(&env, store.clone(), "b", &b)?);
+    let asked = Instant::now();
+    b.wait_until("b runs a shard", WAIT, |s| {
+        s.count(|e| matches!(e, Event::Initialized { .. })) == 1
+    })
+    .await?;
+    let waited = asked.elapsed();
+    let taken = b
         .state()
         .events
         .iter()
-        .filter_map(|e| match e {
-            Event::LeaseLost { shard_id } => Some(shard_id.clone()),
+        .find_map(|e| match e {
+            Event::Initialized { shard_id, .. } => Some(shard_id.clone()),
             _ => None,
         })
-        .collect();
-    for shard in &lost {
-        let checkpointer = a
-            .state()
-            .checkpointers
-            .get(shard)
-            .cloned()
-            .context("a checkpointed this shard")?;
-        let err = checkpointer
-            .checkpoint()
-            .await
-            .expect_err("the old owner cannot checkpoint");
-        assert!(matches!(err, CheckpointError::LeaseLost { .. }), "{err:?}");
-    }
-    // The new owner resumed from the old owner's checkpoint: nothing delivered twice.
-    for (shard, checkpoint) in b.state().events.iter().filter_map(|e| match e {
-        Event::Initialized {
-            shard_id, checkpoint, ..
-        } => Some((shard_id.clone(), checkpoint.clone())),
-        _ => None,
-    }) {
-        assert!(lost.contains(&shard), "b took {shard}, a stolen one");
-        let a_last = a.state().by_shard()[&shard].last().cloned().context("a delivered")?;
-        assert_eq!(checkpoint, a_last.to_string(), "b resumes after a's last checkpoint");
-    }
+        .context("b runs a shard")?;
+    eprintln!(
+        "b started {taken} after {waited:?} (handoff timeout {:?})",
+        lease.graceful_lease_handoff_timeout
+    );
+    assert!(
+        waited >= lease.graceful_lease_handoff_timeout,
+        "b waited for the handoff first ({waited:?})"
+    );
+    assert_eq!(
+        count(&a, |e| matches!(e, Event::ShutdownRequested { .. })),
+        0,
+        "a's processor still hangs"
+    );
+    let checkpointer = a
+        .state()
+        .checkpointers
+        .get(&taken)
+        .cloned()
+        .context("a checkpointed it")?;
+    let err = checkpointer
+        .checkpoint()
+        .await
+        .expect_err("the old owner cannot checkpoint");
+    assert!(matches!(err, CheckpointError::LeaseLost { .. }), "{err:?}");
+    hang.cancel();
     stop(worker_b).await?;
     stop(worker_a).await?;
     Ok(())

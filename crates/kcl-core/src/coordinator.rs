@@ -741,9 +741,10 @@ impl LeaseTaker {
         if victim_load < threshold {
             return plan;
         }
-        let steal = needed
-            .min(victim_load - target)
-            .min(config.max_leases_to_steal_at_one_time);
+        // One lease from a worker exactly at the target when this one needs more than
+        // one (as the Java KCL does): otherwise a worker could stay two short forever.
+        let over = (victim_load - target).max(usize::from(needed > 1));
+        let steal = needed.min(over).min(config.max_leases_to_steal_at_one_time);
         // A lease already being handed over cannot be asked for again.
         let mut theirs: Vec<Lease> = live
             .iter()

@@ -232,8 +232,8 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// Assigns the lease to `new_owner` at once (the Java KCL 3.x's `assignLease`):
     /// conditional on the lease existing with the owner the caller saw; sets the owner,
     /// removes `checkpointOwner`, increments the counter (so the previous owner's next
-    /// write fails), and increments `ownerSwitchesSinceCheckpoint` when the owner
-    /// changes. Used when a handoff did not complete in time.
+    /// write fails), and increments `ownerSwitchesSinceCheckpoint` when the worker
+    /// processing the shard (the checkpoint owner during a handoff) changes. Used when a handoff did not complete in time.
     ///
     /// # Errors
     /// Transient errors.
@@ -346,7 +346,7 @@ impl LeaseStore for TimedLeaseStore {
 /// Makes `owner` the owner (a take or an assignment): ends any handoff and counts an
 /// owner switch when the owner changes.
 fn set_owner(lease: &mut Lease, owner: &str) {
-    if lease.lease_owner.as_deref() != Some(owner) {
+    if lease.actual_owner() != Some(owner) {
         lease.owner_switches_since_checkpoint += 1;
     }
     lease.lease_owner = Some(owner.to_owned());

@@ -462,7 +462,7 @@ impl LeaseStore for DynamoLeaseStore {
 
     async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
         let next = next_counter(lease)?;
-        let owner_changes = !lease.is_owned_by(owner);
+        let owner_changes = lease.actual_owner() != Some(owner);
         let mut update = Update::default();
         update.set(item::LEASE_OWNER, s(owner));
         update.set(item::LEASE_COUNTER, n(next));
@@ -553,7 +553,7 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
-        let owner_changes = !lease.is_owned_by(new_owner);
+        let owner_changes = lease.actual_owner() != Some(new_owner);
         let mut update = Update::default();
         update.set(item::LEASE_OWNER, s(new_owner));
         update.remove(item::CHECKPOINT_OWNER);
