@@ -791,11 +791,17 @@ impl LeaseCleanup {
     ) -> Vec<Lease> {
         let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
         let progressed = |l: &Lease| l.checkpoint.is_shard_end() || !l.checkpoint.checkpoint.is_initial_position();
+        // The parents named by leases that started or finished.
+        let parents_of_progressed: HashSet<&str> = leases
+            .iter()
+            .filter(|l| progressed(l))
+            .flat_map(|l| l.parent_shard_ids.iter().map(String::as_str))
+            .collect();
         let started = |c: &str| match by_key.get(c) {
             Some(l) => !l.checkpoint.checkpoint.is_initial_position(),
             // Cleaned up after it finished: a started lease of the next generation
             // names it as its parent.
-            None => leases.iter().any(|l| l.parent_shard_ids.contains(c) && progressed(l)),
+            None => parents_of_progressed.contains(c),
         };
         let mut out = Vec::new();
         let mut eligible = HashSet::new();

@@ -96,6 +96,7 @@ impl ShardDetector {
         let mut next_token: Option<String> = None;
         let mut exclusive_start: Option<String> = None;
         let mut seen_tokens = HashSet::new();
+        let mut known: HashSet<String> = HashSet::new();
         loop {
             let page = retry(&self.retry, list_shards_retryable, || {
                 let mut req = self.kinesis.list_shards().max_results(self.page_size);
@@ -120,7 +121,7 @@ impl ShardDetector {
             };
             let before = shards.len();
             for s in page.shards() {
-                if !shards.iter().any(|known| known.shard_id == s.shard_id()) {
+                if known.insert(s.shard_id().to_owned()) {
                     shards.push(ShardInfo::from(s));
                 }
             }
