@@ -188,6 +188,29 @@ impl LeaseStore for FaultyLeaseStore {
         self.inner.get_lease(key).await
     }
 
+    async fn list_lease_keys_for_owner(&self, owner: &str) -> Result<Vec<String>, LeaseStoreError> {
+        self.gate_scan().await?;
+        self.inner.list_lease_keys_for_owner(owner).await
+    }
+
+    async fn read_leader_lock(&self) -> Result<Option<kcl_core::LeaderLock>, LeaseStoreError> {
+        self.gate().await?;
+        self.inner.read_leader_lock().await
+    }
+
+    async fn write_leader_lock(
+        &self,
+        expected: Option<&kcl_core::LeaderLock>,
+        owner: &str,
+    ) -> Result<Option<kcl_core::LeaderLock>, LeaseStoreError> {
+        self.gate().await?;
+        self.inner.write_leader_lock(expected, owner).await
+    }
+
+    fn supports_leader_election(&self) -> bool {
+        self.inner.supports_leader_election()
+    }
+
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
         self.gate().await?;
         self.inner.create_lease_if_not_exists(lease).await

@@ -577,6 +577,11 @@ pub(crate) struct TakePlan {
     pub(crate) steal: Vec<Lease>,
     /// Leases being handed to this worker that it does not yet watch.
     pub(crate) incoming: Vec<Lease>,
+    /// Unowned and expired leases beyond this worker's share, with the live worker each
+    /// is assigned to (the leader's job; empty for other workers).
+    pub(crate) assign: Vec<(Lease, String)>,
+    /// True when this worker holds fewer leases than its share.
+    pub(crate) short: bool,
 }
 
 #[cfg(test)]
@@ -595,6 +600,11 @@ pub(crate) struct LeaseTaker {
     observed: HashMap<String, Observation>,
     /// When the previous read of the table was received.
     previous_read: Option<Instant>,
+    /// Whether this worker hands unowned and expired leases beyond its share to the
+    /// other live workers (it is the leader).
+    pub(crate) hand_out: bool,
+    /// Whether this worker was short of its share at the last pass.
+    pub(crate) short: bool,
 }
 
 impl LeaseTaker {
@@ -717,16 +727,20 @@ impl LeaseTaker {
         let target = live.len().div_ceil(workers).min(config.max_leases_for_worker);
         let mine = load.get(worker_id).copied().unwrap_or(0);
         let needed = target.saturating_sub(mine);
-        if needed == 0 {
-            return plan;
-        }
+        plan.short = needed > 0;
         use rand::seq::SliceRandom;
         if !expired.is_empty() {
             // Shuffled so that workers starting together spread over the table
             // instead of racing for the same keys.
             expired.shuffle(&mut rand::rng());
-            expired.truncate(needed);
+            let rest = expired.split_off(needed.min(expired.len()));
             plan.take.extend(expired);
+            if self.hand_out {
+                plan.assign = hand_out(rest, &load, worker_id);
+            }
+            return plan;
+        }
+        if needed == 0 {
             return plan;
         }
         let Some((victim, victim_load)) = load
@@ -759,6 +773,25 @@ impl LeaseTaker {
         plan.steal = theirs;
         plan
     }
+}
+
+/// Assigns `leases` one by one to the least loaded live worker other than `me` (ties
+/// to the first name); none when there is no other live worker.
+fn hand_out(leases: Vec<Lease>, load: &HashMap<&str, usize>, me: &str) -> Vec<(Lease, String)> {
+    let mut others: std::collections::BTreeMap<(usize, String), ()> = load
+        .iter()
+        .filter(|(w, _)| **w != me)
+        .map(|(w, n)| ((*n, (*w).to_owned()), ()))
+        .collect();
+    let mut out = Vec::new();
+    for lease in leases {
+        let Some(((n, worker), ())) = others.pop_first() else {
+            break;
+        };
+        out.push((lease, worker.clone()));
+        others.insert((n + 1, worker), ());
+    }
+    out
 }
 
 /// Deletes finished leases once nothing can need them (the Java KCL's
@@ -990,6 +1023,40 @@ mod tests {
             ["x0"],
             "x is the most loaded (4), but three are in handoff"
         );
+    }
+
+    #[test]
+    fn the_leader_takes_its_share_of_a_dead_workers_leases_and_hands_the_rest_to_the_least_loaded() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let t0 = Instant::now();
+        // me 2, b 2, c 1, dead 4: 9 leases, 3 live workers, target 3.
+        let mut table = owned("me", "me", 2);
+        table.extend(owned("b", "b", 2));
+        table.extend(owned("c", "c", 1));
+        table.extend(owned("dead", "dead", 4));
+        let held = set(&["me0", "me1"]);
+        taker.leases_to_take(&table, "me", &held, t0, &cfg);
+        // The counters of me, b and c move; dead's do not.
+        for l in &mut table {
+            if l.lease_owner.as_deref() != Some("dead") {
+                l.lease_counter += 1;
+            }
+        }
+        let plan = taker.leases_to_take(&table, "me", &held, t0 + cfg.failover_time, &cfg);
+        assert_eq!(plan.take.len(), 1, "one for me, up to my share of 3");
+        let mut given: Vec<&str> = plan.assign.iter().map(|(_, w)| w.as_str()).collect();
+        given.sort_unstable();
+        assert_eq!(given, ["b", "c", "c"], "c had 1, b 2: c gets two, b one");
+        // A worker that is not the leader hands nothing out.
+        let mut follower = LeaseTaker::default();
+        follower.leases_to_take(&table, "b", &set(&["b0", "b1"]), t0, &cfg);
+        let plan = follower.leases_to_take(&table, "b", &set(&["b0", "b1"]), t0 + cfg.failover_time * 2, &cfg);
+        assert!(plan.assign.is_empty());
+        assert!(plan.short);
     }
 
     #[test]

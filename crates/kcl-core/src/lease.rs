@@ -106,6 +106,28 @@ impl Lease {
     }
 }
 
+/// The leader lock: which worker reads the whole lease table and hands out unowned and
+/// expired leases. Expiry works as for leases: a lock whose version has not changed for
+/// the failover time, on the reader's clock, may be taken over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaderLock {
+    /// The worker holding the lock.
+    pub owner: String,
+    /// Incremented by every write; the fencing token.
+    pub version: u64,
+}
+
+impl LeaderLock {
+    /// A lock held by `owner` at `version`.
+    pub fn new(owner: impl Into<String>, version: u64) -> Self {
+        Self {
+            owner: owner.into(),
+            version,
+        }
+    }
+}
+
 /// The result of [`LeaseStore::list_readable_leases`].
 #[derive(Debug, Default)]
 #[non_exhaustive]
@@ -179,6 +201,59 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// # Errors
     /// As [`LeaseStore::list_leases`].
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError>;
+
+    /// The keys of the leases whose `leaseOwner` is `owner` (the Java KCL 3.x's
+    /// `listLeaseKeysForWorker`). May lag the table by a moment (DynamoDB answers it
+    /// from an eventually consistent index): callers read a lease before acting on it.
+    /// The default implementation filters a full read.
+    ///
+    /// # Errors
+    /// As [`LeaseStore::list_readable_leases`].
+    async fn list_lease_keys_for_owner(&self, owner: &str) -> Result<Vec<String>, LeaseStoreError> {
+        Ok(self
+            .list_readable_leases()
+            .await?
+            .leases
+            .into_iter()
+            .filter(|l| l.is_owned_by(owner))
+            .map(|l| l.lease_key)
+            .collect())
+    }
+
+    /// Reads the leader lock, if this store offers leader election
+    /// ([`LeaseStore::supports_leader_election`]); `None` when no worker wrote it yet.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn read_leader_lock(&self) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        Ok(None)
+    }
+
+    /// Writes the leader lock for `owner`, with the version after `expected`'s (or 1):
+    /// conditional on the stored lock being `expected` (no lock at all for `None`).
+    /// Returns the lock written, or `None` when the condition failed.
+    ///
+    /// # Errors
+    /// Transient errors; [`LeaseStoreError::Dependency`] from stores without leader
+    /// election.
+    async fn write_leader_lock(
+        &self,
+        expected: Option<&LeaderLock>,
+        owner: &str,
+    ) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        let _ = (expected, owner);
+        Err(LeaseStoreError::Dependency {
+            message: "this lease store has no leader election".to_owned(),
+            source: "unsupported".into(),
+        })
+    }
+
+    /// Whether [`LeaseStore::read_leader_lock`] and [`LeaseStore::write_leader_lock`]
+    /// work. Without leader election every worker reads the whole table at each
+    /// lease-taking pass. Default false.
+    fn supports_leader_election(&self) -> bool {
+        false
+    }
 
     /// Writes `lease` if no lease with its key exists. Returns `false` when one did.
     ///
@@ -302,6 +377,32 @@ impl LeaseStore for TimedLeaseStore {
     }
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>, LeaseStoreError> {
         bounded("get_lease", self.call, self.inner.get_lease(lease_key)).await
+    }
+    async fn list_lease_keys_for_owner(&self, owner: &str) -> Result<Vec<String>, LeaseStoreError> {
+        bounded(
+            "list_lease_keys_for_owner",
+            self.scan,
+            self.inner.list_lease_keys_for_owner(owner),
+        )
+        .await
+    }
+    async fn read_leader_lock(&self) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        bounded("read_leader_lock", self.call, self.inner.read_leader_lock()).await
+    }
+    async fn write_leader_lock(
+        &self,
+        expected: Option<&LeaderLock>,
+        owner: &str,
+    ) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        bounded(
+            "write_leader_lock",
+            self.call,
+            self.inner.write_leader_lock(expected, owner),
+        )
+        .await
+    }
+    fn supports_leader_election(&self) -> bool {
+        self.inner.supports_leader_election()
     }
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
         bounded("create_lease", self.call, self.inner.create_lease_if_not_exists(lease)).await

@@ -63,6 +63,7 @@ pub mod config;
 pub mod consumer;
 mod coordinator;
 pub mod error;
+mod leader;
 pub mod lease;
 pub mod metrics;
 pub mod processor;
@@ -80,7 +81,7 @@ pub use config::{
 };
 pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};
-pub use lease::{InMemoryLeaseStore, Lease, LeaseListing, LeaseStore};
+pub use lease::{InMemoryLeaseStore, LeaderLock, Lease, LeaseListing, LeaseStore};
 pub use processor::{
     InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory, ShardEndedInput,
     ShutdownRequestedInput,

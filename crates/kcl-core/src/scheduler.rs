@@ -26,6 +26,7 @@ use crate::config::{
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
 use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker};
 use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
+use crate::leader::LeaderDecider;
 use crate::lease::{Lease, LeaseStore, TimedLeaseStore};
 use crate::metrics;
 use crate::processor::RecordProcessorFactory;
@@ -341,6 +342,12 @@ impl Scheduler {
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
         let mut incoming = IncomingHandoffs::default();
+        let mut decider = LeaderDecider::new(
+            self.worker_id.clone(),
+            self.lease.failover_time,
+            self.lease.renewal_interval,
+        );
+        let mut scans = FullScans::new(self.lease.lease_taking_interval * FOLLOWER_FULL_READ_EVERY);
         let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
         take_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sync_tick = tokio::time::interval_at(
@@ -369,10 +376,32 @@ impl Scheduler {
                     }
                 }
                 _ = take_tick.tick() => {
-                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
-                        break;
+                    let now = Instant::now();
+                    let leader = !store.supports_leader_election() || tokio::select! {
+                        // Cancel safety: a lock read or write dropped half-way is
+                        // decided again at the next pass (or expires).
+                        () = self.shutdown.cancelled() => break,
+                        leader = decider.is_leader(store.as_ref(), now) => leader,
+                    };
+                    taker.hand_out = leader && store.supports_leader_election();
+                    if leader || scans.due(now) {
+                        if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
+                            break;
+                        }
+                        scans.done(Instant::now(), taker.short);
+                    } else {
+                        tokio::select! {
+                            // Cancel safety: only reads and takes, each fenced.
+                            () = self.shutdown.cancelled() => break,
+                            () = discover_own_leases(store.as_ref(), &coordinator, &mut incoming) => {}
+                        }
                     }
-                    next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
+                    // Only a worker that reads the whole table often predicts expiry.
+                    next_expiry = if leader {
+                        taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time)
+                    } else {
+                        None
+                    };
                     if first_take {
                         info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
                         first_take = false;
@@ -439,6 +468,7 @@ impl Scheduler {
         }
         // Concurrent and bounded by one lease-store call timeout, however many leases.
         coordinator.release_all().await;
+        decider.resign(store.as_ref()).await;
         renewer_stop.cancel();
         let _ = renewer.await;
         info!("shutdown complete");
@@ -546,6 +576,14 @@ impl Scheduler {
         for lease in plan.incoming {
             incoming.watch(lease, now);
         }
+        for (mut lease, worker) in plan.assign {
+            match store.assign_lease(&mut lease, &worker).await {
+                Ok(true) => info!(shard_id = %lease.lease_key, to = %worker, "assigned an unowned or expired lease"),
+                Ok(false) => debug!(shard_id = %lease.lease_key, "lease changed before it could be assigned"),
+                Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "assigning a lease failed"),
+            }
+        }
+        taker.short = plan.short;
         true
     }
 }
@@ -709,6 +747,77 @@ impl Workers {
             }
         }
         None
+    }
+}
+
+/// A worker that is not the leader reads the whole lease table at least every this many
+/// lease-taking intervals (and at every pass while it holds less than its share); in
+/// between it lists its own leases through the owner index.
+const FOLLOWER_FULL_READ_EVERY: u32 = 5;
+
+/// When a worker that is not the leader reads the whole table next.
+#[derive(Debug)]
+struct FullScans {
+    every: Duration,
+    /// When the last full read was done, and whether this worker was short of its
+    /// share after it.
+    last: Option<(Instant, bool)>,
+}
+
+impl FullScans {
+    fn new(every: Duration) -> Self {
+        Self { every, last: None }
+    }
+
+    /// A full read is due: none yet, short after the last, or the last is too old.
+    fn due(&self, now: Instant) -> bool {
+        self.last
+            .is_none_or(|(at, short)| short || now.saturating_duration_since(at) >= self.every)
+    }
+
+    fn done(&mut self, at: Instant, short: bool) {
+        self.last = Some((at, short));
+    }
+}
+
+/// What a worker that is not the leader does at a lease-taking pass: lists the leases
+/// the table gives it (through the owner index), takes those it does not hold yet
+/// (assigned by the leader, or handed over), and watches those still being handed over.
+async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordinator, incoming: &mut IncomingHandoffs) {
+    let me = coordinator.worker_id().to_owned();
+    let keys = match store.list_lease_keys_for_owner(&me).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            warn!(error = %ErrorChain(&e), "cannot list this worker's leases; trying again at the next pass");
+            return;
+        }
+    };
+    let held = coordinator.held_keys();
+    let now = Instant::now();
+    for key in keys {
+        if held.contains(&key) || incoming.keys().any(|k| *k == key) {
+            continue;
+        }
+        let lease = match store.get_lease(&key).await {
+            Ok(Some(lease)) if lease.is_owned_by(&me) => lease,
+            Ok(_) => continue,
+            Err(e) => {
+                debug!(shard_id = %key, error = %ErrorChain(&e), "reading a lease given to this worker failed");
+                continue;
+            }
+        };
+        if lease.checkpoint.is_shard_end() {
+            continue;
+        }
+        if lease.is_handoff_pending() {
+            incoming.watch(lease, now);
+            continue;
+        }
+        match coordinator.take(lease).await {
+            Ok(true) => {}
+            Ok(false) => debug!(shard_id = %key, "a lease given to this worker changed before it was taken"),
+            Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking a lease given to this worker failed"),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
 use aws_sdk_dynamodb::operation::get_item::GetItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::query::QueryError;
 use aws_sdk_dynamodb::operation::scan::ScanError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use kcl_core::LeaseStoreError;
@@ -28,6 +29,9 @@ pub(crate) enum ErrorKind {
     ResourceNotFound,
     /// `ResourceInUseException`: (on `CreateTable`) the table exists or is being created.
     ResourceInUse,
+    /// `ValidationException`: the request does not fit the table (on `Query`: the index
+    /// does not exist yet).
+    Validation,
     /// Anything else: the outcome is unknown.
     Other,
 }
@@ -45,6 +49,7 @@ const THROTTLING_CODES: &[&str] = &[
 fn kind_from_code(code: Option<&str>) -> ErrorKind {
     match code {
         Some(code) if THROTTLING_CODES.contains(&code) => ErrorKind::Throttled,
+        Some("ValidationException") => ErrorKind::Validation,
         _ => ErrorKind::Other,
     }
 }
@@ -85,7 +90,7 @@ macro_rules! classify_item_operation {
     };
 }
 
-classify_item_operation!(GetItemError, ScanError; conditional: PutItemError, UpdateItemError, DeleteItemError);
+classify_item_operation!(GetItemError, ScanError, QueryError; conditional: PutItemError, UpdateItemError, DeleteItemError);
 
 impl Classify for DescribeTableError {
     fn kind(&self) -> ErrorKind {
@@ -126,7 +131,7 @@ where
         ErrorKind::ResourceNotFound => LeaseStoreError::TableNotFound {
             table: table.to_owned(),
         },
-        ErrorKind::ConditionalCheckFailed | ErrorKind::ResourceInUse | ErrorKind::Other => {
+        ErrorKind::ConditionalCheckFailed | ErrorKind::ResourceInUse | ErrorKind::Validation | ErrorKind::Other => {
             LeaseStoreError::Dependency {
                 message: what,
                 source: Box::new(err),

@@ -11,12 +11,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use aws_sdk_dynamodb::Client;
-use kcl_core::{ConfigError, Lease, LeaseListing, LeaseStore, LeaseStoreError};
+use kcl_core::{ConfigError, LeaderLock, Lease, LeaseListing, LeaseStore, LeaseStoreError};
 
 use crate::error::{kind_of, to_store_error, ErrorKind};
 use crate::item::{self, n, s, Item};
@@ -65,6 +67,20 @@ pub struct DynamoLeaseStore {
     /// `Limit` of each `Scan` page in `list_leases`; `None` lets DynamoDB fill 1 MB pages.
     scan_page_size: Option<i32>,
     table: TableOptions,
+    /// The table holding the leader lock (`None`: no leader election).
+    leader_table: Option<String>,
+    /// Set once the leader lock's table exists.
+    leader_ready: Arc<AtomicBool>,
+}
+
+/// The key of the leader lock's item in its table.
+const LEADER_LOCK_KEY: &str = "leader";
+
+/// The leader lock's table for a lease table: `<lease table>-LeaderLock`, when that is
+/// still a valid table name.
+fn leader_table_name(lease_table: &str) -> Option<String> {
+    let name = format!("{lease_table}-LeaderLock");
+    (name.len() <= 255).then_some(name)
 }
 
 impl fmt::Debug for DynamoLeaseStore {
@@ -88,12 +104,15 @@ impl DynamoLeaseStore {
     /// The table name is not checked here (DynamoDB rejects an invalid one on first
     /// use); [`DynamoLeaseStore::builder`] checks it up front.
     pub fn new(client: Client, table_name: impl Into<String>) -> Self {
+        let table_name = table_name.into();
         Self {
             client,
-            table_name: table_name.into(),
+            leader_table: leader_table_name(&table_name),
+            table_name,
             consistent_reads: true,
             scan_page_size: None,
             table: TableOptions::default(),
+            leader_ready: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -107,6 +126,7 @@ impl DynamoLeaseStore {
             table_status_poll_interval: TableOptions::default().poll_interval,
             consistent_reads: true,
             scan_page_size: None,
+            leader_election: true,
         }
     }
 
@@ -210,6 +230,19 @@ impl DynamoLeaseStore {
             format!("{operation} of lease {lease_key:?} in table {:?}", self.table_name),
         )
     }
+}
+
+/// The leader lock as its item stores it; `None` for an item that is not one.
+fn read_lock(found: &Item) -> Option<LeaderLock> {
+    let owner = match found.get(item::LEASE_OWNER) {
+        Some(AttributeValue::S(owner)) => owner.clone(),
+        _ => return None,
+    };
+    let version = match found.get(item::LEASE_COUNTER) {
+        Some(AttributeValue::N(version)) => version.parse().ok()?,
+        _ => return None,
+    };
+    Some(LeaderLock::new(owner, version))
 }
 
 /// The outcome of a conditional update.
@@ -367,20 +400,153 @@ impl LeaseStore for DynamoLeaseStore {
         // The wait for ACTIVE has its own bound; this one also covers a single
         // `DescribeTable` or `CreateTable` call that never answers.
         let bound = self.table.creation_timeout + self.table.poll_interval;
-        tokio::time::timeout(
-            bound,
-            table::create_table_if_not_exists(&self.client, &self.table_name, &self.table),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(LeaseStoreError::Dependency {
-                message: format!(
-                    "creating lease table {:?} did not finish within {bound:?}",
-                    self.table_name
-                ),
-                source: "lease table creation timed out".into(),
+        let create = |name: String, owner_index: bool| async move {
+            tokio::time::timeout(
+                bound,
+                table::create_table_if_not_exists(&self.client, &name, &self.table, owner_index),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(LeaseStoreError::Dependency {
+                    message: format!("creating table {name:?} did not finish within {bound:?}"),
+                    source: "table creation timed out".into(),
+                })
             })
-        })
+        };
+        let created = create(self.table_name.clone(), true).await?;
+        if let Some(leader_table) = &self.leader_table {
+            // Without the lock's table every worker reads the whole lease table, as
+            // before leader election: slower at scale, never wrong.
+            match create(leader_table.clone(), false).await {
+                Ok(_) => self.leader_ready.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(
+                    table = %leader_table,
+                    error = %kcl_core::error::ErrorChain(&e),
+                    "cannot create the leader lock's table; every worker reads the whole lease table"
+                ),
+            }
+        }
+        Ok(created)
+    }
+
+    async fn list_lease_keys_for_owner(&self, owner: &str) -> Result<Vec<String>, LeaseStoreError> {
+        let mut keys = Vec::new();
+        let mut start_key: Option<Item> = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table_name)
+                .index_name(table::OWNER_INDEX)
+                .key_condition_expression("#owner = :owner")
+                .expression_attribute_names("#owner", item::LEASE_OWNER)
+                .expression_attribute_values(":owner", s(owner))
+                .set_exclusive_start_key(start_key.take())
+                .send()
+                .await;
+            let output = match output {
+                Ok(output) => output,
+                // The index is still being built (or could not be added): read the
+                // whole table instead.
+                Err(err) if matches!(kind_of(&err), ErrorKind::Validation | ErrorKind::ResourceNotFound) => {
+                    tracing::debug!(
+                        table = %self.table_name,
+                        error = %aws_sdk_dynamodb::error::DisplayErrorContext(&err),
+                        "the owner index cannot be queried; reading the whole table"
+                    );
+                    return Ok(self
+                        .scan_all()
+                        .await?
+                        .leases
+                        .into_iter()
+                        .filter(|l| l.is_owned_by(owner))
+                        .map(|l| l.lease_key)
+                        .collect());
+                }
+                Err(err) => {
+                    return Err(to_store_error(
+                        err,
+                        &self.table_name,
+                        format!("Query of index {} of table {:?}", table::OWNER_INDEX, self.table_name),
+                    ))
+                }
+            };
+            keys.extend(
+                output
+                    .items
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|found| match found.get(item::LEASE_KEY) {
+                        Some(AttributeValue::S(key)) => Some(key.clone()),
+                        _ => None,
+                    }),
+            );
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start_key = Some(key),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    fn supports_leader_election(&self) -> bool {
+        self.leader_table.is_some() && self.leader_ready.load(Ordering::Relaxed)
+    }
+
+    async fn read_leader_lock(&self) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        let Some(leader_table) = &self.leader_table else {
+            return Ok(None);
+        };
+        let output = self
+            .client
+            .get_item()
+            .table_name(leader_table)
+            .set_key(Some(item::key(LEADER_LOCK_KEY)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| {
+                to_store_error(
+                    e,
+                    leader_table,
+                    format!("GetItem of the leader lock in {leader_table:?}"),
+                )
+            })?;
+        Ok(output.item.as_ref().and_then(read_lock))
+    }
+
+    async fn write_leader_lock(
+        &self,
+        expected: Option<&LeaderLock>,
+        owner: &str,
+    ) -> Result<Option<LeaderLock>, LeaseStoreError> {
+        let Some(leader_table) = &self.leader_table else {
+            return Ok(None);
+        };
+        let version = expected.map_or(1, |l| l.version.saturating_add(1));
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(leader_table)
+            .item(item::LEASE_KEY, s(LEADER_LOCK_KEY))
+            .item(item::LEASE_OWNER, s(owner))
+            .item(item::LEASE_COUNTER, n(version))
+            .expression_attribute_names("#key", item::LEASE_KEY);
+        request = match expected {
+            None => request.condition_expression("attribute_not_exists(#key)"),
+            Some(lock) => request
+                .condition_expression("#version = :version")
+                .expression_attribute_names("#version", item::LEASE_COUNTER)
+                .expression_attribute_values(":version", n(lock.version)),
+        };
+        match request.send().await {
+            Ok(_) => Ok(Some(LeaderLock::new(owner, version))),
+            Err(err) if kind_of(&err) == ErrorKind::ConditionalCheckFailed => Ok(None),
+            Err(err) => Err(to_store_error(
+                err,
+                leader_table,
+                format!("PutItem of the leader lock in {leader_table:?}"),
+            )),
+        }
     }
 
     async fn list_leases(&self) -> Result<Vec<Lease>, LeaseStoreError> {
@@ -653,6 +819,7 @@ pub struct DynamoLeaseStoreBuilder {
     table_status_poll_interval: Duration,
     consistent_reads: bool,
     scan_page_size: Option<u32>,
+    leader_election: bool,
 }
 
 impl fmt::Debug for DynamoLeaseStoreBuilder {
@@ -695,6 +862,16 @@ impl DynamoLeaseStoreBuilder {
     /// counter that is already stale, delaying expiry decisions and making takes fail.
     pub fn consistent_reads(mut self, consistent: bool) -> Self {
         self.consistent_reads = consistent;
+        self
+    }
+
+    /// Whether workers elect a leader through a lock item in the table
+    /// `<lease table>-LeaderLock` (created with the lease table): the leader reads the
+    /// whole lease table at each lease-taking pass, the others mostly list their own
+    /// leases through the owner index. Default `true`. Without it every worker reads
+    /// the whole table at each pass.
+    pub fn leader_election(mut self, enabled: bool) -> Self {
+        self.leader_election = enabled;
         self
     }
 
@@ -759,6 +936,11 @@ impl DynamoLeaseStoreBuilder {
         };
         Ok(DynamoLeaseStore {
             client: self.client,
+            leader_table: self
+                .leader_election
+                .then(|| leader_table_name(&self.table_name))
+                .flatten(),
+            leader_ready: Arc::new(AtomicBool::new(false)),
             table_name: self.table_name,
             consistent_reads: self.consistent_reads,
             scan_page_size,

@@ -7,6 +7,12 @@
 //! sharing a name, or a table made by hand) and is reported as
 //! [`LeaseStoreError::InvalidTable`] rather than written into.
 //!
+//! A table this crate creates has the Java KCL 3.x's global secondary index
+//! `LeaseOwnerToLeaseKeyIndex` (hash `leaseOwner`, range `leaseKey`, keys only), through
+//! which a worker lists its own leases without reading the whole table. An existing
+//! table without it gets it added (`UpdateTable`); until DynamoDB has built it, owners'
+//! leases are found with a full read instead.
+//!
 //! Several workers start at once and race to create the table; the one whose
 //! `CreateTable` succeeds reports `true`, the others see `ResourceInUseException` and
 //! wait for the same table to become `ACTIVE`.
@@ -15,14 +21,18 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::error::BuildError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode as SdkBillingMode, KeySchemaElement, KeyType, ProvisionedThroughput,
+    AttributeDefinition, BillingMode as SdkBillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, KeySchemaElement, KeyType, Projection, ProjectionType, ProvisionedThroughput,
     ScalarAttributeType, TableDescription, TableStatus,
 };
 use aws_sdk_dynamodb::Client;
 use kcl_core::LeaseStoreError;
 
 use crate::error::{kind_of, to_store_error, ErrorKind};
-use crate::item::LEASE_KEY;
+use crate::item::{LEASE_KEY, LEASE_OWNER};
+
+/// The Java KCL 3.x's index of leases by owner.
+pub(crate) const OWNER_INDEX: &str = "LeaseOwnerToLeaseKeyIndex";
 
 /// How a lease table created by this crate is billed. Existing tables are left as they
 /// are.
@@ -83,16 +93,20 @@ pub(crate) async fn create_table_if_not_exists(
     client: &Client,
     table: &str,
     options: &TableOptions,
+    owner_index: bool,
 ) -> Result<bool, LeaseStoreError> {
     if let Some(description) = describe(client, table).await? {
         check_key_schema(table, &description)?;
         if !is_usable(table, &description)? {
             wait_until_active(client, table, options).await?;
         }
+        if owner_index && !has_owner_index(&description) {
+            add_owner_index(client, table, &options.billing_mode).await;
+        }
         return Ok(false);
     }
 
-    match create(client, table, &options.billing_mode).await {
+    match create(client, table, &options.billing_mode, owner_index).await {
         Ok(()) => {
             tracing::info!(table, "created the lease table");
             wait_until_active(client, table, options).await?;
@@ -123,6 +137,7 @@ async fn create(
     client: &Client,
     table: &str,
     billing_mode: &BillingMode,
+    owner_index: bool,
 ) -> Result<(), aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::create_table::CreateTableError>> {
     // The builders only fail when a required field is missing, and both are set here;
     // the error is still mapped rather than unwrapped.
@@ -142,6 +157,25 @@ async fn create(
                     .key_type(KeyType::Hash)
                     .build()?,
             );
+        if owner_index {
+            request = request
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(LEASE_OWNER)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()?,
+                )
+                .global_secondary_indexes({
+                    let mut index = GlobalSecondaryIndex::builder()
+                        .index_name(OWNER_INDEX)
+                        .set_key_schema(Some(owner_index_keys()?))
+                        .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build());
+                    if let Some(throughput) = throughput(billing_mode)? {
+                        index = index.provisioned_throughput(throughput);
+                    }
+                    index.build()?
+                });
+        }
         request = match billing_mode {
             BillingMode::PayPerRequest => request.billing_mode(SdkBillingMode::PayPerRequest),
             BillingMode::Provisioned {
@@ -160,6 +194,89 @@ async fn create(
     };
     let request = request().map_err(aws_sdk_dynamodb::error::SdkError::construction_failure)?;
     request.send().await.map(|_| ())
+}
+
+/// The owner index's key schema: `leaseOwner` hash, `leaseKey` range.
+fn owner_index_keys() -> Result<Vec<KeySchemaElement>, BuildError> {
+    Ok(vec![
+        KeySchemaElement::builder()
+            .attribute_name(LEASE_OWNER)
+            .key_type(KeyType::Hash)
+            .build()?,
+        KeySchemaElement::builder()
+            .attribute_name(LEASE_KEY)
+            .key_type(KeyType::Range)
+            .build()?,
+    ])
+}
+
+/// The provisioned throughput of a provisioned table (and of its index).
+fn throughput(billing_mode: &BillingMode) -> Result<Option<ProvisionedThroughput>, BuildError> {
+    match billing_mode {
+        BillingMode::PayPerRequest => Ok(None),
+        BillingMode::Provisioned {
+            read_capacity_units,
+            write_capacity_units,
+        } => Ok(Some(
+            ProvisionedThroughput::builder()
+                .read_capacity_units(capacity(*read_capacity_units))
+                .write_capacity_units(capacity(*write_capacity_units))
+                .build()?,
+        )),
+    }
+}
+
+/// Whether the table has the owner index (in any state).
+pub(crate) fn has_owner_index(description: &TableDescription) -> bool {
+    description
+        .global_secondary_indexes()
+        .iter()
+        .any(|index| index.index_name() == Some(OWNER_INDEX))
+}
+
+/// Adds the owner index to an existing table (a table made by the Java KCL 2.x, or by an
+/// earlier version of this crate). Failing is not fatal: owners' leases are then found
+/// by full reads, as before; the failure is logged.
+async fn add_owner_index(client: &Client, table: &str, billing_mode: &BillingMode) {
+    let action = || -> Result<_, BuildError> {
+        let mut create = CreateGlobalSecondaryIndexAction::builder()
+            .index_name(OWNER_INDEX)
+            .set_key_schema(Some(owner_index_keys()?))
+            .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build());
+        if let Some(throughput) = throughput(billing_mode)? {
+            create = create.provisioned_throughput(throughput);
+        }
+        Ok((
+            create.build()?,
+            AttributeDefinition::builder()
+                .attribute_name(LEASE_OWNER)
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        ))
+    };
+    let (create, definition) = match action() {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::warn!(table, error = %e, "cannot build the request adding the owner index");
+            return;
+        }
+    };
+    let result = client
+        .update_table()
+        .table_name(table)
+        .attribute_definitions(definition)
+        .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
+        .send()
+        .await;
+    match result {
+        Ok(_) => tracing::info!(table, index = OWNER_INDEX, "adding the owner index to the lease table"),
+        Err(err) => tracing::warn!(
+            table,
+            index = OWNER_INDEX,
+            error = %aws_sdk_dynamodb::error::DisplayErrorContext(&err),
+            "could not add the owner index; workers list their leases with full reads"
+        ),
+    }
 }
 
 /// Capacity units as the SDK wants them; the builder has checked the range already.
