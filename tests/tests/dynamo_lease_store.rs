@@ -20,7 +20,8 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode as SdkBillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    AttributeDefinition, AttributeValue, BillingMode as SdkBillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, ScalarAttributeType, TableDescription,
 };
 use aws_sdk_dynamodb::Client;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
@@ -446,6 +447,166 @@ async fn a_graceful_handoff_has_the_java_attributes_and_fences_as_java_does() ->
     assert!(f.store.take_lease(&mut d, "worker-e").await?);
     assert!(d.is_owned_by("worker-e") && !d.is_handoff_pending());
     assert!(!f.get_raw(&shard(0)).await?.contains_key("checkpointOwner"));
+    f.shutdown().await;
+    Ok(())
+}
+
+/// The owner index as the Java KCL 3.x defines it: `LeaseOwnerToLeaseKeyIndex`, hash
+/// `leaseOwner`, range `leaseKey`, keys only.
+fn assert_owner_index(description: &TableDescription) -> anyhow::Result<()> {
+    let index = description
+        .global_secondary_indexes()
+        .iter()
+        .find(|i| i.index_name() == Some("LeaseOwnerToLeaseKeyIndex"))
+        .context("the owner index exists")?;
+    let keys: Vec<(&str, &KeyType)> = index
+        .key_schema()
+        .iter()
+        .map(|k| (k.attribute_name(), k.key_type()))
+        .collect();
+    assert_eq!(keys, [("leaseOwner", &KeyType::Hash), ("leaseKey", &KeyType::Range)]);
+    assert_eq!(
+        index.projection().and_then(|p| p.projection_type()),
+        Some(&ProjectionType::KeysOnly)
+    );
+    Ok(())
+}
+
+async fn describe(f: &Fixture, table: &str) -> anyhow::Result<TableDescription> {
+    f.client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await?
+        .table
+        .context("table described")
+}
+
+/// Writes three leases, two owned by `worker-a`, and checks that the owner index lists
+/// exactly those.
+async fn assert_owner_listing(f: &Fixture) -> anyhow::Result<()> {
+    for (i, owner) in [Some("worker-a"), Some("worker-b"), Some("worker-a"), None]
+        .into_iter()
+        .enumerate()
+    {
+        let mut lease = f
+            .create_and_read(&Lease::new(shard(i), ExtendedSequenceNumber::TRIM_HORIZON))
+            .await?;
+        if let Some(owner) = owner {
+            assert!(f.store.take_lease(&mut lease, owner).await?);
+        }
+    }
+    // The index is eventually consistent: wait for it briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut keys = f.store.list_lease_keys_for_owner("worker-a").await?;
+        keys.sort();
+        if keys == [shard(0), shard(2)] {
+            return Ok(());
+        }
+        ensure!(std::time::Instant::now() < deadline, "owner listing {keys:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 11: a table this implementation creates has the Java KCL 3.x schema, owner
+/// index included, and the owner index lists a worker's leases.
+#[tokio::test]
+async fn a_created_table_has_the_java_3x_owner_index() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    assert_owner_index(&describe(&f, &f.table).await?)?;
+    assert_owner_listing(&f).await?;
+    f.shutdown().await;
+    Ok(())
+}
+
+/// Issue 11: a table the Java KCL 3.x created (built here from its documented schema:
+/// `leaseKey` hash, the owner index) is used as it is; a Java 2.x table (no index) gets
+/// the index added, and the owner listing works on both.
+#[tokio::test]
+async fn java_3x_and_2x_tables_are_used_and_a_2x_table_gets_the_owner_index() -> anyhow::Result<()> {
+    // Java 3.x.
+    let f = Fixture::start().await?;
+    let key = |name: &str, key_type: KeyType| -> anyhow::Result<KeySchemaElement> {
+        Ok(KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(key_type)
+            .build()?)
+    };
+    let definition = |name: &str| -> anyhow::Result<AttributeDefinition> {
+        Ok(AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()?)
+    };
+    f.client
+        .create_table()
+        .table_name(&f.table)
+        .billing_mode(SdkBillingMode::PayPerRequest)
+        .attribute_definitions(definition("leaseKey")?)
+        .attribute_definitions(definition("leaseOwner")?)
+        .key_schema(key("leaseKey", KeyType::Hash)?)
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("LeaseOwnerToLeaseKeyIndex")
+                .key_schema(key("leaseOwner", KeyType::Hash)?)
+                .key_schema(key("leaseKey", KeyType::Range)?)
+                .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+                .build()?,
+        )
+        .send()
+        .await?;
+    assert!(!f.store.create_lease_table_if_not_exists().await?, "used as it is");
+    assert_owner_index(&describe(&f, &f.table).await?)?;
+    assert_owner_listing(&f).await?;
+    f.shutdown().await;
+
+    // Java 2.x: no index.
+    let f = Fixture::start().await?;
+    create_raw_table(&f.client, &f.table, &[("leaseKey", KeyType::Hash)]).await?;
+    assert!(!f.store.create_lease_table_if_not_exists().await?);
+    assert_owner_index(&describe(&f, &f.table).await?)?;
+    assert_owner_listing(&f).await?;
+    f.shutdown().await;
+    Ok(())
+}
+
+/// The leader lock on DynamoDB: created with the lease table, written conditionally on
+/// the version the writer saw.
+#[tokio::test]
+async fn the_leader_lock_is_written_only_over_the_version_seen() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    assert!(f.store.supports_leader_election());
+    assert_eq!(f.store.read_leader_lock().await?, None);
+    let first = f
+        .store
+        .write_leader_lock(None, "worker-a")
+        .await?
+        .context("first write")?;
+    assert_eq!((first.owner.as_str(), first.version), ("worker-a", 1));
+    assert_eq!(
+        f.store.write_leader_lock(None, "worker-b").await?,
+        None,
+        "the lock exists"
+    );
+    let renewed = f
+        .store
+        .write_leader_lock(Some(&first), "worker-a")
+        .await?
+        .context("renewal")?;
+    assert_eq!(renewed.version, 2);
+    assert_eq!(
+        f.store.write_leader_lock(Some(&first), "worker-b").await?,
+        None,
+        "a stale version"
+    );
+    assert_eq!(f.store.read_leader_lock().await?, Some(renewed));
+    // Without leader election nothing else is created, and the store says so.
+    let plain = DynamoLeaseStore::builder(f.client.clone(), fresh_table_name())
+        .leader_election(false)
+        .build()?;
+    plain.create_lease_table_if_not_exists().await?;
+    assert!(!plain.supports_leader_election());
     f.shutdown().await;
     Ok(())
 }

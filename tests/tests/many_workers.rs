@@ -310,6 +310,14 @@ async fn a_graceful_stop_hands_shards_over_well_under_the_failover_time() -> any
     }
     let handoff = stopped.elapsed();
     eprintln!("handoff took {handoff:?} (failover time {:?})", spec.failover);
+    // Nothing the leaving worker processed is processed again by the staying one.
+    let left: HashSet<SequenceNumber> = worker_deliveries(&lines).into_values().flatten().collect();
+    let twice: Vec<SequenceNumber> = worker_deliveries(&staying.lines()?)
+        .into_values()
+        .flatten()
+        .filter(|s| left.contains(s))
+        .collect();
+    assert!(twice.is_empty(), "delivered by both workers: {}", twice.len());
     assert!(
         expected.keys().any(|s| leaving_shards.contains(s)),
         "records went to the handed-over shards"
@@ -319,6 +327,54 @@ async fn a_graceful_stop_hands_shards_over_well_under_the_failover_time() -> any
         "handoff took {handoff:?}, failover is {:?}",
         spec.failover
     );
+    Ok(())
+}
+
+/// Issue 11: the leader (the worker holding the lock) dies; another worker takes the
+/// lock within the lock lease (the failover time) plus one read of it, and the dead
+/// leader's shards move to the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_is_replaced_within_the_lock_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = WorkerSpec::default();
+    let store = env.lease_store();
+    let mut w1 = WorkerProcess::start(WORKER, &env, dir.path(), "w1", &spec)?;
+    let mut w2 = WorkerProcess::start(WORKER, &env, dir.path(), "w2", &spec)?;
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| o.len() == 4 && load(o) == [2, 2]).await?;
+    let leader = store.read_leader_lock().await?.context("a leader was elected")?;
+    let (dead, survivor) = match leader.owner.as_str() {
+        "w1" => (&mut w1, "w2"),
+        "w2" => (&mut w2, "w1"),
+        other => anyhow::bail!("unexpected leader {other}"),
+    };
+    dead.kill9().await?;
+    let killed = Instant::now();
+    let deadline = killed + WAIT;
+    let replaced = loop {
+        if store
+            .read_leader_lock()
+            .await?
+            .is_some_and(|lock| lock.owner == survivor)
+        {
+            break killed.elapsed();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The lock is written every renewal interval; the survivor reads it every half
+    // failover time and takes it once it stood still for the failover time.
+    let bound = spec.failover + spec.failover / 2 + spec.taking_interval + Duration::from_secs(1);
+    eprintln!("leader replaced after {replaced:?} (bound {bound:?})");
+    assert!(replaced <= bound, "replaced after {replaced:?}");
+    poll_leases(
+        &store,
+        WAIT,
+        POLL,
+        |_| {},
+        |o| o.len() == 4 && o.values().all(|w| w.as_deref() == Some(survivor)),
+    )
+    .await?;
     Ok(())
 }
 

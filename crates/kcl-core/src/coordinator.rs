@@ -129,6 +129,10 @@ pub(crate) struct LeaseCoordinator {
     config: LeaseManagementConfig,
     /// A std mutex: only short map operations happen under it, never an await.
     held: Mutex<HashMap<String, Arc<HeldLease>>>,
+    /// Set when the scheduler shuts down: the live workers and their loads, to which
+    /// released leases are assigned (least loaded first) instead of being left unowned,
+    /// so that they find them through the owner index at their next pass.
+    successors: Mutex<Vec<(String, usize)>>,
 }
 
 impl LeaseCoordinator {
@@ -138,6 +142,7 @@ impl LeaseCoordinator {
             worker_id,
             config,
             held: Mutex::new(HashMap::new()),
+            successors: Mutex::new(Vec::new()),
         }
     }
 
@@ -493,6 +498,20 @@ impl LeaseCoordinator {
         h.lost.cancel();
         let shard_id = h.shard_id.as_str();
         let mut lease = h.lease.lock().await.clone();
+        if !lease.is_handoff_pending() && !lease.checkpoint.is_shard_end() {
+            if let Some(successor) = self.next_successor() {
+                match self.store.assign_lease(&mut lease, &successor).await {
+                    Ok(true) => {
+                        info!(shard_id, to = %successor, "lease handed to a live worker");
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!(shard_id, error = %ErrorChain(&e), "handing the lease to a live worker failed; releasing it")
+                    }
+                }
+            }
+        }
         let mut result = self.store.evict_lease(&mut lease).await;
         if matches!(result, Ok(false)) {
             // A handoff may have begun since our last write: then this release
@@ -519,6 +538,20 @@ impl LeaseCoordinator {
     #[cfg(test)]
     pub(crate) fn held_lease(&self, shard_id: &str) -> Option<Arc<HeldLease>> {
         lock(&self.held).get(shard_id).cloned()
+    }
+
+    /// From now on, released leases are assigned to these live workers (worker id and
+    /// load), least loaded first, instead of being left unowned.
+    pub(crate) fn hand_released_leases_to(&self, workers: Vec<(String, usize)>) {
+        *lock(&self.successors) = workers;
+    }
+
+    /// The least loaded successor, counted one lease more.
+    fn next_successor(&self) -> Option<String> {
+        let mut successors = lock(&self.successors);
+        let next = successors.iter_mut().min_by_key(|(w, n)| (*n, w.clone()))?;
+        next.1 += 1;
+        Some(next.0.clone())
     }
 
     /// Releases every held lease, concurrently: bounded by one
@@ -605,6 +638,9 @@ pub(crate) struct LeaseTaker {
     pub(crate) hand_out: bool,
     /// Whether this worker was short of its share at the last pass.
     pub(crate) short: bool,
+    /// Leases this worker assigned to another worker, with the counter its write left:
+    /// until that counter moves, the lease proves nothing about its owner being alive.
+    assigned: HashMap<String, u64>,
 }
 
 impl LeaseTaker {
@@ -664,6 +700,30 @@ impl LeaseTaker {
             .min()
     }
 
+    /// Notes that this worker assigned `lease` (as its write left it) to another worker.
+    pub(crate) fn note_assigned(&mut self, lease: &Lease) {
+        self.assigned.insert(lease.lease_key.clone(), lease.lease_counter);
+    }
+
+    /// True when `lease` shows its owner is alive: not expired, and its counter moved
+    /// since this worker last assigned it.
+    fn proves_owner_alive(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
+        !self.is_expired(lease, now, failover) && self.assigned.get(&lease.lease_key) != Some(&lease.lease_counter)
+    }
+
+    /// The other workers that held unexpired leases at the last read, with how many.
+    pub(crate) fn live_workers(&self, me: &str, now: Instant, failover: Duration) -> Vec<(String, usize)> {
+        let mut load: HashMap<&str, usize> = HashMap::new();
+        for o in self.observed.values() {
+            if let Some(owner) = o.owner.as_deref() {
+                if owner != me && now.saturating_duration_since(o.since) < failover {
+                    *load.entry(owner).or_default() += 1;
+                }
+            }
+        }
+        load.into_iter().map(|(w, n)| (w.to_owned(), n)).collect()
+    }
+
     /// When the counter of `lease_key` was last seen to change (or first seen).
     pub(crate) fn unchanged_since(&self, lease_key: &str, counter: u64) -> Option<Instant> {
         self.observed
@@ -701,6 +761,16 @@ impl LeaseTaker {
         self.observe(leases, now, config.failover_time, config.renewal_interval);
         let live: Vec<&Lease> = leases.iter().filter(|l| !l.checkpoint.is_shard_end()).collect();
         let failover = config.failover_time;
+        self.assigned
+            .retain(|key, counter| self.observed.get(key).is_some_and(|o| o.counter == *counter));
+        // Workers that showed they are alive; a worker known only through leases this
+        // one assigned to it (and that it never touched) is not counted, so a dead
+        // worker is not given the same leases again and again.
+        let alive: HashSet<&str> = live
+            .iter()
+            .filter(|l| self.proves_owner_alive(l, now, failover))
+            .filter_map(|l| l.lease_owner.as_deref())
+            .collect();
         let mut plan = TakePlan::default();
         let mut expired = Vec::new();
         let mut load: HashMap<&str, usize> = HashMap::new();
@@ -719,7 +789,7 @@ impl LeaseTaker {
                 } else {
                     plan.take.push((*lease).clone());
                 }
-            } else if let Some(owner) = lease.lease_owner.as_deref() {
+            } else if let Some(owner) = lease.lease_owner.as_deref().filter(|o| alive.contains(o)) {
                 *load.entry(owner).or_default() += 1;
             }
         }
@@ -1057,6 +1127,41 @@ mod tests {
         let plan = follower.leases_to_take(&table, "b", &set(&["b0", "b1"]), t0 + cfg.failover_time * 2, &cfg);
         assert!(plan.assign.is_empty());
         assert!(plan.short);
+    }
+
+    #[test]
+    fn a_worker_known_only_through_leases_the_leader_assigned_to_it_is_not_given_more() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let t0 = Instant::now();
+        // The leader assigned x to "gone", which never touched it; y is unowned.
+        let mut x = lease("x", Some("gone"), 7);
+        taker.leases_to_take(
+            &[x.clone(), lease("me0", Some("me"), 1)],
+            "me",
+            &set(&["me0"]),
+            t0,
+            &cfg,
+        );
+        x.lease_counter = 8;
+        taker.note_assigned(&x);
+        let table = vec![x.clone(), lease("me0", Some("me"), 1), lease("y", None, 0)];
+        let t1 = t0 + Duration::from_secs(1);
+        let plan = taker.leases_to_take(&table, "me", &set(&["me0"]), t1, &cfg);
+        assert_eq!(
+            keys(plan.take),
+            ["y"],
+            "gone does not count: the leader's share is everything"
+        );
+        assert!(plan.assign.is_empty(), "nothing for gone");
+        // Once gone writes x itself, it counts again.
+        x.lease_counter = 9;
+        let table = vec![x, lease("me0", Some("me"), 1), lease("y", Some("me"), 1)];
+        let plan = taker.leases_to_take(&table, "me", &set(&["me0", "y"]), t1, &cfg);
+        assert!(plan.take.is_empty() && !plan.short, "3 leases, 2 workers: 2 are enough");
     }
 
     #[test]

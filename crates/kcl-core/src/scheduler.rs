@@ -449,6 +449,13 @@ impl Scheduler {
         }
 
         info!(consumers = workers.running.len(), "shutting down");
+        // Leases let go from here on go to the live workers this one knows of, which
+        // find them at their next pass.
+        coordinator.hand_released_leases_to(taker.live_workers(
+            coordinator.worker_id(),
+            Instant::now(),
+            self.lease.failover_time,
+        ));
         for token in workers.running.values() {
             token.cancel();
         }
@@ -578,7 +585,10 @@ impl Scheduler {
         }
         for (mut lease, worker) in plan.assign {
             match store.assign_lease(&mut lease, &worker).await {
-                Ok(true) => info!(shard_id = %lease.lease_key, to = %worker, "assigned an unowned or expired lease"),
+                Ok(true) => {
+                    info!(shard_id = %lease.lease_key, to = %worker, "assigned an unowned or expired lease");
+                    taker.note_assigned(&lease);
+                }
                 Ok(false) => debug!(shard_id = %lease.lease_key, "lease changed before it could be assigned"),
                 Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "assigning a lease failed"),
             }

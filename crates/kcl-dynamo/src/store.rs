@@ -529,10 +529,11 @@ impl LeaseStore for DynamoLeaseStore {
             .table_name(leader_table)
             .item(item::LEASE_KEY, s(LEADER_LOCK_KEY))
             .item(item::LEASE_OWNER, s(owner))
-            .item(item::LEASE_COUNTER, n(version))
-            .expression_attribute_names("#key", item::LEASE_KEY);
+            .item(item::LEASE_COUNTER, n(version));
         request = match expected {
-            None => request.condition_expression("attribute_not_exists(#key)"),
+            None => request
+                .condition_expression("attribute_not_exists(#key)")
+                .expression_attribute_names("#key", item::LEASE_KEY),
             Some(lock) => request
                 .condition_expression("#version = :version")
                 .expression_attribute_names("#version", item::LEASE_COUNTER)

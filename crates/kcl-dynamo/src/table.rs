@@ -246,15 +246,19 @@ async fn add_owner_index(client: &Client, table: &str, billing_mode: &BillingMod
         if let Some(throughput) = throughput(billing_mode)? {
             create = create.provisioned_throughput(throughput);
         }
-        Ok((
-            create.build()?,
-            AttributeDefinition::builder()
-                .attribute_name(LEASE_OWNER)
-                .attribute_type(ScalarAttributeType::S)
-                .build()?,
-        ))
+        // Every attribute of the index's key schema is defined, the table's key too.
+        let definitions = [LEASE_OWNER, LEASE_KEY]
+            .into_iter()
+            .map(|name| {
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((create.build()?, definitions))
     };
-    let (create, definition) = match action() {
+    let (create, definitions) = match action() {
         Ok(parts) => parts,
         Err(e) => {
             tracing::warn!(table, error = %e, "cannot build the request adding the owner index");
@@ -264,7 +268,7 @@ async fn add_owner_index(client: &Client, table: &str, billing_mode: &BillingMod
     let result = client
         .update_table()
         .table_name(table)
-        .attribute_definitions(definition)
+        .set_attribute_definitions(Some(definitions))
         .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
         .send()
         .await;
