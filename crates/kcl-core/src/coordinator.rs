@@ -209,6 +209,25 @@ impl LeaseCoordinator {
         lock(&self.held).values().map(|h| h.next_renewal()).min()
     }
 
+    /// The next moment a held lease stops being provably held, if nothing renews it.
+    pub(crate) fn next_unprovable(&self) -> Option<Instant> {
+        let safe = self.config.failover_time.saturating_sub(self.config.renewal_interval);
+        lock(&self.held)
+            .values()
+            .filter(|h| !h.lost.is_cancelled())
+            .map(|h| h.last_renewal_sent() + safe)
+            .min()
+    }
+
+    /// Marks lost every held lease that can no longer be proven held.
+    pub(crate) fn expire_unprovable(&self, now: Instant) {
+        for held in self.held_leases() {
+            if !held.lost.is_cancelled() && self.past_safe_ownership(held.last_renewal_sent(), now) {
+                self.mark_lost(&held.shard_id, "not renewed within the failover time");
+            }
+        }
+    }
+
     /// The renewal interval.
     pub(crate) fn renewal_interval(&self) -> Duration {
         self.config.renewal_interval
@@ -631,13 +650,13 @@ impl TakePlan {
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTaker {
     observed: HashMap<String, Observation>,
-    /// When the previous read of the table was received.
-    previous_read: Option<Instant>,
     /// Whether this worker hands unowned and expired leases beyond its share to the
     /// other live workers (it is the leader).
     pub(crate) hand_out: bool,
     /// Whether this worker was short of its share at the last pass.
     pub(crate) short: bool,
+    /// How many leases the last read of the table listed.
+    pub(crate) table_size: usize,
     /// Leases this worker assigned to another worker, with the counter its write left:
     /// until that counter moves, the lease proves nothing about its owner being alive.
     assigned: HashMap<String, u64>,
@@ -646,19 +665,17 @@ pub(crate) struct LeaseTaker {
 impl LeaseTaker {
     /// Records the table as read at `now`. A lease first seen unowned is available at
     /// once; one first seen owned by another worker gets a full failover time. A
-    /// counter seen changed counts as unchanged since the later of the previous read
-    /// and one renewal interval before this one: the write that changed it was sent
-    /// before `now`, and its writer stops using the lease a renewal interval before
-    /// the failover time has passed since it sent its last successful write, so
-    /// judging expiry from that moment is safe, and it takes a crashed worker's leases
-    /// about one failover time after its last write rather than after this read.
+    /// counter seen changed counts as unchanged since half a renewal interval before
+    /// this read: the write that changed it was sent before `now`, and its writer stops
+    /// using the lease a whole renewal interval before the failover time has passed
+    /// since it sent its last successful write, so judging expiry from that moment
+    /// leaves the writer half a renewal interval to notice (workers of one application
+    /// share `failover_time` and `renewal_interval`), and a crashed worker's leases are
+    /// taken about one failover time after its last write rather than after this read.
     fn observe(&mut self, leases: &[Lease], now: Instant, failover: Duration, renewal: Duration) {
         let present: HashSet<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
         self.observed.retain(|k, _| present.contains(k.as_str()));
-        let changed_since = self
-            .previous_read
-            .map_or(now, |previous| previous.max(now.checked_sub(renewal).unwrap_or(now)));
-        self.previous_read = Some(now);
+        let changed_since = now.checked_sub(renewal / 2).unwrap_or(now);
         for lease in leases {
             match self.observed.get_mut(&lease.lease_key) {
                 Some(o) if o.counter == lease.lease_counter => {}
@@ -666,7 +683,7 @@ impl LeaseTaker {
                     *o = Observation {
                         counter: lease.lease_counter,
                         owner: lease.lease_owner.clone(),
-                        since: changed_since.min(now),
+                        since: changed_since,
                     }
                 }
                 None => {
@@ -1007,8 +1024,8 @@ mod tests {
             )
             .all();
         // "a" changed between the reads at t1 and t2 = t0 + 5 s: it counts as unchanged
-        // since the later of t1 and t2 - renewal interval.
-        let a_since = t1.max(t2 - cfg.renewal_interval);
+        // since t2 - half a renewal interval.
+        let a_since = t2 - cfg.renewal_interval / 2;
         assert!(a_since > t1);
         assert_eq!(taker.next_expiry(&none(), t2, failover), Some(t1 + failover));
         // Once that moment has passed, it is not the next one any more (no busy loop on a
@@ -1021,23 +1038,19 @@ mod tests {
     }
 
     #[test]
-    fn a_renewal_seen_between_two_reads_counts_from_the_later_of_the_previous_read_and_one_interval_back() {
+    fn a_renewal_seen_by_a_read_counts_from_half_a_renewal_interval_before_it() {
         let cfg = LeaseManagementConfig::default(); // failover 10 s, renewal 3.33 s
         let mut taker = LeaseTaker::default();
         let t0 = Instant::now();
         taker.leases_to_take(&[lease("a", Some("other"), 5)], "me", &none(), t0, &cfg);
-        // Reads 2 s apart (shorter than the renewal interval): from the previous read.
-        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(taker.unchanged_since("a", 5), Some(t0), "first seen: from the read");
+        let t1 = t0 + Duration::from_secs(8);
         taker.leases_to_take(&[lease("a", Some("other"), 6)], "me", &none(), t1, &cfg);
-        assert_eq!(taker.unchanged_since("a", 6), Some(t0));
-        // Reads 8 s apart: from one renewal interval before the read that saw it.
-        let t2 = t1 + Duration::from_secs(8);
-        taker.leases_to_take(&[lease("a", Some("other"), 7)], "me", &none(), t2, &cfg);
-        assert_eq!(taker.unchanged_since("a", 7), Some(t2 - cfg.renewal_interval));
-        assert_eq!(taker.unchanged_since("a", 6), None, "another counter");
-        // So the lease expires a failover time after that, not after t2.
-        let at = t2 - cfg.renewal_interval + cfg.failover_time;
-        let table = [lease("a", Some("other"), 7)];
+        assert_eq!(taker.unchanged_since("a", 6), Some(t1 - cfg.renewal_interval / 2));
+        assert_eq!(taker.unchanged_since("a", 5), None, "another counter");
+        // So the lease expires a failover time after that, not after t1.
+        let at = t1 - cfg.renewal_interval / 2 + cfg.failover_time;
+        let table = [lease("a", Some("other"), 6)];
         assert!(taker
             .leases_to_take(&table, "me", &none(), at - Duration::from_millis(1), &cfg)
             .all()
@@ -1186,12 +1199,14 @@ mod tests {
         // Counter unchanged, but not for long enough.
         let t1 = t0 + cfg.failover_time - Duration::from_millis(1);
         assert!(taker.leases_to_take(&table, "me", &none(), t1, &cfg).all().is_empty());
-        // The owner renewed: the clock restarts from when we saw the new counter.
+        // The owner renewed: the clock restarts from half a renewal interval before the
+        // read that saw the new counter.
         let renewed = vec![lease("a", Some("other"), 6)];
         assert!(taker.leases_to_take(&renewed, "me", &none(), t1, &cfg).all().is_empty());
-        let t2 = t1 + cfg.failover_time - Duration::from_millis(1);
+        let restart = t1 - cfg.renewal_interval / 2;
+        let t2 = restart + cfg.failover_time - Duration::from_millis(1);
         assert!(taker.leases_to_take(&renewed, "me", &none(), t2, &cfg).all().is_empty());
-        let t3 = t1 + cfg.failover_time;
+        let t3 = restart + cfg.failover_time;
         assert_eq!(
             keys(taker.leases_to_take(&renewed, "me", &none(), t3, &cfg).all()),
             ["a"]

@@ -9,6 +9,7 @@
 //! | `kcl_leases_held` | gauge | | leases this worker holds |
 //! | `kcl_lease_renewals_failed_total` | counter | | renewals that failed with an error or timed out |
 //! | `kcl_leases_lost_total` | counter | | leases lost (refused renewal or checkpoint, or not renewed in time) |
+//! | `kcl_lease_handoffs_total` | counter | `direction` (`in`, `out`), `outcome` (`requested`, `completed`, `timed_out`) | graceful lease handoffs asked for, completed, and (for `in`) ended by a take after the timeout |
 //! | `kcl_throttles_total` | counter | `operation` | throttled Kinesis calls |
 //! | `kcl_processor_failures_total` | counter | `shard_id` | processor errors and panics |
 //! | `kcl_batches_skipped_total` | counter | `shard_id` | batches skipped by the `SkipBatch` policy |

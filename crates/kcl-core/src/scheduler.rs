@@ -342,10 +342,13 @@ impl Scheduler {
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
         let mut incoming = IncomingHandoffs::default();
+        // The lock lasts twice the failover time and is written every half failover
+        // time; a dead leader's leases are taken by the others' expiry passes before
+        // its lock expires.
         let mut decider = LeaderDecider::new(
             self.worker_id.clone(),
-            self.lease.failover_time,
-            self.lease.renewal_interval,
+            self.lease.failover_time * 2,
+            self.lease.failover_time / 2,
         );
         let mut scans = FullScans::new(self.lease.lease_taking_interval * FOLLOWER_FULL_READ_EVERY);
         let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
@@ -388,7 +391,7 @@ impl Scheduler {
                         if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                             break;
                         }
-                        scans.done(Instant::now(), taker.short);
+                        scans.done(Instant::now(), taker.short, taker.table_size);
                     } else {
                         tokio::select! {
                             // Cancel safety: only reads and takes, each fenced.
@@ -396,12 +399,9 @@ impl Scheduler {
                             () = discover_own_leases(store.as_ref(), &coordinator, &mut incoming) => {}
                         }
                     }
-                    // Only a worker that reads the whole table often predicts expiry.
-                    next_expiry = if leader {
-                        taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time)
-                    } else {
-                        None
-                    };
+                    // Every worker reads the whole table when the next lease it watches
+                    // would expire, so a dead leader's leases move on time too.
+                    next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
                     if first_take {
                         info!(elapsed = ?started.elapsed(), held = coordinator.held_count(), "first lease-taking pass done");
                         first_take = false;
@@ -411,6 +411,7 @@ impl Scheduler {
                     if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                         break;
                     }
+                    scans.done(Instant::now(), taker.short, taker.table_size);
                     next_expiry = taker.next_expiry(&coordinator.held_keys(), Instant::now(), self.lease.failover_time);
                     // This pass replaces the next regular one.
                     take_tick.reset();
@@ -594,6 +595,7 @@ impl Scheduler {
             }
         }
         taker.short = plan.short;
+        taker.table_size = leases.len();
         true
     }
 }
@@ -765,13 +767,18 @@ impl Workers {
 /// between it lists its own leases through the owner index.
 const FOLLOWER_FULL_READ_EVERY: u32 = 5;
 
+/// Up to this many leases, a full read is one `Scan` page, costs DynamoDB about what the
+/// owner index query costs, and every worker reads the whole table at every pass: each
+/// then judges expiry as precisely as the leader.
+const SMALL_TABLE: usize = 100;
+
 /// When a worker that is not the leader reads the whole table next.
 #[derive(Debug)]
 struct FullScans {
     every: Duration,
-    /// When the last full read was done, and whether this worker was short of its
-    /// share after it.
-    last: Option<(Instant, bool)>,
+    /// When the last full read was done, whether this worker was short of its share
+    /// after it, and whether the table was small.
+    last: Option<(Instant, bool, bool)>,
 }
 
 impl FullScans {
@@ -779,14 +786,15 @@ impl FullScans {
         Self { every, last: None }
     }
 
-    /// A full read is due: none yet, short after the last, or the last is too old.
+    /// A full read is due: none yet, short or a small table at the last, or the last is
+    /// too old.
     fn due(&self, now: Instant) -> bool {
         self.last
-            .is_none_or(|(at, short)| short || now.saturating_duration_since(at) >= self.every)
+            .is_none_or(|(at, short, small)| short || small || now.saturating_duration_since(at) >= self.every)
     }
 
-    fn done(&mut self, at: Instant, short: bool) {
-        self.last = Some((at, short));
+    fn done(&mut self, at: Instant, short: bool, leases: usize) {
+        self.last = Some((at, short, leases <= SMALL_TABLE));
     }
 }
 
@@ -914,19 +922,37 @@ impl IncomingHandoffs {
 }
 
 /// Renews each held lease when its renewal is due. It wakes at least every fifth of a
-/// renewal interval, so that a lease taken meanwhile is renewed on time.
+/// renewal interval, so that a lease taken meanwhile is renewed on time. Beside it, a
+/// watchdog marks a lease lost the moment it can no longer be proven held, even while
+/// a renewal of it hangs.
 async fn run_renewer(coordinator: Arc<LeaseCoordinator>, stop: CancellationToken) {
     let every = coordinator.renewal_interval();
-    loop {
-        let now = Instant::now();
-        let wake = coordinator
-            .next_renewal_due()
-            .map_or(now + every / 5, |due| due.min(now + every / 5));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(wake) => {}
+    let renewals = async {
+        loop {
+            let now = Instant::now();
+            let wake = coordinator
+                .next_renewal_due()
+                .map_or(now + every / 5, |due| due.min(now + every / 5));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            // Leases due within the next few milliseconds go in the same round.
+            coordinator.renew_due(Instant::now() + every / 50).await;
         }
-        // Leases due within the next few milliseconds go in the same round.
-        coordinator.renew_due(Instant::now() + every / 50).await;
-    }
+    };
+    let watchdog = async {
+        loop {
+            let now = Instant::now();
+            let wake = coordinator
+                .next_unprovable()
+                .map_or(now + every / 5, |at| at.min(now + every / 5));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            coordinator.expire_unprovable(Instant::now());
+        }
+    };
+    tokio::join!(renewals, watchdog);
 }
