@@ -634,6 +634,10 @@ pub(crate) struct TakePlan {
     pub(crate) assign: Vec<(Lease, String)>,
     /// True when this worker holds fewer leases than its share.
     pub(crate) short: bool,
+    /// True when no other live worker is known while several leases are free: other
+    /// workers may be starting too, so takes stop at the first one another worker won,
+    /// and the next pass, knowing the others, aims at the fair share.
+    pub(crate) cautious: bool,
 }
 
 #[cfg(test)]
@@ -811,6 +815,7 @@ impl LeaseTaker {
             }
         }
         let workers = load.len();
+        plan.cautious = workers == 1 && expired.len() > 1;
         let target = live.len().div_ceil(workers).min(config.max_leases_for_worker);
         let mine = load.get(worker_id).copied().unwrap_or(0);
         let needed = target.saturating_sub(mine);
@@ -1183,10 +1188,9 @@ mod tests {
         let mut taker = LeaseTaker::default();
         let now = Instant::now();
         let table = vec![lease("a", None, 0), lease("b", None, 3)];
-        assert_eq!(
-            keys(taker.leases_to_take(&table, "me", &none(), now, &cfg).all()),
-            ["a", "b"]
-        );
+        let plan = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        assert!(plan.cautious, "no other worker known: others may be starting too");
+        assert_eq!(keys(plan.all()), ["a", "b"]);
     }
 
     #[test]
@@ -1287,7 +1291,9 @@ mod tests {
         // The other worker already took two: it counts, target is ceil(6/2) = 3.
         table[0].lease_owner = Some("other".into());
         table[1].lease_owner = Some("other".into());
-        assert_eq!(taker.leases_to_take(&table, "me", &none(), now, &cfg).all().len(), 3);
+        let plan = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        assert!(!plan.cautious);
+        assert_eq!(plan.all().len(), 3);
     }
 
     #[test]

@@ -342,13 +342,13 @@ impl Scheduler {
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
         let mut incoming = IncomingHandoffs::default();
-        // The lock lasts twice the failover time and is written every half failover
-        // time; a dead leader's leases are taken by the others' expiry passes before
-        // its lock expires.
+        // The lock lasts three failover times and is written every failover time: a
+        // dead leader's leases are taken by the others' expiry passes long before its
+        // lock expires, so the lock only bounds how long handing out waits.
         let mut decider = LeaderDecider::new(
             self.worker_id.clone(),
-            self.lease.failover_time * 2,
-            self.lease.failover_time / 2,
+            self.lease.failover_time * 3,
+            self.lease.failover_time,
         );
         let mut scans = FullScans::new(self.lease.lease_taking_interval * FOLLOWER_FULL_READ_EVERY);
         let mut take_tick = tokio::time::interval(self.lease.lease_taking_interval);
@@ -561,18 +561,34 @@ impl Scheduler {
         }
         let mut held = coordinator.held_keys();
         held.extend(incoming.keys().cloned());
-        let plan = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
-        use futures::StreamExt as _;
-        futures::stream::iter(plan.take)
-            .for_each_concurrent(MAX_CONCURRENT_TAKES, |lease| async move {
+        let mut plan = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
+        // In rounds of concurrent takes; when no other worker is known, the rounds stop
+        // at the first lease another worker won (workers starting together then share
+        // the table instead of each trying every lease).
+        let mut take = plan.take.into_iter().peekable();
+        while take.peek().is_some() {
+            let round: Vec<Lease> = take.by_ref().take(MAX_CONCURRENT_TAKES).collect();
+            let lost = futures::future::join_all(round.into_iter().map(|lease| async move {
                 let key = lease.lease_key.clone();
                 match coordinator.take(lease).await {
-                    Ok(true) => {}
-                    Ok(false) => info!(shard_id = %key, "lease taken by another worker first"),
-                    Err(e) => warn!(shard_id = %key, error = %ErrorChain(&e), "taking lease failed"),
+                    Ok(true) => false,
+                    Ok(false) => {
+                        info!(shard_id = %key, "lease taken by another worker first");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(shard_id = %key, error = %ErrorChain(&e), "taking lease failed");
+                        false
+                    }
                 }
-            })
+            }))
             .await;
+            if plan.cautious && lost.contains(&true) {
+                info!("another worker is taking leases too; the next pass aims at the fair share");
+                plan.short = true;
+                break;
+            }
+        }
         let now = Instant::now();
         for mut lease in plan.steal {
             match coordinator.initiate_handoff(&mut lease).await {
