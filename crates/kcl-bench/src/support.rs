@@ -164,8 +164,9 @@ pub(crate) async fn put_records(
     Ok(shards)
 }
 
-/// Leases held per owner in `store`'s table now (unowned leases are not counted; a
-/// failed read counts as an empty table).
+/// Leases held per owner in `store`'s table now: a lease being handed over counts for
+/// the worker still processing it (its checkpoint owner); unowned leases are not
+/// counted; a failed read counts as an empty table.
 pub(crate) async fn leases_per_owner(store: &DynamoLeaseStore) -> std::collections::BTreeMap<String, usize> {
     use kcl_core::LeaseStore as _;
     let mut held = std::collections::BTreeMap::new();
@@ -174,7 +175,8 @@ pub(crate) async fn leases_per_owner(store: &DynamoLeaseStore) -> std::collectio
         .await
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|l| l.lease_owner)
+        // A lease still being handed over counts for the worker processing it.
+        .filter_map(|l| l.actual_owner().map(str::to_owned))
     {
         *held.entry(owner).or_default() += 1;
     }

@@ -829,7 +829,7 @@ async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordina
     let held = coordinator.held_keys();
     let now = Instant::now();
     for key in keys {
-        if held.contains(&key) || incoming.keys().any(|k| *k == key) {
+        if held.contains(&key) || incoming.watched.contains_key(&key) {
             continue;
         }
         let lease = match store.get_lease(&key).await {

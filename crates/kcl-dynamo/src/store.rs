@@ -6,8 +6,10 @@
 //! sets the counter to one more. A failed condition means another worker (or an
 //! earlier write of ours) got there first and is reported as `Ok(false)`. Values always
 //! travel as `ExpressionAttributeValues` and names as `ExpressionAttributeNames`; no item
-//! data is ever spliced into an expression string. Successful updates ask for
-//! `ReturnValues = ALL_NEW` so that the caller's lease becomes exactly what is stored.
+//! data is ever spliced into an expression string. Updates ask for `ReturnValues =
+//! ALL_NEW` so that the caller's lease becomes exactly what is stored, except renewals:
+//! they only move the counter, their condition pins the rest of the item, and the
+//! caller applies the new counter itself.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -196,6 +198,7 @@ impl DynamoLeaseStore {
         operation: &'static str,
         lease_key: &str,
         update: Update,
+        returns: ReturnValue,
     ) -> Result<Updated, LeaseStoreError> {
         let result = self
             .client
@@ -206,7 +209,7 @@ impl DynamoLeaseStore {
             .set_condition_expression(update.condition())
             .set_expression_attribute_names(Some(update.names))
             .set_expression_attribute_values(Some(update.values))
-            .return_values(ReturnValue::AllNew)
+            .return_values(returns)
             .send()
             .await;
         match result {
@@ -592,7 +595,10 @@ impl LeaseStore for DynamoLeaseStore {
         update.set(item::LEASE_COUNTER, n(next));
         update.expect_counter(lease.lease_counter);
         update.expect_owner(lease);
-        match self.update("UpdateItem (renew)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (renew)", &lease.lease_key, update, ReturnValue::None)
+            .await?
+        {
             Updated::Written(written) => {
                 apply(lease, written, |l| l.lease_counter = next);
                 Ok(true)
@@ -639,7 +645,10 @@ impl LeaseStore for DynamoLeaseStore {
         }
         update.expect_counter(lease.lease_counter);
         update.expect_owner(lease);
-        match self.update("UpdateItem (take)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (take)", &lease.lease_key, update, ReturnValue::AllNew)
+            .await?
+        {
             Updated::Written(written) => {
                 tracing::debug!(
                     lease_key = %lease.lease_key,
@@ -678,7 +687,10 @@ impl LeaseStore for DynamoLeaseStore {
         update.increment_counter();
         update.expect_owner(lease);
         update.expect_exists();
-        match self.update("UpdateItem (evict)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (evict)", &lease.lease_key, update, ReturnValue::AllNew)
+            .await?
+        {
             Updated::Written(written) => {
                 tracing::debug!(lease_key = %lease.lease_key, owner = ?lease.lease_owner, completes_handoff, "evicted lease");
                 apply(lease, written, |l| {
@@ -706,7 +718,10 @@ impl LeaseStore for DynamoLeaseStore {
         update.set(item::CHECKPOINT_OWNER, s(&current));
         update.expect_owner(lease);
         update.expect_exists();
-        match self.update("UpdateItem (handoff)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (handoff)", &lease.lease_key, update, ReturnValue::AllNew)
+            .await?
+        {
             Updated::Written(written) => {
                 tracing::debug!(lease_key = %lease.lease_key, from = %current, to = new_owner, "initiated graceful handoff");
                 apply(lease, written, |l| {
@@ -730,7 +745,10 @@ impl LeaseStore for DynamoLeaseStore {
         }
         update.expect_owner(lease);
         update.expect_exists();
-        match self.update("UpdateItem (assign)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (assign)", &lease.lease_key, update, ReturnValue::AllNew)
+            .await?
+        {
             Updated::Written(written) => {
                 tracing::debug!(lease_key = %lease.lease_key, from = ?lease.lease_owner, to = new_owner, "assigned lease");
                 apply(lease, written, |l| {
@@ -779,7 +797,10 @@ impl LeaseStore for DynamoLeaseStore {
         }
         update.expect_counter(lease.lease_counter);
         update.expect_owner(lease);
-        match self.update("UpdateItem (checkpoint)", &lease.lease_key, update).await? {
+        match self
+            .update("UpdateItem (checkpoint)", &lease.lease_key, update, ReturnValue::AllNew)
+            .await?
+        {
             Updated::Written(written) => {
                 apply(lease, written, |l| {
                     l.lease_counter = next;
