@@ -48,8 +48,8 @@ pub struct LeaseManagementConfig {
     pub lease_taking_interval: Duration,
     /// The most leases one worker holds. Default unlimited.
     pub max_leases_for_worker: usize,
-    /// The most leases one worker steals from others in one lease-taking pass, so that
-    /// workers converge without thrashing. Default 1.
+    /// The most leases one worker asks others for (by a graceful handoff) in one
+    /// lease-taking pass, so that workers converge without thrashing. Default 1.
     pub max_leases_to_steal_at_one_time: usize,
     /// Bound of one single-item lease-table call (renew, take, checkpoint, release,
     /// read, create, delete): one that takes longer counts as failed, with an unknown
