@@ -794,10 +794,18 @@ impl LeaseTaker {
         // Workers that showed they are alive; a worker known only through leases this
         // one assigned to it (and that it never touched) is not counted, so a dead
         // worker is not given the same leases again and again.
+        // A worker with a lease that expired is taken for dead: its other leases expire
+        // within moments, and handing it more would only delay them.
+        let suspect: HashSet<&str> = live
+            .iter()
+            .filter(|l| l.lease_owner.as_deref() != Some(worker_id) && self.is_expired(l, now, failover))
+            .filter_map(|l| l.lease_owner.as_deref())
+            .collect();
         let alive: HashSet<&str> = live
             .iter()
             .filter(|l| self.proves_owner_alive(l, now, failover))
             .filter_map(|l| l.lease_owner.as_deref())
+            .filter(|o| !suspect.contains(o))
             .collect();
         let mut plan = TakePlan::default();
         let mut expired = Vec::new();
@@ -1276,6 +1284,44 @@ mod tests {
         }
         .leases_to_take(&table, "me", &held, now, &cfg);
         assert!(plan.rebalance.is_empty());
+    }
+
+    #[test]
+    fn a_worker_with_an_expired_lease_is_not_handed_leases() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let t0 = Instant::now();
+        // "dying" wrote d1 a moment after d0; "b" keeps writing.
+        let mut table = vec![
+            lease("me0", Some("me"), 1),
+            lease("me1", Some("me"), 1),
+            lease("b0", Some("b"), 1),
+            lease("b1", Some("b"), 1),
+            lease("d0", Some("dying"), 5),
+            lease("d1", Some("dying"), 5),
+        ];
+        let held = set(&["me0", "me1"]);
+        taker.leases_to_take(&table, "me", &held, t0, &cfg);
+        table[5].lease_counter = 6;
+        table[2].lease_counter = 2;
+        table[3].lease_counter = 2;
+        let t1 = t0 + Duration::from_secs(2);
+        taker.leases_to_take(&table, "me", &held, t1, &cfg);
+        // d0 has expired, d1 not yet: dying wrote recently and is the least loaded, but
+        // is not handed d0.
+        table[2].lease_counter = 3;
+        table[3].lease_counter = 3;
+        let plan = taker.leases_to_take(&table, "me", &held, t0 + cfg.failover_time, &cfg);
+        let given: Vec<(&str, &str)> = plan
+            .assign
+            .iter()
+            .map(|(l, w)| (l.lease_key.as_str(), w.as_str()))
+            .collect();
+        assert!(given.iter().all(|(_, w)| *w != "dying"), "{given:?}");
+        assert_eq!(keys(plan.take).len() + given.len(), 1, "d0 goes to me or b");
     }
 
     #[test]
