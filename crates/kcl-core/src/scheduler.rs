@@ -387,7 +387,6 @@ impl Scheduler {
                         leader = decider.is_leader(store.as_ref(), now) => leader,
                     };
                     taker.hand_out = leader && store.supports_leader_election();
-                    taker.defer_balancing = !leader && store.supports_leader_election();
                     if leader || scans.due(now) {
                         if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                             break;
@@ -609,16 +608,6 @@ impl Scheduler {
                 }
                 Ok(false) => debug!(shard_id = %lease.lease_key, "lease changed before it could be assigned"),
                 Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "assigning a lease failed"),
-            }
-        }
-        for (mut lease, to) in plan.rebalance {
-            let from = lease.lease_owner.clone();
-            match store.initiate_graceful_lease_handoff(&mut lease, &to).await {
-                Ok(true) => {
-                    info!(shard_id = %lease.lease_key, from = ?from, to = %to, "asked for a handoff to balance the load")
-                }
-                Ok(false) => debug!(shard_id = %lease.lease_key, "lease changed before the handoff could be asked for"),
-                Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "asking for a handoff failed"),
             }
         }
         taker.short = plan.short;
@@ -870,8 +859,7 @@ async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordina
 const MAX_CONCURRENT_TAKES: usize = 16;
 
 /// How often a lease being handed to this worker is read, to start it as soon as the
-/// old owner has handed it over (for up to four watched leases; proportionally less
-/// often for more, at most every 5 s).
+/// old owner has handed it over.
 const HANDOFF_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Leases being handed to this worker: each is read every [`HANDOFF_POLL_INTERVAL`]
@@ -945,9 +933,7 @@ impl IncomingHandoffs {
                 }
             }
         }
-        // Each watched lease is one read per poll: with many, poll less often.
-        let every = HANDOFF_POLL_INTERVAL * u32::try_from(self.watched.len().div_ceil(4)).unwrap_or(u32::MAX).max(1);
-        self.next_poll = (!self.watched.is_empty()).then(|| Instant::now() + every.min(Duration::from_secs(5)));
+        self.next_poll = (!self.watched.is_empty()).then(|| Instant::now() + HANDOFF_POLL_INTERVAL);
     }
 }
 

@@ -6,7 +6,10 @@
 //! its checkpoints and both libraries can read the same table. Every write that changes
 //! ownership or progress is a conditional write on the `leaseCounter` (and owner) the
 //! caller last saw; that counter is the fencing token that keeps a worker which lost a
-//! lease from checkpointing.
+//! lease from checkpointing. The table has the Java KCL 3.x's owner index
+//! (`LeaseOwnerToLeaseKeyIndex`) and takes part in its graceful handoff
+//! (`checkpointOwner`); a second small table, `<lease table>-LeaderLock`, holds the
+//! leader lock (`DynamoLeaseStoreBuilder::leader_election`).
 //!
 //! Modules:
 //! - `store`: [`DynamoLeaseStore`] and its builder — the `LeaseStore` operations, the
@@ -16,8 +19,9 @@
 //!   (attribute names, sentinels, what counts as a lease item, what is corrupt).
 //! - `error`: reducing the AWS SDK's per-operation error enums (on their typed
 //!   variants) to the store's reactions: lost race, throttled, missing table, failure.
-//! - `table`: creating the lease table (on-demand by default), checking that an
-//!   existing table has the lease table's key schema, and waiting until it is `ACTIVE`.
+//! - `table`: creating the lease table (on-demand by default) with its owner index,
+//!   adding the index to an existing table, checking that an existing table has the
+//!   lease table's key schema, and waiting until it is `ACTIVE`.
 //!
 //! ```no_run
 //! # async fn example(client: aws_sdk_dynamodb::Client) -> Result<(), kcl_core::LeaseStoreError> {
