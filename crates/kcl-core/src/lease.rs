@@ -144,6 +144,16 @@ impl LeaseListing {
     pub fn new(leases: Vec<Lease>, corrupt: Vec<LeaseStoreError>) -> Self {
         Self { leases, corrupt }
     }
+
+    /// The keys of the leases whose `leaseOwner` is `owner` (what
+    /// [`LeaseStore::list_lease_keys_for_owner`] answers, from a full read).
+    pub fn keys_owned_by(self, owner: &str) -> Vec<String> {
+        self.leases
+            .into_iter()
+            .filter(|l| l.is_owned_by(owner))
+            .map(|l| l.lease_key)
+            .collect()
+    }
 }
 
 /// Persistent storage of leases with conditional (fenced) writes.
@@ -210,14 +220,7 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// # Errors
     /// As [`LeaseStore::list_readable_leases`].
     async fn list_lease_keys_for_owner(&self, owner: &str) -> Result<Vec<String>, LeaseStoreError> {
-        Ok(self
-            .list_readable_leases()
-            .await?
-            .leases
-            .into_iter()
-            .filter(|l| l.is_owned_by(owner))
-            .map(|l| l.lease_key)
-            .collect())
+        Ok(self.list_readable_leases().await?.keys_owned_by(owner))
     }
 
     /// Reads the leader lock, if this store offers leader election

@@ -457,14 +457,7 @@ impl LeaseStore for DynamoLeaseStore {
                         error = %aws_sdk_dynamodb::error::DisplayErrorContext(&err),
                         "the owner index cannot be queried; reading the whole table"
                     );
-                    return Ok(self
-                        .scan_all()
-                        .await?
-                        .leases
-                        .into_iter()
-                        .filter(|l| l.is_owned_by(owner))
-                        .map(|l| l.lease_key)
-                        .collect());
+                    return Ok(self.scan_all().await?.keys_owned_by(owner));
                 }
                 Err(err) => {
                     return Err(to_store_error(

@@ -145,12 +145,7 @@ async fn create(
         let mut request = client
             .create_table()
             .table_name(table)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(LEASE_KEY)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()?,
-            )
+            .attribute_definitions(string_attribute(LEASE_KEY)?)
             .key_schema(
                 KeySchemaElement::builder()
                     .attribute_name(LEASE_KEY)
@@ -159,12 +154,7 @@ async fn create(
             );
         if owner_index {
             request = request
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name(LEASE_OWNER)
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()?,
-                )
+                .attribute_definitions(string_attribute(LEASE_OWNER)?)
                 .global_secondary_indexes({
                     let mut index = GlobalSecondaryIndex::builder()
                         .index_name(OWNER_INDEX)
@@ -176,24 +166,24 @@ async fn create(
                     index.build()?
                 });
         }
-        request = match billing_mode {
-            BillingMode::PayPerRequest => request.billing_mode(SdkBillingMode::PayPerRequest),
-            BillingMode::Provisioned {
-                read_capacity_units,
-                write_capacity_units,
-            } => request
+        request = match throughput(billing_mode)? {
+            None => request.billing_mode(SdkBillingMode::PayPerRequest),
+            Some(throughput) => request
                 .billing_mode(SdkBillingMode::Provisioned)
-                .provisioned_throughput(
-                    ProvisionedThroughput::builder()
-                        .read_capacity_units(capacity(*read_capacity_units))
-                        .write_capacity_units(capacity(*write_capacity_units))
-                        .build()?,
-                ),
+                .provisioned_throughput(throughput),
         };
         Ok(request)
     };
     let request = request().map_err(aws_sdk_dynamodb::error::SdkError::construction_failure)?;
     request.send().await.map(|_| ())
+}
+
+/// The definition of a string (`S`) key attribute.
+fn string_attribute(name: &str) -> Result<AttributeDefinition, BuildError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
 }
 
 /// The owner index's key schema: `leaseOwner` hash, `leaseKey` range.
@@ -247,15 +237,7 @@ async fn add_owner_index(client: &Client, table: &str, billing_mode: &BillingMod
             create = create.provisioned_throughput(throughput);
         }
         // Every attribute of the index's key schema is defined, the table's key too.
-        let definitions = [LEASE_OWNER, LEASE_KEY]
-            .into_iter()
-            .map(|name| {
-                AttributeDefinition::builder()
-                    .attribute_name(name)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let definitions = vec![string_attribute(LEASE_OWNER)?, string_attribute(LEASE_KEY)?];
         Ok((create.build()?, definitions))
     };
     let (create, definitions) = match action() {
