@@ -632,7 +632,11 @@ pub(crate) struct TakePlan {
     /// Unowned and expired leases beyond this worker's share, with the live worker each
     /// is assigned to (the leader's job; empty for other workers).
     pub(crate) assign: Vec<(Lease, String)>,
-    /// True when this worker holds fewer leases than its share.
+    /// Leases of the most loaded live workers to hand to the least loaded ones (the
+    /// leader's job, as the Java KCL 3.x's lease assignment: a graceful handoff).
+    pub(crate) rebalance: Vec<(Lease, String)>,
+    /// True when this pass takes or asks for leases for this worker: it reads the
+    /// whole table again at the next pass, until it has its share.
     pub(crate) short: bool,
     /// True when no other live worker is known while several leases are free: other
     /// workers may be starting too, so takes stop at the first one another worker won,
@@ -657,14 +661,24 @@ pub(crate) struct LeaseTaker {
     /// Whether this worker hands unowned and expired leases beyond its share to the
     /// other live workers (it is the leader).
     pub(crate) hand_out: bool,
-    /// Whether this worker was short of its share at the last pass.
+    /// Whether this worker's last pass took or asked for leases.
     pub(crate) short: bool,
+    /// Whether another worker (the leader) balances the fleet: then this one asks for
+    /// leases only while it holds none.
+    pub(crate) defer_balancing: bool,
     /// How many leases the last read of the table listed.
     pub(crate) table_size: usize,
     /// Leases this worker assigned to another worker, with the counter its write left:
     /// until that counter moves, the lease proves nothing about its owner being alive.
     assigned: HashMap<String, u64>,
+    /// Leases this worker asked to be handed to another worker, with the receiver.
+    handed: HashMap<String, String>,
 }
+
+/// Up to how many leases a table is small: every worker reads it whole at each pass
+/// (one page, the cost of an owner-index query), judges expiry as precisely as the
+/// leader, and balances itself; larger tables are balanced by the leader.
+pub(crate) const SMALL_TABLE: usize = 100;
 
 impl LeaseTaker {
     /// Records the table as read at `now`. A lease first seen unowned is available at
@@ -726,6 +740,13 @@ impl LeaseTaker {
         self.assigned.insert(lease.lease_key.clone(), lease.lease_counter);
     }
 
+    /// Notes that this worker asked for `lease` to be handed to `to`: once the old
+    /// owner completes the handoff, the lease counts as assigned to `to`, unproven
+    /// until `to` writes it.
+    pub(crate) fn note_handed(&mut self, lease: &Lease, to: &str) {
+        self.handed.insert(lease.lease_key.clone(), to.to_owned());
+    }
+
     /// True when `lease` shows its owner is alive: not expired, and its counter moved
     /// since this worker last assigned it.
     fn proves_owner_alive(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
@@ -782,15 +803,41 @@ impl LeaseTaker {
         self.observe(leases, now, config.failover_time, config.renewal_interval);
         let live: Vec<&Lease> = leases.iter().filter(|l| !l.checkpoint.is_shard_end()).collect();
         let failover = config.failover_time;
+        // A handoff this worker asked for that the old owner completed moved the
+        // counter, but proves nothing about the new owner: it is unproven until the new
+        // owner writes the lease itself.
+        let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let assigned = &mut self.assigned;
+        self.handed.retain(|key, to| match by_key.get(key.as_str()) {
+            Some(l) if l.is_owned_by(to) && l.is_handoff_pending() => true,
+            Some(l) if l.is_owned_by(to) => {
+                assigned.insert(key.clone(), l.lease_counter);
+                false
+            }
+            _ => false,
+        });
         self.assigned
             .retain(|key, counter| self.observed.get(key).is_some_and(|o| o.counter == *counter));
+        // Only large tables are balanced by the leader: in a small one every worker
+        // reads the whole table each pass and balances itself.
+        let leader_balances = live.len() > SMALL_TABLE;
         // Workers that showed they are alive; a worker known only through leases this
         // one assigned to it (and that it never touched) is not counted, so a dead
         // worker is not given the same leases again and again.
+        // A worker with a lease that expired is taken for dead: its other leases expire
+        // within moments, and handing it more would only delay them.
+        let suspect: HashSet<&str> = live
+            .iter()
+            .filter(|l| l.lease_owner.as_deref() != Some(worker_id) && self.is_expired(l, now, failover))
+            .filter_map(|l| l.lease_owner.as_deref())
+            .collect();
+        // The worker that writes a lease is the one it proves alive: during a handoff,
+        // the old owner (its checkpoint owner) renews it.
         let alive: HashSet<&str> = live
             .iter()
             .filter(|l| self.proves_owner_alive(l, now, failover))
-            .filter_map(|l| l.lease_owner.as_deref())
+            .filter_map(|l| l.actual_owner())
+            .filter(|o| !suspect.contains(o))
             .collect();
         let mut plan = TakePlan::default();
         let mut expired = Vec::new();
@@ -819,20 +866,26 @@ impl LeaseTaker {
         let target = live.len().div_ceil(workers).min(config.max_leases_for_worker);
         let mine = load.get(worker_id).copied().unwrap_or(0);
         let needed = target.saturating_sub(mine);
-        plan.short = needed > 0;
         use rand::seq::SliceRandom;
         if !expired.is_empty() {
             // Shuffled so that workers starting together spread over the table
             // instead of racing for the same keys.
             expired.shuffle(&mut rand::rng());
             let rest = expired.split_off(needed.min(expired.len()));
+            plan.short = !expired.is_empty();
             plan.take.extend(expired);
             if self.hand_out {
                 plan.assign = hand_out(rest, &load, worker_id);
             }
             return plan;
         }
-        if needed == 0 {
+        if self.hand_out && leader_balances {
+            plan.rebalance = rebalance(&live, &load, &alive, worker_id);
+            return plan;
+        }
+        // With a leader balancing the fleet, a worker asks for leases itself only while
+        // it has none (the leader does not know of it yet).
+        if needed == 0 || (self.defer_balancing && leader_balances && mine > 0) {
             return plan;
         }
         let Some((victim, victim_load)) = load
@@ -862,6 +915,7 @@ impl LeaseTaker {
         if !theirs.is_empty() {
             info!(victim = %victim, count = theirs.len(), target, "asking for leases to balance load");
         }
+        plan.short = !theirs.is_empty();
         plan.steal = theirs;
         plan
     }
@@ -884,6 +938,52 @@ fn hand_out(leases: Vec<Lease>, load: &HashMap<&str, usize>, me: &str) -> Vec<(L
         others.insert((n + 1, worker), ());
     }
     out
+}
+
+/// The leader's balancing moves: while the most loaded live worker holds more than
+/// the fair share rounded up and the least loaded fewer than rounded down, one of the
+/// former's leases (not already being handed over) goes to the latter; at most one
+/// move per 20 leases of the table per pass.
+fn rebalance(live: &[&Lease], load: &HashMap<&str, usize>, alive: &HashSet<&str>, me: &str) -> Vec<(Lease, String)> {
+    let workers = load.len();
+    if workers < 2 {
+        return Vec::new();
+    }
+    let (floor, ceil) = (live.len() / workers, live.len().div_ceil(workers));
+    let mut movable: HashMap<&str, Vec<&Lease>> = HashMap::new();
+    for lease in live {
+        if let Some(owner) = lease.lease_owner.as_deref() {
+            if !lease.is_handoff_pending() && (owner == me || alive.contains(owner)) {
+                movable.entry(owner).or_default().push(lease);
+            }
+        }
+    }
+    let mut by_load: std::collections::BTreeSet<(usize, &str)> = load.iter().map(|(w, n)| (*n, *w)).collect();
+    let mut moves = Vec::new();
+    let cap = (live.len() / 20).max(1);
+    while moves.len() < cap {
+        let (Some(&(most, giver)), Some(&(fewest, taker))) = (by_load.last(), by_load.first()) else {
+            break;
+        };
+        if most <= ceil || fewest >= floor || giver == taker {
+            break;
+        }
+        let Some(lease) = movable.get_mut(giver).and_then(Vec::pop) else {
+            break;
+        };
+        by_load.remove(&(most, giver));
+        by_load.remove(&(fewest, taker));
+        by_load.insert((most - 1, giver));
+        by_load.insert((fewest + 1, taker));
+        moves.push((lease.clone(), taker.to_owned()));
+    }
+    if !moves.is_empty() {
+        info!(
+            moves = moves.len(),
+            floor, ceil, "handing leases from the most to the least loaded workers"
+        );
+    }
+    moves
 }
 
 /// Deletes finished leases once nothing can need them (the Java KCL's
@@ -1180,6 +1280,125 @@ mod tests {
         let table = vec![x, lease("me0", Some("me"), 1), lease("y", Some("me"), 1)];
         let plan = taker.leases_to_take(&table, "me", &set(&["me0", "y"]), t1, &cfg);
         assert!(plan.take.is_empty() && !plan.short, "3 leases, 2 workers: 2 are enough");
+    }
+
+    #[test]
+    fn the_leader_moves_leases_from_the_most_to_the_least_loaded_by_handoff() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let now = Instant::now();
+        // 120 leases: a 60, b 40, me 16, c 4: share 30 each.
+        let mut table = owned("a", "a", 60);
+        table.extend(owned("b", "b", 40));
+        table.extend(owned("me", "me", 16));
+        table.extend(owned("c", "c", 4));
+        table[0].checkpoint_owner = Some("x".into()); // a0 is already being handed over
+        let held: HashSet<String> = (0..16).map(|i| format!("me{i}")).collect();
+        let plan = taker.leases_to_take(&table, "me", &held, now, &cfg);
+        assert!(plan.take.is_empty() && plan.steal.is_empty());
+        assert_eq!(plan.rebalance.len(), 6, "at most one move per 20 leases per pass");
+        for (lease, to) in &plan.rebalance {
+            assert_eq!(lease.lease_owner.as_deref(), Some("a"), "from the most loaded");
+            assert_ne!(lease.lease_key, "a0", "not a lease already being handed over");
+            assert!(to == "c" || to == "me", "to the least loaded: {to}");
+        }
+        // Balanced within one lease: nothing moves.
+        let mut table = owned("a", "a", 41);
+        table.extend(owned("b", "b", 40));
+        table.extend(owned("me", "me", 40));
+        let held: HashSet<String> = (0..40).map(|i| format!("me{i}")).collect();
+        let plan = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        }
+        .leases_to_take(&table, "me", &held, now, &cfg);
+        assert!(plan.rebalance.is_empty());
+        // A small table is not balanced by the leader: every worker balances itself.
+        let mut table = owned("a", "a", 20);
+        table.extend(owned("me", "me", 2));
+        let held = set(&["me0", "me1"]);
+        let plan = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        }
+        .leases_to_take(&table, "me", &held, now, &cfg);
+        assert!(plan.rebalance.is_empty());
+        assert_eq!(plan.steal.len(), 1, "asks for one itself");
+    }
+
+    #[test]
+    fn a_handoff_the_leader_asked_for_proves_nothing_about_the_receiver_until_it_writes() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let t0 = Instant::now();
+        let mut table = owned("me", "me", 100);
+        table.extend(owned("a", "a", 3));
+        table.push(lease("x0", None, 1));
+        let held: HashSet<String> = (0..100).map(|i| format!("me{i}")).collect();
+        taker.leases_to_take(&table, "me", &held, t0, &cfg);
+        taker.note_handed(&table[100], "dead");
+        // a completes the handoff to "dead" (a worker that died meanwhile): the counter
+        // moves, but by a's write.
+        table[100].lease_owner = Some("dead".into());
+        table[100].lease_counter += 2;
+        let t1 = t0 + Duration::from_secs(1);
+        let plan = taker.leases_to_take(&table, "me", &held, t1, &cfg);
+        let live = taker.live_workers("me", t1, cfg.failover_time);
+        assert!(live.iter().any(|(w, _)| w == "dead"), "recently written: {live:?}");
+        assert!(
+            plan.assign.iter().all(|(_, w)| w != "dead"),
+            "not given x0: {:?}",
+            plan.assign
+        );
+        // Once it writes the lease itself, it is alive.
+        table[100].lease_counter += 1;
+        let plan = taker.leases_to_take(&table, "me", &held, t1 + Duration::from_secs(1), &cfg);
+        let given: Vec<&str> = plan.assign.iter().map(|(_, w)| w.as_str()).collect();
+        assert_eq!(given, ["dead"], "now the least loaded");
+    }
+
+    #[test]
+    fn a_worker_with_an_expired_lease_is_not_handed_leases() {
+        let cfg = LeaseManagementConfig::default();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let t0 = Instant::now();
+        // "dying" wrote d1 a moment after d0; "b" keeps writing.
+        let mut table = vec![
+            lease("me0", Some("me"), 1),
+            lease("me1", Some("me"), 1),
+            lease("b0", Some("b"), 1),
+            lease("b1", Some("b"), 1),
+            lease("d0", Some("dying"), 5),
+            lease("d1", Some("dying"), 5),
+        ];
+        let held = set(&["me0", "me1"]);
+        taker.leases_to_take(&table, "me", &held, t0, &cfg);
+        table[5].lease_counter = 6;
+        table[2].lease_counter = 2;
+        table[3].lease_counter = 2;
+        let t1 = t0 + Duration::from_secs(2);
+        taker.leases_to_take(&table, "me", &held, t1, &cfg);
+        // d0 has expired, d1 not yet: dying wrote recently and is the least loaded, but
+        // is not handed d0.
+        table[2].lease_counter = 3;
+        table[3].lease_counter = 3;
+        let plan = taker.leases_to_take(&table, "me", &held, t0 + cfg.failover_time, &cfg);
+        let given: Vec<(&str, &str)> = plan
+            .assign
+            .iter()
+            .map(|(l, w)| (l.lease_key.as_str(), w.as_str()))
+            .collect();
+        assert!(given.iter().all(|(_, w)| *w != "dying"), "{given:?}");
+        assert_eq!(keys(plan.take).len() + given.len(), 1, "d0 goes to me or b");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::config::{
     CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
 };
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
-use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker};
+use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker, SMALL_TABLE};
 use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
 use crate::leader::LeaderDecider;
 use crate::lease::{Lease, LeaseStore, TimedLeaseStore};
@@ -387,6 +387,7 @@ impl Scheduler {
                         leader = decider.is_leader(store.as_ref(), now) => leader,
                     };
                     taker.hand_out = leader && store.supports_leader_election();
+                    taker.defer_balancing = !leader && store.supports_leader_election();
                     if leader || scans.due(now) {
                         if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
                             break;
@@ -610,6 +611,17 @@ impl Scheduler {
                 Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "assigning a lease failed"),
             }
         }
+        for (mut lease, to) in plan.rebalance {
+            let from = lease.lease_owner.clone();
+            match store.initiate_graceful_lease_handoff(&mut lease, &to).await {
+                Ok(true) => {
+                    info!(shard_id = %lease.lease_key, from = ?from, to = %to, "asked for a handoff to balance the load");
+                    taker.note_handed(&lease, &to);
+                }
+                Ok(false) => debug!(shard_id = %lease.lease_key, "lease changed before the handoff could be asked for"),
+                Err(e) => warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "asking for a handoff failed"),
+            }
+        }
         taker.short = plan.short;
         taker.table_size = leases.len();
         true
@@ -783,11 +795,6 @@ impl Workers {
 /// between it lists its own leases through the owner index.
 const FOLLOWER_FULL_READ_EVERY: u32 = 5;
 
-/// Up to this many leases, a full read is one `Scan` page, costs DynamoDB about what the
-/// owner index query costs, and every worker reads the whole table at every pass: each
-/// then judges expiry as precisely as the leader.
-const SMALL_TABLE: usize = 100;
-
 /// When a worker that is not the leader reads the whole table next.
 #[derive(Debug)]
 struct FullScans {
@@ -859,7 +866,8 @@ async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordina
 const MAX_CONCURRENT_TAKES: usize = 16;
 
 /// How often a lease being handed to this worker is read, to start it as soon as the
-/// old owner has handed it over.
+/// old owner has handed it over (for up to four watched leases; proportionally less
+/// often for more, at most every 5 s).
 const HANDOFF_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Leases being handed to this worker: each is read every [`HANDOFF_POLL_INTERVAL`]
@@ -933,7 +941,9 @@ impl IncomingHandoffs {
                 }
             }
         }
-        self.next_poll = (!self.watched.is_empty()).then(|| Instant::now() + HANDOFF_POLL_INTERVAL);
+        // Each watched lease is one read per poll: with many, poll less often.
+        let every = HANDOFF_POLL_INTERVAL * u32::try_from(self.watched.len().div_ceil(4)).unwrap_or(u32::MAX).max(1);
+        self.next_poll = (!self.watched.is_empty()).then(|| Instant::now() + every.min(Duration::from_secs(5)));
     }
 }
 
