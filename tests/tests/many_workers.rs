@@ -711,3 +711,91 @@ async fn lease_table_faults_never_let_two_workers_process_a_shard_at_once() -> a
     eprintln!("longest overlap after a steal: {worst_steal_overlap:?}");
     Ok(())
 }
+
+/// Publishers that never deliver: the test below is about leases alone, and 120 shards
+/// polled by a debug build would only load the machine.
+#[derive(Debug)]
+struct SilentRetrieval;
+
+#[async_trait::async_trait]
+impl kcl_core::RetrievalFactory for SilentRetrieval {
+    fn start(&self, start: kcl_core::retrieval::PublisherStart) -> kcl_core::RecordsPublisher {
+        let (sink, publisher) = kcl_core::RecordsPublisher::channel(kcl_core::retrieval::PrefetchLimits {
+            max_batches: 1,
+            max_records: 1,
+            max_bytes: 1,
+        });
+        tokio::spawn(async move {
+            start.cancel.cancelled().await;
+            drop(sink);
+        });
+        publisher
+    }
+}
+
+/// Issue 11: a table of more than 100 leases is balanced by the leader, which asks the
+/// most loaded workers for graceful handoffs to the least loaded (a joining worker asks
+/// for one lease itself, then waits for the leader). Two workers hold 60 leases each; a
+/// third joins and gets its 40 within 12 s (asking one lease per pass itself, as in a
+/// small table, would take 40 passes and 40 handoffs), every move is a handoff (no
+/// `lease_lost`), and the spread then stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_table_is_balanced_by_the_leaders_handoffs() -> anyhow::Result<()> {
+    let env = TestEnv::start(120).await?;
+    let recorders = [Recorder::default(), Recorder::default(), Recorder::default()];
+    let start = |worker: &str, recorder: &Recorder| -> anyhow::Result<_> {
+        let recorder = recorder.clone();
+        let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+        lease.lease_taking_interval = Duration::from_millis(500);
+        Ok(spawn(
+            Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store())
+                .lease_config(lease)
+                .worker_id(worker)
+                .initial_position(InitialPositionInStream::TrimHorizon)
+                .retrieval_factory(SilentRetrieval)
+                .processor_factory(move |shard: &str| {
+                    RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::Never)
+                })
+                .build()?,
+        ))
+    };
+    let store = env.lease_store();
+    let a = start("a", &recorders[0])?;
+    let b = start("b", &recorders[1])?;
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [60, 60]).await?;
+
+    let joined = Instant::now();
+    let c = start("c", &recorders[2])?;
+    let balanced = poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [40, 40, 40]).await?;
+    let took = joined.elapsed();
+    eprintln!("40/40/40 after {took:?}");
+    assert!(took < Duration::from_secs(12), "balanced after {took:?}");
+    // Nothing moves once balanced (three lease-taking passes).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let owners: BTreeMap<String, Option<String>> = store
+        .list_leases()
+        .await?
+        .into_iter()
+        .map(|l| (l.lease_key, l.lease_owner))
+        .collect();
+    assert_eq!(owners, balanced, "no moves once balanced");
+    for r in &recorders {
+        assert_eq!(
+            count(r, |e| matches!(e, Event::LeaseLost { .. })),
+            0,
+            "handoffs, not losses"
+        );
+    }
+    assert!(
+        count(&recorders[0], |e| matches!(e, Event::ShutdownRequested { .. }))
+            + count(&recorders[1], |e| matches!(e, Event::ShutdownRequested { .. }))
+            >= 40,
+        "c's leases came by handoffs"
+    );
+    stop(c).await?;
+    stop(b).await?;
+    stop(a).await?;
+    Ok(())
+}
