@@ -342,6 +342,40 @@ async fn renew_recognises_its_own_applied_write() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Issue 11: `throughputKBps` is written as the Java KCL 3.x writes it (a number, with
+/// renewals) and with checkpoints, left alone by writes that do not know it, and read
+/// back.
+#[tokio::test]
+async fn throughput_is_written_with_renewals_and_checkpoints_and_kept_by_other_writes() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    let mut lease = f
+        .create_and_read(&Lease::new(shard(0), ExtendedSequenceNumber::LATEST))
+        .await?;
+    assert!(f.store.take_lease(&mut lease, "worker-a").await?);
+    assert!(!f.get_raw(&shard(0)).await?.contains_key("throughputKBps"));
+
+    lease.throughput_kbps = Some(12.5);
+    assert!(f.store.renew_lease(&mut lease).await?);
+    match f.get_raw(&shard(0)).await?.get("throughputKBps") {
+        Some(AttributeValue::N(v)) => assert_eq!(v.parse::<f64>()?, 12.5),
+        other => anyhow::bail!("throughputKBps is not a number: {other:?}"),
+    }
+    lease.throughput_kbps = Some(40.0);
+    lease.checkpoint = seq("49590338271490256608559692538361571095921575989136588898")?;
+    assert!(f.store.update_lease_checkpoint(&mut lease).await?);
+    // A write that does not measure throughput (a take by another worker) keeps it.
+    let mut theirs = f.store.get_lease(&shard(0)).await?.context("lease")?;
+    assert_eq!(theirs.throughput_kbps, Some(40.0));
+    theirs.throughput_kbps = None;
+    assert!(f.store.take_lease(&mut theirs, "worker-b").await?);
+    assert!(f.store.renew_lease(&mut theirs).await?);
+    let stored = f.store.get_lease(&shard(0)).await?.context("lease")?;
+    assert_eq!(stored.throughput_kbps, Some(40.0));
+    assert!(stored.is_owned_by("worker-b"));
+    f.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn evict_clears_the_owner_only_for_the_owner_seen() -> anyhow::Result<()> {
     let f = Fixture::with_table().await?;

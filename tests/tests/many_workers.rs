@@ -799,3 +799,134 @@ async fn a_large_table_is_balanced_by_the_leaders_handoffs() -> anyhow::Result<(
     stop(a).await?;
     Ok(())
 }
+
+/// Issue 11: balancing by throughput. Of four shards, one carries about forty times
+/// what each other does. A second worker joins a worker holding all four: it ends up
+/// with the hot shard alone, the first with the three quiet ones (counting leases would
+/// give two each), every lease carries a `throughputKBps`, and the moves are handoffs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_by_throughput_gives_a_hot_shard_a_worker_of_its_own() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    // The lower end of each shard's quarter of the hash key space.
+    let quarter = 1u128 << 126;
+    let hash_keys: Vec<String> = (0..4u128).map(|i| (i * quarter).to_string()).collect();
+    let stop_producing = CancellationToken::new();
+    let producer = {
+        let (kinesis, stream, stop) = (env.kinesis.clone(), env.stream.clone(), stop_producing.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let mut entries = Vec::new();
+                for (i, hash_key) in hash_keys.iter().enumerate() {
+                    let (count, size) = if i == 0 { (10, 1024) } else { (1, 256) };
+                    for _ in 0..count {
+                        entries.push(
+                            aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                                .partition_key("k")
+                                .explicit_hash_key(hash_key)
+                                .data(aws_sdk_kinesis::primitives::Blob::new(vec![b'x'; size]))
+                                .build()?,
+                        );
+                    }
+                }
+                kinesis
+                    .put_records()
+                    .stream_name(&stream)
+                    .set_records(Some(entries))
+                    .send()
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let recorders = [Recorder::default(), Recorder::default()];
+    let start = |worker: &str, recorder: &Recorder| -> anyhow::Result<_> {
+        let recorder = recorder.clone();
+        let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+        lease.lease_taking_interval = Duration::from_millis(500);
+        lease.lease_balancing = kcl_core::LeaseBalancing::Throughput;
+        Ok(spawn(
+            fast_config(
+                Scheduler::builder(env.stream.clone())
+                    .kinesis_client(env.kinesis.clone())
+                    .lease_store(env.lease_store()),
+            )
+            .lease_config(lease)
+            .worker_id(worker)
+            .initial_position(InitialPositionInStream::TrimHorizon)
+            .processor_factory(move |shard: &str| {
+                RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+            })
+            .build()?,
+        ))
+    };
+    let store = env.lease_store();
+    let a = start("a", &recorders[0])?;
+    recorders[0]
+        .wait_until("a runs all four", WAIT, |s| {
+            s.count(|e| matches!(e, Event::Initialized { .. })) == 4
+        })
+        .await?;
+    let b = start("b", &recorders[1])?;
+    let hot = "shardId-000000000000";
+    let deadline = Instant::now() + WAIT;
+    let leases = loop {
+        let leases = store.list_leases().await?;
+        let hot_owner = leases
+            .iter()
+            .find(|l| l.lease_key == hot)
+            .and_then(|l| l.lease_owner.clone());
+        let with_hot = leases.iter().filter(|l| l.lease_owner == hot_owner).count();
+        let settled = leases
+            .iter()
+            .all(|l| l.lease_owner.is_some() && l.checkpoint_owner.is_none() && l.throughput_kbps.is_some());
+        if with_hot == 1 && settled {
+            break leases;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not balanced by throughput: {:?}",
+            leases
+                .iter()
+                .map(|l| (&l.lease_key, &l.lease_owner, l.throughput_kbps))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    // It stays so (counting leases, a 3/1 spread would go on to 2/2 at the next pass).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let owners = |leases: &[kcl_core::Lease]| -> BTreeMap<String, Option<String>> {
+        leases
+            .iter()
+            .map(|l| (l.lease_key.clone(), l.lease_owner.clone()))
+            .collect()
+    };
+    assert_eq!(
+        owners(&store.list_leases().await?),
+        owners(&leases),
+        "no moves once balanced"
+    );
+    let kbps = |key: &str| {
+        leases
+            .iter()
+            .find(|l| l.lease_key == key)
+            .and_then(|l| l.throughput_kbps)
+    };
+    let hot_kbps = kbps(hot).context("the hot shard's throughput is recorded")?;
+    for quiet in leases.iter().filter(|l| l.lease_key != hot) {
+        let q = quiet.throughput_kbps.context("every lease's throughput is recorded")?;
+        assert!(hot_kbps > 10.0 * q, "hot {hot_kbps} KB/s, {} {q} KB/s", quiet.lease_key);
+    }
+    for r in &recorders {
+        assert_eq!(
+            count(r, |e| matches!(e, Event::LeaseLost { .. })),
+            0,
+            "handoffs, not losses"
+        );
+    }
+    stop_producing.cancel();
+    producer.await??;
+    stop(b).await?;
+    stop(a).await?;
+    Ok(())
+}

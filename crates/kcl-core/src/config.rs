@@ -70,6 +70,25 @@ pub struct LeaseManagementConfig {
     /// takes the lease anyway (the old owner's processor then gets `lease_lost`). The
     /// Java KCL 3.x's `gracefulLeaseHandoffTimeoutMillis`. Default 30 s.
     pub graceful_lease_handoff_timeout: Duration,
+    /// What balancing evens out between workers: the number of leases (the default,
+    /// as the Java KCL 2.x), or their throughput (`throughputKBps`, which every worker
+    /// records on its leases; closer to the Java KCL 3.x's load-based assignment).
+    pub lease_balancing: LeaseBalancing,
+}
+
+/// What lease balancing evens out between workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LeaseBalancing {
+    /// Every worker holds about as many leases as the others.
+    #[default]
+    LeaseCount,
+    /// Every worker reads about as many kilobytes a second as the others, within 10 %:
+    /// a hot shard counts as many quiet ones. A lease's weight is its `throughputKBps`
+    /// (at least a twentieth of the mean, since an idle shard still costs a consumer);
+    /// leases without one weigh the mean. Moves are graceful handoffs.
+    Throughput,
 }
 
 impl Default for LeaseManagementConfig {
@@ -93,6 +112,7 @@ impl LeaseManagementConfig {
             lease_table_scan_timeout: Duration::from_secs(30),
             completed_lease_cleanup_delay: Duration::from_secs(300),
             graceful_lease_handoff_timeout: Duration::from_secs(30),
+            lease_balancing: LeaseBalancing::LeaseCount,
         }
     }
 

@@ -433,6 +433,8 @@ impl ShardConsumer {
             checkpointer.set_last_delivered(last_delivered.clone());
         }
         let count = records.len();
+        self.held
+            .record_bytes(records.iter().map(|r| r.data.len() as u64).sum());
         let result = self
             .call_with_policy("process_records", true, |p| {
                 let input = ProcessRecordsInput {

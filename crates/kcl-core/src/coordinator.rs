@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::LeaseManagementConfig;
+use crate::config::{LeaseBalancing, LeaseManagementConfig};
 use crate::error::{ErrorChain, LeaseStoreError};
 use crate::lease::{Lease, LeaseStore};
 use crate::metrics;
@@ -61,6 +61,35 @@ pub(crate) struct HeldLease {
     /// Cancelled when the shard consumer should shut down gracefully: the lease is being
     /// handed to another worker, or the scheduler shuts down.
     pub(crate) shutdown_requested: CancellationToken,
+    /// The bytes read from the shard, for the lease's `throughputKBps`.
+    throughput: Mutex<Throughput>,
+}
+
+/// The read throughput of one shard, sampled at each lease write: the rate since the
+/// previous sample, smoothed (the mean of the new rate and the previous estimate).
+#[derive(Debug)]
+struct Throughput {
+    bytes: u64,
+    since: Instant,
+    kbps: Option<f64>,
+}
+
+impl Throughput {
+    /// Samples are at least this far apart: a write soon after another keeps the
+    /// estimate (and its bytes count towards the next sample).
+    const MIN_SAMPLE: Duration = Duration::from_secs(1);
+
+    fn sample(&mut self, now: Instant) -> Option<f64> {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= Self::MIN_SAMPLE {
+            #[allow(clippy::cast_precision_loss)] // bytes in a sample fit an f64 exactly enough
+            let rate = self.bytes as f64 / 1024.0 / elapsed.as_secs_f64();
+            self.kbps = Some(self.kbps.map_or(rate, |previous| (previous + rate) / 2.0));
+            self.bytes = 0;
+            self.since = now;
+        }
+        self.kbps
+    }
 }
 
 impl HeldLease {
@@ -75,7 +104,22 @@ impl HeldLease {
             next_renewal: Mutex::new(sent + first),
             lost: CancellationToken::new(),
             shutdown_requested: CancellationToken::new(),
+            throughput: Mutex::new(Throughput {
+                bytes: 0,
+                since: sent,
+                kbps: None,
+            }),
         }
+    }
+
+    /// Counts `bytes` of record data read from the shard.
+    pub(crate) fn record_bytes(&self, bytes: u64) {
+        lock(&self.throughput).bytes += bytes;
+    }
+
+    /// The shard's recent read throughput in KB/s, for the next write of the lease.
+    fn sample_throughput(&self, now: Instant) -> Option<f64> {
+        lock(&self.throughput).sample(now)
     }
 
     /// Records a successful write sent at `sent` (a renewal or a checkpoint, which
@@ -258,6 +302,7 @@ impl LeaseCoordinator {
             let mut guard = held.lease.lock().await;
             let mut next = guard.clone();
             let sent = Instant::now();
+            next.throughput_kbps = held.sample_throughput(sent).or(next.throughput_kbps);
             outcome = match self.store.renew_lease(&mut next).await {
                 Ok(true) => {
                     *guard = next;
@@ -429,6 +474,7 @@ impl LeaseCoordinator {
             change(&mut next)?;
             let expected_counter = next.lease_counter;
             let sent = Instant::now();
+            next.throughput_kbps = held.sample_throughput(sent).or(next.throughput_kbps);
             // A write never outlives the proof of ownership: past that point another
             // worker may own the lease, and this worker must already have stopped.
             let Some(provable) = self.provable_ownership_left(held) else {
@@ -843,26 +889,57 @@ impl LeaseTaker {
         let mut expired = Vec::new();
         let mut load: HashMap<&str, usize> = HashMap::new();
         load.insert(worker_id, 0);
+        // The same, weighed by throughput (used when balancing by throughput).
+        let weigh = Weigher::new(&live);
+        let mut weighed: HashMap<&str, f64> = HashMap::new();
+        weighed.insert(worker_id, 0.0);
         for lease in &live {
-            if held.contains(&lease.lease_key) {
-                *load.entry(worker_id).or_default() += 1;
+            let counted_for = if held.contains(&lease.lease_key) {
+                Some(worker_id)
             } else if self.is_expired(lease, now, failover) {
                 expired.push((*lease).clone());
+                None
             } else if lease.is_owned_by(worker_id) {
                 // Given to this worker (by a handoff, an assignment, or an earlier
                 // process with its id): it counts as ours.
-                *load.entry(worker_id).or_default() += 1;
                 if lease.is_handoff_pending() {
                     plan.incoming.push((*lease).clone());
                 } else {
                     plan.take.push((*lease).clone());
                 }
-            } else if let Some(owner) = lease.lease_owner.as_deref().filter(|o| alive.contains(o)) {
+                Some(worker_id)
+            } else {
+                lease.lease_owner.as_deref().filter(|o| alive.contains(o))
+            };
+            if let Some(owner) = counted_for {
                 *load.entry(owner).or_default() += 1;
+                *weighed.entry(owner).or_default() += weigh.weight(lease);
             }
         }
         let workers = load.len();
         plan.cautious = workers == 1 && expired.len() > 1;
+        if config.lease_balancing == LeaseBalancing::Throughput {
+            let mine = load.get(worker_id).copied().unwrap_or(0);
+            let context = Weighed {
+                live: &live,
+                alive: &alive,
+                me: worker_id,
+                weigh: &weigh,
+                room: config.max_leases_for_worker.saturating_sub(mine),
+            };
+            let defer = self.defer_balancing && leader_balances && mine > 0;
+            context.plan(
+                &mut plan,
+                weighed,
+                expired,
+                self.hand_out,
+                leader_balances,
+                defer,
+                config,
+            );
+            plan.short = !plan.take.is_empty() || !plan.steal.is_empty();
+            return plan;
+        }
         let target = live.len().div_ceil(workers).min(config.max_leases_for_worker);
         let mine = load.get(worker_id).copied().unwrap_or(0);
         let needed = target.saturating_sub(mine);
@@ -918,6 +995,194 @@ impl LeaseTaker {
         plan.short = !theirs.is_empty();
         plan.steal = theirs;
         plan
+    }
+}
+
+/// How much more than the mean throughput a worker may carry before leases are moved
+/// from it (balancing by throughput): measurements move, and a move costs a handoff.
+const THROUGHPUT_TOLERANCE: f64 = 0.1;
+
+/// The weight of a lease when balancing by throughput: its `throughputKBps`, at least a
+/// twentieth of the mean of the leases that have one (an idle shard still costs a
+/// consumer); a lease without one weighs the mean. With no throughput known at all,
+/// every lease weighs 1 and balancing counts leases.
+#[derive(Debug)]
+struct Weigher {
+    mean: f64,
+}
+
+impl Weigher {
+    fn new(live: &[&Lease]) -> Self {
+        let known: Vec<f64> = live
+            .iter()
+            .filter_map(|l| l.throughput_kbps)
+            .filter(|t| *t > 0.0)
+            .collect();
+        #[allow(clippy::cast_precision_loss)] // a count of leases
+        let mean = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        Self { mean }
+    }
+
+    fn weight(&self, lease: &Lease) -> f64 {
+        lease
+            .throughput_kbps
+            .filter(|t| *t > 0.0)
+            .map_or(self.mean, |t| t.max(self.mean / 20.0))
+    }
+}
+
+/// One pass's view of the fleet when balancing by throughput.
+struct Weighed<'a> {
+    live: &'a [&'a Lease],
+    alive: &'a HashSet<&'a str>,
+    me: &'a str,
+    weigh: &'a Weigher,
+    /// How many more leases this worker may hold (`max_leases_for_worker`).
+    room: usize,
+}
+
+impl<'a> Weighed<'a> {
+    /// Fills `plan` as [`LeaseTaker::leases_to_take`] does, with loads weighed by
+    /// throughput: unowned and expired leases are taken until this worker carries the
+    /// mean (the leader hands the rest to the least loaded); with none, a lease moves by
+    /// a graceful handoff from a worker carrying more than the mean plus
+    /// [`THROUGHPUT_TOLERANCE`] to the least loaded (this worker, or for the leader of
+    /// a large table any worker) when that lowers the higher of the two loads.
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        &self,
+        plan: &mut TakePlan,
+        mut load: HashMap<&'a str, f64>,
+        mut expired: Vec<Lease>,
+        hand_out: bool,
+        leader_balances: bool,
+        defer: bool,
+        config: &LeaseManagementConfig,
+    ) {
+        use rand::seq::SliceRandom;
+        let total: f64 = self.live.iter().map(|l| self.weigh.weight(l)).sum();
+        #[allow(clippy::cast_precision_loss)] // a count of workers
+        let mean = total / load.len() as f64;
+        let ceiling = mean * (1.0 + THROUGHPUT_TOLERANCE);
+        let mut mine = load.get(self.me).copied().unwrap_or(0.0);
+        if !expired.is_empty() {
+            expired.shuffle(&mut rand::rng());
+            let mut rest = Vec::new();
+            for lease in expired {
+                if mine < mean && plan.take.len() < self.room {
+                    mine += self.weigh.weight(&lease);
+                    plan.take.push(lease);
+                } else {
+                    rest.push(lease);
+                }
+            }
+            if hand_out {
+                load.insert(self.me, mine);
+                plan.assign = self.hand_out(rest, &load);
+            }
+            return;
+        }
+        if hand_out && leader_balances {
+            plan.rebalance = self.moves(&mut load, None, (self.live.len() / 20).max(1), ceiling);
+        } else if mine < mean && !defer && self.room > 0 {
+            let moves = self.moves(
+                &mut load,
+                Some(self.me),
+                config.max_leases_to_steal_at_one_time.min(self.room),
+                ceiling,
+            );
+            plan.steal = moves.into_iter().map(|(lease, _)| lease).collect();
+        }
+    }
+
+    /// Up to `cap` moves, each of one lease (not already being handed over) from the
+    /// most loaded live worker, when it carries more than `ceiling`, to `to` (or the
+    /// least loaded): the lease that best evens the two out among those that lower
+    /// the higher of their loads.
+    fn moves(
+        &self,
+        load: &mut HashMap<&'a str, f64>,
+        to: Option<&'a str>,
+        cap: usize,
+        ceiling: f64,
+    ) -> Vec<(Lease, String)> {
+        let mut movable: HashMap<&str, Vec<&Lease>> = HashMap::new();
+        for lease in self.live {
+            if let Some(owner) = lease.lease_owner.as_deref() {
+                if !lease.is_handoff_pending() && (owner == self.me || self.alive.contains(owner)) {
+                    movable.entry(owner).or_default().push(lease);
+                }
+            }
+        }
+        let mut moves = Vec::new();
+        while moves.len() < cap {
+            let most = load
+                .iter()
+                .filter(|(w, _)| Some(**w) != to)
+                .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
+                .map(|(w, n)| (*w, *n));
+            let fewest = match to {
+                Some(me) => Some((me, load.get(me).copied().unwrap_or(0.0))),
+                None => load
+                    .iter()
+                    .min_by(|a, b| a.1.total_cmp(b.1).then_with(|| a.0.cmp(b.0)))
+                    .map(|(w, n)| (*w, *n)),
+            };
+            let (Some((giver, high)), Some((taker, low))) = (most, fewest) else {
+                break;
+            };
+            if giver == taker || high <= ceiling {
+                break;
+            }
+            let gap = high - low;
+            let Some(candidates) = movable.get_mut(giver) else {
+                break;
+            };
+            let best = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i, self.weigh.weight(l)))
+                .filter(|(_, w)| *w < gap)
+                .min_by(|a, b| (a.1 - gap / 2.0).abs().total_cmp(&(b.1 - gap / 2.0).abs()));
+            let Some((index, weight)) = best else {
+                break;
+            };
+            let lease = candidates.swap_remove(index);
+            load.insert(giver, high - weight);
+            load.insert(taker, low + weight);
+            moves.push((lease.clone(), taker.to_owned()));
+        }
+        if !moves.is_empty() {
+            info!(
+                moves = moves.len(),
+                mean = ceiling / (1.0 + THROUGHPUT_TOLERANCE),
+                "moving leases to balance throughput"
+            );
+        }
+        moves
+    }
+
+    /// Assigns `leases` one by one to the least loaded live worker other than this one.
+    fn hand_out(&self, leases: Vec<Lease>, load: &HashMap<&str, f64>) -> Vec<(Lease, String)> {
+        let mut others: Vec<(&str, f64)> = load
+            .iter()
+            .filter(|(w, _)| **w != self.me)
+            .map(|(w, n)| (*w, *n))
+            .collect();
+        others.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::new();
+        for lease in leases {
+            let Some(least) = others.iter_mut().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+                break;
+            };
+            least.1 += self.weigh.weight(&lease);
+            out.push((lease, least.0.to_owned()));
+        }
+        out
     }
 }
 
@@ -1399,6 +1664,112 @@ mod tests {
             .collect();
         assert!(given.iter().all(|(_, w)| *w != "dying"), "{given:?}");
         assert_eq!(keys(plan.take).len() + given.len(), 1, "d0 goes to me or b");
+    }
+
+    fn by_throughput() -> LeaseManagementConfig {
+        LeaseManagementConfig {
+            lease_balancing: LeaseBalancing::Throughput,
+            ..LeaseManagementConfig::default()
+        }
+    }
+
+    fn with_throughput(mut lease: Lease, kbps: f64) -> Lease {
+        lease.throughput_kbps = Some(kbps);
+        lease
+    }
+
+    #[test]
+    fn balancing_by_throughput_counts_a_hot_shard_as_many_quiet_ones() {
+        let cfg = by_throughput();
+        let now = Instant::now();
+        let table = vec![
+            with_throughput(lease("hot", Some("a"), 1), 1000.0),
+            with_throughput(lease("q1", Some("a"), 1), 100.0),
+            with_throughput(lease("q2", Some("me"), 1), 100.0),
+            with_throughput(lease("q3", Some("me"), 1), 100.0),
+        ];
+        // a carries 1,100 KB/s, this worker 200: the mean is 650. Moving the hot shard
+        // would not lower the higher load; moving q1 does.
+        let plan = LeaseTaker::default().leases_to_take(&table, "me", &set(&["q2", "q3"]), now, &cfg);
+        assert_eq!(keys(plan.steal), ["q1"]);
+        // Then a carries 1,000 and this worker 300: the only move left (the hot shard)
+        // would not help, so nothing moves.
+        let mut table = table;
+        table[1].lease_owner = Some("me".into());
+        let plan = LeaseTaker::default().leases_to_take(&table, "me", &set(&["q1", "q2", "q3"]), now, &cfg);
+        assert!(plan.steal.is_empty() && plan.take.is_empty(), "{plan:?}");
+        // Counting leases, the same table is balanced the other way: 1 against 3.
+        let plan =
+            LeaseTaker::default().leases_to_take(&table, "a", &set(&["hot"]), now, &LeaseManagementConfig::default());
+        assert_eq!(plan.steal.len(), 1);
+    }
+
+    #[test]
+    fn balancing_by_throughput_without_measurements_counts_leases() {
+        let cfg = by_throughput();
+        let now = Instant::now();
+        let mut table = owned("a", "a", 4);
+        table.extend(owned("b", "b", 2));
+        table.extend(owned("me", "me", 2));
+        let plan = LeaseTaker::default().leases_to_take(&table, "me", &set(&["me0", "me1"]), now, &cfg);
+        assert_eq!(plan.steal.len(), 1, "4/2/2 becomes 3/2/3");
+        assert_eq!(plan.steal[0].lease_owner.as_deref(), Some("a"));
+        // 3/3/2: nothing to gain.
+        let mut table = owned("a", "a", 3);
+        table.extend(owned("b", "b", 3));
+        table.extend(owned("me", "me", 2));
+        let plan = LeaseTaker::default().leases_to_take(&table, "me", &set(&["me0", "me1"]), now, &cfg);
+        assert!(plan.steal.is_empty());
+    }
+
+    #[test]
+    fn balancing_by_throughput_takes_expired_leases_up_to_the_mean_and_the_leader_hands_out_the_rest() {
+        let cfg = by_throughput();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let now = Instant::now();
+        let mut table = vec![
+            with_throughput(lease("b0", Some("b"), 1), 300.0),
+            with_throughput(lease("x0", None, 1), 300.0),
+            with_throughput(lease("x1", None, 1), 100.0),
+            with_throughput(lease("x2", None, 1), 100.0),
+            with_throughput(lease("x3", None, 1), 100.0),
+        ];
+        table.push(with_throughput(lease("x4", None, 1), 100.0));
+        // 1,000 KB/s over two workers: this one takes until it carries 500, b gets
+        // the rest.
+        let plan = taker.leases_to_take(&table, "me", &none(), now, &cfg);
+        let taken: f64 = plan.take.iter().filter_map(|l| l.throughput_kbps).sum();
+        assert!((500.0..800.0).contains(&taken), "took {taken} KB/s");
+        assert!(plan.assign.iter().all(|(_, w)| w == "b"));
+        assert_eq!(plan.take.len() + plan.assign.len(), 5);
+    }
+
+    #[test]
+    fn the_leader_of_a_large_table_moves_throughput_from_the_busiest_workers() {
+        let cfg = by_throughput();
+        let mut taker = LeaseTaker {
+            hand_out: true,
+            ..LeaseTaker::default()
+        };
+        let now = Instant::now();
+        // 120 leases of 10 KB/s, 40 each, but a's are 30 KB/s: a carries 1,200 KB/s,
+        // b and me 400 each.
+        let mut table: Vec<Lease> = owned("a", "a", 40)
+            .into_iter()
+            .map(|l| with_throughput(l, 30.0))
+            .collect();
+        table.extend(owned("b", "b", 40).into_iter().map(|l| with_throughput(l, 10.0)));
+        table.extend(owned("me", "me", 40).into_iter().map(|l| with_throughput(l, 10.0)));
+        let held: HashSet<String> = (0..40).map(|i| format!("me{i}")).collect();
+        let plan = taker.leases_to_take(&table, "me", &held, now, &cfg);
+        assert_eq!(plan.rebalance.len(), 6, "one move per 20 leases per pass");
+        for (lease, to) in &plan.rebalance {
+            assert_eq!(lease.lease_owner.as_deref(), Some("a"));
+            assert!(to == "b" || to == "me", "{to}");
+        }
     }
 
     #[test]

@@ -53,8 +53,14 @@ pub struct Lease {
     pub child_shard_ids: BTreeSet<String>,
     /// `startingHashKey` / `endingHashKey`.
     pub hash_key_range: Option<HashKeyRange>,
-    /// `checkpointOwner`: the worker a graceful handoff is addressed to, if any.
+    /// `checkpointOwner`: during a graceful handoff, the worker handing the lease over
+    /// (it keeps processing and checkpointing until it completes the handoff, while
+    /// `lease_owner` names the receiver); `None` otherwise.
     pub checkpoint_owner: Option<String>,
+    /// `throughputKBps`: the kilobytes a second its owner recently read from the shard,
+    /// as the Java KCL 3.x records it; written with renewals and checkpoints, `None`
+    /// until a worker has measured it.
+    pub throughput_kbps: Option<f64>,
 }
 
 impl Lease {
@@ -72,6 +78,7 @@ impl Lease {
             child_shard_ids: BTreeSet::new(),
             hash_key_range: None,
             checkpoint_owner: None,
+            throughput_kbps: None,
         }
     }
 

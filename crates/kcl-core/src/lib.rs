@@ -76,8 +76,8 @@ mod shard_sync;
 
 pub use checkpoint::{Checkpointer, PreparedCheckpointer};
 pub use config::{
-    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, OnProcessorFailure, ProcessorErrorPolicy,
-    RetrievalConfig,
+    CoordinatorConfig, InitialPositionInStream, LeaseBalancing, LeaseManagementConfig, OnProcessorFailure,
+    ProcessorErrorPolicy, RetrievalConfig,
 };
 pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};

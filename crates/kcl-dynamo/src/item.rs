@@ -16,12 +16,13 @@
 //! | `parentShardId`, `childShardIds` | SS | absent when empty (a DynamoDB set cannot be empty) |
 //! | `startingHashKey`, `endingHashKey` | S | optional |
 //! | `checkpointOwner` | S | optional (graceful handoff) |
+//! | `throughputKBps` | N | optional, a decimal (written with renewals and checkpoints) |
 //!
 //! An item is a lease when it has `leaseKey` as a string and a `checkpoint` attribute;
 //! anything else sharing the table is not ours and is skipped. A lease item whose
 //! attribute cannot be read is [`LeaseStoreError::CorruptLease`], naming the attribute.
-//! Attributes this crate does not know (the Java KCL writes a few more, such as
-//! `throughputKBps`) are ignored.
+//! Attributes this crate does not know (the Java KCL 3.x writes a few more, such as
+//! `isMarkedForLeaseSteal`) are ignored and left as they are.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -62,6 +63,8 @@ pub(crate) const STARTING_HASH_KEY: &str = "startingHashKey";
 pub(crate) const ENDING_HASH_KEY: &str = "endingHashKey";
 /// `checkpointOwner` (S).
 pub(crate) const CHECKPOINT_OWNER: &str = "checkpointOwner";
+/// `throughputKBps` (N, a decimal).
+pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
 
 /// A string attribute value.
 pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
@@ -71,6 +74,14 @@ pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
 /// A number attribute value.
 pub(crate) fn n(value: u64) -> AttributeValue {
     AttributeValue::N(value.to_string())
+}
+
+/// A decimal number attribute value (`throughputKBps`), rounded to three decimals;
+/// `None` for a value DynamoDB cannot store (not finite).
+pub(crate) fn decimal(value: f64) -> Option<AttributeValue> {
+    value
+        .is_finite()
+        .then(|| AttributeValue::N(format!("{:.3}", value.max(0.0))))
 }
 
 /// A string-set attribute value; `None` for an empty set, which DynamoDB cannot store.
@@ -125,6 +136,9 @@ pub(crate) fn lease_to_item(lease: &Lease) -> Item {
     if let Some(checkpoint_owner) = &lease.checkpoint_owner {
         put(CHECKPOINT_OWNER, s(checkpoint_owner));
     }
+    if let Some(throughput) = lease.throughput_kbps.and_then(decimal) {
+        put(THROUGHPUT_KBPS, throughput);
+    }
     item
 }
 
@@ -175,6 +189,12 @@ pub(crate) fn item_to_lease(item: &Item) -> Result<Option<Lease>, LeaseStoreErro
     lease.child_shard_ids = reader.string_set(CHILD_SHARD_IDS)?;
     lease.hash_key_range = reader.hash_key_range()?;
     lease.checkpoint_owner = reader.string(CHECKPOINT_OWNER)?.map(str::to_owned);
+    // Advisory: an unreadable value is dropped (the next renewal rewrites it) rather
+    // than making the lease unreadable.
+    lease.throughput_kbps = reader.f64(THROUGHPUT_KBPS).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ignoring an unreadable throughputKBps");
+        None
+    });
     Ok(Some(lease))
 }
 
@@ -223,6 +243,19 @@ impl<'a> Reader<'a> {
                 .parse::<u64>()
                 .map(Some)
                 .map_err(|_| self.corrupt(attribute, format!("{value:?} is not a non-negative integer"))),
+            Some(other) => Err(self.wrong_type(attribute, "N", other)),
+        }
+    }
+
+    fn f64(&self, attribute: &str) -> Result<Option<f64>, LeaseStoreError> {
+        match self.optional(attribute) {
+            None => Ok(None),
+            Some(AttributeValue::N(value)) => value
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.corrupt(attribute, format!("{value:?} is not a number"))),
             Some(other) => Err(self.wrong_type(attribute, "N", other)),
         }
     }
@@ -323,6 +356,7 @@ mod tests {
         lease.owner_switches_since_checkpoint = 3;
         lease.child_shard_ids = ["shardId-000000000007".to_owned()].into_iter().collect();
         lease.checkpoint_owner = Some("worker-b".to_owned());
+        lease.throughput_kbps = Some(12.25);
         lease
     }
 
@@ -419,6 +453,7 @@ mod tests {
             ["shardId-000000000000".to_owned()].into_iter().collect()
         );
         assert!(lease.child_shard_ids.is_empty());
+        assert_eq!(lease.throughput_kbps, Some(12.5));
         assert_eq!(lease.pending_checkpoint, None);
         assert_eq!(
             lease.hash_key_range.map(|r| r.ending_hash_key),
@@ -475,6 +510,18 @@ mod tests {
         let mut bad_hash_key = base;
         bad_hash_key.insert(ENDING_HASH_KEY.to_owned(), s("ff"));
         assert_eq!(corrupt_attribute(&bad_hash_key).1, ENDING_HASH_KEY);
+    }
+
+    #[test]
+    fn an_unreadable_throughput_is_dropped_not_fatal() {
+        for value in [s("fast"), AttributeValue::N("NaN".to_owned())] {
+            let mut item = lease_to_item(&full_lease());
+            item.insert(THROUGHPUT_KBPS.to_owned(), value);
+            let lease = item_to_lease(&item).expect("readable").expect("a lease");
+            assert_eq!(lease.throughput_kbps, None);
+        }
+        assert_eq!(decimal(f64::INFINITY), None);
+        assert_eq!(decimal(1.0 / 3.0), Some(AttributeValue::N("0.333".to_owned())));
     }
 
     #[test]

@@ -586,6 +586,9 @@ impl LeaseStore for DynamoLeaseStore {
         let next = next_counter(lease)?;
         let mut update = Update::default();
         update.set(item::LEASE_COUNTER, n(next));
+        if let Some(throughput) = lease.throughput_kbps.and_then(item::decimal) {
+            update.set(item::THROUGHPUT_KBPS, throughput);
+        }
         update.expect_counter(lease.lease_counter);
         update.expect_owner(lease);
         match self
@@ -787,6 +790,9 @@ impl LeaseStore for DynamoLeaseStore {
         }
         if let Some(children) = item::ss(&lease.child_shard_ids) {
             update.set(item::CHILD_SHARD_IDS, children);
+        }
+        if let Some(throughput) = lease.throughput_kbps.and_then(item::decimal) {
+            update.set(item::THROUGHPUT_KBPS, throughput);
         }
         update.expect_counter(lease.lease_counter);
         update.expect_owner(lease);
