@@ -930,3 +930,128 @@ async fn balancing_by_throughput_gives_a_hot_shard_a_worker_of_its_own() -> anyh
     stop(a).await?;
     Ok(())
 }
+
+/// Issue 11: a worker shutting down announces its handoffs first and goes on
+/// processing until the receiver watches them, so that each of its shards goes
+/// unprocessed for well under a second (one handoff poll and the receiver's first read),
+/// not until the receiver's next lease-taking pass. Nothing is delivered twice, and the
+/// leaving worker's processors get `shutdown_requested`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_leaves_each_shard_unprocessed_for_under_a_second() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let stop_producing = CancellationToken::new();
+    let producer = spawn_producer(&env, stop_producing.clone());
+    let (leaving, staying) = (Recorder::default(), Recorder::default());
+    // Reading the table every 4 s: a receiver that learned of released leases only at
+    // its next pass would leave the shards unprocessed for up to that long.
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(10));
+    lease.lease_taking_interval = Duration::from_secs(4);
+    let start = |worker: &str, recorder: &Recorder| -> anyhow::Result<_> {
+        let recorder = recorder.clone();
+        Ok(spawn(
+            fast_config(
+                Scheduler::builder(env.stream.clone())
+                    .kinesis_client(env.kinesis.clone())
+                    .lease_store(env.lease_store()),
+            )
+            .lease_config(lease.clone())
+            .worker_id(worker)
+            .initial_position(InitialPositionInStream::TrimHorizon)
+            .processor_factory(move |shard: &str| {
+                RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+            })
+            .build()?,
+        ))
+    };
+    let leaving_worker = start("leaving", &leaving)?;
+    let staying_worker = start("staying", &staying)?;
+    let store = env.lease_store();
+    // Balanced (2/2, no handoff under way), and the leaving worker reads exactly the
+    // shards the table gives it.
+    let deadline = Instant::now() + WAIT;
+    let handed: Vec<String> = loop {
+        // The table may not exist yet.
+        let leases = store.list_leases().await.unwrap_or_default();
+        let mine: Vec<String> = leases
+            .iter()
+            .filter(|l| l.is_owned_by("leaving"))
+            .map(|l| l.lease_key.clone())
+            .collect();
+        let settled = mine.len() == 2
+            && leases
+                .iter()
+                .all(|l| l.lease_owner.is_some() && !l.is_handoff_pending());
+        let reading = {
+            let state = leaving.state();
+            let mut running: HashSet<&str> = HashSet::new();
+            for event in &state.events {
+                match event {
+                    Event::Initialized { shard_id, .. } => {
+                        running.insert(shard_id);
+                    }
+                    Event::ShutdownRequested { shard_id } | Event::LeaseLost { shard_id } => {
+                        running.remove(shard_id.as_str());
+                    }
+                    _ => {}
+                }
+            }
+            running.len() == 2 && mine.iter().all(|s| running.contains(s.as_str()))
+        };
+        if settled && reading {
+            break mine;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not balanced: {leases:?}");
+        tokio::time::sleep(POLL).await;
+    };
+    leaving
+        .wait_until("the leaving worker reads its shards", WAIT, |s| {
+            handed
+                .iter()
+                .all(|shard| s.deliveries.iter().any(|d| &d.shard_id == shard))
+        })
+        .await?;
+    let shutdowns_before = count(&leaving, |e| matches!(e, Event::ShutdownRequested { .. }));
+
+    let stopped = Instant::now();
+    stop(leaving_worker).await?;
+    let took = stopped.elapsed();
+    staying
+        .wait_until("the staying worker reads the handed shards", WAIT, |s| {
+            handed
+                .iter()
+                .all(|shard| s.deliveries.iter().any(|d| &d.shard_id == shard && d.at >= stopped))
+        })
+        .await?;
+    for shard in &handed {
+        let last_old = leaving
+            .state()
+            .deliveries
+            .iter()
+            .filter(|d| &d.shard_id == shard)
+            .map(|d| d.at)
+            .max()
+            .context("the leaving worker read the shard")?;
+        let first_new = staying
+            .state()
+            .deliveries
+            .iter()
+            .filter(|d| &d.shard_id == shard && d.at >= stopped)
+            .map(|d| d.at)
+            .min()
+            .context("the staying worker read the shard")?;
+        let gap = first_new.saturating_duration_since(last_old);
+        eprintln!("{shard}: unprocessed for {gap:?} (the stop took {took:?})");
+        assert!(gap < Duration::from_secs(1), "{shard} unprocessed for {gap:?}");
+    }
+    stop_producing.cancel();
+    producer.await??;
+    let twice = delivered_twice(&[&leaving, &staying]);
+    assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    assert_eq!(
+        count(&leaving, |e| matches!(e, Event::ShutdownRequested { .. })) - shutdowns_before,
+        2
+    );
+    assert_eq!(count(&leaving, |e| matches!(e, Event::LeaseLost { .. })), 0);
+    stop(staying_worker).await?;
+    Ok(())
+}

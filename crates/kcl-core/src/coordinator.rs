@@ -611,6 +611,44 @@ impl LeaseCoordinator {
         *lock(&self.successors) = workers;
     }
 
+    /// Begins a graceful handoff of every held lease (not finished, not already being
+    /// handed over) to the successors, least loaded first, as a worker shutting down
+    /// does before it stops its consumers: the receivers notice at their next
+    /// lease-taking pass and watch the leases while this worker goes on processing and
+    /// renewing them; its release then completes each handoff, and the receiver starts
+    /// within one poll. Returns how many handoffs began; a lease whose handoff could not
+    /// begin is assigned or released at its release as before.
+    pub(crate) async fn announce_handoffs(&self) -> usize {
+        let held = self.held_leases();
+        let begun = futures::future::join_all(held.iter().map(|h| async move {
+            if h.lost.is_cancelled() {
+                return false;
+            }
+            let mut guard = h.lease.lock().await;
+            if guard.is_handoff_pending() || guard.checkpoint.is_shard_end() {
+                return false;
+            }
+            let Some(to) = self.next_successor() else {
+                return false;
+            };
+            let mut next = guard.clone();
+            match self.store.initiate_graceful_lease_handoff(&mut next, &to).await {
+                Ok(true) => {
+                    info!(shard_id = %h.shard_id, to = %to, "handing the lease over; processing it until the handoff completes");
+                    *guard = next;
+                    true
+                }
+                Ok(false) => false,
+                Err(e) => {
+                    debug!(shard_id = %h.shard_id, error = %ErrorChain(&e), "beginning a handoff failed; the lease is handed over at its release");
+                    false
+                }
+            }
+        }))
+        .await;
+        begun.into_iter().filter(|b| *b).count()
+    }
+
     /// The least loaded successor, counted one lease more.
     fn next_successor(&self) -> Option<String> {
         let mut successors = lock(&self.successors);

@@ -451,13 +451,30 @@ impl Scheduler {
         }
 
         info!(consumers = workers.running.len(), "shutting down");
-        // Leases let go from here on go to the live workers this one knows of, which
-        // find them at their next pass.
+        // Leases let go from here on go to the live workers this one knows of.
         coordinator.hand_released_leases_to(taker.live_workers(
             coordinator.worker_id(),
             Instant::now(),
             self.lease.failover_time,
         ));
+        if failure.is_none() {
+            // Announced first, the handoffs are watched by their receivers (from their
+            // next lease-taking pass) by the time the consumers stop: a shard then
+            // waits for one handoff poll, not for the next pass. Processing goes on
+            // meanwhile (the Java KCL 3.x lets a lease being handed over be processed
+            // by its old owner until it hands it over, for the same reason).
+            let announced = coordinator.announce_handoffs().await;
+            if announced > 0 {
+                let wait = self.lease.lease_taking_interval + HANDOFF_POLL_INTERVAL;
+                info!(
+                    leases = announced,
+                    ?wait,
+                    "handing leases over: processing until the receivers watch them"
+                );
+                // A fixed wait: the receivers' reads are not visible to this worker.
+                tokio::time::sleep(wait).await;
+            }
+        }
         for token in workers.running.values() {
             token.cancel();
         }
