@@ -1,0 +1,1009 @@
+//! The producer: a handle ([`KinesisProducer`]) that admits records into a bounded
+//! buffer, and one task that owns everything else (lanes that keep each key's order,
+//! open aggregates, the shard map, rate limits, calls in flight).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aws_sdk_kinesis::error::SdkError;
+use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
+use bytes::Bytes;
+use kcl_core::SequenceNumber;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument as _};
+
+use crate::config::ProducerConfig;
+use crate::error::{BoxError, InvalidRecord, ProducerError};
+use crate::limiter::TokenBucket;
+use crate::metrics;
+use crate::shard_map::{hash_of_partition_key, ShardMap};
+
+/// Kinesis's limits on one `PutRecords` call and one record.
+const MAX_RECORDS_PER_CALL: usize = 500;
+const MAX_BYTES_PER_CALL: usize = 5 << 20;
+const MAX_RECORD_BYTES: usize = 1 << 20;
+const MAX_PARTITION_KEY_CHARS: usize = 256;
+/// The shard map is not read again sooner than this after the last read.
+const SHARD_MAP_MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// What a written record's future resolves to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PutRecordResult {
+    /// The shard Kinesis wrote it to.
+    pub shard_id: String,
+    /// The sequence number of the Kinesis record holding it.
+    pub sequence_number: SequenceNumber,
+    /// Its index within an aggregated record; `None` when it was sent on its own.
+    pub sub_sequence_number: Option<u64>,
+    /// How many times it was sent.
+    pub attempts: u32,
+    /// True when an earlier attempt's outcome was unknown (a timeout or a broken
+    /// connection after sending): the record may then be in the stream twice.
+    pub maybe_duplicated: bool,
+}
+
+/// Resolves when the record is acknowledged by Kinesis, or cannot be written.
+#[derive(Debug)]
+#[must_use = "the record's outcome is only known by awaiting this future"]
+pub struct PutFuture {
+    reply: oneshot::Receiver<Result<PutRecordResult, ProducerError>>,
+}
+
+impl Future for PutFuture {
+    type Output = Result<PutRecordResult, ProducerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.reply)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ProducerError::Closed)))
+    }
+}
+
+/// An async Kinesis producer (the KPL's `KinesisProducer`): records are batched into
+/// `PutRecords` calls, failed entries retried with backoff within `record_ttl`, each
+/// partition key's records kept in order, small records optionally aggregated, and
+/// each shard held to the service's limits. Cheap to clone; every clone feeds the same
+/// buffer. Call [`KinesisProducer::close`] (or [`KinesisProducer::flush`]) before the
+/// process exits: records still buffered are otherwise written only as long as the
+/// runtime runs.
+#[derive(Clone, Debug)]
+pub struct KinesisProducer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stream: String,
+    config: ProducerConfig,
+    commands: mpsc::UnboundedSender<Command>,
+    records: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    closed: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Put(Box<UserRecord>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A record put by the caller, until it is resolved.
+#[derive(Debug)]
+struct UserRecord {
+    id: u64,
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+    hash: u128,
+    data: Bytes,
+    put_at: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<PutRecordResult, ProducerError>>,
+    /// Its room in the buffer, given back when it is resolved.
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+impl KinesisProducer {
+    /// A producer writing to `stream` through `kinesis`. Starts its task on the
+    /// current tokio runtime, which reads the stream's shard map (for aggregation and
+    /// rate limits) in the background.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new(kinesis: aws_sdk_kinesis::Client, stream: impl Into<String>, config: ProducerConfig) -> Self {
+        let stream = stream.into();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            stream: stream.clone(),
+            records: Arc::new(Semaphore::new(config.max_buffered_records.max(1))),
+            bytes: Arc::new(Semaphore::new(
+                config
+                    .max_buffered_bytes
+                    .clamp(MAX_RECORD_BYTES, Semaphore::MAX_PERMITS),
+            )),
+            config: config.clone(),
+            commands,
+            closed: AtomicBool::new(false),
+            task: Mutex::new(None),
+        });
+        let span = tracing::info_span!("producer", stream = %stream);
+        let pipeline = Pipeline::new(kinesis, stream, config);
+        let task = tokio::spawn(pipeline.run(rx).instrument(span));
+        *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Self { shared }
+    }
+
+    /// The stream this producer writes to.
+    pub fn stream_name(&self) -> &str {
+        &self.shared.stream
+    }
+
+    /// Puts a record routed by the MD5 hash of `partition_key`. Waits while the buffer
+    /// is full (`max_buffered_records`, `max_buffered_bytes`); returns a future that
+    /// resolves when Kinesis acknowledges the record, or it cannot be written.
+    ///
+    /// # Errors
+    /// [`ProducerError::InvalidRecord`] for an empty or too long partition key or a
+    /// record over 1 MiB; [`ProducerError::Closed`] after [`KinesisProducer::close`].
+    pub async fn put(&self, partition_key: impl Into<String>, data: Bytes) -> Result<PutFuture, ProducerError> {
+        self.put_with_hash_key(partition_key, None, data).await
+    }
+
+    /// As [`KinesisProducer::put`], routed by `explicit_hash_key` (a decimal number
+    /// below 2^128) instead of the partition key's hash when given.
+    ///
+    /// # Errors
+    /// As [`KinesisProducer::put`], and [`InvalidRecord::InvalidExplicitHashKey`].
+    pub async fn put_with_hash_key(
+        &self,
+        partition_key: impl Into<String>,
+        explicit_hash_key: Option<String>,
+        data: Bytes,
+    ) -> Result<PutFuture, ProducerError> {
+        let partition_key = partition_key.into();
+        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data)?;
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ProducerError::Closed);
+        }
+        let closed = || ProducerError::Closed;
+        let record_permit = Arc::clone(&self.shared.records)
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        let byte_permit = match u32::try_from(data.len()) {
+            Ok(0) => None,
+            Ok(n) => Some(
+                Arc::clone(&self.shared.bytes)
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| closed())?,
+            ),
+            Err(_) => return Err(InvalidRecord::TooLarge { bytes: data.len() }.into()),
+        };
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        let record = UserRecord {
+            id: 0,
+            partition_key,
+            explicit_hash_key,
+            hash,
+            data,
+            put_at: now,
+            deadline: now + self.shared.config.record_ttl,
+            reply,
+            _permits: (record_permit, byte_permit),
+        };
+        self.shared
+            .commands
+            .send(Command::Put(Box::new(record)))
+            .map_err(|_| closed())?;
+        Ok(PutFuture { reply: rx })
+    }
+
+    /// Waits until every record put before this call is resolved (written or failed),
+    /// sending buffered records at once instead of after `record_max_buffered_time`.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.commands.send(Command::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Refuses further records, writes everything buffered (each record within its
+    /// `record_ttl`) and stops the producer's task. Every clone is closed.
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.flush().await;
+        self.shared.records.close();
+        self.shared.bytes.close();
+        let task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Checks Kinesis's limits; returns the record's hash key.
+fn validate(partition_key: &str, explicit_hash_key: Option<&str>, data: &Bytes) -> Result<u128, InvalidRecord> {
+    if partition_key.is_empty() {
+        return Err(InvalidRecord::EmptyPartitionKey);
+    }
+    let chars = partition_key.chars().count();
+    if chars > MAX_PARTITION_KEY_CHARS {
+        return Err(InvalidRecord::PartitionKeyTooLong { chars });
+    }
+    let bytes = data.len() + partition_key.len();
+    if bytes > MAX_RECORD_BYTES {
+        return Err(InvalidRecord::TooLarge { bytes });
+    }
+    match explicit_hash_key {
+        None => Ok(hash_of_partition_key(partition_key)),
+        Some(ehk) => {
+            if ehk.is_empty() || !ehk.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(InvalidRecord::InvalidExplicitHashKey(ehk.to_owned()));
+            }
+            ehk.parse::<u128>()
+                .map_err(|_| InvalidRecord::InvalidExplicitHashKey(ehk.to_owned()))
+        }
+    }
+}
+
+/// Records sent in order: a partition key's (or, aggregated, a shard's) when order is
+/// kept, else one lane per Kinesis record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Lane {
+    Key(String),
+    Shard(String),
+    Single(u64),
+}
+
+/// One Kinesis record to send: a user record, or an aggregate of several.
+#[derive(Debug)]
+struct Entry {
+    lane: Lane,
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+    data: Bytes,
+    users: Vec<UserRecord>,
+    aggregated: bool,
+    predicted_shard: Option<String>,
+    attempts: u32,
+    maybe_duplicated: bool,
+    last_error: String,
+}
+
+impl Entry {
+    fn deadline(&self) -> Instant {
+        self.users.iter().map(|u| u.deadline).min().unwrap_or_else(Instant::now)
+    }
+
+    fn size(&self) -> usize {
+        self.data.len() + self.partition_key.len()
+    }
+
+    fn fail(self, error: impl Fn() -> ProducerError, reason: &'static str) {
+        metrics::failed(reason, self.users.len());
+        for user in self.users {
+            let _ = user.reply.send(Err(error()));
+        }
+    }
+}
+
+/// Records of one shard being packed into an aggregate.
+#[derive(Debug)]
+struct OpenAggregate {
+    users: Vec<UserRecord>,
+    bytes: usize,
+    opened: Instant,
+}
+
+/// How a call ended.
+enum CallOutcome {
+    Done(PutRecordsOutput),
+    /// Failed for a reason worth retrying; `unknown` when the records may have been
+    /// written.
+    Retry {
+        reason: String,
+        unknown: bool,
+        throttled: bool,
+    },
+    /// Failed for good.
+    Fail(ProducerError),
+}
+
+/// The task that owns the buffer.
+struct Pipeline {
+    kinesis: aws_sdk_kinesis::Client,
+    stream: String,
+    config: ProducerConfig,
+    next_id: u64,
+    lanes: HashMap<Lane, VecDeque<Entry>>,
+    /// Lanes whose head may be sent now, with since when.
+    ready: VecDeque<(Lane, Instant)>,
+    /// Lanes waiting for a retry backoff or a shard's rate limit.
+    timers: BinaryHeap<Reverse<(Instant, Lane)>>,
+    /// Lanes with a record in flight.
+    busy: HashSet<Lane>,
+    aggregates: HashMap<String, OpenAggregate>,
+    shard_map: ShardMap,
+    map_read_at: Option<Instant>,
+    map_reading: bool,
+    buckets: HashMap<String, TokenBucket>,
+    in_flight: usize,
+    /// Ids of user records not yet resolved, for flushes.
+    outstanding: BTreeSet<u64>,
+    outstanding_bytes: usize,
+    /// Flushes waiting for every record up to an id.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    done_tx: mpsc::UnboundedSender<(Vec<Entry>, CallOutcome)>,
+    done_rx: mpsc::UnboundedReceiver<(Vec<Entry>, CallOutcome)>,
+    map_tx: mpsc::UnboundedSender<Option<ShardMap>>,
+    map_rx: mpsc::UnboundedReceiver<Option<ShardMap>>,
+}
+
+impl Pipeline {
+    fn new(kinesis: aws_sdk_kinesis::Client, stream: String, config: ProducerConfig) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (map_tx, map_rx) = mpsc::unbounded_channel();
+        Self {
+            kinesis,
+            stream,
+            config,
+            next_id: 0,
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            busy: HashSet::new(),
+            aggregates: HashMap::new(),
+            shard_map: ShardMap::default(),
+            map_read_at: None,
+            map_reading: false,
+            buckets: HashMap::new(),
+            in_flight: 0,
+            outstanding: BTreeSet::new(),
+            outstanding_bytes: 0,
+            flushes: Vec::new(),
+            done_tx,
+            done_rx,
+            map_tx,
+            map_rx,
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        if self.config.aggregation_enabled || self.config.rate_limit_enabled {
+            // Read before the first call (puts queue meanwhile), so that aggregation and
+            // rate limits apply from the first record.
+            self.map_read_at = Some(Instant::now());
+            match tokio::time::timeout(self.config.request_timeout, read_shard_map(&self.kinesis, &self.stream)).await {
+                Ok(Ok(map)) => self.shard_map = map,
+                Ok(Err(e)) => {
+                    warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
+                }
+                Err(_) => warn!("reading the stream's shards timed out; records are not aggregated or rate limited until they are read"),
+            }
+        }
+        let mut open = true;
+        loop {
+            let now = Instant::now();
+            self.fire_timers(now);
+            self.close_aggregates(now);
+            self.send_batches(now);
+            if !open && self.outstanding.is_empty() && self.in_flight == 0 {
+                break;
+            }
+            let wake = self.next_wake(now);
+            tokio::select! {
+                command = commands.recv(), if open => match command {
+                    Some(Command::Put(record)) => self.admit(*record),
+                    Some(Command::Flush(tx)) => self.flushes.push((self.next_id, tx)),
+                    // Every handle is gone: write what is buffered, then stop.
+                    None => open = false,
+                },
+                Some((entries, outcome)) = self.done_rx.recv() => self.completed(entries, outcome),
+                Some(map) = self.map_rx.recv() => {
+                    self.map_reading = false;
+                    if let Some(map) = map {
+                        self.shard_map = map;
+                    }
+                }
+                () = sleep_until_or_never(wake) => {}
+            }
+            self.resolve_flushes();
+        }
+        self.resolve_flushes();
+        debug!("producer task stopped");
+    }
+
+    fn flushing(&self) -> bool {
+        !self.flushes.is_empty()
+    }
+
+    /// Takes a new user record into a lane (or an open aggregate).
+    fn admit(&mut self, mut record: UserRecord) {
+        self.next_id += 1;
+        record.id = self.next_id;
+        self.outstanding.insert(record.id);
+        self.outstanding_bytes += record.data.len();
+        metrics::buffered(self.outstanding.len(), self.outstanding_bytes);
+        let predicted = self.shard_map.shard_for(record.hash).map(str::to_owned);
+        if self.config.aggregation_enabled {
+            if let Some(shard) = predicted.clone() {
+                let size = record.data.len() + record.partition_key.len() + 16;
+                if size < self.config.aggregation_max_size {
+                    let full = self.aggregates.get(&shard).is_some_and(|a| {
+                        a.bytes + size > self.config.aggregation_max_size
+                            || a.users.len() >= self.config.aggregation_max_count
+                    });
+                    if full {
+                        self.close_aggregate(&shard);
+                    }
+                    let aggregate = self.aggregates.entry(shard).or_insert_with(|| OpenAggregate {
+                        users: Vec::new(),
+                        bytes: 0,
+                        opened: Instant::now(),
+                    });
+                    aggregate.bytes += size;
+                    aggregate.users.push(record);
+                    return;
+                }
+            }
+        }
+        let lane = if !self.config.ordered_per_key {
+            Lane::Single(record.id)
+        } else if self.config.aggregation_enabled {
+            // Aggregates and single records of a shard share its lane, in order.
+            predicted
+                .clone()
+                .map_or_else(|| Lane::Key(record.partition_key.clone()), Lane::Shard)
+        } else {
+            Lane::Key(record.partition_key.clone())
+        };
+        let entry = Entry {
+            lane,
+            partition_key: record.partition_key.clone(),
+            explicit_hash_key: record.explicit_hash_key.clone(),
+            data: record.data.clone(),
+            users: vec![record],
+            aggregated: false,
+            predicted_shard: predicted,
+            attempts: 0,
+            maybe_duplicated: false,
+            last_error: String::new(),
+        };
+        self.enqueue(entry);
+    }
+
+    /// Appends an entry to its lane, scheduling the lane when it was idle.
+    fn enqueue(&mut self, entry: Entry) {
+        let lane = entry.lane.clone();
+        let queue = self.lanes.entry(lane.clone()).or_default();
+        queue.push_back(entry);
+        if queue.len() == 1 && !self.busy.contains(&lane) {
+            self.ready.push_back((lane, Instant::now()));
+        }
+    }
+
+    /// Closes aggregates that are old enough (or all, when flushing).
+    fn close_aggregates(&mut self, now: Instant) {
+        let linger = self.config.record_max_buffered_time;
+        let flushing = self.flushing();
+        let due: Vec<String> = self
+            .aggregates
+            .iter()
+            .filter(|(_, a)| flushing || a.opened + linger <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for shard in due {
+            self.close_aggregate(&shard);
+        }
+    }
+
+    /// Turns a shard's open aggregate into an entry: a KPL aggregated record routed by
+    /// its first record's hash key (a lone record is sent as it is).
+    fn close_aggregate(&mut self, shard: &str) {
+        let Some(aggregate) = self.aggregates.remove(shard) else {
+            return;
+        };
+        let mut users = aggregate.users;
+        let lane = if self.config.ordered_per_key {
+            Lane::Shard(shard.to_owned())
+        } else {
+            Lane::Single(users.first().map_or(0, |u| u.id))
+        };
+        let entry = if users.len() == 1 {
+            let user = users.remove(0);
+            Entry {
+                lane,
+                partition_key: user.partition_key.clone(),
+                explicit_hash_key: user.explicit_hash_key.clone(),
+                data: user.data.clone(),
+                users: vec![user],
+                aggregated: false,
+                predicted_shard: Some(shard.to_owned()),
+                attempts: 0,
+                maybe_duplicated: false,
+                last_error: String::new(),
+            }
+        } else {
+            let parts: Vec<(String, Option<String>, Bytes)> = users
+                .iter()
+                .map(|u| (u.partition_key.clone(), u.explicit_hash_key.clone(), u.data.clone()))
+                .collect();
+            let first = &users[0];
+            Entry {
+                lane,
+                partition_key: first.partition_key.clone(),
+                explicit_hash_key: Some(first.hash.to_string()),
+                data: kcl_core::aggregation::encode_aggregated(&parts),
+                users,
+                aggregated: true,
+                predicted_shard: Some(shard.to_owned()),
+                attempts: 0,
+                maybe_duplicated: false,
+                last_error: String::new(),
+            }
+        };
+        self.enqueue(entry);
+    }
+
+    /// Moves lanes whose wait is over to the ready queue.
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, lane))) = self.timers.pop() {
+                self.ready.push_back((lane, now));
+            }
+        }
+    }
+
+    /// Sends batches while calls may be started and records are ready: at once when
+    /// nothing is in flight, a call is full, the oldest ready record has waited
+    /// `record_max_buffered_time`, or a flush waits.
+    fn send_batches(&mut self, now: Instant) {
+        while self.in_flight < self.config.max_in_flight_calls.max(1) {
+            let Some((_, since)) = self.ready.front() else {
+                return;
+            };
+            let ready_bytes_enough = self.ready.len() >= MAX_RECORDS_PER_CALL;
+            let due = self.in_flight == 0
+                || ready_bytes_enough
+                || *since + self.config.record_max_buffered_time <= now
+                || self.flushing();
+            if !due {
+                return;
+            }
+            let batch = self.take_batch(now);
+            if batch.is_empty() {
+                continue;
+            }
+            self.start_call(batch);
+        }
+    }
+
+    /// Takes up to one call's worth of ready lanes' heads, holding each shard to its
+    /// rate limit (a lane over it waits for its bucket).
+    fn take_batch(&mut self, now: Instant) -> Vec<Entry> {
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < MAX_RECORDS_PER_CALL {
+            let Some((lane, since)) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(queue) = self.lanes.get_mut(&lane) else {
+                continue;
+            };
+            let Some(head) = queue.front() else {
+                self.lanes.remove(&lane);
+                continue;
+            };
+            let size = head.size();
+            if bytes + size > MAX_BYTES_PER_CALL {
+                self.ready.push_front((lane, since));
+                break;
+            }
+            if self.config.rate_limit_enabled {
+                if let Some(shard) = head.predicted_shard.clone() {
+                    let (rps, bps) = (
+                        self.config.per_shard_records_per_second,
+                        self.config.per_shard_bytes_per_second,
+                    );
+                    let bucket = self
+                        .buckets
+                        .entry(shard)
+                        .or_insert_with(|| TokenBucket::full(rps, bps, now.into_std()));
+                    if let Err(wait) = bucket.take(size, rps, bps, now.into_std()) {
+                        self.timers.push(Reverse((now + wait, lane)));
+                        continue;
+                    }
+                }
+            }
+            let Some(entry) = queue.pop_front() else {
+                continue;
+            };
+            if queue.is_empty() {
+                self.lanes.remove(&lane);
+            } else if !self.config.ordered_per_key {
+                self.ready.push_back((lane.clone(), since));
+            }
+            bytes += size;
+            self.busy.insert(lane);
+            batch.push(entry);
+        }
+        batch
+    }
+
+    fn start_call(&mut self, mut batch: Vec<Entry>) {
+        self.in_flight += 1;
+        for entry in &mut batch {
+            entry.attempts += 1;
+        }
+        let request = batch
+            .iter()
+            .map(|e| {
+                PutRecordsRequestEntry::builder()
+                    .partition_key(&e.partition_key)
+                    .set_explicit_hash_key(e.explicit_hash_key.clone())
+                    .data(aws_smithy_types::Blob::new(e.data.to_vec()))
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let kinesis = self.kinesis.clone();
+        let stream = self.stream.clone();
+        let timeout = self.config.request_timeout;
+        let done = self.done_tx.clone();
+        tokio::spawn(
+            async move {
+                let outcome = match request {
+                    Ok(entries) => {
+                        let call = kinesis
+                            .put_records()
+                            .stream_name(&stream)
+                            .set_records(Some(entries))
+                            .send();
+                        match tokio::time::timeout(timeout, call).await {
+                            Ok(result) => classify(result, &stream),
+                            Err(_) => CallOutcome::Retry {
+                                reason: format!("PutRecords timed out after {timeout:?}"),
+                                unknown: true,
+                                throttled: false,
+                            },
+                        }
+                    }
+                    Err(e) => CallOutcome::Fail(ProducerError::Kinesis { source: Box::new(e) }),
+                };
+                let _ = done.send((batch, outcome));
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// Resolves, retries or fails each entry of a finished call.
+    fn completed(&mut self, entries: Vec<Entry>, outcome: CallOutcome) {
+        self.in_flight -= 1;
+        match outcome {
+            CallOutcome::Done(output) => {
+                let results = output.records;
+                let mut results = results.into_iter();
+                for entry in entries {
+                    match results.next() {
+                        Some(r) => match (r.error_code, r.shard_id, r.sequence_number) {
+                            (None, Some(shard_id), Some(sequence)) => self.written(entry, shard_id, &sequence),
+                            (Some(code), _, _) => {
+                                let message = r.error_message.unwrap_or_default();
+                                if is_retryable_code(&code) {
+                                    if code == "ProvisionedThroughputExceededException" {
+                                        metrics::throttled();
+                                    }
+                                    self.retry(entry, code, false);
+                                } else {
+                                    self.release(&entry.lane);
+                                    self.resolved(&entry);
+                                    entry.fail(
+                                        || ProducerError::Rejected {
+                                            code: code.clone(),
+                                            message: message.clone(),
+                                        },
+                                        "rejected",
+                                    );
+                                }
+                            }
+                            _ => self.retry(entry, "an incomplete result entry".to_owned(), true),
+                        },
+                        // Fewer results than records: the outcome is unknown.
+                        None => self.retry(entry, "no result entry".to_owned(), true),
+                    }
+                }
+            }
+            CallOutcome::Retry {
+                reason,
+                unknown,
+                throttled,
+            } => {
+                if throttled {
+                    metrics::throttled();
+                }
+                debug!(records = entries.len(), reason = %reason, "PutRecords failed; retrying its records");
+                for entry in entries {
+                    self.retry(entry, reason.clone(), unknown);
+                }
+            }
+            CallOutcome::Fail(error) => {
+                warn!(records = entries.len(), error = %crate::error_chain(&error), "PutRecords failed for good");
+                let message = crate::error_chain(&error);
+                let not_found = matches!(error, ProducerError::StreamNotFound { .. });
+                let stream = self.stream.clone();
+                for entry in entries {
+                    self.release(&entry.lane);
+                    self.resolved(&entry);
+                    if not_found {
+                        entry.fail(
+                            || ProducerError::StreamNotFound { stream: stream.clone() },
+                            "stream_not_found",
+                        );
+                    } else {
+                        let message = message.clone();
+                        entry.fail(
+                            move || ProducerError::Kinesis {
+                                source: message.clone().into(),
+                            },
+                            "call_failed",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn written(&mut self, entry: Entry, shard_id: String, sequence: &str) {
+        self.release(&entry.lane);
+        self.resolved(&entry);
+        if entry.predicted_shard.as_deref().is_some_and(|p| p != shard_id) {
+            info!(predicted = ?entry.predicted_shard, actual = %shard_id, "a record went to another shard than predicted: the stream was resharded; reading its shards again");
+            self.refresh_shard_map();
+        }
+        let sequence_number = match SequenceNumber::parse(sequence) {
+            Ok(s) => s,
+            Err(e) => {
+                let text = e.to_string();
+                entry.fail(
+                    || ProducerError::Kinesis {
+                        source: format!("unreadable sequence number in the response: {text}").into(),
+                    },
+                    "bad_response",
+                );
+                return;
+            }
+        };
+        let now = Instant::now();
+        let bytes = entry.users.iter().map(|u| u.data.len()).sum();
+        let first_put = entry.users.iter().map(|u| u.put_at).min().unwrap_or(now);
+        metrics::acknowledged(entry.users.len(), bytes, now.saturating_duration_since(first_put));
+        for (index, user) in entry.users.into_iter().enumerate() {
+            let _ = user.reply.send(Ok(PutRecordResult {
+                shard_id: shard_id.clone(),
+                sequence_number: sequence_number.clone(),
+                sub_sequence_number: entry.aggregated.then_some(index as u64),
+                attempts: entry.attempts,
+                maybe_duplicated: entry.maybe_duplicated,
+            }));
+        }
+    }
+
+    /// Puts an entry back at the head of its lane after a backoff, or fails it when
+    /// the backoff would pass its deadline.
+    fn retry(&mut self, mut entry: Entry, reason: String, unknown: bool) {
+        let now = Instant::now();
+        let exponent = entry.attempts.saturating_sub(1).min(16);
+        let backoff = self
+            .config
+            .min_retry_backoff
+            .saturating_mul(1 << exponent)
+            .min(self.config.max_retry_backoff)
+            .mul_f64(rand::random_range(0.5..1.0));
+        entry.maybe_duplicated |= unknown;
+        metrics::retried(&reason);
+        entry.last_error = reason;
+        let lane = entry.lane.clone();
+        self.busy.remove(&lane);
+        if now + backoff > entry.deadline() {
+            self.release_lane_head(&lane);
+            self.resolved(&entry);
+            let (attempts, last_error) = (entry.attempts, entry.last_error.clone());
+            entry.fail(
+                || ProducerError::Expired {
+                    attempts,
+                    last_error: last_error.clone(),
+                },
+                "expired",
+            );
+            return;
+        }
+        self.lanes.entry(lane.clone()).or_default().push_front(entry);
+        self.timers.push(Reverse((now + backoff, lane)));
+    }
+
+    /// The lane's record in flight is done: the next one may go.
+    fn release(&mut self, lane: &Lane) {
+        self.busy.remove(lane);
+        self.release_lane_head(lane);
+    }
+
+    fn release_lane_head(&mut self, lane: &Lane) {
+        if self.config.ordered_per_key && self.lanes.get(lane).is_some_and(|q| !q.is_empty()) {
+            self.ready.push_back((lane.clone(), Instant::now()));
+        }
+    }
+
+    fn resolved(&mut self, entry: &Entry) {
+        for user in &entry.users {
+            self.outstanding.remove(&user.id);
+            self.outstanding_bytes = self.outstanding_bytes.saturating_sub(user.data.len());
+        }
+        metrics::buffered(self.outstanding.len(), self.outstanding_bytes);
+    }
+
+    /// Answers the flushes whose records are all resolved.
+    fn resolve_flushes(&mut self) {
+        let oldest = self.outstanding.first().copied();
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(upto, _)| oldest.is_none_or(|o| o > *upto));
+        self.flushes = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
+    }
+
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let linger = self.config.record_max_buffered_time;
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let ready = self.ready.front().map(|(_, since)| *since + linger);
+        let aggregate = self.aggregates.values().map(|a| a.opened + linger).min();
+        [timer, ready, aggregate]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.max(now + Duration::from_micros(100)))
+    }
+
+    /// Reads the stream's open shards in the background (at most once a second).
+    fn refresh_shard_map(&mut self) {
+        if self.map_reading || self.map_read_at.is_some_and(|at| at.elapsed() < SHARD_MAP_MIN_REFRESH) {
+            return;
+        }
+        self.map_reading = true;
+        self.map_read_at = Some(Instant::now());
+        let kinesis = self.kinesis.clone();
+        let stream = self.stream.clone();
+        let tx = self.map_tx.clone();
+        tokio::spawn(
+            async move {
+                let map = match read_shard_map(&kinesis, &stream).await {
+                    Ok(map) if !map.is_empty() => Some(map),
+                    Ok(_) => None,
+                    Err(e) => {
+                        warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
+                        None
+                    }
+                };
+                let _ = tx.send(map);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn read_shard_map(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<ShardMap, BoxError> {
+    let mut shards = Vec::new();
+    let mut next_token: Option<String> = None;
+    loop {
+        let request = match &next_token {
+            Some(token) => kinesis.list_shards().next_token(token),
+            None => kinesis
+                .list_shards()
+                .stream_name(stream)
+                .shard_filter(ShardFilter::builder().r#type(ShardFilterType::AtLatest).build()?),
+        };
+        let out = request.send().await?;
+        for shard in out.shards() {
+            if let Some(range) = shard.hash_key_range() {
+                shards.push((
+                    range.starting_hash_key().to_owned(),
+                    range.ending_hash_key().to_owned(),
+                    shard.shard_id().to_owned(),
+                ));
+            }
+        }
+        match out.next_token {
+            Some(token) => next_token = Some(token),
+            None => break,
+        }
+    }
+    Ok(ShardMap::new(shards))
+}
+
+/// Error codes of a result entry worth retrying.
+fn is_retryable_code(code: &str) -> bool {
+    matches!(
+        code,
+        "ProvisionedThroughputExceededException"
+            | "InternalFailure"
+            | "InternalFailureException"
+            | "KMSThrottlingException"
+    ) || code.contains("Throttl")
+        || code.contains("InternalFailure")
+        || code.contains("ServiceUnavailable")
+}
+
+/// Sorts a failed call: the service refused it (retry when it is about throughput or
+/// the service's own trouble, else fail), or the request or response was lost (retry,
+/// outcome unknown).
+fn classify(result: Result<PutRecordsOutput, SdkError<PutRecordsError>>, stream: &str) -> CallOutcome {
+    match result {
+        Ok(output) => CallOutcome::Done(output),
+        Err(SdkError::ServiceError(e)) => {
+            let status = e.raw().status().as_u16();
+            match e.err() {
+                PutRecordsError::ResourceNotFoundException(_) => CallOutcome::Fail(ProducerError::StreamNotFound {
+                    stream: stream.to_owned(),
+                }),
+                PutRecordsError::ProvisionedThroughputExceededException(_)
+                | PutRecordsError::KmsThrottlingException(_) => CallOutcome::Retry {
+                    reason: "ProvisionedThroughputExceededException".to_owned(),
+                    unknown: false,
+                    throttled: true,
+                },
+                other if status >= 500 || other.meta().code().is_some_and(is_retryable_code) => CallOutcome::Retry {
+                    reason: other.meta().code().unwrap_or("a server error").to_owned(),
+                    unknown: false,
+                    throttled: other
+                        .meta()
+                        .code()
+                        .is_some_and(|c| c.contains("Throttl") || c.contains("LimitExceeded")),
+                },
+                _ if e.err().meta().code() == Some("LimitExceededException") => CallOutcome::Retry {
+                    reason: "LimitExceededException".to_owned(),
+                    unknown: false,
+                    throttled: true,
+                },
+                _ => CallOutcome::Fail(ProducerError::Kinesis {
+                    source: Box::new(SdkError::ServiceError(e)),
+                }),
+            }
+        }
+        Err(e @ SdkError::ConstructionFailure(_)) => CallOutcome::Fail(ProducerError::Kinesis { source: Box::new(e) }),
+        // Not sent (no connection could be made): safe to retry.
+        Err(SdkError::DispatchFailure(d)) if !d.is_io() && !d.is_timeout() => CallOutcome::Retry {
+            reason: "the request could not be sent".to_owned(),
+            unknown: false,
+            throttled: false,
+        },
+        // Timeouts and broken connections: the records may have been written.
+        Err(e) => CallOutcome::Retry {
+            reason: format!("PutRecords failed: {e}"),
+            unknown: true,
+            throttled: false,
+        },
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,457 @@
+//! Issue 12: the producer (`kcl-producer`) against the embedded backend: partial
+//! failures and throttling injected by an SDK interceptor, per-key order, aggregation
+//! read back by the consumer, typed input errors, close, and per-shard rate limits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::operation::put_records::{PutRecordsInput, PutRecordsOutput};
+use aws_sdk_kinesis::types::PutRecordsResultEntry;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeDeserializationInterceptorContextMut, BeforeSerializationInterceptorContextMut,
+    FinalizerInterceptorContextMut,
+};
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
+use bytes::Bytes;
+use futures::FutureExt as _;
+use kcl_core::{InitialPositionInStream, SequenceNumber};
+use kcl_producer::{InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
+use kcl_tests::{fast_config, CheckpointMode, Recorder, RecordingProcessor, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// What the interceptor does to one call.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// The call is sent to a stream that does not exist (so nothing is written) and
+    /// answered with `ProvisionedThroughputExceededException`.
+    Throttle,
+    /// These entries (position in the original request, error code) were taken out of
+    /// the request and come back as failed entries of the response.
+    Partial(Vec<(usize, &'static str)>),
+}
+
+impl Storable for Fault {
+    type Storer = StoreReplace<Self>;
+}
+
+/// Injects whole-call throttling into every 7th `PutRecords` call and fails every 5th
+/// entry of every 3rd call (alternately throttled and internal failures), without
+/// writing anything it reports as failed.
+#[derive(Clone, Debug, Default)]
+struct PutRecordsFaults(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    calls: AtomicU64,
+    throttled_calls: AtomicU64,
+    failed_entries: AtomicU64,
+}
+
+const MISSING_STREAM: &str = "kcl-producer-test-no-such-stream";
+
+impl Intercept for PutRecordsFaults {
+    fn name(&self) -> &'static str {
+        "PutRecordsFaults"
+    }
+
+    fn modify_before_serialization(
+        &self,
+        context: &mut BeforeSerializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Some(input) = context.input_mut().downcast_mut::<PutRecordsInput>() else {
+            return Ok(());
+        };
+        let call = self.0.calls.fetch_add(1, Ordering::Relaxed);
+        if call % 7 == 3 {
+            input.stream_name = Some(MISSING_STREAM.to_owned());
+            self.0.throttled_calls.fetch_add(1, Ordering::Relaxed);
+            cfg.interceptor_state().store_put(Fault::Throttle);
+        } else if call.is_multiple_of(3) {
+            let records = input.records.take().unwrap_or_default();
+            let mut kept = Vec::new();
+            let mut failed = Vec::new();
+            for (i, record) in records.into_iter().enumerate() {
+                if i % 5 == 1 {
+                    let code = if failed.len() % 2 == 0 {
+                        "ProvisionedThroughputExceededException"
+                    } else {
+                        "InternalFailure"
+                    };
+                    failed.push((i, code));
+                } else {
+                    kept.push(record);
+                }
+            }
+            if kept.is_empty() {
+                // A call needs a record: keep the first failure's place by failing none.
+                return Err("the test fails calls of one or two records only whole".into());
+            }
+            self.0.failed_entries.fetch_add(failed.len() as u64, Ordering::Relaxed);
+            input.records = Some(kept);
+            cfg.interceptor_state().store_put(Fault::Partial(failed));
+        }
+        Ok(())
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(Fault::Throttle) = cfg.load::<Fault>() {
+            let mut response = aws_smithy_runtime_api::http::Response::new(
+                aws_smithy_runtime_api::http::StatusCode::try_from(400_u16)?,
+                SdkBody::from(
+                    r#"{"__type":"ProvisionedThroughputExceededException","message":"injected by the test"}"#,
+                ),
+            );
+            response
+                .headers_mut()
+                .insert("content-type", "application/x-amz-json-1.1");
+            *context.response_mut() = response;
+        }
+        Ok(())
+    }
+
+    fn modify_before_completion(
+        &self,
+        context: &mut FinalizerInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Some(Fault::Partial(failed)) = cfg.load::<Fault>().cloned() else {
+            return Ok(());
+        };
+        let Some(Ok(output)) = context.output_or_error_mut() else {
+            return Ok(());
+        };
+        let Some(output) = output.downcast_mut::<PutRecordsOutput>() else {
+            return Ok(());
+        };
+        for (position, code) in &failed {
+            let entry = PutRecordsResultEntry::builder()
+                .error_code(*code)
+                .error_message("injected by the test")
+                .build();
+            output.records.insert((*position).min(output.records.len()), entry);
+        }
+        output.failed_record_count = Some(output.failed_record_count.unwrap_or(0) + failed.len() as i32);
+        Ok(())
+    }
+}
+
+/// A client for the producer: the test's interceptor, and no SDK retries (the producer
+/// retries itself).
+fn client_with(env: &TestEnv, faults: Option<PutRecordsFaults>) -> aws_sdk_kinesis::Client {
+    let mut builder = env.kinesis.config().to_builder().retry_config(RetryConfig::disabled());
+    if let Some(faults) = faults {
+        builder = builder.interceptor(faults);
+    }
+    aws_sdk_kinesis::Client::from_conf(builder.build())
+}
+
+fn quick_retries() -> ProducerConfig {
+    let mut config = ProducerConfig::default();
+    config.min_retry_backoff = Duration::from_millis(5);
+    config.max_retry_backoff = Duration::from_millis(100);
+    config.record_max_buffered_time = Duration::from_millis(5);
+    config
+}
+
+/// Every record of the stream, read back with `GetRecords` from `TRIM_HORIZON`: (data,
+/// shard, sequence number).
+async fn read_back(env: &TestEnv) -> anyhow::Result<Vec<(Bytes, String, SequenceNumber)>> {
+    let shards = env.kinesis.list_shards().stream_name(&env.stream).send().await?;
+    let mut out = Vec::new();
+    for shard in shards.shards() {
+        let mut iterator = env
+            .kinesis
+            .get_shard_iterator()
+            .stream_name(&env.stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await?
+            .shard_iterator;
+        while let Some(it) = iterator {
+            let page = env
+                .kinesis
+                .get_records()
+                .shard_iterator(it)
+                .limit(10_000)
+                .send()
+                .await?;
+            for r in page.records() {
+                out.push((
+                    Bytes::copy_from_slice(r.data().as_ref()),
+                    shard.shard_id().to_owned(),
+                    SequenceNumber::parse(r.sequence_number())?,
+                ));
+            }
+            if page.records().is_empty() {
+                break;
+            }
+            iterator = page.next_shard_iterator;
+        }
+    }
+    Ok(out)
+}
+
+/// 100,000 records over 64 keys, with injected throttling and partial failures: every
+/// record is acknowledged exactly once, is in the stream exactly once, and per key the
+/// sequence numbers follow the put order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_acknowledged_once_in_order_per_key_despite_failures() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
+    let faults = PutRecordsFaults::default();
+    // 1,563 records per key, one in flight at a time: the last ones wait for their
+    // predecessors far longer than the default time to live.
+    let mut config = quick_retries();
+    config.record_ttl = Duration::from_secs(600);
+    let producer = KinesisProducer::new(client_with(&env, Some(faults.clone())), env.stream.clone(), config);
+    const RECORDS: usize = 100_000;
+    const KEYS: usize = 64;
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(RECORDS);
+    for i in 0..RECORDS {
+        let key = format!("key-{}", i % KEYS);
+        pending.push(producer.put(key, Bytes::from(format!("record-{i}"))).await?);
+    }
+    let results: Vec<PutRecordResult> = futures::future::try_join_all(pending).await?;
+    let took = started.elapsed();
+    eprintln!(
+        "{RECORDS} records in {took:?}; {} calls, {} throttled whole, {} entries failed",
+        faults.0.calls.load(Ordering::Relaxed),
+        faults.0.throttled_calls.load(Ordering::Relaxed),
+        faults.0.failed_entries.load(Ordering::Relaxed)
+    );
+    assert!(
+        faults.0.throttled_calls.load(Ordering::Relaxed) > 0 && faults.0.failed_entries.load(Ordering::Relaxed) > 0
+    );
+    assert!(results.iter().any(|r| r.attempts > 1), "some records were retried");
+    assert!(results.iter().all(|r| !r.maybe_duplicated));
+
+    // Per key, in put order, strictly increasing sequence numbers (one shard per key).
+    let mut last: HashMap<usize, &SequenceNumber> = HashMap::new();
+    for (i, result) in results.iter().enumerate() {
+        if let Some(previous) = last.insert(i % KEYS, &result.sequence_number) {
+            assert!(
+                *previous < result.sequence_number,
+                "key {}: record {i} written before an earlier one",
+                i % KEYS
+            );
+        }
+    }
+    // In the stream exactly once each, where the acknowledgement says.
+    let stored = read_back(&env).await?;
+    assert_eq!(stored.len(), RECORDS, "records in the stream");
+    let by_data: HashMap<&Bytes, (&String, &SequenceNumber)> = stored.iter().map(|(d, s, q)| (d, (s, q))).collect();
+    assert_eq!(by_data.len(), RECORDS, "no record twice");
+    for (i, result) in results.iter().enumerate() {
+        let data = Bytes::from(format!("record-{i}"));
+        let (shard, sequence) = by_data.get(&data).context("acknowledged record in the stream")?;
+        assert_eq!((*shard, *sequence), (&result.shard_id, &result.sequence_number));
+    }
+    producer.close().await;
+    Ok(())
+}
+
+/// Aggregated records written by the producer (some with explicit hash keys) are read
+/// back record for record by the consumer, with the sub-sequence numbers the
+/// acknowledgements gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_records_are_read_back_record_for_record_by_the_consumer() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    // The shard map is read in the background; wait for it so records aggregate.
+    const RECORDS: usize = 2000;
+    let mut pending = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..RECORDS {
+        let data = Bytes::from(format!("agg-{i}"));
+        let key = format!("user-{}", i % 37);
+        // Every 10th record is routed by an explicit hash key (to the lowest shard).
+        let ehk = (i % 10 == 0).then(|| "0".to_owned());
+        pending.push(producer.put_with_hash_key(key, ehk, data.clone()).await?);
+        sent.push(data);
+    }
+    let results: Vec<PutRecordResult> = futures::future::try_join_all(pending).await?;
+    let aggregated = results.iter().filter(|r| r.sub_sequence_number.is_some()).count();
+    let kinesis_records: HashSet<&SequenceNumber> = results.iter().map(|r| &r.sequence_number).collect();
+    eprintln!(
+        "{RECORDS} records in {} Kinesis records, {aggregated} aggregated",
+        kinesis_records.len()
+    );
+    assert!(aggregated > RECORDS / 2, "most records were aggregated: {aggregated}");
+    assert!(
+        kinesis_records.len() < RECORDS / 10,
+        "{} Kinesis records",
+        kinesis_records.len()
+    );
+    producer.close().await;
+
+    let recorder = Recorder::default();
+    let scheduler = {
+        let recorder = recorder.clone();
+        fast_config(
+            kcl_core::Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store()),
+        )
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_factory(move |shard: &str| {
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+        })
+        .build()?
+    };
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    recorder.wait_for_records(RECORDS, WAIT).await?;
+    shutdown.shutdown();
+    running.await??;
+
+    let state = recorder.state();
+    let delivered: BTreeMap<&Bytes, (&SequenceNumber, u64)> = state
+        .deliveries
+        .iter()
+        .map(|d| (&d.data, (&d.sequence_number, d.sub_sequence_number)))
+        .collect();
+    assert_eq!(state.deliveries.len(), RECORDS, "each record delivered once");
+    for (data, result) in sent.iter().zip(&results) {
+        let (sequence, sub) = delivered.get(data).context("record delivered")?;
+        assert_eq!(*sequence, &result.sequence_number);
+        assert_eq!(*sub, result.sub_sequence_number.unwrap_or(0));
+    }
+    // Explicitly routed records went to the shard holding hash key 0.
+    let lowest = results[0].shard_id.clone();
+    assert!(results.iter().step_by(10).all(|r| r.shard_id == lowest));
+    Ok(())
+}
+
+/// Oversized records, empty and too long partition keys, and bad explicit hash keys
+/// are refused with typed errors before anything is sent; after `close`, `put` says so.
+#[tokio::test]
+async fn invalid_records_get_typed_errors() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), ProducerConfig::default());
+    let refused = |r: Result<kcl_producer::PutFuture, ProducerError>| match r {
+        Err(ProducerError::InvalidRecord(why)) => why,
+        other => panic!("expected InvalidRecord, got {other:?}"),
+    };
+    assert_eq!(
+        refused(producer.put("", Bytes::from_static(b"x")).await),
+        InvalidRecord::EmptyPartitionKey
+    );
+    assert_eq!(
+        refused(producer.put("k".repeat(257), Bytes::from_static(b"x")).await),
+        InvalidRecord::PartitionKeyTooLong { chars: 257 }
+    );
+    // 256 characters are fine. (The embedded backend counts bytes, not characters, so
+    // the test stays within ASCII.)
+    let ok = producer.put("k".repeat(256), Bytes::from_static(b"x")).await?;
+    let r = ok.await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(
+        refused(producer.put("k", Bytes::from(vec![0u8; 1 << 20])).await),
+        InvalidRecord::TooLarge { bytes: (1 << 20) + 1 }
+    );
+    for bad in ["", "12a", "340282366920938463463374607431768211456"] {
+        assert_eq!(
+            refused(
+                producer
+                    .put_with_hash_key("k", Some(bad.to_owned()), Bytes::from_static(b"x"))
+                    .await
+            ),
+            InvalidRecord::InvalidExplicitHashKey(bad.to_owned())
+        );
+    }
+    producer.close().await;
+    assert!(matches!(
+        producer.put("k", Bytes::from_static(b"x")).await,
+        Err(ProducerError::Closed)
+    ));
+    Ok(())
+}
+
+/// `close` with records buffered (and a long linger) writes them all before it
+/// returns: every future is already resolved, and the stream holds every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_writes_everything_buffered_before_returning() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let mut config = ProducerConfig::default();
+    config.record_max_buffered_time = Duration::from_secs(60);
+    config.aggregation_enabled = true;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    let mut pending = Vec::new();
+    for i in 0..5000 {
+        pending.push(
+            producer
+                .put(format!("k{}", i % 100), Bytes::from(format!("close-{i}")))
+                .await?,
+        );
+    }
+    producer.close().await;
+    let mut written = 0;
+    for future in pending {
+        // Unconstrained: tokio's cooperative budget would make the 129th poll in a row
+        // say "pending" however resolved the future is.
+        let result = tokio::task::unconstrained(future)
+            .now_or_never()
+            .with_context(|| format!("record {written} resolved by the time close returned"))?;
+        result?;
+        written += 1;
+    }
+    assert_eq!(written, 5000);
+    // Aggregated or not, every user record is in the stream.
+    let stored = read_back(&env).await?;
+    let users = stored
+        .into_iter()
+        .map(|(data, shard, sequence)| {
+            let _ = shard;
+            kcl_core::aggregation::deaggregate(kcl_core::Record::new(data, "k", sequence)).map(|v| v.len())
+        })
+        .collect::<Result<Vec<usize>, _>>()?
+        .into_iter()
+        .sum::<usize>();
+    assert_eq!(users, 5000);
+    Ok(())
+}
+
+/// Per-shard rate limits slow a hot key down to the configured rate instead of
+/// letting it run into throttling: 600 records of one key at 200 records a second take
+/// at least two seconds (the bucket's first 200 go at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_held_to_the_shard_rate_limit() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let mut config = ProducerConfig::default();
+    config.per_shard_records_per_second = 200;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    // The producer reads the shard map before its first call: the limit applies from
+    // the first record, and the shard's bucket starts full (200).
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..600 {
+        pending.push(producer.put("hot", Bytes::from(format!("hot-{i}"))).await?);
+    }
+    futures::future::try_join_all(pending).await?;
+    let took = started.elapsed();
+    eprintln!("600 records at 200/s took {took:?}");
+    assert!(took >= Duration::from_millis(1900), "took {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    producer.close().await;
+    Ok(())
+}
