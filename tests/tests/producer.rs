@@ -455,3 +455,83 @@ async fn a_hot_key_is_held_to_the_shard_rate_limit() -> anyhow::Result<()> {
     producer.close().await;
     Ok(())
 }
+
+/// After a reshard the predicted shard map is stale: the first aggregate that lands on
+/// another shard than predicted makes the producer read the shards again, later records
+/// are predicted onto the children, and every record is still acknowledged and read
+/// back by the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_refreshes_the_shard_map_and_loses_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    let put_round = |round: usize| {
+        let producer = producer.clone();
+        async move {
+            let mut acks = Vec::new();
+            for i in 0..500 {
+                acks.push(
+                    producer
+                        .put(format!("key-{}", i % 50), Bytes::from(format!("r{round}-{i}")))
+                        .await?,
+                );
+            }
+            futures::future::try_join_all(acks).await.map_err(anyhow::Error::from)
+        }
+    };
+    let before = put_round(0).await?;
+    assert!(before.iter().all(|r| r.shard_id == "shardId-000000000000"));
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+    // Rounds after the split go by the stale map (to the closed parent, which Kinesis
+    // routes to a child) until the map is read again (at most once a second): then a
+    // round spreads over both children.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut rounds = 1;
+    loop {
+        let results = put_round(rounds).await?;
+        rounds += 1;
+        let shards: HashSet<&str> = results.iter().map(|r| r.shard_id.as_str()).collect();
+        assert!(
+            !shards.contains("shardId-000000000000"),
+            "nothing goes to the closed parent"
+        );
+        if shards.len() == 2 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the shard map was not read again");
+    }
+    eprintln!("{rounds} rounds until the map was read again");
+    producer.close().await;
+
+    let recorder = Recorder::default();
+    let scheduler = {
+        let recorder = recorder.clone();
+        fast_config(
+            kcl_core::Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store()),
+        )
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_factory(move |shard: &str| {
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+        })
+        .build()?
+    };
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    recorder.wait_for_records(500 * rounds, WAIT).await?;
+    shutdown.shutdown();
+    running.await??;
+    let delivered: HashSet<Bytes> = recorder.state().deliveries.iter().map(|d| d.data.clone()).collect();
+    for round in 0..rounds {
+        for i in 0..500 {
+            assert!(
+                delivered.contains(&Bytes::from(format!("r{round}-{i}"))),
+                "r{round}-{i} delivered"
+            );
+        }
+    }
+    assert_eq!(before.len(), 500);
+    Ok(())
+}

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! The scenarios of `BENCHMARKS.md` (`drain`, `latency`, `failover`, `cold-start`,
-//! `lease-cost`, `backlog-memory`, `scale`, `overhead`) run the backend in a process of
+//! `lease-cost`, `backlog-memory`, `scale`, `overhead`, `produce`) run the backend in a process of
 //! its own (this program's hidden `serve` command: the `kcl-local serve` servers), so
 //! that the CPU time and memory they read from `/proc/self` are the consumer's alone;
 //! where it makes sense they measure a reference reader (a bare SDK loop) on the same
@@ -82,8 +82,8 @@
 //!   fan-out selection, statistics, process CPU time and resident memory.
 //! - `external`: the backend in its own process (`serve`).
 //! - `drain`, `latency`, `failover`, `cold_start`, `lease_cost`, `memory`
-//!   (`backlog-memory` and `memory`), `scale`, `overhead`, `startup`, `throughput`: one
-//!   scenario each.
+//!   (`backlog-memory` and `memory`), `scale`, `overhead`, `produce`, `startup`,
+//!   `throughput`: one scenario each.
 
 mod cold_start;
 mod drain;
@@ -93,6 +93,7 @@ mod latency;
 mod lease_cost;
 mod memory;
 mod overhead;
+mod produce;
 mod scale;
 mod startup;
 mod support;
@@ -143,6 +144,9 @@ enum Scenario {
     /// 1,000 shards in one worker (CPU share, RSS), and a fleet of 20 workers on 10,000
     /// leases (time to balanced, lease-table requests per minute).
     Scale(scale::ScaleArgs),
+    /// Records/s and CPU per record of kcl-producer (without and with aggregation) next
+    /// to a bare PutRecords loop, 1 KiB records, the backend in its own process.
+    Produce(produce::ProduceArgs),
     /// A slow processor on a large backlog, the backend in its own process: peak RSS
     /// per prefetch limit and backlog size (each case in a child process).
     BacklogMemory(memory::MemoryArgs),
@@ -242,6 +246,7 @@ const SMOKE: &[&[&str]] = &[
         "2",
     ],
     &["overhead", "--records", "20000"],
+    &["produce", "--records", "2000"],
 ];
 
 /// Runs each scenario of `list` as if given on the command line, printing each one's
@@ -269,6 +274,7 @@ async fn measure(scenario: Scenario) -> anyhow::Result<Value> {
         Scenario::Overhead(args) => overhead::run(&args).await,
         Scenario::Scale(args) => scale::run(&args).await,
         Scenario::BacklogMemory(args) => memory::run_backlog_memory(&args).await,
+        Scenario::Produce(args) => produce::run(&args).await,
         other => anyhow::bail!("{other:?} is not a measuring scenario"),
     }
 }

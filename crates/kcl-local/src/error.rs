@@ -70,6 +70,15 @@ pub enum LocalError {
         source: Box<aws_sdk_kinesis::Error>,
     },
 
+    /// [`put_records`](crate::put_records) could not write a record for a reason
+    /// retrying would not change (a missing stream, for example).
+    #[error("writing records failed")]
+    Producer {
+        /// The producer's error.
+        #[source]
+        source: kcl_producer::ProducerError,
+    },
+
     /// Some records were still refused after every retry of [`put_records`](crate::put_records).
     #[error("{failed} records could not be written after {attempts} attempts (last error code {last_error_code:?})")]
     PutRecordsIncomplete {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use aws_sdk_kinesis::types::StreamStatus;
 use tokio::time::Instant;
 
+use kcl_producer::{KinesisProducer, ProducerConfig, ProducerError};
+
 use crate::error::LocalError;
 
 /// How long [`create_stream`] waits for the stream to become `ACTIVE`. Generous, so that
@@ -88,19 +90,17 @@ pub struct PutResult {
     pub sequence_number: String,
 }
 
-/// How many entries one `PutRecords` call carries (the Kinesis maximum).
-const PUT_RECORDS_BATCH: usize = 500;
-/// How many times a refused entry is sent before giving up.
-const PUT_RECORDS_ATTEMPTS: u32 = 10;
-
-/// Writes `(partition key, data)` records with `PutRecords`, 500 a call, resending
-/// exactly the entries a partial failure reports (throttled shards, for example) with a
-/// short backoff. Returns where each record went, in input order. A helper for tests,
-/// benchmarks and demos on any backend.
+/// Writes `(partition key, data)` records with `kcl-producer`'s [`KinesisProducer`]:
+/// `PutRecords` calls of up to 500 records, one at a time and in input order (so that
+/// per shard the sequence numbers follow the input), resending exactly the entries a
+/// partial failure reports with a backoff, within 30 s per record. Returns where each
+/// record went, in input order. A helper for tests, benchmarks and demos on any backend;
+/// per-shard rate limits are off (the embedded backend has none).
 ///
 /// # Errors
-/// [`LocalError::Kinesis`] when a call fails as a whole; [`LocalError::PutRecordsIncomplete`]
-/// when entries are still refused after 10 attempts.
+/// [`LocalError::Producer`] when a record cannot be written for good (a missing stream,
+/// for example);
+/// [`LocalError::PutRecordsIncomplete`] when records could not be written in time.
 ///
 /// # Cancel safety
 /// Dropping the future may leave some records written and others not.
@@ -109,59 +109,51 @@ pub async fn put_records(
     stream_name: &str,
     records: &[(String, bytes::Bytes)],
 ) -> Result<Vec<PutResult>, LocalError> {
-    let mut results: Vec<Option<PutResult>> = vec![None; records.len()];
-    for (chunk_index, chunk) in records.chunks(PUT_RECORDS_BATCH).enumerate() {
-        let offset = chunk_index * PUT_RECORDS_BATCH;
-        let mut pending: Vec<usize> = (0..chunk.len()).collect();
-        let mut last_error_code = None;
-        for attempt in 1..=PUT_RECORDS_ATTEMPTS {
-            let entries = pending
-                .iter()
-                .map(|&i| {
-                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
-                        .partition_key(&chunk[i].0)
-                        .data(aws_sdk_kinesis::primitives::Blob::new(chunk[i].1.to_vec()))
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|error| LocalError::kinesis("PutRecords", aws_sdk_kinesis::Error::from(error)))?;
-            let out = client
-                .put_records()
-                .stream_name(stream_name)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .map_err(|error| LocalError::kinesis("PutRecords", error))?;
-            let mut refused = Vec::new();
-            for (entry, i) in out.records().iter().zip(pending.drain(..)) {
-                match (entry.shard_id(), entry.sequence_number()) {
-                    (Some(shard_id), Some(sequence_number)) if entry.error_code().is_none() => {
-                        results[offset + i] = Some(PutResult {
-                            shard_id: shard_id.to_owned(),
-                            sequence_number: sequence_number.to_owned(),
-                        });
-                    }
-                    _ => {
-                        last_error_code = entry.error_code().map(str::to_owned);
-                        refused.push(i);
-                    }
-                }
-            }
-            pending = refused;
-            if pending.is_empty() {
+    let mut config = ProducerConfig::default();
+    config.max_in_flight_calls = 1;
+    config.ordered_per_key = false;
+    config.rate_limit_enabled = false;
+    config.record_max_buffered_time = Duration::ZERO;
+    config.min_retry_backoff = Duration::from_millis(20);
+    config.max_retry_backoff = Duration::from_millis(500);
+    let producer = KinesisProducer::new(client.clone(), stream_name, config);
+    let mut acknowledgements = Vec::with_capacity(records.len());
+    let mut outcome = Ok(());
+    for (partition_key, data) in records {
+        match producer.put(partition_key.clone(), data.clone()).await {
+            Ok(ack) => acknowledgements.push(ack),
+            Err(e) => {
+                outcome = Err(e);
                 break;
             }
-            if attempt < PUT_RECORDS_ATTEMPTS {
-                tokio::time::sleep(Duration::from_millis(20) * attempt).await;
-            }
-        }
-        if !pending.is_empty() {
-            return Err(LocalError::PutRecordsIncomplete {
-                failed: pending.len(),
-                attempts: PUT_RECORDS_ATTEMPTS,
-                last_error_code,
-            });
         }
     }
-    Ok(results.into_iter().flatten().collect())
+    let mut results = Vec::with_capacity(records.len());
+    let mut failed = 0;
+    let mut last_error = None;
+    for ack in acknowledgements {
+        match ack.await {
+            Ok(r) => results.push(PutResult {
+                shard_id: r.shard_id,
+                sequence_number: r.sequence_number.as_str().to_owned(),
+            }),
+            Err(e) => {
+                failed += 1;
+                last_error = Some(e);
+            }
+        }
+    }
+    producer.close().await;
+    if let Err(source) = outcome {
+        return Err(LocalError::Producer { source });
+    }
+    match last_error {
+        None => Ok(results),
+        Some(ProducerError::Expired { attempts, last_error }) => Err(LocalError::PutRecordsIncomplete {
+            failed,
+            attempts,
+            last_error_code: Some(last_error),
+        }),
+        Some(source) => Err(LocalError::Producer { source }),
+    }
 }

@@ -339,6 +339,8 @@ struct Pipeline {
     shard_map: ShardMap,
     map_read_at: Option<Instant>,
     map_reading: bool,
+    /// A read of the shard map is wanted and not yet started.
+    map_stale: bool,
     buckets: HashMap<String, TokenBucket>,
     in_flight: usize,
     /// Ids of user records not yet resolved, for flushes.
@@ -369,6 +371,7 @@ impl Pipeline {
             shard_map: ShardMap::default(),
             map_read_at: None,
             map_reading: false,
+            map_stale: false,
             buckets: HashMap::new(),
             in_flight: 0,
             outstanding: BTreeSet::new(),
@@ -397,6 +400,9 @@ impl Pipeline {
         let mut open = true;
         loop {
             let now = Instant::now();
+            if self.map_stale {
+                self.refresh_shard_map();
+            }
             self.fire_timers(now);
             self.close_aggregates(now);
             self.send_batches(now);
@@ -873,18 +879,25 @@ impl Pipeline {
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
         let ready = self.ready.front().map(|(_, since)| *since + linger);
         let aggregate = self.aggregates.values().map(|a| a.opened + linger).min();
-        [timer, ready, aggregate]
+        let map = self
+            .map_read_at
+            .filter(|_| self.map_stale && !self.map_reading)
+            .map(|at| at + SHARD_MAP_MIN_REFRESH);
+        [timer, ready, aggregate, map]
             .into_iter()
             .flatten()
             .min()
             .map(|at| at.max(now + Duration::from_micros(100)))
     }
 
-    /// Reads the stream's open shards in the background (at most once a second).
+    /// Reads the stream's open shards in the background, at most once a second (a
+    /// request sooner is carried out when the second has passed).
     fn refresh_shard_map(&mut self) {
+        self.map_stale = true;
         if self.map_reading || self.map_read_at.is_some_and(|at| at.elapsed() < SHARD_MAP_MIN_REFRESH) {
             return;
         }
+        self.map_stale = false;
         self.map_reading = true;
         self.map_read_at = Some(Instant::now());
         let kinesis = self.kinesis.clone();
