@@ -282,7 +282,13 @@ async fn aggregated_records_are_read_back_record_for_record_by_the_consumer() ->
     let mut pending = Vec::new();
     let mut sent = Vec::new();
     for i in 0..RECORDS {
-        let data = Bytes::from(format!("agg-{i}"));
+        // Every 100th record is too large to aggregate (50 KiB by default): it goes on
+        // its own, in order with its key's aggregated records.
+        let data = if i % 100 == 55 {
+            Bytes::from(format!("agg-{i}-{}", "x".repeat(60 << 10)))
+        } else {
+            Bytes::from(format!("agg-{i}"))
+        };
         let key = format!("user-{}", i % 37);
         // Every 10th record is routed by an explicit hash key (to the lowest shard).
         let ehk = (i % 10 == 0).then(|| "0".to_owned());
@@ -302,6 +308,23 @@ async fn aggregated_records_are_read_back_record_for_record_by_the_consumer() ->
         "{} Kinesis records",
         kinesis_records.len()
     );
+    assert!(results
+        .iter()
+        .skip(55)
+        .step_by(100)
+        .all(|r| r.sub_sequence_number.is_none()));
+    // Per key (routed by its hash), in put order.
+    let mut last: HashMap<usize, (&SequenceNumber, u64)> = HashMap::new();
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| i % 10 != 0) {
+        let at = (&r.sequence_number, r.sub_sequence_number.unwrap_or(0));
+        if let Some(previous) = last.insert(i % 37, at) {
+            assert!(
+                previous < at,
+                "record {i} of key user-{} went before an earlier one",
+                i % 37
+            );
+        }
+    }
     producer.close().await;
 
     let recorder = Recorder::default();

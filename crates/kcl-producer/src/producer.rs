@@ -447,10 +447,14 @@ impl Pipeline {
         if self.config.aggregation_enabled {
             if let Some(shard) = predicted.clone() {
                 let size = record.data.len() + record.partition_key.len() + 16;
-                if size < self.config.aggregation_max_size {
+                // An aggregate is one Kinesis record: it must fit in one.
+                let max_size = self.config.aggregation_max_size.min(MAX_RECORD_BYTES - 4096);
+                if size >= max_size {
+                    // Sent on its own, after the records of its shard put before it.
+                    self.close_aggregate(&shard);
+                } else {
                     let full = self.aggregates.get(&shard).is_some_and(|a| {
-                        a.bytes + size > self.config.aggregation_max_size
-                            || a.users.len() >= self.config.aggregation_max_count
+                        a.bytes + size > max_size || a.users.len() >= self.config.aggregation_max_count
                     });
                     if full {
                         self.close_aggregate(&shard);
