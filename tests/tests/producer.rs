@@ -209,6 +209,31 @@ async fn read_back(env: &TestEnv) -> anyhow::Result<Vec<(Bytes, String, Sequence
     Ok(out)
 }
 
+/// Consumes the stream from `TRIM_HORIZON` with one scheduler until `records` records
+/// were delivered; returns what its processors recorded.
+async fn consume(env: &TestEnv, records: usize) -> anyhow::Result<Recorder> {
+    let recorder = Recorder::default();
+    let scheduler = {
+        let recorder = recorder.clone();
+        fast_config(
+            kcl_core::Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store()),
+        )
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_factory(move |shard: &str| {
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+        })
+        .build()?
+    };
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    recorder.wait_for_records(records, WAIT).await?;
+    shutdown.shutdown();
+    running.await??;
+    Ok(recorder)
+}
+
 /// 100,000 records over 64 keys, with injected throttling and partial failures: every
 /// record is acknowledged exactly once, is in the stream exactly once, and per key the
 /// sequence numbers follow the put order.
@@ -327,25 +352,7 @@ async fn aggregated_records_are_read_back_record_for_record_by_the_consumer() ->
     }
     producer.close().await;
 
-    let recorder = Recorder::default();
-    let scheduler = {
-        let recorder = recorder.clone();
-        fast_config(
-            kcl_core::Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .lease_store(env.lease_store()),
-        )
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_factory(move |shard: &str| {
-            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
-        })
-        .build()?
-    };
-    let shutdown = scheduler.shutdown_handle();
-    let running = tokio::spawn(scheduler.run());
-    recorder.wait_for_records(RECORDS, WAIT).await?;
-    shutdown.shutdown();
-    running.await??;
+    let recorder = consume(&env, RECORDS).await?;
 
     let state = recorder.state();
     let delivered: BTreeMap<&Bytes, (&SequenceNumber, u64)> = state
@@ -527,25 +534,7 @@ async fn a_reshard_refreshes_the_shard_map_and_loses_nothing() -> anyhow::Result
     eprintln!("{rounds} rounds until the map was read again");
     producer.close().await;
 
-    let recorder = Recorder::default();
-    let scheduler = {
-        let recorder = recorder.clone();
-        fast_config(
-            kcl_core::Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .lease_store(env.lease_store()),
-        )
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_factory(move |shard: &str| {
-            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
-        })
-        .build()?
-    };
-    let shutdown = scheduler.shutdown_handle();
-    let running = tokio::spawn(scheduler.run());
-    recorder.wait_for_records(500 * rounds, WAIT).await?;
-    shutdown.shutdown();
-    running.await??;
+    let recorder = consume(&env, 500 * rounds).await?;
     let delivered: HashSet<Bytes> = recorder.state().deliveries.iter().map(|d| d.data.clone()).collect();
     for round in 0..rounds {
         for i in 0..500 {
