@@ -35,7 +35,10 @@
 //! - Retries never duplicate a record whose failure the service reported. A call whose
 //!   outcome is unknown (a timeout or a broken connection after the request was sent)
 //!   is retried too, and may then write its records twice; such records report
-//!   `PutRecordResult::maybe_duplicated`.
+//!   `PutRecordResult::maybe_duplicated`. The SDK client's own retries (on by
+//!   default) resend such calls without the producer knowing: give the producer a
+//!   client with `RetryConfig::disabled()` to have every such case reported (the
+//!   producer retries throttling and server errors itself).
 //! - With `ordered_per_key` (the default), a record is never sent while an earlier
 //!   record of the same partition key is in flight or waiting to be retried, so per key
 //!   the sequence numbers follow the put order.

@@ -588,9 +588,9 @@ impl Pipeline {
             let Some((_, since)) = self.ready.front() else {
                 return;
             };
-            let ready_bytes_enough = self.ready.len() >= MAX_RECORDS_PER_CALL;
+            let full_call = self.ready.len() >= MAX_RECORDS_PER_CALL;
             let due = self.in_flight == 0
-                || ready_bytes_enough
+                || full_call
                 || *since + self.config.record_max_buffered_time <= now
                 || self.flushing();
             if !due {
