@@ -807,6 +807,11 @@ impl LeaseTaker {
         }
     }
 
+    /// Records a read of the table outside a lease-taking pass (at shutdown).
+    pub(crate) fn observe_table(&mut self, leases: &[Lease], now: Instant, config: &LeaseManagementConfig) {
+        self.observe(leases, now, config.failover_time, config.renewal_interval);
+    }
+
     /// The next moment after `after` at which a lease this worker does not hold expires,
     /// if nothing renews it first (by this worker's observations): a taking pass then
     /// finds a crashed worker's leases without waiting for the next regular pass.

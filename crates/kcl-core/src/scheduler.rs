@@ -451,6 +451,20 @@ impl Scheduler {
         }
 
         info!(consumers = workers.running.len(), "shutting down");
+        if failure.is_none() {
+            // The workers that hold leases now receive this one's: read the table once
+            // more, as the last pass may be a whole interval old (a worker that joined
+            // since would be missed).
+            match tokio::time::timeout(self.lease.lease_store_call_timeout, store.list_readable_leases()).await {
+                Ok(Ok(listing)) => taker.observe_table(&listing.leases, Instant::now(), &self.lease),
+                Ok(Err(e)) => {
+                    debug!(error = %ErrorChain(&e), "cannot read the lease table at shutdown; handing leases to the workers last seen")
+                }
+                Err(_) => {
+                    debug!("reading the lease table at shutdown timed out; handing leases to the workers last seen")
+                }
+            }
+        }
         // Leases let go from here on go to the live workers this one knows of.
         coordinator.hand_released_leases_to(taker.live_workers(
             coordinator.worker_id(),
