@@ -427,8 +427,10 @@ impl Pipeline {
                 () = sleep_until_or_never(wake) => {}
             }
             self.resolve_flushes();
+            metrics::buffered(self.outstanding.len(), self.outstanding_bytes);
         }
         self.resolve_flushes();
+        metrics::buffered(0, 0);
         debug!("producer task stopped");
     }
 
@@ -442,7 +444,6 @@ impl Pipeline {
         record.id = self.next_id;
         self.outstanding.insert(record.id);
         self.outstanding_bytes += record.data.len();
-        metrics::buffered(self.outstanding.len(), self.outstanding_bytes);
         let predicted = self.shard_map.shard_for(record.hash).map(str::to_owned);
         if self.config.aggregation_enabled {
             if let Some(shard) = predicted.clone() {
@@ -863,7 +864,6 @@ impl Pipeline {
             self.outstanding.remove(&user.id);
             self.outstanding_bytes = self.outstanding_bytes.saturating_sub(user.data.len());
         }
-        metrics::buffered(self.outstanding.len(), self.outstanding_bytes);
     }
 
     /// Answers the flushes whose records are all resolved.
