@@ -268,6 +268,16 @@ pub enum OnProcessorFailure {
     /// next batch. The batch's records are not processed: choose this only when losing
     /// a poison batch is better than stopping.
     SkipBatch,
+    /// Isolate the records that fail, as AWS Lambda's bisect-on-error does: the batch
+    /// is split in halves and each half given to `process_records` (once); a half that
+    /// fails is split again, down to single records, which get the full retry policy.
+    /// A record that still fails is handed to the [`DeadLetterSink`](crate::DeadLetterSink)
+    /// (set with `SchedulerBuilder::dead_letter_sink`, required with this policy) and
+    /// processing goes on with the next one; nothing is dropped without passing through
+    /// it (a sink that keeps failing stops the scheduler). Records before a failing one
+    /// are processed once; the processor checkpoints as usual, so its next checkpoint
+    /// covers the dead-lettered records.
+    Bisect,
 }
 
 /// The policy for a processor that fails: retry the batch with backoff, then act.

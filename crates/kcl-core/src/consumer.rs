@@ -34,7 +34,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
@@ -47,8 +47,10 @@ use crate::error::{BoxError, ErrorChain, SchedulerError};
 use crate::lease::Lease;
 use crate::metrics;
 use crate::processor::{
-    InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, ShardEndedInput, ShutdownRequestedInput,
+    DeadLetterInput, DeadLetterSink, InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor,
+    ShardEndedInput, ShutdownRequestedInput,
 };
+use crate::record::Record;
 use crate::retrieval::{
     ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, RetrievalFactory, StartingPosition,
 };
@@ -140,6 +142,22 @@ enum CallFailure {
     /// The policy (`SkipBatch`) would skip, but the call cannot be skipped: stop only
     /// this consumer.
     StopConsumer,
+    /// The retries are exhausted and the policy is `Bisect`: the caller isolates the
+    /// failing records.
+    Bisect(BoxError),
+}
+
+/// What a batch's `process_records` calls share besides their records.
+struct Batch<'a> {
+    millis_behind_latest: Option<i64>,
+    fetched_at: std::time::Instant,
+    checkpointer: &'a Checkpointer,
+}
+
+/// Splits records in two halves, returned so that popping yields the first half first.
+fn split(mut records: Vec<Record>) -> Vec<Vec<Record>> {
+    let second = records.split_off(records.len() / 2);
+    vec![second, records]
 }
 
 /// Everything a shard consumer needs, shared by all consumers of a scheduler.
@@ -156,6 +174,8 @@ pub(crate) struct ConsumerContext {
     pub(crate) kinesis_retry: RetryPolicy,
     pub(crate) coordinator_config: CoordinatorConfig,
     pub(crate) error_policy: ProcessorErrorPolicy,
+    /// Where the `Bisect` policy hands the records that keep failing.
+    pub(crate) dead_letters: Option<Arc<dyn DeadLetterSink>>,
     pub(crate) initial_timestamp: Option<SystemTime>,
     /// Finds child shards at a shard end when `GetRecords` did not name them.
     pub(crate) detector: ShardDetector,
@@ -245,8 +265,9 @@ impl ShardConsumer {
                         pending_checkpoint_state: lease.pending_checkpoint_state.clone(),
                     };
                     // Never skipped: an uninitialized processor must not get records.
+                    let policy = self.ctx.error_policy.clone();
                     let result = self
-                        .call_with_policy("initialize", false, |p| {
+                        .call_with_policy("initialize", false, &policy, |p| {
                             let input = input.clone();
                             async move { p.initialize(input).await }.boxed()
                         })
@@ -264,7 +285,10 @@ impl ShardConsumer {
                             self.transition(self.state.on_success());
                         }
                         Err(CallFailure::StopScheduler(e)) => return ConsumerOutcome::Failed(e),
-                        Err(CallFailure::StopConsumer) => return ConsumerOutcome::InitializeFailed,
+                        // A call that cannot be skipped is never bisected either.
+                        Err(CallFailure::StopConsumer | CallFailure::Bisect(_)) => {
+                            return ConsumerOutcome::InitializeFailed
+                        }
                     }
                 }
                 ShardConsumerState::Processing => {
@@ -435,18 +459,13 @@ impl ShardConsumer {
         let count = records.len();
         self.held
             .record_bytes(records.iter().map(|r| r.data.len() as u64).sum());
-        let result = self
-            .call_with_policy("process_records", true, |p| {
-                let input = ProcessRecordsInput {
-                    records: records.clone(),
-                    millis_behind_latest,
-                    cache_entry_time: fetched_at,
-                    checkpointer: checkpointer.clone(),
-                };
-                async move { p.process_records(input).await }.boxed()
-            })
-            .await;
-        match result {
+        let batch = Batch {
+            millis_behind_latest,
+            fetched_at,
+            checkpointer,
+        };
+        let policy = self.ctx.error_policy.clone();
+        match self.process(records, &batch, &policy).await {
             Ok(()) => {
                 metrics::records_processed(self.shard_id(), count);
                 Ok(())
@@ -454,17 +473,107 @@ impl ShardConsumer {
             Err(CallFailure::StopScheduler(e)) => Err(e),
             // Not reached: a batch is skippable, so the policy skips it instead.
             Err(CallFailure::StopConsumer) => Ok(()),
+            Err(CallFailure::Bisect(error)) => self.bisect(std::mem::take(records), &batch, error).await,
+        }
+    }
+
+    /// Calls `process_records` with `records` under `policy`.
+    async fn process(
+        &mut self,
+        records: &[Record],
+        batch: &Batch<'_>,
+        policy: &ProcessorErrorPolicy,
+    ) -> Result<(), CallFailure> {
+        self.call_with_policy("process_records", true, policy, |p| {
+            let input = ProcessRecordsInput {
+                records: records.to_vec(),
+                millis_behind_latest: batch.millis_behind_latest,
+                cache_entry_time: batch.fetched_at,
+                checkpointer: batch.checkpointer.clone(),
+            };
+            async move { p.process_records(input).await }.boxed()
+        })
+        .await
+    }
+
+    /// The `Bisect` policy, after `records` kept failing as a whole: halves are
+    /// processed in order, once each; a half that fails is split again; a single record
+    /// gets the full retry policy and, if it still fails, goes to the dead-letter sink.
+    async fn bisect(&mut self, records: Vec<Record>, batch: &Batch<'_>, error: BoxError) -> Result<(), SchedulerError> {
+        warn!(records = records.len(), error = %ErrorChain(error.as_ref()), "processor kept failing on a batch; isolating the failing records");
+        let once = ProcessorErrorPolicy {
+            retry: RetryPolicy::new(Duration::ZERO, Duration::ZERO, Some(1)),
+            on_exhausted: OnProcessorFailure::Bisect,
+        };
+        let full = self.ctx.error_policy.clone();
+        // Parts still to process, the next on top.
+        let mut parts = split(records);
+        while let Some(part) = parts.pop() {
+            let lone = part.len() == 1;
+            match self.process(&part, batch, if lone { &full } else { &once }).await {
+                Ok(()) => metrics::records_processed(self.shard_id(), part.len()),
+                Err(CallFailure::Bisect(error)) if lone => self.dead_letter(part, error).await?,
+                Err(CallFailure::Bisect(_)) => parts.extend(split(part)),
+                Err(CallFailure::StopScheduler(e)) => return Err(e),
+                Err(CallFailure::StopConsumer) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands records the processor cannot process to the dead-letter sink, retrying per
+    /// the policy; a sink that keeps failing stops the scheduler.
+    async fn dead_letter(&mut self, records: Vec<Record>, error: BoxError) -> Result<(), SchedulerError> {
+        let Some(sink) = self.ctx.dead_letters.clone() else {
+            return Err(SchedulerError::ProcessorFailed {
+                shard_id: self.shard_id().to_owned(),
+                source: error,
+            });
+        };
+        let error = ErrorChain(error.as_ref()).to_string();
+        let policy = self.ctx.error_policy.retry.clone();
+        let mut attempt = 1u32;
+        loop {
+            let input = DeadLetterInput {
+                shard_id: self.shard_id().to_owned(),
+                records: records.clone(),
+                error: error.clone(),
+            };
+            let failure: BoxError = match AssertUnwindSafe(sink.dead_letter(input)).catch_unwind().await {
+                Ok(Ok(())) => {
+                    error!(records = records.len(), error = %error, "records the processor kept failing on were handed to the dead-letter sink");
+                    metrics::dead_lettered(self.shard_id(), records.len());
+                    return Ok(());
+                }
+                Ok(Err(e)) => e,
+                Err(panic) => BoxError::from(format!("dead-letter sink panicked: {}", panic_message(&panic))),
+            };
+            if !policy.should_retry(attempt) {
+                error!(error = %ErrorChain(failure.as_ref()), "the dead-letter sink kept failing; stopping the scheduler so that no record is dropped");
+                return Err(SchedulerError::ProcessorFailed {
+                    shard_id: self.shard_id().to_owned(),
+                    source: failure,
+                });
+            }
+            warn!(attempt, error = %ErrorChain(failure.as_ref()), "the dead-letter sink failed; retrying");
+            tokio::time::sleep(policy.backoff(attempt)).await;
+            attempt += 1;
         }
     }
 
     /// Calls the processor, retrying errors and panics per the policy. `Ok` also when
     /// the policy skipped the call; only a `skippable` call (a batch) is ever skipped:
     /// for any other, `SkipBatch` stops this consumer instead.
-    async fn call_with_policy<F>(&mut self, what: &'static str, skippable: bool, mut call: F) -> Result<(), CallFailure>
+    async fn call_with_policy<F>(
+        &mut self,
+        what: &'static str,
+        skippable: bool,
+        policy: &ProcessorErrorPolicy,
+        mut call: F,
+    ) -> Result<(), CallFailure>
     where
         F: for<'a> FnMut(&'a mut Box<dyn RecordProcessor>) -> futures::future::BoxFuture<'a, Result<(), BoxError>>,
     {
-        let policy = self.ctx.error_policy.clone();
         let mut attempt = 1u32;
         loop {
             let error: BoxError = match AssertUnwindSafe(call(&mut self.processor)).catch_unwind().await {
@@ -495,13 +604,14 @@ impl ShardConsumer {
                 continue;
             }
             return match policy.on_exhausted {
+                OnProcessorFailure::Bisect if skippable => Err(CallFailure::Bisect(error)),
                 OnProcessorFailure::SkipBatch if skippable => {
                     error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; skipping the input per policy");
                     metrics::batch_skipped(self.shard_id());
                     Ok(())
                 }
-                OnProcessorFailure::SkipBatch => {
-                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping this shard's consumer (only batches are ever skipped)");
+                OnProcessorFailure::SkipBatch | OnProcessorFailure::Bisect => {
+                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping this shard's consumer (only batches are ever skipped or bisected)");
                     Err(CallFailure::StopConsumer)
                 }
                 _ => {

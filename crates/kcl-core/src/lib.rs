@@ -83,8 +83,8 @@ pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};
 pub use lease::{InMemoryLeaseStore, LeaderLock, Lease, LeaseListing, LeaseStore};
 pub use processor::{
-    InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor, RecordProcessorFactory, ShardEndedInput,
-    ShutdownRequestedInput,
+    DeadLetterInput, DeadLetterSink, InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor,
+    RecordProcessorFactory, ShardEndedInput, ShutdownRequestedInput,
 };
 pub use record::Record;
 pub use retrieval::{PollingRetrievalFactory, RecordsPublisher, RetrievalFactory};

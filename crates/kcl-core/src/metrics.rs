@@ -13,6 +13,7 @@
 //! | `kcl_throttles_total` | counter | `operation` | throttled Kinesis calls |
 //! | `kcl_processor_failures_total` | counter | `shard_id` | processor errors and panics |
 //! | `kcl_batches_skipped_total` | counter | `shard_id` | batches skipped by the `SkipBatch` policy |
+//! | `kcl_records_dead_lettered_total` | counter | `shard_id` | records handed to the dead-letter sink by the `Bisect` policy |
 //! | `kcl_corrupt_leases_total` | counter | | lease items skipped because an attribute cannot be read (each read of the table counts each) |
 //! | `kcl_shard_backoffs_total` | counter | `shard_id` | failed shard consumers restarted after a backoff |
 //! | `kcl_shards_gone_total` | counter | `shard_id` | shards treated as ended because Kinesis no longer knows them (`ResourceNotFoundException`) |
@@ -82,4 +83,8 @@ pub(crate) fn invalid_sequence_number(shard_id: &str) {
 
 pub(crate) fn malformed_aggregate(shard_id: &str) {
     ::metrics::counter!("kcl_records_malformed_aggregate_total", "shard_id" => shard_id.to_owned()).increment(1);
+}
+
+pub(crate) fn dead_lettered(shard_id: &str, n: usize) {
+    ::metrics::counter!("kcl_records_dead_lettered_total", "shard_id" => shard_id.to_owned()).increment(n as u64);
 }

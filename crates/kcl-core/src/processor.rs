@@ -162,3 +162,27 @@ where
         Box::new(self(shard_id))
     }
 }
+
+/// Input of [`DeadLetterSink::dead_letter`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct DeadLetterInput {
+    /// The shard the records come from.
+    pub shard_id: String,
+    /// The records `process_records` kept failing on (one, under the `Bisect` policy).
+    pub records: Vec<Record>,
+    /// The last failure, with its whole source chain.
+    pub error: String,
+}
+
+/// Where records go that the processor cannot process, under
+/// [`OnProcessorFailure::Bisect`](crate::OnProcessorFailure::Bisect): a queue, a table,
+/// a log of the application's choice. Called from the shard's consumer, between two
+/// `process_records` calls.
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync + std::fmt::Debug + 'static {
+    /// Keeps the records somewhere. An error is retried per the processor error
+    /// policy's retry settings; one that persists stops the scheduler, so that no
+    /// record is lost silently.
+    async fn dead_letter(&self, input: DeadLetterInput) -> Result<(), ProcessorError>;
+}

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::{
-    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
+    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, OnProcessorFailure, ProcessorErrorPolicy,
+    RetrievalConfig,
 };
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
 use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker, SMALL_TABLE};
@@ -29,7 +30,7 @@ use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, Scheduler
 use crate::leader::LeaderDecider;
 use crate::lease::{Lease, LeaseStore, TimedLeaseStore};
 use crate::metrics;
-use crate::processor::RecordProcessorFactory;
+use crate::processor::{DeadLetterSink, RecordProcessorFactory};
 use crate::retrieval::{PollingRetrievalFactory, RetrievalFactory};
 use crate::retry::{retry, with_timeout, RetryPolicy};
 use crate::shard_sync::{report_corrupt, sync_shards, ShardDetector};
@@ -70,6 +71,7 @@ pub struct Scheduler {
     retrieval_factory: Arc<dyn RetrievalFactory>,
     coordinator: CoordinatorConfig,
     error_policy: ProcessorErrorPolicy,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
     /// The root token: cancelling it starts the graceful shutdown.
     shutdown: CancellationToken,
 }
@@ -104,6 +106,7 @@ pub struct SchedulerBuilder {
     retrieval_factory: Option<Arc<dyn RetrievalFactory>>,
     coordinator: CoordinatorConfig,
     error_policy: ProcessorErrorPolicy,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
 }
 
 impl fmt::Debug for SchedulerBuilder {
@@ -187,6 +190,13 @@ impl SchedulerBuilder {
         self
     }
 
+    /// Where records go that the processor keeps failing on, under
+    /// [`OnProcessorFailure::Bisect`] (required with that policy).
+    pub fn dead_letter_sink(mut self, sink: impl DeadLetterSink) -> Self {
+        self.dead_letters = Some(Arc::new(sink));
+        self
+    }
+
     /// Validates the configuration and builds the scheduler.
     ///
     /// # Errors
@@ -207,6 +217,12 @@ impl SchedulerBuilder {
         self.lease.validate()?;
         self.retrieval.validate()?;
         self.coordinator.validate()?;
+        if self.error_policy.on_exhausted == OnProcessorFailure::Bisect && self.dead_letters.is_none() {
+            return Err(ConfigError::new(
+                "processor_error_policy.on_exhausted",
+                "Bisect needs a dead-letter sink (SchedulerBuilder::dead_letter_sink)",
+            ));
+        }
         let worker_id = match self.worker_id {
             Some(id) if id.trim().is_empty() => return Err(ConfigError::new("worker_id", "must not be blank")),
             Some(id) => id,
@@ -227,6 +243,7 @@ impl SchedulerBuilder {
             retrieval: self.retrieval,
             coordinator: self.coordinator,
             error_policy: self.error_policy,
+            dead_letters: self.dead_letters,
             shutdown: CancellationToken::new(),
         })
     }
@@ -247,6 +264,7 @@ impl Scheduler {
             retrieval_factory: None,
             coordinator: CoordinatorConfig::default(),
             error_policy: ProcessorErrorPolicy::default(),
+            dead_letters: None,
         }
     }
 
@@ -327,6 +345,7 @@ impl Scheduler {
             kinesis_retry: self.retrieval.retry.clone(),
             coordinator_config: self.coordinator.clone(),
             error_policy: self.error_policy.clone(),
+            dead_letters: self.dead_letters.clone(),
             initial_timestamp,
             detector: detector.clone(),
         });

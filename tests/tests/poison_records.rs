@@ -1,0 +1,153 @@
+//! Issue 13: poison records. Under `OnProcessorFailure::Bisect` a batch that keeps
+//! failing is split until the failing records are isolated; they go to the
+//! application's dead-letter sink and everything else is processed once.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use bytes::Bytes;
+use kcl_core::{
+    Checkpoint, DeadLetterInput, DeadLetterSink, InitialPositionInStream, LeaseStore as _, OnProcessorFailure,
+    ProcessRecordsInput, ProcessorError, ProcessorErrorPolicy, RecordProcessor, RetryPolicy, Scheduler,
+};
+use kcl_tests::{fast_config, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Records processed (by calls that succeeded), in order.
+    processed: Vec<Bytes>,
+    /// `process_records` calls, failed ones included.
+    calls: usize,
+    dead_letters: Vec<(String, Vec<Bytes>, String)>,
+}
+
+/// Processes a batch as a whole: a batch holding the poison record fails before
+/// anything of it is processed; otherwise every record is processed and checkpointed.
+#[derive(Debug)]
+struct AllOrNothing {
+    poison: Bytes,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[async_trait]
+impl RecordProcessor for AllOrNothing {
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        self.seen.lock().expect("lock").calls += 1;
+        if input.records.iter().any(|r| r.data == self.poison) {
+            return Err("cannot parse this record".into());
+        }
+        input.checkpointer.checkpoint().await?;
+        let mut seen = self.seen.lock().expect("lock");
+        seen.processed.extend(input.records.iter().map(|r| r.data.clone()));
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Collect(Arc<Mutex<Seen>>);
+
+#[async_trait]
+impl DeadLetterSink for Collect {
+    async fn dead_letter(&self, input: DeadLetterInput) -> Result<(), ProcessorError> {
+        let records = input.records.iter().map(|r| r.data.clone()).collect();
+        self.0
+            .lock()
+            .expect("lock")
+            .dead_letters
+            .push((input.shard_id, records, input.error));
+        Ok(())
+    }
+}
+
+fn bisect_policy() -> ProcessorErrorPolicy {
+    let mut policy = ProcessorErrorPolicy::default();
+    policy.retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(2));
+    policy.on_exhausted = OnProcessorFailure::Bisect;
+    policy
+}
+
+/// One failing record among 1,000 in one batch: it reaches the sink, the other 999 are
+/// processed once, in order, and the checkpoint moves to the batch's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_is_isolated_and_dead_lettered_and_the_rest_processed_once() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(1000, "p").await?;
+    let poison = written[500].data.clone();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let scheduler = {
+        let (seen, poison) = (seen.clone(), poison.clone());
+        fast_config(
+            Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store()),
+        )
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_error_policy(bisect_policy())
+        .dead_letter_sink(Collect(seen.clone()))
+        .processor_factory(move |_: &str| AllOrNothing {
+            poison: poison.clone(),
+            seen: seen.clone(),
+        })
+        .build()?
+    };
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    // Another process's view of a processor: there is no event to await but the state.
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().expect("lock").processed.len() < 999 {
+        anyhow::ensure!(Instant::now() < deadline, "not all records were processed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.shutdown();
+    running.await??;
+
+    let seen = seen.lock().expect("lock");
+    let expected: Vec<Bytes> = written
+        .iter()
+        .map(|w| w.data.clone())
+        .filter(|d| *d != poison)
+        .collect();
+    assert_eq!(seen.processed, expected, "the other 999 once each, in order");
+    assert_eq!(seen.dead_letters.len(), 1);
+    let (shard, records, error) = &seen.dead_letters[0];
+    assert_eq!(shard, &written[500].shard_id);
+    assert_eq!(records, &vec![poison.clone()]);
+    assert!(error.contains("cannot parse this record"), "{error}");
+    // 2 attempts of the batch, then about 2 log2(1000) halves, and 2 attempts of the
+    // poison record alone: far fewer calls than records.
+    assert!(seen.calls < 60, "{} calls", seen.calls);
+    let lease = env
+        .lease_store()
+        .get_lease(&written[999].shard_id)
+        .await?
+        .context("lease")?;
+    assert_eq!(
+        lease.checkpoint.checkpoint,
+        Checkpoint::Sequence(written[999].sequence_number.clone()),
+        "the checkpoint moved past the batch"
+    );
+    Ok(())
+}
+
+/// `Bisect` without a sink is refused when the scheduler is built, naming the setting.
+#[tokio::test]
+async fn bisect_without_a_dead_letter_sink_is_a_configuration_error() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let error = Scheduler::builder(env.stream.clone())
+        .kinesis_client(env.kinesis.clone())
+        .lease_store(env.lease_store())
+        .processor_error_policy(bisect_policy())
+        .processor_factory(|_: &str| AllOrNothing {
+            poison: Bytes::new(),
+            seen: Arc::default(),
+        })
+        .build()
+        .err()
+        .context("refused")?;
+    assert!(error.to_string().contains("on_exhausted"), "{error}");
+    Ok(())
+}
