@@ -64,10 +64,10 @@ impl DeadLetterSink for Collect {
 }
 
 fn bisect_policy() -> ProcessorErrorPolicy {
-    let mut policy = ProcessorErrorPolicy::default();
-    policy.retry = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(2));
-    policy.on_exhausted = OnProcessorFailure::Bisect;
-    policy
+    ProcessorErrorPolicy {
+        retry: RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(2)),
+        on_exhausted: OnProcessorFailure::Bisect,
+    }
 }
 
 /// One failing record among 1,000 in one batch: it reaches the sink, the other 999 are
