@@ -105,7 +105,7 @@ async fn a_poison_record_is_isolated_and_dead_lettered_and_the_rest_processed_on
     shutdown.shutdown();
     running.await??;
 
-    let seen = seen.lock().expect("lock");
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
     let expected: Vec<Bytes> = written
         .iter()
         .map(|w| w.data.clone())
