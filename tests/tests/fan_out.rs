@@ -134,7 +134,7 @@ async fn polling_and_fan_out_are_one_config_value_apart() -> anyhow::Result<()> 
     let written = env.put(300, "mode").await?;
     let consumer = unique("consumer");
     for config in [
-        r#"{"polling": {"idle_time_between_reads": {"secs": 0, "nanos": 200000000}}}"#.to_owned(),
+        r#"{"polling": {"idle_time_between_reads": "200ms"}}"#.to_owned(),
         format!(r#"{{"fan_out": {{"consumer_name": "{consumer}"}}}}"#),
     ] {
         let mode: RetrievalMode = serde_json::from_str(&config)?;

@@ -4,8 +4,8 @@
 //! The structs have public fields and `Default`; set what you need and take the rest
 //! from the defaults: `RetrievalConfig { max_records: 1000, ..Default::default() }`.
 //! Every struct derives serde with `deny_unknown_fields`, so a typo in a config file is
-//! an error, not a silently ignored setting. Durations are (de)serialized as
-//! `{ secs, nanos }` by serde's standard `Duration` format.
+//! an error, not a silently ignored setting. Durations are (de)serialized as human
+//! readable strings (`"10s"`, `"1500ms"`, `"5m"`; `humantime`'s format).
 
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +16,10 @@ use crate::retry::RetryPolicy;
 
 /// Where to start reading a shard that has no checkpoint yet (the Java KCL's
 /// `InitialPositionInStream`). Shards that already have a checkpoint resume after it.
+///
+/// In a config file: `"latest"`, `"trim_horizon"` or `{ at_timestamp = "2026-12-01T08:00:00Z" }`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum InitialPositionInStream {
     /// After the newest record: only records written from now on. The default, as in
@@ -26,7 +29,7 @@ pub enum InitialPositionInStream {
     /// At the oldest record the stream retains.
     TrimHorizon,
     /// At the first record that arrived at or after this time.
-    AtTimestamp(SystemTime),
+    AtTimestamp(#[serde(with = "humantime_serde")] SystemTime),
 }
 
 /// Lease management (the Java KCL's `LeaseManagementConfig`).
@@ -35,9 +38,11 @@ pub enum InitialPositionInStream {
 pub struct LeaseManagementConfig {
     /// How long a lease's counter may stay unchanged before other workers may take it.
     /// Default 10 s.
+    #[serde(with = "humantime_serde")]
     pub failover_time: Duration,
     /// How often a worker renews the leases it holds. Must be shorter than
     /// `failover_time`. Default `failover_time / 3`.
+    #[serde(with = "humantime_serde")]
     pub renewal_interval: Duration,
     /// How often a worker reads the lease table to take unowned and expired leases
     /// and to balance. Default `failover_time / 5` (2 s). The Java KCL reads every
@@ -45,8 +50,11 @@ pub struct LeaseManagementConfig {
     /// graceful shutdown be picked up within seconds instead of stalling its shard.
     /// Each pass is one `Scan` of the lease table: raise it for tables of thousands of
     /// leases with many workers.
+    #[serde(with = "humantime_serde")]
     pub lease_taking_interval: Duration,
-    /// The most leases one worker holds. Default unlimited.
+    /// The most leases one worker holds. Default unlimited (`usize::MAX`; `"unlimited"`
+    /// in a config file).
+    #[serde(with = "count_or_unlimited")]
     pub max_leases_for_worker: usize,
     /// The most leases one worker asks others for (by a graceful handoff) in one
     /// lease-taking pass, so that workers converge without thrashing. Default 1.
@@ -57,18 +65,22 @@ pub struct LeaseManagementConfig {
     /// `2 * renewal_interval + lease_store_call_timeout <= failover_time`, so that a
     /// renewal sent one interval after the last one lands while the lease is still
     /// provably held.
+    #[serde(with = "humantime_serde")]
     pub lease_store_call_timeout: Duration,
     /// Bound of one full read of the lease table (a `Scan` of all pages, in each
     /// lease-taking pass and shard sync): a pass whose read takes longer is skipped and
     /// tried at the next interval. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub lease_table_scan_timeout: Duration,
     /// How long a finished (`SHARD_END`) lease is kept after all its children have
     /// started (checkpointed past `TRIM_HORIZON`) before it is deleted. Default 5 min.
+    #[serde(with = "humantime_serde")]
     pub completed_lease_cleanup_delay: Duration,
     /// How long a worker that asked for a lease by a graceful handoff (to balance the
     /// load) waits for the old owner to stop, checkpoint and hand it over before it
     /// takes the lease anyway (the old owner's processor then gets `lease_lost`). The
     /// Java KCL 3.x's `gracefulLeaseHandoffTimeoutMillis`. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub graceful_lease_handoff_timeout: Duration,
     /// What balancing evens out between workers: the number of leases (the default,
     /// as the Java KCL 2.x), or their throughput (`throughputKBps`, which every worker
@@ -116,7 +128,11 @@ impl LeaseManagementConfig {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the settings against each other and their ranges (as `build()` does).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.failover_time < Duration::from_millis(100) {
             return Err(ConfigError::new("lease.failover_time", "must be at least 100 ms"));
         }
@@ -177,9 +193,11 @@ pub struct RetrievalConfig {
     /// Pause between `GetRecords` calls on one shard while it is caught up, measured from
     /// the start of the previous call. At least 200 ms (Kinesis allows five reads per
     /// shard per second). Default 1.5 s.
+    #[serde(with = "humantime_serde")]
     pub idle_time_between_reads: Duration,
     /// Pause between calls while the shard has a backlog (the last call returned a full
     /// batch or reported being behind). Default 200 ms.
+    #[serde(with = "humantime_serde")]
     pub backlog_time_between_reads: Duration,
     /// Batches fetched ahead of the processor. Default 3.
     pub max_pending_batches: usize,
@@ -198,6 +216,7 @@ pub struct RetrievalConfig {
     /// `ListShards`, `DescribeStreamSummary`): a call that takes longer is abandoned and
     /// retried with backoff, so that a hung connection never stalls a shard while its
     /// lease stays renewed. Default 30 s (the Java KCL's bound of polling requests).
+    #[serde(with = "humantime_serde")]
     pub kinesis_call_timeout: Duration,
     /// Backoff of `GetRecords`/`GetShardIterator` after throttling or a transient
     /// failure. Retries never end (giving up would stall the shard silently); each
@@ -221,7 +240,11 @@ impl Default for RetrievalConfig {
 }
 
 impl RetrievalConfig {
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the settings against each other and their ranges (as `build()` does).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=10_000).contains(&self.max_records) {
             return Err(ConfigError::new("retrieval.max_records", "must be 1 to 10,000"));
         }
@@ -257,6 +280,7 @@ impl RetrievalConfig {
 /// What to do after a processor's `process_records` returned an error or panicked on
 /// the same batch `retry.max_attempts` times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum OnProcessorFailure {
     /// Stop the worker: every other shard shuts down gracefully, the failed shard's
@@ -305,14 +329,17 @@ impl Default for ProcessorErrorPolicy {
 #[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// How often the shard list is synced into the lease table. Default 60 s.
+    #[serde(with = "humantime_serde")]
     pub shard_sync_interval: Duration,
     /// How often a consumer waiting on parent shards re-reads their leases. Default 10 s.
+    #[serde(with = "humantime_serde")]
     pub parent_shard_poll_interval: Duration,
     /// How long a graceful shutdown waits for processors to finish
     /// `shutdown_requested` before it abandons them. Default 20 s. Releasing the leases
     /// afterwards takes at most one more `lease_store_call_timeout`, so
     /// [`Scheduler::run`](crate::Scheduler::run) returns within the sum of the two after
     /// the shutdown was requested, even when the lease table hangs.
+    #[serde(with = "humantime_serde")]
     pub graceful_shutdown_timeout: Duration,
     /// Backoff of a shard whose consumer failed (its retrieval failed, its processor
     /// factory panicked, its `initialize` kept failing, or its `SHARD_END` was not
@@ -339,7 +366,11 @@ impl Default for CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the settings against each other and their ranges (as `build()` does).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.shard_sync_interval.is_zero() {
             return Err(ConfigError::new(
                 "coordinator.shard_sync_interval",
@@ -445,5 +476,37 @@ mod tests {
     fn unknown_fields_are_rejected() {
         let err = serde_json::from_str::<CoordinatorConfig>(r#"{"shard_sync_intervall": 1}"#);
         assert!(err.is_err());
+    }
+}
+
+/// A count where `usize::MAX` means no limit: `"unlimited"` in config files (TOML has
+/// no integer that large).
+mod count_or_unlimited {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const UNLIMITED: &str = "unlimited";
+
+    pub(super) fn serialize<S: Serializer>(value: &usize, serializer: S) -> Result<S::Ok, S::Error> {
+        if *value == usize::MAX {
+            serializer.serialize_str(UNLIMITED)
+        } else {
+            serializer.serialize_u64(*value as u64)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum CountOrWord {
+            Count(u64),
+            Word(String),
+        }
+        match CountOrWord::deserialize(deserializer)? {
+            CountOrWord::Count(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+            CountOrWord::Word(w) if w == UNLIMITED => Ok(usize::MAX),
+            CountOrWord::Word(w) => Err(serde::de::Error::custom(format!(
+                "{w:?} is neither a count nor \"{UNLIMITED}\""
+            ))),
+        }
     }
 }

@@ -11,8 +11,10 @@ use rand::Rng;
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Upper bound of the first wait. Default 100 ms.
+    #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
     /// Cap of every wait. Default 10 s.
+    #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Attempts in total (the first call included); `None` retries without end.
     /// Default `Some(10)`.

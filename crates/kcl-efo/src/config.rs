@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::publisher::FanOutRetrievalFactory;
 
 /// Enhanced fan-out settings (the Java KCL's `FanOutConfig`). Durations are `Duration`
-/// (serde: `{ secs, nanos }`), every field has a default except the consumer name.
+/// (serde: human readable strings such as `"30s"`), every field has a default except
+/// the consumer name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FanOutConfig {
@@ -20,21 +21,26 @@ pub struct FanOutConfig {
     pub consumer_name: String,
     /// How long start-up waits for the consumer to become `ACTIVE` (registration takes
     /// seconds on AWS). Default 2 min.
+    #[serde(with = "humantime_serde")]
     pub registration_timeout: Duration,
     /// A subscription is ended and a new one started after this long, from the last
     /// position. Kinesis ends every subscription after 5 minutes anyway; a shorter value
     /// only costs a reconnection. Default 5 min.
+    #[serde(with = "humantime_serde")]
     pub subscription_lifetime: Duration,
     /// A subscription that sends no event at all for this long is restarted (Kinesis
     /// sends one at least every 5 s, even without records). Time spent waiting for the
     /// processor does not count. Default 60 s, as the Java KCL.
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// While a subscription delivers no records for this long, the publisher asks
     /// whether the shard has ended (with `GetShardIterator`/`GetRecords`), for backends
     /// that never send `ChildShards` at a shard's end. Default 10 s.
+    #[serde(with = "humantime_serde")]
     pub shard_end_check_interval: Duration,
     /// Bound of one Kinesis call (`SubscribeToShard` until its first response,
     /// registration calls). Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
     /// Backoff between subscriptions after an error, a refused subscription
     /// (`ResourceInUseException`) or throttling. Never gives up (`max_attempts` is

@@ -1,0 +1,248 @@
+//! Settings from a TOML file, with environment overrides: [`AppConfig`].
+//!
+//! Every setting of every config struct has a key; durations are human readable
+//! (`"10s"`, `"1500ms"`, `"5m"`); unknown keys are errors. Layers, the later winning:
+//! the defaults, the file, then environment variables named `SHARDWISE_` + the key path
+//! in capitals with `__` between levels (`SHARDWISE_LEASE__FAILOVER_TIME=20s`,
+//! `SHARDWISE_APPLICATION__WORKER_ID=host-7`). `examples/shardwise.toml` lists every
+//! setting with its default.
+//!
+//! ```toml
+//! [application]
+//! application_name = "orders-app"   # names the lease table
+//! stream_name = "orders"
+//! initial_position = "trim_horizon"
+//!
+//! [lease]
+//! failover_time = "10s"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use figment::Figment;
+use kcl_core::{
+    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
+    SchedulerBuilder,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigsBuilder;
+
+/// The prefix of environment variables that override the file.
+pub const ENV_PREFIX: &str = "SHARDWISE_";
+
+/// Which application reads which stream, and as which worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ApplicationSettings {
+    /// The application's name: the lease table's (the Java KCL's `applicationName`).
+    /// Required.
+    pub application_name: String,
+    /// The stream to read. Required.
+    pub stream_name: String,
+    /// This worker's id in the lease table. Default: unique per process.
+    pub worker_id: Option<String>,
+    /// Where shards without a checkpoint start. Default `latest`.
+    pub initial_position: InitialPositionInStream,
+}
+
+/// Every setting of a worker, as a config file holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AppConfig {
+    /// `[application]`.
+    pub application: ApplicationSettings,
+    /// `[lease]`: [`LeaseManagementConfig`].
+    pub lease: LeaseManagementConfig,
+    /// `[retrieval]`: [`RetrievalConfig`] (polling).
+    pub retrieval: RetrievalConfig,
+    /// `[coordinator]`: [`CoordinatorConfig`].
+    pub coordinator: CoordinatorConfig,
+    /// `[processor_error_policy]`: [`ProcessorErrorPolicy`].
+    pub processor_error_policy: ProcessorErrorPolicy,
+    /// `[fan_out]`: when present, shards are read through enhanced fan-out with these
+    /// settings (feature `fan-out`) instead of polling.
+    #[cfg(feature = "fan-out")]
+    pub fan_out: Option<kcl_efo::FanOutConfig>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigFileError {
+    /// The file does not exist.
+    #[error("config file {path:?} not found")]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A key has a value that is not allowed, is unknown, or is missing.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key, as `section.setting`.
+        key: String,
+        /// What is wrong, what is allowed, and where the value came from.
+        reason: String,
+    },
+}
+
+impl From<kcl_core::ConfigError> for ConfigFileError {
+    fn from(e: kcl_core::ConfigError) -> Self {
+        Self::Invalid {
+            key: e.field.to_owned(),
+            reason: e.reason,
+        }
+    }
+}
+
+impl AppConfig {
+    /// Loads the defaults, then `path` (when given), then the `SHARDWISE_` environment
+    /// variables, and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigFileError::NotFound`] for a missing file; [`ConfigFileError::Invalid`]
+    /// naming the key of an unknown setting, a value of the wrong type or format (a
+    /// duration that does not parse), a missing application or stream name, or
+    /// settings that contradict each other (a renewal interval not shorter than the
+    /// failover time).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigFileError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigFileError::NotFound { path: path.to_owned() });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let config: Self = figment.extract().map_err(from_figment)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no environment overrides) and validates it.
+    ///
+    /// # Errors
+    /// As [`AppConfig::load`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigFileError> {
+        let config: Self = Figment::from(Serialized::defaults(Self::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(from_figment)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The settings as TOML (every key, defaults included).
+    ///
+    /// # Errors
+    /// Never for the settings this crate defines; the TOML serializer's message
+    /// otherwise.
+    pub fn to_toml(&self) -> Result<String, ConfigFileError> {
+        toml::to_string(self).map_err(|e| ConfigFileError::Invalid {
+            key: String::new(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks what the types cannot: required names and settings that must agree.
+    ///
+    /// # Errors
+    /// [`ConfigFileError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigFileError> {
+        if self.application.application_name.trim().is_empty() {
+            return Err(ConfigFileError::Invalid {
+                key: "application.application_name".into(),
+                reason: "is required (it names the lease table)".into(),
+            });
+        }
+        if self.application.stream_name.trim().is_empty() {
+            return Err(ConfigFileError::Invalid {
+                key: "application.stream_name".into(),
+                reason: "is required".into(),
+            });
+        }
+        self.lease.validate()?;
+        self.retrieval.validate()?;
+        self.coordinator.validate()?;
+        Ok(())
+    }
+
+    /// A scheduler builder with every setting applied and clients from `sdk_config`;
+    /// add a processor factory and build.
+    ///
+    /// # Errors
+    /// [`ConfigFileError::Invalid`] for fan-out settings that cannot work.
+    pub fn scheduler_builder(&self, sdk_config: &aws_config::SdkConfig) -> Result<SchedulerBuilder, ConfigFileError> {
+        self.apply(ConfigsBuilder::new(
+            self.application.stream_name.clone(),
+            self.application.application_name.clone(),
+            sdk_config,
+        ))
+    }
+
+    /// As [`AppConfig::scheduler_builder`], with clients built by the caller.
+    ///
+    /// # Errors
+    /// As [`AppConfig::scheduler_builder`].
+    pub fn scheduler_builder_with_clients(
+        &self,
+        kinesis: aws_sdk_kinesis::Client,
+        dynamodb: aws_sdk_dynamodb::Client,
+    ) -> Result<SchedulerBuilder, ConfigFileError> {
+        self.apply(ConfigsBuilder::with_clients(
+            self.application.stream_name.clone(),
+            self.application.application_name.clone(),
+            kinesis,
+            dynamodb,
+        ))
+    }
+
+    fn apply(&self, mut configs: ConfigsBuilder) -> Result<SchedulerBuilder, ConfigFileError> {
+        if let Some(id) = &self.application.worker_id {
+            configs = configs.worker_identifier(id.clone());
+        }
+        let builder = configs
+            .scheduler_builder()
+            .initial_position(self.application.initial_position)
+            .lease_config(self.lease.clone())
+            .retrieval_config(self.retrieval.clone())
+            .coordinator_config(self.coordinator.clone())
+            .processor_error_policy(self.processor_error_policy.clone());
+        #[cfg(feature = "fan-out")]
+        if let Some(fan_out) = &self.fan_out {
+            use kcl_efo::SchedulerBuilderExt as _;
+            return Ok(builder.retrieval_mode(kcl_efo::RetrievalMode::FanOut(fan_out.clone()))?);
+        }
+        Ok(builder)
+    }
+}
+
+/// The first error of a figment extraction, named by its key.
+fn from_figment(error: figment::Error) -> ConfigFileError {
+    let source = error
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    let mut key = error.path.join(".");
+    let reason = match &error.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            if error.path.last() != Some(field) {
+                key = if key.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
+            format!("unknown setting; allowed here: {}", expected.join(", "))
+        }
+        kind => kind.to_string(),
+    };
+    ConfigFileError::Invalid {
+        key,
+        reason: format!("{reason}{source}"),
+    }
+}

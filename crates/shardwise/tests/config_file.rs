@@ -1,0 +1,93 @@
+//! Issue 13: config files. The example file lists every setting with its default and
+//! round-trips; typos, bad durations and contradicting settings are errors naming the
+//! key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shardwise::config_file::{AppConfig, ConfigFileError};
+
+fn example_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/shardwise.toml")
+}
+
+fn example() -> String {
+    std::fs::read_to_string(example_path()).expect("examples/shardwise.toml")
+}
+
+fn key_of(error: ConfigFileError) -> String {
+    match error {
+        ConfigFileError::Invalid { key, .. } => key,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_file_lists_every_setting_with_its_default_and_round_trips() {
+    let loaded = AppConfig::from_toml(&example()).expect("the example file is valid");
+    let mut defaults = AppConfig::default();
+    defaults.application.application_name = "my-application".into();
+    defaults.application.stream_name = "my-stream".into();
+    assert_eq!(loaded, defaults, "the example's values are the defaults");
+    // Every key of the defaults is in the file, and nothing else.
+    let file: toml::Value = toml::from_str(&example()).expect("TOML");
+    let serialized: toml::Value = toml::from_str(&defaults.to_toml().expect("serializable")).expect("TOML");
+    assert_eq!(file, serialized);
+    // And back.
+    let again = AppConfig::from_toml(&loaded.to_toml().expect("serializable")).expect("valid");
+    assert_eq!(again, loaded);
+}
+
+fn with(section: &str, line: &str) -> String {
+    example().replacen(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"), 1)
+}
+
+#[test]
+fn a_typo_names_the_key_and_what_is_allowed() {
+    let error = AppConfig::from_toml(&with("lease", "failover_tiem = \"10s\"")).expect_err("unknown key");
+    let text = error.to_string();
+    assert_eq!(key_of(error), "lease.failover_tiem");
+    assert!(text.contains("failover_time"), "{text}");
+}
+
+#[test]
+fn a_bad_duration_names_the_key() {
+    let text = example().replace("failover_time = \"10s\"", "failover_time = \"10 parsecs\"");
+    let error = AppConfig::from_toml(&text).expect_err("bad duration");
+    assert_eq!(key_of(error), "lease.failover_time");
+}
+
+#[test]
+fn a_renewal_not_shorter_than_the_failover_time_names_the_key() {
+    let text = example().replace(
+        "renewal_interval = \"3s 333ms 333us 333ns\"",
+        "renewal_interval = \"12s\"",
+    );
+    let error = AppConfig::from_toml(&text).expect_err("renewal too long");
+    let message = error.to_string();
+    assert_eq!(key_of(error), "lease.renewal_interval", "{message}");
+}
+
+#[test]
+fn names_are_required_and_values_are_typed() {
+    let error = AppConfig::from_toml("[application]\nstream_name = \"s\"\n").expect_err("no application name");
+    assert_eq!(key_of(error), "application.application_name");
+    let error = AppConfig::from_toml(&example().replace("max_records = 10000", "max_records = \"many\""))
+        .expect_err("not a number");
+    assert_eq!(key_of(error), "retrieval.max_records");
+    let config = AppConfig::from_toml(
+        "[application]\napplication_name = \"a\"\nstream_name = \"s\"\ninitial_position = { at_timestamp = \"2026-12-01T08:00:00Z\" }\n[lease]\nfailover_time = \"20s\"\nrenewal_interval = \"5s\"\nlease_store_call_timeout = \"5s\"\n",
+    )
+    .expect("valid");
+    assert_eq!(config.lease.failover_time, Duration::from_secs(20));
+    assert!(matches!(
+        config.application.initial_position,
+        shardwise::InitialPositionInStream::AtTimestamp(_)
+    ));
+}
+
+#[test]
+fn a_missing_file_is_not_found() {
+    let error = AppConfig::load(Some(&example_path().with_file_name("no-such-file.toml"))).expect_err("missing");
+    assert!(matches!(error, ConfigFileError::NotFound { .. }));
+}
