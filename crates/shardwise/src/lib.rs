@@ -44,12 +44,16 @@
 //! - `fan_out` (feature `fan-out`): enhanced fan-out;
 //! - `producer` (feature `producer`): the producer (batched `PutRecords`, retries,
 //!   per-key order, aggregation);
-//! - `local` (feature `local`): an embedded Kinesis + DynamoDB for development and tests.
+//! - `local` (feature `local`): an embedded Kinesis + DynamoDB for development and tests;
+//! - `admin` (feature `admin`): what the `shardwise-admin` binary does (leases,
+//!   workers, lag, checkpoints, fan-out consumers, deleting an application).
 
 pub use async_trait::async_trait;
 pub use aws_config;
 pub use kcl_core::*;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[cfg(feature = "config-file")]
 pub mod config_file;
 #[cfg(feature = "dynamodb")]

@@ -1,0 +1,381 @@
+//! Operations on an application's lease table and stream, as the `shardwise-admin`
+//! binary runs them (feature `admin`): who holds what, how far behind each shard is,
+//! moving a checkpoint, fan-out consumers, deleting an application.
+//!
+//! Every function works against AWS and `kcl-local serve` alike (the clients say
+//! where). Writes to leases are conditional on the lease counter (and owner) as read,
+//! so an operation never overwrites a concurrent change: it fails with
+//! [`AdminError::Changed`] instead.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use kcl_core::{Checkpoint, ExtendedSequenceNumber, Lease, LeaseStore as _, SequenceNumber};
+use kcl_dynamo::DynamoLeaseStore;
+use serde::Serialize;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The lease table could not be read or written.
+    #[error("lease table")]
+    LeaseStore(#[from] kcl_core::LeaseStoreError),
+    /// A Kinesis call failed.
+    #[error("Kinesis {operation} failed")]
+    Kinesis {
+        /// The operation.
+        operation: &'static str,
+        /// The SDK's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A DynamoDB table call failed.
+    #[error("DynamoDB {operation} failed")]
+    DynamoDb {
+        /// The operation.
+        operation: &'static str,
+        /// The SDK's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// There is no lease for the shard.
+    #[error("no lease for shard {0:?}")]
+    NoSuchLease(String),
+    /// The lease is held by a worker: moving its checkpoint under it needs `force`.
+    #[error(
+        "shard {shard_id:?} is held by {owner:?}; stop that worker first, or force (the owner then loses the lease)"
+    )]
+    Owned {
+        /// The shard.
+        shard_id: String,
+        /// Its owner.
+        owner: String,
+    },
+    /// The lease changed between the read and the write; read again and retry.
+    #[error("the lease of shard {0:?} changed meanwhile; nothing was written")]
+    Changed(String),
+    /// The value given cannot be used.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// One lease as `leases` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LeaseRow {
+    /// The shard.
+    pub shard_id: String,
+    /// The worker holding it.
+    pub owner: Option<String>,
+    /// During a graceful handoff, the worker handing it over.
+    pub handing_over_from: Option<String>,
+    /// The lease counter.
+    pub counter: u64,
+    /// The checkpoint (a sequence number or `TRIM_HORIZON`, `LATEST`, `SHARD_END`, ...).
+    pub checkpoint: String,
+    /// The checkpoint's sub-sequence number.
+    pub sub_sequence_number: u64,
+    /// Parent shards.
+    pub parents: Vec<String>,
+    /// Child shards, once known.
+    pub children: Vec<String>,
+    /// `finished` (checkpointed at `SHARD_END`), `handing_over`, `owned` or `unowned`.
+    pub state: &'static str,
+}
+
+impl From<&Lease> for LeaseRow {
+    fn from(lease: &Lease) -> Self {
+        let state = if lease.checkpoint.is_shard_end() {
+            "finished"
+        } else if lease.is_handoff_pending() {
+            "handing_over"
+        } else if lease.lease_owner.is_some() {
+            "owned"
+        } else {
+            "unowned"
+        };
+        Self {
+            shard_id: lease.lease_key.clone(),
+            owner: lease.lease_owner.clone(),
+            handing_over_from: lease.checkpoint_owner.clone(),
+            counter: lease.lease_counter,
+            checkpoint: lease.checkpoint.checkpoint.as_str().to_owned(),
+            sub_sequence_number: lease.checkpoint.sub_sequence_number,
+            parents: lease.parent_shard_ids.iter().cloned().collect(),
+            children: lease.child_shard_ids.iter().cloned().collect(),
+            state,
+        }
+    }
+}
+
+/// Every lease, by shard id.
+///
+/// # Errors
+/// [`AdminError::LeaseStore`].
+pub async fn leases(store: &DynamoLeaseStore) -> Result<Vec<LeaseRow>, AdminError> {
+    let mut leases = store.list_leases().await?;
+    leases.sort_by(|a, b| a.lease_key.cmp(&b.lease_key));
+    Ok(leases.iter().map(LeaseRow::from).collect())
+}
+
+/// Which worker holds which shards (unfinished leases only).
+///
+/// # Errors
+/// [`AdminError::LeaseStore`].
+pub async fn workers(store: &DynamoLeaseStore) -> Result<BTreeMap<String, Vec<String>>, AdminError> {
+    let mut by_worker: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for lease in store.list_leases().await? {
+        if let Some(owner) = &lease.lease_owner {
+            if !lease.checkpoint.is_shard_end() {
+                by_worker
+                    .entry(owner.clone())
+                    .or_default()
+                    .push(lease.lease_key.clone());
+            }
+        }
+    }
+    for shards in by_worker.values_mut() {
+        shards.sort();
+    }
+    Ok(by_worker)
+}
+
+/// How far one shard's checkpoint is behind the shard's newest record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ShardLag {
+    /// The shard.
+    pub shard_id: String,
+    /// Its checkpoint.
+    pub checkpoint: String,
+    /// Milliseconds between the first record after the checkpoint and the shard's
+    /// newest (Kinesis's `MillisBehindLatest`); `None` for a finished shard.
+    pub millis_behind_latest: Option<i64>,
+}
+
+/// The lag of every unfinished lease's shard, read from its checkpoint: one
+/// `GetShardIterator` and one `GetRecords` (of one record) per shard.
+///
+/// # Errors
+/// [`AdminError::LeaseStore`], [`AdminError::Kinesis`].
+pub async fn lag(
+    store: &DynamoLeaseStore,
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<ShardLag>, AdminError> {
+    let mut leases = store.list_leases().await?;
+    leases.sort_by(|a, b| a.lease_key.cmp(&b.lease_key));
+    let mut out = Vec::new();
+    for lease in leases {
+        let checkpoint = lease.checkpoint.checkpoint.as_str().to_owned();
+        let request = kinesis
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(&lease.lease_key);
+        let request = match &lease.checkpoint.checkpoint {
+            Checkpoint::ShardEnd => {
+                out.push(ShardLag {
+                    shard_id: lease.lease_key,
+                    checkpoint,
+                    millis_behind_latest: None,
+                });
+                continue;
+            }
+            Checkpoint::Sequence(s) => request
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(s.as_str()),
+            Checkpoint::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+            _ => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        };
+        let iterator = request.send().await.map_err(|e| AdminError::Kinesis {
+            operation: "GetShardIterator",
+            source: Box::new(e),
+        })?;
+        let Some(iterator) = iterator.shard_iterator else {
+            continue;
+        };
+        let page = kinesis
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(1)
+            .send()
+            .await
+            .map_err(|e| AdminError::Kinesis {
+                operation: "GetRecords",
+                source: Box::new(e),
+            })?;
+        out.push(ShardLag {
+            shard_id: lease.lease_key,
+            checkpoint,
+            millis_behind_latest: page.millis_behind_latest,
+        });
+    }
+    Ok(out)
+}
+
+/// Where `checkpoint set|reset` moves a shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NewCheckpoint {
+    /// After this sequence number.
+    Sequence(String),
+    /// The oldest record retained.
+    TrimHorizon,
+    /// After the newest record.
+    Latest,
+}
+
+/// Moves a shard's checkpoint: refused while a worker holds the lease unless `force`
+/// (then the owner's next write fails and it loses the lease; the next owner starts
+/// from the new checkpoint). The write is conditional on the counter and owner read.
+/// Returns the lease as written.
+///
+/// # Errors
+/// [`AdminError::NoSuchLease`], [`AdminError::Owned`], [`AdminError::Changed`],
+/// [`AdminError::InvalidArgument`] for a sequence number that does not parse.
+pub async fn set_checkpoint(
+    store: &DynamoLeaseStore,
+    shard_id: &str,
+    to: NewCheckpoint,
+    force: bool,
+) -> Result<LeaseRow, AdminError> {
+    let mut lease = store
+        .get_lease(shard_id)
+        .await?
+        .ok_or_else(|| AdminError::NoSuchLease(shard_id.to_owned()))?;
+    if let (Some(owner), false) = (&lease.lease_owner, force) {
+        return Err(AdminError::Owned {
+            shard_id: shard_id.to_owned(),
+            owner: owner.clone(),
+        });
+    }
+    lease.checkpoint = match to {
+        NewCheckpoint::Sequence(s) => ExtendedSequenceNumber::new(
+            SequenceNumber::parse(&s).map_err(|e| AdminError::InvalidArgument(format!("{s:?}: {e}")))?,
+            0,
+        ),
+        NewCheckpoint::TrimHorizon => ExtendedSequenceNumber::TRIM_HORIZON,
+        NewCheckpoint::Latest => ExtendedSequenceNumber::LATEST,
+    };
+    lease.pending_checkpoint = None;
+    lease.pending_checkpoint_state = None;
+    if !store.update_lease_checkpoint(&mut lease).await? {
+        return Err(AdminError::Changed(shard_id.to_owned()));
+    }
+    Ok(LeaseRow::from(&lease))
+}
+
+/// The stream's registered enhanced fan-out consumers: (name, ARN, status).
+///
+/// # Errors
+/// [`AdminError::Kinesis`].
+pub async fn consumers(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<(String, String, String)>, AdminError> {
+    let arn = stream_arn(kinesis, stream).await?;
+    let out = kinesis
+        .list_stream_consumers()
+        .stream_arn(arn)
+        .send()
+        .await
+        .map_err(|e| AdminError::Kinesis {
+            operation: "ListStreamConsumers",
+            source: Box::new(e),
+        })?;
+    Ok(out
+        .consumers()
+        .iter()
+        .map(|c| {
+            (
+                c.consumer_name().to_owned(),
+                c.consumer_arn().to_owned(),
+                c.consumer_status().as_str().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// Registers (`register = true`) or deregisters a fan-out consumer by name.
+///
+/// # Errors
+/// [`AdminError::Kinesis`].
+pub async fn register_consumer(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    name: &str,
+    register: bool,
+) -> Result<(), AdminError> {
+    let arn = stream_arn(kinesis, stream).await?;
+    if register {
+        kinesis
+            .register_stream_consumer()
+            .stream_arn(arn)
+            .consumer_name(name)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| AdminError::Kinesis {
+                operation: "RegisterStreamConsumer",
+                source: Box::new(e),
+            })
+    } else {
+        kinesis
+            .deregister_stream_consumer()
+            .stream_arn(arn)
+            .consumer_name(name)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| AdminError::Kinesis {
+                operation: "DeregisterStreamConsumer",
+                source: Box::new(e),
+            })
+    }
+}
+
+async fn stream_arn(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<String, AdminError> {
+    let out = kinesis
+        .describe_stream_summary()
+        .stream_name(stream)
+        .send()
+        .await
+        .map_err(|e| AdminError::Kinesis {
+            operation: "DescribeStreamSummary",
+            source: Box::new(e),
+        })?;
+    out.stream_description_summary
+        .map(|s| s.stream_arn)
+        .ok_or_else(|| AdminError::InvalidArgument(format!("stream {stream:?} has no description")))
+}
+
+/// Deletes an application: its lease table and its leader lock table (checkpoints
+/// are lost; stop every worker first). Returns the tables deleted.
+///
+/// # Errors
+/// [`AdminError::DynamoDb`].
+pub async fn delete_application(
+    dynamodb: &aws_sdk_dynamodb::Client,
+    application: &str,
+) -> Result<Vec<String>, AdminError> {
+    use aws_sdk_dynamodb::operation::delete_table::DeleteTableError;
+    let mut deleted = Vec::new();
+    for table in [application.to_owned(), format!("{application}-LeaderLock")] {
+        match dynamodb.delete_table().table_name(&table).send().await {
+            Ok(_) => deleted.push(table),
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(DeleteTableError::ResourceNotFoundException(_))
+                ) => {}
+            Err(e) => {
+                return Err(AdminError::DynamoDb {
+                    operation: "DeleteTable",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,83 @@
+//! Issue 13: the `shardwise-admin` binary against `kcl-local`'s servers: `leases
+//! --json` and `workers --json` print what the lease table holds; `checkpoint reset`
+//! on an owned lease is refused with a non-zero exit.
+
+use kcl_core::{ExtendedSequenceNumber, Lease, LeaseStore as _};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardwise-admin");
+
+fn admin(backend: &kcl_local::LocalBackend, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["--application", "cli-app", "--stream", "cli-stream"])
+        .arg(format!("--kinesis-endpoint={}", backend.kinesis_endpoint()))
+        .arg(format!("--dynamodb-endpoint={}", backend.dynamodb_endpoint()))
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "local")
+        .env("AWS_SECRET_ACCESS_KEY", "local")
+        .env("AWS_REGION", backend.region())
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_workers_print_the_table_and_an_owned_lease_is_not_reset() {
+    let backend = kcl_local::LocalBackend::start().await.expect("backend");
+    let store = kcl_dynamo::DynamoLeaseStore::new(backend.dynamodb_client(), "cli-app");
+    store.create_lease_table_if_not_exists().await.expect("table");
+    for (shard, owner) in [("shardId-000000000000", Some("w1")), ("shardId-000000000001", None)] {
+        let mut lease = Lease::new(shard, ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(store.create_lease_if_not_exists(&lease).await.expect("create"));
+        if let Some(owner) = owner {
+            assert!(store.take_lease(&mut lease, owner).await.expect("take"));
+        }
+    }
+
+    let out = admin(&backend, &["leases", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows[0]["shard_id"], "shardId-000000000000");
+    assert_eq!(rows[0]["owner"], "w1");
+    assert_eq!(rows[0]["state"], "owned");
+    assert_eq!(rows[1]["owner"], serde_json::Value::Null);
+    assert_eq!(rows[1]["checkpoint"], "TRIM_HORIZON");
+
+    let out = admin(&backend, &["workers", "--json"]);
+    let workers: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(workers, serde_json::json!({"w1": ["shardId-000000000000"]}));
+
+    let out = admin(
+        &backend,
+        &[
+            "checkpoint",
+            "reset",
+            "--shard",
+            "shardId-000000000000",
+            "--to",
+            "latest",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("held by \"w1\""), "{stderr}");
+    let out = admin(
+        &backend,
+        &[
+            "checkpoint",
+            "reset",
+            "--shard",
+            "shardId-000000000001",
+            "--to",
+            "latest",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lease = store
+        .get_lease("shardId-000000000001")
+        .await
+        .expect("read")
+        .expect("lease");
+    assert_eq!(lease.checkpoint, ExtendedSequenceNumber::LATEST);
+    backend.shutdown().await;
+}
