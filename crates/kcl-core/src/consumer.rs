@@ -449,6 +449,9 @@ impl ShardConsumer {
         if let Some(m) = millis_behind_latest {
             metrics::millis_behind_latest(self.shard_id(), m);
         }
+        // Touches the shard's series at every read, so that an exporter with an idle
+        // timeout keeps them while this worker holds the shard and drops them after.
+        metrics::records_processed(self.shard_id(), 0);
         if records.is_empty() && !self.ctx.coordinator_config.call_process_records_even_for_empty_list {
             return Ok(());
         }

@@ -45,6 +45,8 @@
 //! - `producer` (feature `producer`): the producer (batched `PutRecords`, retries,
 //!   per-key order, aggregation);
 //! - `local` (feature `local`): an embedded Kinesis + DynamoDB for development and tests;
+//! - `prometheus` (feature `prometheus`): a `/metrics` endpoint for the library's
+//!   metrics;
 //! - `admin` (feature `admin`): what the `shardwise-admin` binary does (leases,
 //!   workers, lag, checkpoints, fan-out consumers, deleting an application).
 
@@ -58,6 +60,8 @@ pub mod admin;
 pub mod config_file;
 #[cfg(feature = "dynamodb")]
 mod configs;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "dynamodb")]
 pub use configs::ConfigsBuilder;
 
