@@ -79,5 +79,25 @@ async fn leases_and_workers_print_the_table_and_an_owned_lease_is_not_reset() {
         .expect("read")
         .expect("lease");
     assert_eq!(lease.checkpoint, ExtendedSequenceNumber::LATEST);
+
+    // Fan-out consumers of the stream.
+    kcl_local::create_stream(&backend.kinesis_client(), "cli-stream", 1)
+        .await
+        .expect("stream");
+    let out = admin(&backend, &["consumers", "register", "cli-consumer", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = admin(&backend, &["consumers", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(list[0]["name"], "cli-consumer", "{list}");
+    let out = admin(&backend, &["consumers", "deregister", "cli-consumer"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Deleting the application needs --yes, then removes the lease table.
+    assert!(!admin(&backend, &["delete-application"]).status.success());
+    let out = admin(&backend, &["delete-application", "--yes", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deleted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(deleted["deleted_tables"][0], "cli-app");
+    assert!(store.list_leases().await.is_err(), "the table is gone");
     backend.shutdown().await;
 }
