@@ -188,10 +188,7 @@ pub async fn lag(
             Checkpoint::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
             _ => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
         };
-        let iterator = request.send().await.map_err(|e| AdminError::Kinesis {
-            operation: "GetShardIterator",
-            source: Box::new(e),
-        })?;
+        let iterator = request.send().await.map_err(kinesis_error("GetShardIterator"))?;
         let Some(iterator) = iterator.shard_iterator else {
             continue;
         };
@@ -201,10 +198,7 @@ pub async fn lag(
             .limit(1)
             .send()
             .await
-            .map_err(|e| AdminError::Kinesis {
-                operation: "GetRecords",
-                source: Box::new(e),
-            })?;
+            .map_err(kinesis_error("GetRecords"))?;
         out.push(ShardLag {
             shard_id: lease.lease_key,
             checkpoint,
@@ -280,10 +274,7 @@ pub async fn consumers(
         .stream_arn(arn)
         .send()
         .await
-        .map_err(|e| AdminError::Kinesis {
-            operation: "ListStreamConsumers",
-            source: Box::new(e),
-        })?;
+        .map_err(kinesis_error("ListStreamConsumers"))?;
     Ok(out
         .consumers()
         .iter()
@@ -316,10 +307,7 @@ pub async fn register_consumer(
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| AdminError::Kinesis {
-                operation: "RegisterStreamConsumer",
-                source: Box::new(e),
-            })
+            .map_err(kinesis_error("RegisterStreamConsumer"))
     } else {
         kinesis
             .deregister_stream_consumer()
@@ -328,10 +316,17 @@ pub async fn register_consumer(
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| AdminError::Kinesis {
-                operation: "DeregisterStreamConsumer",
-                source: Box::new(e),
-            })
+            .map_err(kinesis_error("DeregisterStreamConsumer"))
+    }
+}
+
+/// Wraps an SDK error of the Kinesis `operation`.
+fn kinesis_error<E: std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+) -> impl FnOnce(E) -> AdminError {
+    move |e| AdminError::Kinesis {
+        operation,
+        source: Box::new(e),
     }
 }
 
@@ -341,10 +336,7 @@ async fn stream_arn(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<S
         .stream_name(stream)
         .send()
         .await
-        .map_err(|e| AdminError::Kinesis {
-            operation: "DescribeStreamSummary",
-            source: Box::new(e),
-        })?;
+        .map_err(kinesis_error("DescribeStreamSummary"))?;
     out.stream_description_summary
         .map(|s| s.stream_arn)
         .ok_or_else(|| AdminError::InvalidArgument(format!("stream {stream:?} has no description")))
