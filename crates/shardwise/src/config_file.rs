@@ -135,6 +135,83 @@ impl AppConfig {
         Ok(config)
     }
 
+    /// Reads the settings that map from a Java KCL MultiLang daemon `.properties` file
+    /// (`streamName`, `applicationName`, `workerId`, `initialPositionInStream`,
+    /// `failoverTimeMillis`, `maxLeasesForWorker`, `maxLeasesToStealAtOneTime`,
+    /// `maxRecords`, `idleTimeBetweenReadsInMillis`, `shardSyncIntervalMillis`,
+    /// `parentShardPollIntervalMillis`, `callProcessRecordsEvenForEmptyRecordList`),
+    /// so that a migrating team keeps its settings; the rest take their defaults (a
+    /// failover time also sets the renewal interval and lease-taking interval derived
+    /// from it). Returns the settings and the keys that do not map (for example
+    /// `executableName`, `AWSCredentialsProvider`), sorted.
+    ///
+    /// # Errors
+    /// [`ConfigFileError::Invalid`] naming the Java key of a value that does not parse,
+    /// or the failed validation.
+    pub fn from_java_properties(text: &str) -> Result<(Self, Vec<String>), ConfigFileError> {
+        let properties = java_properties::read(text.as_bytes()).map_err(|e| ConfigFileError::Invalid {
+            key: format!("line {}", e.line_number().unwrap_or(0)),
+            reason: e.to_string(),
+        })?;
+        let mut config = Self::default();
+        let mut ignored = Vec::new();
+        let number = |key: &str, value: &str| -> Result<u64, ConfigFileError> {
+            value.trim().parse::<u64>().map_err(|_| ConfigFileError::Invalid {
+                key: key.to_owned(),
+                reason: format!("{value:?} is not a whole number"),
+            })
+        };
+        let millis = |key: &str, value: &str| number(key, value).map(std::time::Duration::from_millis);
+        // The failover time first: other lease settings derive from it.
+        if let Some(value) = properties.get("failoverTimeMillis") {
+            config.lease = LeaseManagementConfig::with_failover_time(millis("failoverTimeMillis", value)?);
+        }
+        let mut keys: Vec<&String> = properties.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = properties[key].trim();
+            match key.as_str() {
+                "failoverTimeMillis" => {}
+                "streamName" => config.application.stream_name = value.to_owned(),
+                "applicationName" => config.application.application_name = value.to_owned(),
+                "workerId" => config.application.worker_id = Some(value.to_owned()),
+                "initialPositionInStream" => {
+                    config.application.initial_position = match value {
+                        "LATEST" => InitialPositionInStream::Latest,
+                        "TRIM_HORIZON" => InitialPositionInStream::TrimHorizon,
+                        other => {
+                            return Err(ConfigFileError::Invalid {
+                                key: key.clone(),
+                                reason: format!(
+                                    "{other:?}: LATEST or TRIM_HORIZON (set AT_TIMESTAMP in the TOML file)"
+                                ),
+                            })
+                        }
+                    }
+                }
+                "maxLeasesForWorker" => {
+                    config.lease.max_leases_for_worker = usize::try_from(number(key, value)?).unwrap_or(usize::MAX);
+                }
+                "maxLeasesToStealAtOneTime" => {
+                    config.lease.max_leases_to_steal_at_one_time =
+                        usize::try_from(number(key, value)?).unwrap_or(usize::MAX);
+                }
+                "maxRecords" => {
+                    config.retrieval.max_records = i32::try_from(number(key, value)?).unwrap_or(i32::MAX);
+                }
+                "idleTimeBetweenReadsInMillis" => config.retrieval.idle_time_between_reads = millis(key, value)?,
+                "shardSyncIntervalMillis" => config.coordinator.shard_sync_interval = millis(key, value)?,
+                "parentShardPollIntervalMillis" => config.coordinator.parent_shard_poll_interval = millis(key, value)?,
+                "callProcessRecordsEvenForEmptyRecordList" => {
+                    config.coordinator.call_process_records_even_for_empty_list = value.eq_ignore_ascii_case("true");
+                }
+                _ => ignored.push(key.clone()),
+            }
+        }
+        config.validate()?;
+        Ok((config, ignored))
+    }
+
     /// The settings as TOML (every key, defaults included).
     ///
     /// # Errors

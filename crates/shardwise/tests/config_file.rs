@@ -91,3 +91,56 @@ fn a_missing_file_is_not_found() {
     let error = AppConfig::load(Some(&example_path().with_file_name("no-such-file.toml"))).expect_err("missing");
     assert!(matches!(error, ConfigFileError::NotFound { .. }));
 }
+
+/// A Java KCL MultiLang `.properties` file: the settings that map are kept, the others
+/// are reported, and a value that does not parse names its Java key.
+#[test]
+fn a_java_multilang_properties_file_keeps_the_settings_that_map() {
+    let properties = "\
+# The MultiLang daemon's sample, trimmed.
+executableName = python3 sample_kclpy_app.py
+streamName = kclpysample
+applicationName = PythonKCLSample
+AWSCredentialsProvider = DefaultCredentialsProvider
+processingLanguage = python/3.11
+initialPositionInStream = TRIM_HORIZON
+regionName = us-east-1
+failoverTimeMillis = 20000
+workerId = worker-7
+maxRecords = 500
+idleTimeBetweenReadsInMillis = 750
+maxLeasesToStealAtOneTime = 2
+shardSyncIntervalMillis = 120000
+callProcessRecordsEvenForEmptyRecordList = true
+";
+    let (config, ignored) = AppConfig::from_java_properties(properties).expect("valid");
+    assert_eq!(config.application.stream_name, "kclpysample");
+    assert_eq!(config.application.application_name, "PythonKCLSample");
+    assert_eq!(config.application.worker_id.as_deref(), Some("worker-7"));
+    assert_eq!(
+        config.application.initial_position,
+        shardwise::InitialPositionInStream::TrimHorizon
+    );
+    assert_eq!(config.lease.failover_time, Duration::from_secs(20));
+    assert!(
+        config.lease.renewal_interval < config.lease.failover_time,
+        "derived from it"
+    );
+    assert_eq!(config.lease.max_leases_to_steal_at_one_time, 2);
+    assert_eq!(config.retrieval.max_records, 500);
+    assert_eq!(config.retrieval.idle_time_between_reads, Duration::from_millis(750));
+    assert_eq!(config.coordinator.shard_sync_interval, Duration::from_secs(120));
+    assert!(config.coordinator.call_process_records_even_for_empty_list);
+    assert_eq!(
+        ignored,
+        [
+            "AWSCredentialsProvider",
+            "executableName",
+            "processingLanguage",
+            "regionName"
+        ]
+    );
+    let error = AppConfig::from_java_properties(&properties.replace("maxRecords = 500", "maxRecords = lots"))
+        .expect_err("not a number");
+    assert_eq!(key_of(error), "maxRecords");
+}
