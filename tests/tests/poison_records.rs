@@ -151,3 +151,44 @@ async fn bisect_without_a_dead_letter_sink_is_a_configuration_error() -> anyhow:
     assert!(error.to_string().contains("on_exhausted"), "{error}");
     Ok(())
 }
+
+/// A batch of one poison record goes to the sink after its retries, without being
+/// retried again alone, and `process_records` is never called with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_poison_record_is_retried_once_per_policy_then_dead_lettered() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(1, "lone").await?;
+    let poison = written[0].data.clone();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let scheduler = {
+        let (seen, poison) = (seen.clone(), poison.clone());
+        fast_config(
+            Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .lease_store(env.lease_store()),
+        )
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_error_policy(bisect_policy())
+        .dead_letter_sink(Collect(seen.clone()))
+        .processor_factory(move |_: &str| AllOrNothing {
+            poison: poison.clone(),
+            seen: seen.clone(),
+        })
+        .build()?
+    };
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().expect("lock").dead_letters.is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.shutdown();
+    running.await??;
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    assert_eq!(seen.dead_letters.len(), 1);
+    assert_eq!(seen.dead_letters[0].1, vec![poison]);
+    assert_eq!(seen.calls, 2, "the policy's two attempts, no more");
+    assert!(seen.processed.is_empty());
+    Ok(())
+}

@@ -503,6 +503,10 @@ impl ShardConsumer {
     /// processed in order, once each; a half that fails is split again; a single record
     /// gets the full retry policy and, if it still fails, goes to the dead-letter sink.
     async fn bisect(&mut self, records: Vec<Record>, batch: &Batch<'_>, error: BoxError) -> Result<(), SchedulerError> {
+        if records.len() == 1 {
+            // A lone record already had the full retries.
+            return self.dead_letter(records, error).await;
+        }
         warn!(records = records.len(), error = %ErrorChain(error.as_ref()), "processor kept failing on a batch; isolating the failing records");
         let once = ProcessorErrorPolicy {
             retry: RetryPolicy::new(Duration::ZERO, Duration::ZERO, Some(1)),
@@ -512,6 +516,9 @@ impl ShardConsumer {
         // Parts still to process, the next on top.
         let mut parts = split(records);
         while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
             let lone = part.len() == 1;
             match self.process(&part, batch, if lone { &full } else { &once }).await {
                 Ok(()) => metrics::records_processed(self.shard_id(), part.len()),
