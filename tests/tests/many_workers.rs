@@ -768,10 +768,25 @@ async fn a_large_table_is_balanced_by_the_leaders_handoffs() -> anyhow::Result<(
 
     let joined = Instant::now();
     let c = start("c", &recorders[2])?;
-    let balanced = poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [40, 40, 40]).await?;
+    poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [40, 40, 40]).await?;
     let took = joined.elapsed();
     eprintln!("40/40/40 after {took:?}");
     assert!(took < Duration::from_secs(12), "balanced after {took:?}");
+    // Settled: 40/40/40 with no handoff under way (a pending handoff already names its
+    // receiver as the owner).
+    let deadline = Instant::now() + WAIT;
+    let balanced: BTreeMap<String, Option<String>> = loop {
+        let leases = store.list_leases().await?;
+        let owners: BTreeMap<String, Option<String>> = leases
+            .iter()
+            .map(|l| (l.lease_key.clone(), l.lease_owner.clone()))
+            .collect();
+        if leases.iter().all(|l| !l.is_handoff_pending()) && load(&owners) == [40, 40, 40] {
+            break owners;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not settled");
+        tokio::time::sleep(POLL).await;
+    };
     // Nothing moves once balanced (three lease-taking passes).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let owners: BTreeMap<String, Option<String>> = store
