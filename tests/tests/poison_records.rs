@@ -70,6 +70,25 @@ fn bisect_policy() -> ProcessorErrorPolicy {
     }
 }
 
+/// A scheduler from `TRIM_HORIZON` under the bisect policy, its processors failing on
+/// `poison` and its sink collecting into `seen`.
+fn bisecting_scheduler(env: &TestEnv, poison: &Bytes, seen: &Arc<Mutex<Seen>>) -> anyhow::Result<Scheduler> {
+    let (seen, poison) = (seen.clone(), poison.clone());
+    Ok(fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_error_policy(bisect_policy())
+    .dead_letter_sink(Collect(seen.clone()))
+    .processor_factory(move |_: &str| AllOrNothing {
+        poison: poison.clone(),
+        seen: seen.clone(),
+    })
+    .build()?)
+}
+
 /// One failing record among 1,000 in one batch: it reaches the sink, the other 999 are
 /// processed once, in order, and the checkpoint moves to the batch's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,22 +97,7 @@ async fn a_poison_record_is_isolated_and_dead_lettered_and_the_rest_processed_on
     let written = env.put(1000, "p").await?;
     let poison = written[500].data.clone();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let scheduler = {
-        let (seen, poison) = (seen.clone(), poison.clone());
-        fast_config(
-            Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .lease_store(env.lease_store()),
-        )
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_error_policy(bisect_policy())
-        .dead_letter_sink(Collect(seen.clone()))
-        .processor_factory(move |_: &str| AllOrNothing {
-            poison: poison.clone(),
-            seen: seen.clone(),
-        })
-        .build()?
-    };
+    let scheduler = bisecting_scheduler(&env, &poison, &seen)?;
     let shutdown = scheduler.shutdown_handle();
     let running = tokio::spawn(scheduler.run());
     // Another process's view of a processor: there is no event to await but the state.
@@ -160,22 +164,7 @@ async fn a_lone_poison_record_is_retried_once_per_policy_then_dead_lettered() ->
     let written = env.put(1, "lone").await?;
     let poison = written[0].data.clone();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let scheduler = {
-        let (seen, poison) = (seen.clone(), poison.clone());
-        fast_config(
-            Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .lease_store(env.lease_store()),
-        )
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_error_policy(bisect_policy())
-        .dead_letter_sink(Collect(seen.clone()))
-        .processor_factory(move |_: &str| AllOrNothing {
-            poison: poison.clone(),
-            seen: seen.clone(),
-        })
-        .build()?
-    };
+    let scheduler = bisecting_scheduler(&env, &poison, &seen)?;
     let shutdown = scheduler.shutdown_handle();
     let running = tokio::spawn(scheduler.run());
     let deadline = Instant::now() + WAIT;

@@ -15,6 +15,7 @@ use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
 use bytes::Bytes;
+use kcl_core::aggregation::encode_aggregated;
 use kcl_core::SequenceNumber;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -171,7 +172,9 @@ impl KinesisProducer {
         data: Bytes,
     ) -> Result<PutFuture, ProducerError> {
         let partition_key = partition_key.into();
-        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data)?;
+        // The hash key predicts the shard, which only aggregation and rate limits need.
+        let predicts = self.shared.config.aggregation_enabled || self.shared.config.rate_limit_enabled;
+        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data, predicts)?;
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ProducerError::Closed);
         }
@@ -234,8 +237,14 @@ impl KinesisProducer {
     }
 }
 
-/// Checks Kinesis's limits; returns the record's hash key.
-fn validate(partition_key: &str, explicit_hash_key: Option<&str>, data: &Bytes) -> Result<u128, InvalidRecord> {
+/// Checks Kinesis's limits; returns the record's hash key (0 when `predicts` is false
+/// and there is no explicit hash key: nothing reads it then).
+fn validate(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    data: &Bytes,
+    predicts: bool,
+) -> Result<u128, InvalidRecord> {
     if partition_key.is_empty() {
         return Err(InvalidRecord::EmptyPartitionKey);
     }
@@ -248,7 +257,8 @@ fn validate(partition_key: &str, explicit_hash_key: Option<&str>, data: &Bytes) 
         return Err(InvalidRecord::TooLarge { bytes });
     }
     match explicit_hash_key {
-        None => Ok(hash_of_partition_key(partition_key)),
+        None if predicts => Ok(hash_of_partition_key(partition_key)),
+        None => Ok(0),
         Some(ehk) => {
             if ehk.is_empty() || !ehk.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(InvalidRecord::InvalidExplicitHashKey(ehk.to_owned()));
@@ -284,6 +294,41 @@ struct Entry {
 }
 
 impl Entry {
+    /// An entry not yet sent, without its user records.
+    fn new(
+        lane: Lane,
+        partition_key: String,
+        explicit_hash_key: Option<String>,
+        data: Bytes,
+        predicted_shard: Option<String>,
+    ) -> Self {
+        Self {
+            lane,
+            partition_key,
+            explicit_hash_key,
+            data,
+            users: Vec::new(),
+            aggregated: false,
+            predicted_shard,
+            attempts: 0,
+            maybe_duplicated: false,
+            last_error: String::new(),
+        }
+    }
+
+    /// One user record sent as it is.
+    fn single(lane: Lane, user: UserRecord, predicted_shard: Option<String>) -> Self {
+        let mut entry = Self::new(
+            lane,
+            user.partition_key.clone(),
+            user.explicit_hash_key.clone(),
+            user.data.clone(),
+            predicted_shard,
+        );
+        entry.users.push(user);
+        entry
+    }
+
     fn deadline(&self) -> Instant {
         self.users.iter().map(|u| u.deadline).min().unwrap_or_else(Instant::now)
     }
@@ -481,19 +526,7 @@ impl Pipeline {
         } else {
             Lane::Key(record.partition_key.clone())
         };
-        let entry = Entry {
-            lane,
-            partition_key: record.partition_key.clone(),
-            explicit_hash_key: record.explicit_hash_key.clone(),
-            data: record.data.clone(),
-            users: vec![record],
-            aggregated: false,
-            predicted_shard: predicted,
-            attempts: 0,
-            maybe_duplicated: false,
-            last_error: String::new(),
-        };
-        self.enqueue(entry);
+        self.enqueue(Entry::single(lane, record, predicted));
     }
 
     /// Appends an entry to its lane, scheduling the lane when it was idle.
@@ -533,38 +566,25 @@ impl Pipeline {
         } else {
             Lane::Single(users.first().map_or(0, |u| u.id))
         };
+        let predicted = Some(shard.to_owned());
         let entry = if users.len() == 1 {
-            let user = users.remove(0);
-            Entry {
-                lane,
-                partition_key: user.partition_key.clone(),
-                explicit_hash_key: user.explicit_hash_key.clone(),
-                data: user.data.clone(),
-                users: vec![user],
-                aggregated: false,
-                predicted_shard: Some(shard.to_owned()),
-                attempts: 0,
-                maybe_duplicated: false,
-                last_error: String::new(),
-            }
+            Entry::single(lane, users.remove(0), predicted)
         } else {
             let parts: Vec<(String, Option<String>, Bytes)> = users
                 .iter()
                 .map(|u| (u.partition_key.clone(), u.explicit_hash_key.clone(), u.data.clone()))
                 .collect();
-            let first = &users[0];
-            Entry {
+            let (partition_key, hash) = (users[0].partition_key.clone(), users[0].hash);
+            let mut entry = Entry::new(
                 lane,
-                partition_key: first.partition_key.clone(),
-                explicit_hash_key: Some(first.hash.to_string()),
-                data: kcl_core::aggregation::encode_aggregated(&parts),
-                users,
-                aggregated: true,
-                predicted_shard: Some(shard.to_owned()),
-                attempts: 0,
-                maybe_duplicated: false,
-                last_error: String::new(),
-            }
+                partition_key,
+                Some(hash.to_string()),
+                encode_aggregated(&parts),
+                predicted,
+            );
+            entry.users = users;
+            entry.aggregated = true;
+            entry
         };
         self.enqueue(entry);
     }
