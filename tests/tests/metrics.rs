@@ -115,9 +115,9 @@ async fn records_leases_throttles_and_lost_leases_are_counted() -> anyhow::Resul
     assert_eq!(metrics.gauge("kcl_leases_held{}"), Some(0.0), "released at shutdown");
     // Counted once `process_records` returned: final now that the scheduler stopped.
     for (shard, seqs) in &kcl_tests::by_shard(&written) {
-        let name = format!("kcl_records_processed_total{{shard_id={shard}}}");
+        let name = format!("kcl_records_processed_total{{shard_id={shard},stream={}}}", env.stream);
         assert_eq!(metrics.counter(&name), seqs.len() as u64, "{name}");
-        let behind = format!("kcl_millis_behind_latest{{shard_id={shard}}}");
+        let behind = format!("kcl_millis_behind_latest{{shard_id={shard},stream={}}}", env.stream);
         assert!(metrics.gauge(&behind).is_some(), "{behind} is published");
     }
     Ok(())

@@ -53,7 +53,10 @@ async fn scraping_shows_records_processed_per_shard_and_leases_held() -> anyhow:
     };
     for shard in ["shardId-000000000000", "shardId-000000000001"] {
         assert!(
-            body.contains(&format!("kcl_records_processed_total{{shard_id=\"{shard}\"}}")),
+            body.contains(&format!(
+                "kcl_records_processed_total{{stream=\"{}\",shard_id=\"{shard}\"}}",
+                env.stream
+            )),
             "{body}"
         );
     }

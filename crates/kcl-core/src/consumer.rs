@@ -34,7 +34,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
@@ -51,12 +51,10 @@ use crate::processor::{
     ShardEndedInput, ShutdownRequestedInput,
 };
 use crate::record::Record;
-use crate::retrieval::{
-    ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, RetrievalFactory, StartingPosition,
-};
+use crate::retrieval::{ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, StartingPosition};
 use crate::retry::{retry, RetryPolicy};
 use crate::sequence::ExtendedSequenceNumber;
-use crate::shard_sync::ShardDetector;
+use crate::streams::StreamHandle;
 
 /// The states of a shard consumer, as in the Java KCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +130,9 @@ pub(crate) enum ConsumerOutcome {
     Failed(SchedulerError),
     /// The consumer itself panicked (a bug in this library); the shard backs off.
     Crashed,
+    /// The stream (one of a multi-stream application's) was deleted: the scheduler
+    /// stops consuming it.
+    StreamGone,
 }
 
 /// Why a processor call under the error policy gave up.
@@ -164,10 +165,7 @@ fn split(mut records: Vec<Record>) -> Vec<Vec<Record>> {
 #[derive(Debug)]
 pub(crate) struct ConsumerContext {
     pub(crate) kinesis: aws_sdk_kinesis::Client,
-    pub(crate) stream_name: String,
     pub(crate) coordinator: Arc<LeaseCoordinator>,
-    /// Starts each shard's publisher (polling or fan-out).
-    pub(crate) retrieval: Arc<dyn RetrievalFactory>,
     /// Bound of the Kinesis calls the consumer makes itself.
     pub(crate) kinesis_call_timeout: std::time::Duration,
     /// Backoff of those calls.
@@ -176,13 +174,14 @@ pub(crate) struct ConsumerContext {
     pub(crate) error_policy: ProcessorErrorPolicy,
     /// Where the `Bisect` policy hands the records that keep failing.
     pub(crate) dead_letters: Option<Arc<dyn DeadLetterSink>>,
-    pub(crate) initial_timestamp: Option<SystemTime>,
-    /// Finds child shards at a shard end when `GetRecords` did not name them.
-    pub(crate) detector: ShardDetector,
 }
 
 pub(crate) struct ShardConsumer {
     ctx: Arc<ConsumerContext>,
+    /// The shard's stream: how to read it, where new shards start.
+    stream: Arc<StreamHandle>,
+    /// The shard id (the lease key in single-stream mode).
+    shard_id: String,
     held: Arc<HeldLease>,
     processor: Box<dyn RecordProcessor>,
     /// Cancelled for a graceful shutdown of this consumer.
@@ -194,12 +193,16 @@ pub(crate) struct ShardConsumer {
 impl ShardConsumer {
     pub(crate) fn new(
         ctx: Arc<ConsumerContext>,
+        stream: Arc<StreamHandle>,
+        shard_id: String,
         held: Arc<HeldLease>,
         processor: Box<dyn RecordProcessor>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             ctx,
+            stream,
+            shard_id,
             held,
             processor,
             shutdown,
@@ -209,7 +212,12 @@ impl ShardConsumer {
     }
 
     fn shard_id(&self) -> &str {
-        &self.held.shard_id
+        &self.shard_id
+    }
+
+    /// The stream's name, for metrics.
+    fn stream(&self) -> &str {
+        self.stream.name()
     }
 
     fn signal(&mut self, reason: ShutdownReason) {
@@ -252,7 +260,11 @@ impl ShardConsumer {
                         // Nothing to read; the scheduler should not have started us.
                         return ConsumerOutcome::Completed(ShutdownReason::ShardEnd);
                     }
-                    let parents: Vec<String> = lease.parent_shard_ids.iter().cloned().collect();
+                    let parents: Vec<String> = lease
+                        .parent_shard_ids
+                        .iter()
+                        .map(|p| lease.related_lease_key(p))
+                        .collect();
                     if self.wait_for_parents(&parents).await {
                         self.transition(self.state.on_success());
                     }
@@ -260,6 +272,7 @@ impl ShardConsumer {
                 ShardConsumerState::Initializing => {
                     let input = InitializationInput {
                         shard_id: self.shard_id().to_owned(),
+                        stream: self.stream.identifier.clone(),
                         extended_sequence_number: start.clone(),
                         pending_checkpoint: lease.pending_checkpoint.clone(),
                         pending_checkpoint_state: lease.pending_checkpoint_state.clone(),
@@ -275,11 +288,12 @@ impl ShardConsumer {
                     match result {
                         Ok(()) => {
                             info!(checkpoint = %start, "shard consumer initialized");
-                            events = Some(self.ctx.retrieval.start(PublisherStart {
+                            events = Some(self.stream.retrieval.start(PublisherStart {
                                 kinesis: self.ctx.kinesis.clone(),
-                                stream_name: self.ctx.stream_name.clone(),
+                                stream_name: self.stream.name().to_owned(),
+                                stream_arn: self.stream.arn.clone(),
                                 shard_id: self.shard_id().to_owned(),
-                                position: StartingPosition::new(start.clone(), self.ctx.initial_timestamp),
+                                position: StartingPosition::new(start.clone(), self.stream.initial_timestamp()),
                                 cancel: publisher_cancel.child_token(),
                             }));
                             self.transition(self.state.on_success());
@@ -316,7 +330,8 @@ impl ShardConsumer {
                             }
                         }
                         Some(PublisherEvent::ShardEnd { child_shards }) => {
-                            let children = create_child_leases(&self.ctx, &self.held.shard_id, child_shards).await;
+                            let children =
+                                create_child_leases(&self.ctx, &self.stream, &self.shard_id, child_shards).await;
                             info!(children = ?children, "shard read to its end");
                             checkpointer.set_shard_ended(children);
                             self.signal(ShutdownReason::ShardEnd);
@@ -327,21 +342,27 @@ impl ShardConsumer {
                             self.signal(ShutdownReason::Requested);
                         }
                         Some(PublisherEvent::ShardNotFound { operation, source }) => {
-                            if stream_exists(&self.ctx).await {
-                                metrics::shard_gone(self.shard_id());
+                            if stream_exists(&self.ctx, &self.stream).await {
+                                metrics::shard_gone(self.stream(), self.shard_id());
                                 warn!(
                                     operation,
                                     error = %ErrorChain(source.as_ref()),
                                     "Kinesis no longer knows this shard (aged out past retention, or resharded long \
                                      ago); treating it as ended"
                                 );
-                                let children = create_child_leases(&self.ctx, &self.held.shard_id, Vec::new()).await;
+                                let children =
+                                    create_child_leases(&self.ctx, &self.stream, &self.shard_id, Vec::new()).await;
                                 checkpointer.set_shard_ended(children);
                                 self.signal(ShutdownReason::ShardEnd);
+                            } else if self.stream.key.is_some() {
+                                // One of many streams: the scheduler stops consuming it.
+                                warn!(stream = %self.stream.identifier, "the stream does not exist any more");
+                                outcome = Some(ConsumerOutcome::StreamGone);
+                                self.signal(ShutdownReason::Requested);
                             } else {
-                                error!(stream = %self.ctx.stream_name, "the stream does not exist any more");
+                                error!(stream = %self.stream.identifier, "the stream does not exist any more");
                                 outcome = Some(ConsumerOutcome::Failed(SchedulerError::StreamNotFound {
-                                    stream: self.ctx.stream_name.clone(),
+                                    stream: self.stream.name().to_owned(),
                                 }));
                                 self.signal(ShutdownReason::Requested);
                             }
@@ -447,11 +468,11 @@ impl ShardConsumer {
                 .is_none_or(|o| o.is_gt())
         });
         if let Some(m) = millis_behind_latest {
-            metrics::millis_behind_latest(self.shard_id(), m);
+            metrics::millis_behind_latest(self.stream(), self.shard_id(), m);
         }
         // Touches the shard's series at every read, so that an exporter with an idle
         // timeout keeps them while this worker holds the shard and drops them after.
-        metrics::records_processed(self.shard_id(), 0);
+        metrics::records_processed(self.stream(), self.shard_id(), 0);
         if records.is_empty() && !self.ctx.coordinator_config.call_process_records_even_for_empty_list {
             return Ok(());
         }
@@ -470,7 +491,7 @@ impl ShardConsumer {
         let policy = self.ctx.error_policy.clone();
         match self.process(records, &batch, &policy).await {
             Ok(()) => {
-                metrics::records_processed(self.shard_id(), count);
+                metrics::records_processed(self.stream(), self.shard_id(), count);
                 Ok(())
             }
             Err(CallFailure::StopScheduler(e)) => Err(e),
@@ -521,7 +542,7 @@ impl ShardConsumer {
             }
             let lone = part.len() == 1;
             match self.process(&part, batch, if lone { &full } else { &once }).await {
-                Ok(()) => metrics::records_processed(self.shard_id(), part.len()),
+                Ok(()) => metrics::records_processed(self.stream(), self.shard_id(), part.len()),
                 Err(CallFailure::Bisect(error)) if lone => self.dead_letter(part, error).await?,
                 Err(CallFailure::Bisect(_)) => parts.extend(split(part)),
                 Err(CallFailure::StopScheduler(e)) => return Err(e),
@@ -546,13 +567,14 @@ impl ShardConsumer {
         loop {
             let input = DeadLetterInput {
                 shard_id: self.shard_id().to_owned(),
+                stream: self.stream.identifier.clone(),
                 records: records.clone(),
                 error: error.clone(),
             };
             let failure: BoxError = match AssertUnwindSafe(sink.dead_letter(input)).catch_unwind().await {
                 Ok(Ok(())) => {
                     error!(records = records.len(), error = %error, "records the processor kept failing on were handed to the dead-letter sink");
-                    metrics::dead_lettered(self.shard_id(), records.len());
+                    metrics::dead_lettered(self.stream(), self.shard_id(), records.len());
                     return Ok(());
                 }
                 Ok(Err(e)) => e,
@@ -591,7 +613,7 @@ impl ShardConsumer {
                 Ok(Err(e)) => e,
                 Err(panic) => BoxError::from(format!("processor panicked in {what}: {}", panic_message(&panic))),
             };
-            metrics::processor_failure(self.shard_id());
+            metrics::processor_failure(self.stream(), self.shard_id());
             if self.held.lost.is_cancelled() {
                 // Its checkpoints fail now anyway; stop retrying and let the lease go. A
                 // call that cannot be skipped (`initialize`) ends the consumer instead, so
@@ -617,7 +639,7 @@ impl ShardConsumer {
                 OnProcessorFailure::Bisect if skippable => Err(CallFailure::Bisect(error)),
                 OnProcessorFailure::SkipBatch if skippable => {
                     error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; skipping the input per policy");
-                    metrics::batch_skipped(self.shard_id());
+                    metrics::batch_skipped(self.stream(), self.shard_id());
                     Ok(())
                 }
                 OnProcessorFailure::SkipBatch | OnProcessorFailure::Bisect => {
@@ -669,18 +691,14 @@ impl ShardConsumer {
 /// itself still exists (then the shard is gone: it aged out past retention, or the stream
 /// was resharded while nobody read it). Keeps asking with backoff while the answer is
 /// unknown (a graceful shutdown's bound ends the wait, as for any processor call).
-async fn stream_exists(ctx: &ConsumerContext) -> bool {
+async fn stream_exists(ctx: &ConsumerContext, stream: &StreamHandle) -> bool {
     use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
     use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
     let mut attempt = 0u32;
     loop {
-        let call = ctx
-            .kinesis
-            .describe_stream_summary()
-            .stream_name(&ctx.stream_name)
-            .send();
-        match crate::retry::with_timeout(ctx.kinesis_call_timeout, call).await {
-            Ok(_) => return true,
+        match stream.describe(&ctx.kinesis, ctx.kinesis_call_timeout).await {
+            // A stream created again under the same name is another stream.
+            Ok(summary) => return stream.is_same_incarnation(&summary),
             Err(SdkError::ServiceError(e))
                 if matches!(e.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
             {
@@ -698,9 +716,14 @@ async fn stream_exists(ctx: &ConsumerContext) -> bool {
 /// Learns the children of this ended shard, from `GetRecords`'s `ChildShards` or,
 /// where the backend did not send them, from `ListShards` parent links, and creates
 /// their leases (at `TRIM_HORIZON`, with their parents) before the processor is told
-/// of the shard end, so that no child is left without a lease. Returns the child ids;
-/// when neither source knows them yet the periodic shard sync creates them later.
-async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards: Vec<ChildShard>) -> Vec<String> {
+/// of the shard end, so that no child is left without a lease. Returns the child shard
+/// ids; when neither source knows them yet the periodic shard sync creates them later.
+async fn create_child_leases(
+    ctx: &ConsumerContext,
+    stream: &StreamHandle,
+    shard_id: &str,
+    child_shards: Vec<ChildShard>,
+) -> Vec<String> {
     let source = if child_shards.is_empty() {
         "ListShards"
     } else {
@@ -708,7 +731,7 @@ async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards
     };
     debug!(source, "learning the child shards");
     let children: Vec<Lease> = if child_shards.is_empty() {
-        match ctx.detector.list_shards().await {
+        match stream.detector.list_shards().await {
             Ok(shards) => shards
                 .into_iter()
                 .filter(|s| s.parents.iter().any(|p| p == shard_id))
@@ -735,6 +758,7 @@ async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards
             })
             .collect()
     };
+    let children: Vec<Lease> = children.into_iter().map(|l| stream.qualify(l)).collect();
     let store = ctx.coordinator.store();
     for child in &children {
         let created = retry(&RetryPolicy::default(), crate::LeaseStoreError::is_retryable, || {
@@ -749,7 +773,7 @@ async fn create_child_leases(ctx: &ConsumerContext, shard_id: &str, child_shards
             }
         }
     }
-    children.into_iter().map(|l| l.lease_key).collect()
+    children.into_iter().map(|l| l.shard().to_owned()).collect()
 }
 
 /// The text of a panic payload (a `&str` or a `String`), for logs.

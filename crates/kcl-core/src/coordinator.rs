@@ -1312,6 +1312,9 @@ fn rebalance(live: &[&Lease], load: &HashMap<&str, usize>, alive: &HashSet<&str>
 pub(crate) struct LeaseCleanup {
     /// Per eligible lease: its counter, and since when it was seen eligible with it.
     eligible_since: HashMap<String, (u64, Instant)>,
+    /// Per lease of a stream no longer consumed: its counter, and since when it was
+    /// seen with it.
+    former_since: HashMap<String, (u64, Instant)>,
 }
 
 impl LeaseCleanup {
@@ -1324,11 +1327,12 @@ impl LeaseCleanup {
     ) -> Vec<Lease> {
         let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
         let progressed = |l: &Lease| l.checkpoint.is_shard_end() || !l.checkpoint.checkpoint.is_initial_position();
-        // The parents named by leases that started or finished.
-        let parents_of_progressed: HashSet<&str> = leases
+        // The parents (as lease keys: parents and children are named by shard id, in
+        // the lease's stream) named by leases that started or finished.
+        let parents_of_progressed: HashSet<String> = leases
             .iter()
             .filter(|l| progressed(l))
-            .flat_map(|l| l.parent_shard_ids.iter().map(String::as_str))
+            .flat_map(|l| l.parent_shard_ids.iter().map(|p| l.related_lease_key(p)))
             .collect();
         let started = |c: &str| match by_key.get(c) {
             Some(l) => !l.checkpoint.checkpoint.is_initial_position(),
@@ -1342,12 +1346,16 @@ impl LeaseCleanup {
             if !lease.checkpoint.is_shard_end() {
                 continue;
             }
-            let mut children: Vec<&str> = lease.child_shard_ids.iter().map(String::as_str).collect();
+            let mut children: Vec<String> = lease
+                .child_shard_ids
+                .iter()
+                .map(|c| lease.related_lease_key(c))
+                .collect();
             if children.is_empty() {
                 children = leases
                     .iter()
-                    .filter(|l| l.parent_shard_ids.contains(&lease.lease_key))
-                    .map(|l| l.lease_key.as_str())
+                    .filter(|l| l.stream_name == lease.stream_name && l.parent_shard_ids.contains(lease.shard()))
+                    .map(|l| l.lease_key.clone())
                     .collect();
             }
             if children.is_empty() || !children.iter().all(|c| started(c)) {
@@ -1371,6 +1379,35 @@ impl LeaseCleanup {
             }
         }
         self.eligible_since.retain(|k, _| eligible.contains(k));
+        out
+    }
+
+    /// The leases of streams no longer consumed (`consumed` says false) that nobody
+    /// has written for `delay`: a lease still renewed by a worker whose tracker lists
+    /// its stream starts the wait again at each write.
+    pub(crate) fn former_stream_leases_to_delete(
+        &mut self,
+        leases: &[Lease],
+        consumed: impl Fn(&Lease) -> bool,
+        now: Instant,
+        delay: Duration,
+    ) -> Vec<Lease> {
+        let mut out = Vec::new();
+        let mut former = HashSet::new();
+        for lease in leases.iter().filter(|l| !consumed(l)) {
+            former.insert(lease.lease_key.clone());
+            let entry = self
+                .former_since
+                .entry(lease.lease_key.clone())
+                .or_insert((lease.lease_counter, now));
+            if entry.0 != lease.lease_counter {
+                *entry = (lease.lease_counter, now);
+            }
+            if now.saturating_duration_since(entry.1) >= delay {
+                out.push(lease.clone());
+            }
+        }
+        self.former_since.retain(|k, _| former.contains(k));
         out
     }
 }

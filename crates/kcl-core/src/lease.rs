@@ -33,7 +33,8 @@ pub struct HashKeyRange {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Lease {
-    /// `leaseKey`: the shard id.
+    /// `leaseKey`: the shard id; in a multi-stream application the Java KCL 3.x's
+    /// `account-id:stream-name:creation-epoch:shard-id`.
     pub lease_key: String,
     /// `leaseOwner`: the worker id holding the lease, `None` when unowned.
     pub lease_owner: Option<String>,
@@ -61,6 +62,14 @@ pub struct Lease {
     /// as the Java KCL 3.x records it; written with renewals and checkpoints, `None`
     /// until a worker has measured it.
     pub throughput_kbps: Option<f64>,
+    /// `streamName`: in a multi-stream application, the serialized
+    /// [`StreamIdentifier`](crate::StreamIdentifier) of the shard's stream
+    /// (`account-id:stream-name:creation-epoch`, as the Java KCL 3.x writes it); `None`
+    /// in a single-stream application.
+    pub stream_name: Option<String>,
+    /// `shardId`: in a multi-stream application, the shard id (the lease key's last
+    /// part); `None` in a single-stream application, whose lease key is the shard id.
+    pub shard_id: Option<String>,
 }
 
 impl Lease {
@@ -79,6 +88,36 @@ impl Lease {
             hash_key_range: None,
             checkpoint_owner: None,
             throughput_kbps: None,
+            stream_name: None,
+            shard_id: None,
+        }
+    }
+
+    /// A new, unowned lease for a shard of a multi-stream application: keyed
+    /// `stream:shard_id` (the Java KCL 3.x's multi-stream lease key), with the
+    /// `streamName` and `shardId` attributes.
+    pub fn for_stream(stream: &crate::StreamIdentifier, shard_id: &str, checkpoint: ExtendedSequenceNumber) -> Self {
+        let mut lease = Self::new(stream.lease_key(shard_id), checkpoint);
+        if stream.is_multi_stream() {
+            lease.stream_name = Some(stream.serialize());
+            lease.shard_id = Some(shard_id.to_owned());
+        }
+        lease
+    }
+
+    /// The shard this lease is for: the `shardId` attribute in a multi-stream
+    /// application, else the lease key.
+    pub fn shard(&self) -> &str {
+        self.shard_id.as_deref().unwrap_or(&self.lease_key)
+    }
+
+    /// The lease key of another shard of the same stream (a parent or child named by
+    /// this lease, whose `parentShardId` and `childShardIds` hold shard ids, as the Java
+    /// KCL writes them in both modes).
+    pub fn related_lease_key(&self, shard_id: &str) -> String {
+        match &self.stream_name {
+            Some(stream) => format!("{stream}:{shard_id}"),
+            None => shard_id.to_owned(),
         }
     }
 

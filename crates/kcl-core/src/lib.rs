@@ -41,6 +41,8 @@
 //! - [`processor`]: the [`RecordProcessor`] trait you implement, its inputs, and the factory.
 //! - [`checkpoint`]: the [`Checkpointer`] (validated, fenced) and two-phase checkpoints.
 //! - [`scheduler`]: the [`Scheduler`] that runs a worker, its builder and shutdown handle.
+//! - [`stream`]: stream identifiers, per-stream settings and the [`MultiStreamTracker`]
+//!   of an application that consumes many streams with one fleet and lease table.
 //! - [`config`]: one config struct per area, with the Java KCL's defaults.
 //! - [`lease`]: the [`Lease`] model and the [`LeaseStore`] trait.
 //! - [`consumer`]: the per-shard state machine ([`ShardConsumerState`], [`ShutdownReason`]).
@@ -54,7 +56,7 @@
 //! - [`error`]: typed errors, one variant per way to react.
 //!
 //! Internal modules: `coordinator` (lease renewal, taking, fenced writes), `shard_sync`
-//! (`ListShards` and lease creation).
+//! (`ListShards` and lease creation), `streams` (the streams a scheduler consumes now).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 pub mod aggregation;
@@ -73,6 +75,8 @@ pub mod retry;
 pub mod scheduler;
 pub mod sequence;
 mod shard_sync;
+pub mod stream;
+mod streams;
 
 pub use checkpoint::{Checkpointer, PreparedCheckpointer};
 pub use config::{
@@ -83,11 +87,12 @@ pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};
 pub use lease::{InMemoryLeaseStore, LeaderLock, Lease, LeaseListing, LeaseStore};
 pub use processor::{
-    DeadLetterInput, DeadLetterSink, InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor,
-    RecordProcessorFactory, ShardEndedInput, ShutdownRequestedInput,
+    stream_processor_factory, DeadLetterInput, DeadLetterSink, InitializationInput, LeaseLostInput,
+    ProcessRecordsInput, RecordProcessor, RecordProcessorFactory, ShardEndedInput, ShutdownRequestedInput,
 };
 pub use record::Record;
 pub use retrieval::{PollingRetrievalFactory, RecordsPublisher, RetrievalFactory};
 pub use retry::RetryPolicy;
 pub use scheduler::{Scheduler, SchedulerBuilder, ShutdownHandle};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
+pub use stream::{FormerStreamsLeasesDeletion, MultiStreamConfig, MultiStreamTracker, StreamConfig, StreamIdentifier};

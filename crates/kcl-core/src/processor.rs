@@ -24,6 +24,7 @@ use crate::checkpoint::Checkpointer;
 use crate::error::ProcessorError;
 use crate::record::Record;
 use crate::sequence::ExtendedSequenceNumber;
+use crate::stream::StreamIdentifier;
 
 /// Input of [`RecordProcessor::initialize`].
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ use crate::sequence::ExtendedSequenceNumber;
 pub struct InitializationInput {
     /// The shard this processor reads.
     pub shard_id: String,
+    /// The shard's stream (in multi-stream mode with its account and creation time).
+    pub stream: StreamIdentifier,
     /// The checkpoint the shard resumes after (or the initial-position sentinel).
     pub extended_sequence_number: ExtendedSequenceNumber,
     /// A checkpoint that was prepared (two-phase) but not committed by the previous
@@ -151,6 +154,41 @@ pub trait RecordProcessor: Send + 'static {
 pub trait RecordProcessorFactory: Send + Sync + 'static {
     /// A new processor for `shard_id`.
     fn create_processor(&self, shard_id: &str) -> Box<dyn RecordProcessor>;
+
+    /// A new processor for `shard_id` of `stream` (the Java KCL's
+    /// `shardRecordProcessor(StreamIdentifier)`): the scheduler calls this one. The
+    /// default calls [`create_processor`](Self::create_processor); override it when
+    /// processors differ by stream, or use [`stream_processor_factory`].
+    fn create_processor_for_stream(&self, stream: &StreamIdentifier, shard_id: &str) -> Box<dyn RecordProcessor> {
+        let _ = stream;
+        self.create_processor(shard_id)
+    }
+}
+
+/// A factory from a closure that learns each shard's stream:
+/// `stream_processor_factory(|stream: &StreamIdentifier, shard_id: &str| MyProcessor::new(stream))`.
+pub fn stream_processor_factory<F, P>(make: F) -> impl RecordProcessorFactory
+where
+    F: Fn(&StreamIdentifier, &str) -> P + Send + Sync + 'static,
+    P: RecordProcessor,
+{
+    StreamProcessorFactory(make)
+}
+
+struct StreamProcessorFactory<F>(F);
+
+impl<F, P> RecordProcessorFactory for StreamProcessorFactory<F>
+where
+    F: Fn(&StreamIdentifier, &str) -> P + Send + Sync + 'static,
+    P: RecordProcessor,
+{
+    fn create_processor(&self, shard_id: &str) -> Box<dyn RecordProcessor> {
+        Box::new((self.0)(&StreamIdentifier::single_stream(""), shard_id))
+    }
+
+    fn create_processor_for_stream(&self, stream: &StreamIdentifier, shard_id: &str) -> Box<dyn RecordProcessor> {
+        Box::new((self.0)(stream, shard_id))
+    }
 }
 
 impl<F, P> RecordProcessorFactory for F
@@ -169,6 +207,8 @@ where
 pub struct DeadLetterInput {
     /// The shard the records come from.
     pub shard_id: String,
+    /// The shard's stream.
+    pub stream: StreamIdentifier,
     /// The records `process_records` kept failing on (one, under the `Bisect` policy).
     pub records: Vec<Record>,
     /// The last failure, with its whole source chain.

@@ -33,7 +33,9 @@ use crate::metrics;
 use crate::processor::{DeadLetterSink, RecordProcessorFactory};
 use crate::retrieval::{PollingRetrievalFactory, RetrievalFactory};
 use crate::retry::{retry, with_timeout, RetryPolicy};
-use crate::shard_sync::{report_corrupt, sync_shards, ShardDetector};
+use crate::shard_sync::{report_corrupt, sync_shards};
+use crate::stream::{FormerStreamsLeasesDeletion, MultiStreamConfig, MultiStreamTracker, StreamIdentifier};
+use crate::streams::{StreamHandle, Streams};
 
 /// Asks a running [`Scheduler`] to shut down gracefully: stop taking leases, call
 /// `shutdown_requested` on every processor (which may checkpoint), release the leases.
@@ -55,10 +57,28 @@ impl ShutdownHandle {
     }
 }
 
+/// What a scheduler consumes: one stream, or the streams a tracker lists.
+#[derive(Clone, Debug)]
+enum StreamSource {
+    Single(String),
+    Multi(Arc<dyn MultiStreamTracker>),
+}
+
+impl fmt::Display for StreamSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Single(name) => f.write_str(name),
+            Self::Multi(_) => f.write_str("(multi-stream)"),
+        }
+    }
+}
+
 /// Runs one worker of a Kinesis consumer application. Build it with
-/// [`Scheduler::builder`].
+/// [`Scheduler::builder`] (one stream) or [`Scheduler::multi_stream_builder`] (the
+/// streams a [`MultiStreamTracker`] lists, with one lease table).
 pub struct Scheduler {
-    stream_name: String,
+    source: StreamSource,
+    multi_stream: MultiStreamConfig,
     worker_id: String,
     kinesis: aws_sdk_kinesis::Client,
     store: Arc<dyn LeaseStore>,
@@ -79,7 +99,8 @@ pub struct Scheduler {
 impl fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scheduler")
-            .field("stream_name", &self.stream_name)
+            .field("source", &self.source)
+            .field("multi_stream", &self.multi_stream)
             .field("worker_id", &self.worker_id)
             .field("store", &self.store)
             .field("initial_position", &self.initial_position)
@@ -95,7 +116,8 @@ impl fmt::Debug for Scheduler {
 /// Builds a [`Scheduler`]; [`build`](Self::build) validates everything.
 #[must_use]
 pub struct SchedulerBuilder {
-    stream_name: String,
+    source: StreamSource,
+    multi_stream: MultiStreamConfig,
     worker_id: Option<String>,
     kinesis: Option<aws_sdk_kinesis::Client>,
     store: Option<Arc<dyn LeaseStore>>,
@@ -112,7 +134,7 @@ pub struct SchedulerBuilder {
 impl fmt::Debug for SchedulerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SchedulerBuilder")
-            .field("stream_name", &self.stream_name)
+            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
@@ -150,6 +172,7 @@ impl SchedulerBuilder {
     }
 
     /// Where shards without a checkpoint start. Default [`InitialPositionInStream::Latest`].
+    /// In multi-stream mode each [`StreamConfig`](crate::StreamConfig) has its own.
     pub fn initial_position(mut self, position: InitialPositionInStream) -> Self {
         self.initial_position = position;
         self
@@ -178,6 +201,13 @@ impl SchedulerBuilder {
         self
     }
 
+    /// Multi-stream settings: how often the tracker is asked, what happens to the
+    /// leases of streams no longer consumed. Ignored in single-stream mode.
+    pub fn multi_stream_config(mut self, config: MultiStreamConfig) -> Self {
+        self.multi_stream = config;
+        self
+    }
+
     /// Scheduler timing settings.
     pub fn coordinator_config(mut self, config: CoordinatorConfig) -> Self {
         self.coordinator = config;
@@ -202,8 +232,12 @@ impl SchedulerBuilder {
     /// # Errors
     /// [`ConfigError`] naming the first field that cannot work.
     pub fn build(self) -> Result<Scheduler, ConfigError> {
-        if self.stream_name.is_empty() {
-            return Err(ConfigError::new("stream_name", "must not be empty"));
+        match &self.source {
+            StreamSource::Single(name) if name.is_empty() => {
+                return Err(ConfigError::new("stream_name", "must not be empty"))
+            }
+            StreamSource::Single(_) => {}
+            StreamSource::Multi(_) => self.multi_stream.validate()?,
         }
         let kinesis = self
             .kinesis
@@ -233,7 +267,8 @@ impl SchedulerBuilder {
             .unwrap_or_else(|| Arc::new(PollingRetrievalFactory::new(self.retrieval.clone())));
         Ok(Scheduler {
             retrieval_factory,
-            stream_name: self.stream_name,
+            source: self.source,
+            multi_stream: self.multi_stream,
             worker_id,
             kinesis,
             store,
@@ -250,10 +285,24 @@ impl SchedulerBuilder {
 }
 
 impl Scheduler {
-    /// Starts building a scheduler for a stream (by name).
+    /// Starts building a scheduler for a stream (by name). Its leases are keyed by
+    /// shard id.
     pub fn builder(stream_name: impl Into<String>) -> SchedulerBuilder {
+        Self::builder_for(StreamSource::Single(stream_name.into()))
+    }
+
+    /// Starts building a scheduler for the streams `tracker` lists (the Java KCL 3.x's
+    /// multi-stream mode): one lease table for all, leases keyed
+    /// `account-id:stream-name:creation-epoch:shard-id`, all streams' leases balanced
+    /// across the workers as one pool. A `Vec<StreamConfig>` is a fixed list.
+    pub fn multi_stream_builder(tracker: impl MultiStreamTracker) -> SchedulerBuilder {
+        Self::builder_for(StreamSource::Multi(Arc::new(tracker)))
+    }
+
+    fn builder_for(source: StreamSource) -> SchedulerBuilder {
         SchedulerBuilder {
-            stream_name: stream_name.into(),
+            source,
+            multi_stream: MultiStreamConfig::default(),
             worker_id: None,
             kinesis: None,
             store: None,
@@ -293,17 +342,38 @@ impl Scheduler {
     /// Not cancel safe: dropping the future abandons the consumers without releasing
     /// their leases (they expire after the failover time). Use a [`ShutdownHandle`].
     pub async fn run(self) -> Result<(), SchedulerError> {
-        let span = info_span!("scheduler", worker_id = %self.worker_id, stream = %self.stream_name);
+        let span = info_span!("scheduler", worker_id = %self.worker_id, stream = %self.source);
         self.run_inner().instrument(span).await
     }
 
     async fn run_inner(self) -> Result<(), SchedulerError> {
         let started = Instant::now();
-        self.check_stream().await?;
-        self.retrieval_factory
-            .initialize(&self.kinesis, &self.stream_name)
-            .await
-            .map_err(|source| SchedulerError::Retrieval { source })?;
+        let call_timeout = self.retrieval.kinesis_call_timeout;
+        let mut streams = match &self.source {
+            StreamSource::Single(name) => {
+                self.check_stream(name).await?;
+                self.retrieval_factory
+                    .initialize(&self.kinesis, name)
+                    .await
+                    .map_err(|source| SchedulerError::Retrieval { source })?;
+                Streams::single(StreamHandle::new(
+                    StreamIdentifier::single_stream(name.clone()),
+                    None,
+                    self.initial_position,
+                    self.retrieval_factory.clone(),
+                    self.kinesis.clone(),
+                    call_timeout,
+                ))
+            }
+            StreamSource::Multi(tracker) => {
+                let mut streams = Streams::multi(tracker.clone(), self.multi_stream.stream_tracker_interval);
+                let changes = streams
+                    .poll_tracker(&self.kinesis, &self.retrieval_factory, call_timeout)
+                    .await;
+                info!(streams = changes.added.len(), "multi-stream mode");
+                streams
+            }
+        };
         // Every lease-table call is bounded from here on.
         let store: Arc<dyn LeaseStore> = Arc::new(TimedLeaseStore::new(
             self.store.clone(),
@@ -317,13 +387,9 @@ impl Scheduler {
         if created {
             info!("created the lease table");
         }
-        let detector = ShardDetector::new(
-            self.kinesis.clone(),
-            self.stream_name.clone(),
-            1000,
-            self.retrieval.kinesis_call_timeout,
-        );
-        sync_shards(&detector, store.as_ref(), self.initial_position).await?;
+        if let Some(e) = self.sync(&mut streams, store.as_ref(), None).await? {
+            return Err(e);
+        }
 
         let coordinator = Arc::new(LeaseCoordinator::new(
             store.clone(),
@@ -332,22 +398,14 @@ impl Scheduler {
         ));
         let renewer_stop = CancellationToken::new();
         let renewer = tokio::spawn(run_renewer(coordinator.clone(), renewer_stop.clone()).in_current_span());
-        let initial_timestamp = match self.initial_position {
-            InitialPositionInStream::AtTimestamp(t) => Some(t),
-            _ => None,
-        };
         let ctx = Arc::new(ConsumerContext {
             kinesis: self.kinesis.clone(),
-            stream_name: self.stream_name.clone(),
             coordinator: coordinator.clone(),
-            retrieval: self.retrieval_factory.clone(),
             kinesis_call_timeout: self.retrieval.kinesis_call_timeout,
             kinesis_retry: self.retrieval.retry.clone(),
             coordinator_config: self.coordinator.clone(),
             error_policy: self.error_policy.clone(),
             dead_letters: self.dead_letters.clone(),
-            initial_timestamp,
-            detector: detector.clone(),
         });
         let mut workers = Workers {
             ctx,
@@ -357,6 +415,7 @@ impl Scheduler {
             backoff: HashMap::new(),
             backoff_policy: self.coordinator.shard_failure_backoff.clone(),
             sync_requested: false,
+            gone_streams: Vec::new(),
         };
         let mut taker = LeaseTaker::default();
         let mut cleanup = LeaseCleanup::default();
@@ -408,7 +467,7 @@ impl Scheduler {
                     taker.hand_out = leader && store.supports_leader_election();
                     taker.defer_balancing = !leader && store.supports_leader_election();
                     if leader || scans.due(now) {
-                        if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
+                        if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming, &streams).await {
                             break;
                         }
                         scans.done(Instant::now(), taker.short, taker.table_size);
@@ -416,7 +475,7 @@ impl Scheduler {
                         tokio::select! {
                             // Cancel safety: only reads and takes, each fenced.
                             () = self.shutdown.cancelled() => break,
-                            () = discover_own_leases(store.as_ref(), &coordinator, &mut incoming) => {}
+                            () = discover_own_leases(store.as_ref(), &coordinator, &mut incoming, &streams) => {}
                         }
                     }
                     // Every worker reads the whole table when the next lease it watches
@@ -428,7 +487,7 @@ impl Scheduler {
                     }
                 }
                 () = sleep_until_or_never(next_expiry) => {
-                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming).await {
+                    if !self.take_leases(store.as_ref(), &mut taker, &mut cleanup, &coordinator, &mut incoming, &streams).await {
                         break;
                     }
                     scans.done(Instant::now(), taker.short, taker.table_size);
@@ -441,16 +500,36 @@ impl Scheduler {
                         // Cancel safety: a sync dropped half-way created its leases
                         // ancestors first; the next worker's sync creates the rest.
                         () = self.shutdown.cancelled() => break,
-                        synced = sync_shards(&detector, store.as_ref(), self.initial_position) => synced,
+                        synced = self.sync(&mut streams, store.as_ref(), None) => synced,
                     };
                     match synced {
-                        Ok(_) => {}
-                        Err(e @ SchedulerError::StreamNotFound { .. }) => {
+                        Ok(None) => {}
+                        Ok(Some(e)) => {
                             error!(error = %ErrorChain(&e), "the stream does not exist any more; stopping");
                             failure = Some(e);
                             break;
                         }
                         Err(e) => warn!(error = %ErrorChain(&e), "periodic shard sync failed"),
+                    }
+                }
+                () = sleep_until_or_never(streams.next_poll()) => {
+                    let changes = tokio::select! {
+                        // Cancel safety: streams resolved half-way are resolved again
+                        // at the next poll.
+                        () = self.shutdown.cancelled() => break,
+                        changes = streams.poll_tracker(&self.kinesis, &self.retrieval_factory, call_timeout) => changes,
+                    };
+                    if !changes.added.is_empty() {
+                        // Leases for the new streams now, not at the next shard sync.
+                        let synced = tokio::select! {
+                            () = self.shutdown.cancelled() => break,
+                            synced = self.sync(&mut streams, store.as_ref(), Some(&changes.added)) => synced,
+                        };
+                        if let Err(e) = synced {
+                            warn!(error = %ErrorChain(&e), "creating the leases of new streams failed; the shard sync tries again");
+                        }
+                        // Take them at once rather than at the next pass.
+                        take_tick.reset_immediately();
                     }
                 }
                 () = sleep_until_or_never(next_retry) => {}
@@ -466,7 +545,10 @@ impl Scheduler {
             if std::mem::take(&mut workers.sync_requested) {
                 sync_tick.reset_immediately();
             }
-            workers.start_new(&coordinator, &self.shutdown).await;
+            for key in std::mem::take(&mut workers.gone_streams) {
+                streams.mark_gone(&key);
+            }
+            workers.start_new(&coordinator, &self.shutdown, &streams).await;
         }
 
         info!(consumers = workers.running.len(), "shutting down");
@@ -508,7 +590,7 @@ impl Scheduler {
                 tokio::time::sleep(wait).await;
             }
         }
-        for token in workers.running.values() {
+        for (token, _) in workers.running.values() {
             token.cancel();
         }
         let drain = async {
@@ -534,7 +616,35 @@ impl Scheduler {
         failure.map_or(Ok(()), Err)
     }
 
-    async fn check_stream(&self) -> Result<(), SchedulerError> {
+    /// Syncs the shards of `only` these streams (all when `None`) into leases. Returns
+    /// the error that should stop a single-stream scheduler (its stream is gone); in
+    /// multi-stream mode a stream that is gone stops being consumed instead.
+    async fn sync(
+        &self,
+        streams: &mut Streams,
+        store: &dyn LeaseStore,
+        only: Option<&[Arc<StreamHandle>]>,
+    ) -> Result<Option<SchedulerError>, SchedulerError> {
+        let targets = only.map_or_else(|| streams.all(), <[_]>::to_vec);
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        for (stream, result) in sync_shards(&targets, store).await? {
+            match result {
+                Ok(_) => {}
+                Err(e @ SchedulerError::StreamNotFound { .. }) => match &stream.key {
+                    Some(key) => {
+                        streams.mark_gone(key);
+                    }
+                    None => return Ok(Some(e)),
+                },
+                Err(e) => warn!(stream = %stream.identifier, error = %ErrorChain(&e), "shard sync failed"),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn check_stream(&self, stream_name: &str) -> Result<(), SchedulerError> {
         let retryable = |e: &SdkError<DescribeStreamSummaryError>| match e {
             SdkError::ServiceError(s) => matches!(s.err(), DescribeStreamSummaryError::LimitExceededException(_)),
             SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
@@ -543,10 +653,7 @@ impl Scheduler {
         let result = retry(&RetryPolicy::default(), retryable, || {
             with_timeout(
                 self.retrieval.kinesis_call_timeout,
-                self.kinesis
-                    .describe_stream_summary()
-                    .stream_name(&self.stream_name)
-                    .send(),
+                self.kinesis.describe_stream_summary().stream_name(stream_name).send(),
             )
         })
         .await;
@@ -556,7 +663,7 @@ impl Scheduler {
                 if matches!(s.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
             {
                 Err(SchedulerError::StreamNotFound {
-                    stream: self.stream_name.clone(),
+                    stream: stream_name.to_owned(),
                 })
             }
             Err(e) => Err(SchedulerError::Kinesis {
@@ -578,13 +685,14 @@ impl Scheduler {
         cleanup: &mut LeaseCleanup,
         coordinator: &LeaseCoordinator,
         incoming: &mut IncomingHandoffs,
+        streams: &Streams,
     ) -> bool {
         let listing = tokio::select! {
             // Cancel safety: dropping a read loses nothing.
             () = self.shutdown.cancelled() => return false,
             listing = store.list_readable_leases() => listing,
         };
-        let leases = match listing {
+        let mut leases = match listing {
             Ok(listing) => {
                 report_corrupt(&listing.corrupt);
                 listing.leases
@@ -610,6 +718,24 @@ impl Scheduler {
                 }
             }
         }
+        if streams.is_multi() {
+            if let FormerStreamsLeasesDeletion::AfterDelay(delay) = self.multi_stream.former_streams_leases_deletion {
+                let former = cleanup.former_stream_leases_to_delete(&leases, |l| streams.is_active(l), now, delay);
+                for lease in former {
+                    match store.delete_lease(&lease).await {
+                        Ok(()) => {
+                            info!(shard_id = %lease.lease_key, stream = ?lease.stream_name, "deleted a lease of a stream no longer consumed")
+                        }
+                        Err(e) => {
+                            warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "deleting a lease of a former stream failed")
+                        }
+                    }
+                }
+            }
+        }
+        // Leases of streams this worker does not consume are neither taken nor
+        // balanced (all consumed streams' leases are one pool).
+        leases.retain(|l| streams.is_active(l));
         let mut held = coordinator.held_keys();
         held.extend(incoming.keys().cloned());
         let mut plan = taker.leases_to_take(&leases, coordinator.worker_id(), &held, Instant::now(), &self.lease);
@@ -699,8 +825,8 @@ struct ShardBackoff {
 struct Workers {
     ctx: Arc<ConsumerContext>,
     factory: Arc<dyn RecordProcessorFactory>,
-    /// Shard id -> the consumer's shutdown token.
-    running: HashMap<String, CancellationToken>,
+    /// Lease key -> the consumer's shutdown token and its stream's `streamName`.
+    running: HashMap<String, (CancellationToken, Option<String>)>,
     /// Each task returns the lease period it consumed, so that only that period is
     /// released.
     tasks: JoinSet<(Arc<HeldLease>, ConsumerOutcome)>,
@@ -711,14 +837,23 @@ struct Workers {
     /// Set when a shard ended: the shard list is synced at once (in the scheduler loop,
     /// where a shutdown can interrupt it), for children the consumer could not create.
     sync_requested: bool,
+    /// Streams (their `streamName`) a consumer found deleted.
+    gone_streams: Vec<String>,
 }
 
 impl Workers {
     /// Starts a consumer for every held lease that has none and is not backing off.
     /// Finished leases are released instead: there is nothing left to read.
-    async fn start_new(&mut self, coordinator: &LeaseCoordinator, root: &CancellationToken) {
+    /// Consumers of streams no longer consumed are asked to shut down gracefully, and
+    /// their held leases without a consumer released.
+    async fn start_new(&mut self, coordinator: &LeaseCoordinator, root: &CancellationToken, streams: &Streams) {
         if root.is_cancelled() {
             return;
+        }
+        for (token, stream) in self.running.values() {
+            if streams.by_key(stream.as_deref()).is_none() && !token.is_cancelled() {
+                token.cancel();
+            }
         }
         let now = Instant::now();
         self.backoff.retain(|shard_id, _| coordinator.is_held(shard_id));
@@ -729,28 +864,39 @@ impl Workers {
             if self.backoff.get(&held.shard_id).is_some_and(|b| b.retry_at > now) {
                 continue;
             }
-            if held.lease.lock().await.checkpoint.is_shard_end() || held.shutdown_requested.is_cancelled() {
-                // Finished, or being handed over before a consumer ran: releasing
-                // completes the handoff.
+            let (finished, stream, shard) = {
+                let lease = held.lease.lock().await;
+                (
+                    lease.checkpoint.is_shard_end(),
+                    streams.of(&lease).cloned(),
+                    lease.shard().to_owned(),
+                )
+            };
+            let Some(stream) = stream.filter(|_| !finished && !held.shutdown_requested.is_cancelled()) else {
+                // Finished, being handed over before a consumer ran (releasing
+                // completes the handoff), or of a stream no longer consumed.
                 coordinator.release(&held).await;
                 continue;
-            }
-            let shard_id = held.shard_id.clone();
+            };
+            let lease_key = held.shard_id.clone();
             let factory = self.factory.clone();
-            let processor =
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_processor(&shard_id))) {
-                    Ok(p) => p,
-                    Err(panic) => {
-                        let message = crate::consumer::panic_message(&panic);
-                        error!(shard_id, panic = %message, "processor factory panicked");
-                        self.back_off(&shard_id, now);
-                        continue;
-                    }
-                };
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                factory.create_processor_for_stream(&stream.identifier, &shard)
+            }));
+            let processor = match made {
+                Ok(p) => p,
+                Err(panic) => {
+                    let message = crate::consumer::panic_message(&panic);
+                    error!(stream = stream.name(), shard_id = %shard, panic = %message, "processor factory panicked");
+                    self.back_off(stream.name(), &shard, &lease_key, now);
+                    continue;
+                }
+            };
             // Cancelled by a handoff of the lease, or by the scheduler's shutdown.
             let token = held.shutdown_requested.clone();
-            let consumer = ShardConsumer::new(self.ctx.clone(), held.clone(), processor, token.clone());
-            let span = info_span!("shard_consumer", shard_id = %shard_id);
+            let span = info_span!("shard_consumer", stream = %stream.name(), shard_id = %shard);
+            let stream_key = stream.key.clone();
+            let consumer = ShardConsumer::new(self.ctx.clone(), stream, shard, held.clone(), processor, token.clone());
             let period = held.clone();
             self.tasks.spawn(
                 async move {
@@ -763,14 +909,15 @@ impl Workers {
                 }
                 .instrument(span),
             );
-            self.running.insert(shard_id, token);
+            self.running.insert(lease_key, (token, stream_key));
         }
     }
 
-    /// Counts a failure of `shard_id`'s consumer and schedules its next start.
-    fn back_off(&mut self, shard_id: &str, now: Instant) {
+    /// Counts a failure of the consumer of `lease_key` (`shard_id` of `stream`) and
+    /// schedules its next start.
+    fn back_off(&mut self, stream: &str, shard_id: &str, lease_key: &str, now: Instant) {
         let cap = self.backoff_policy.max_backoff;
-        let entry = self.backoff.entry(shard_id.to_owned()).or_insert(ShardBackoff {
+        let entry = self.backoff.entry(lease_key.to_owned()).or_insert(ShardBackoff {
             failures: 0,
             retry_at: now,
         });
@@ -782,8 +929,8 @@ impl Workers {
         entry.failures = entry.failures.saturating_add(1);
         let wait = self.backoff_policy.backoff_ceiling(entry.failures);
         entry.retry_at = now + wait;
-        metrics::shard_backoff(shard_id);
-        warn!(shard_id, failures = entry.failures, retry_in = ?wait, "shard consumer failed; keeping the lease and starting it again after the backoff");
+        metrics::shard_backoff(stream, shard_id);
+        warn!(stream, shard_id, failures = entry.failures, retry_in = ?wait, "shard consumer failed; keeping the lease and starting it again after the backoff");
     }
 
     /// When the next backing-off shard may start.
@@ -810,7 +957,7 @@ impl Workers {
             }
         };
         let shard_id = held.shard_id.clone();
-        self.running.remove(&shard_id);
+        let stream = self.running.remove(&shard_id).and_then(|(_, stream)| stream);
         match outcome {
             ConsumerOutcome::Completed(ShutdownReason::ShardEnd) => {
                 self.backoff.remove(&shard_id);
@@ -828,8 +975,22 @@ impl Workers {
             | ConsumerOutcome::InitializeFailed
             | ConsumerOutcome::Crashed => {
                 if coordinator.still_owned(&held) {
-                    self.back_off(&shard_id, Instant::now());
+                    let (stream_name, shard) = {
+                        let lease = held.lease.lock().await;
+                        let name = lease
+                            .stream_name
+                            .as_deref()
+                            .and_then(|s| StreamIdentifier::parse_multi_stream(s).ok())
+                            .map(|id| id.stream_name().to_owned())
+                            .unwrap_or_default();
+                        (name, lease.shard().to_owned())
+                    };
+                    self.back_off(&stream_name, &shard, &shard_id, Instant::now());
                 }
+            }
+            ConsumerOutcome::StreamGone => {
+                coordinator.release(&held).await;
+                self.gone_streams.extend(stream);
             }
             ConsumerOutcome::Failed(e) => {
                 coordinator.release(&held).await;
@@ -874,7 +1035,12 @@ impl FullScans {
 /// What a worker that is not the leader does at a lease-taking pass: lists the leases
 /// the table gives it (through the owner index), takes those it does not hold yet
 /// (assigned by the leader, or handed over), and watches those still being handed over.
-async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordinator, incoming: &mut IncomingHandoffs) {
+async fn discover_own_leases(
+    store: &dyn LeaseStore,
+    coordinator: &LeaseCoordinator,
+    incoming: &mut IncomingHandoffs,
+    streams: &Streams,
+) {
     let me = coordinator.worker_id().to_owned();
     let keys = match store.list_lease_keys_for_owner(&me).await {
         Ok(keys) => keys,
@@ -897,7 +1063,7 @@ async fn discover_own_leases(store: &dyn LeaseStore, coordinator: &LeaseCoordina
                 continue;
             }
         };
-        if lease.checkpoint.is_shard_end() {
+        if lease.checkpoint.is_shard_end() || !streams.is_active(&lease) {
             continue;
         }
         if lease.is_handoff_pending() {

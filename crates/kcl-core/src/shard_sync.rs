@@ -11,6 +11,7 @@
 //! have nothing new to read).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::operation::list_shards::ListShardsError;
@@ -22,6 +23,7 @@ use crate::error::{BoxError, ErrorChain, LeaseStoreError, SchedulerError};
 use crate::lease::{HashKeyRange, Lease, LeaseStore};
 use crate::retry::{retry, with_timeout, RetryPolicy};
 use crate::sequence::ExtendedSequenceNumber;
+use crate::streams::StreamHandle;
 
 /// A shard as the syncer needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +62,8 @@ impl From<&Shard> for ShardInfo {
 pub(crate) struct ShardDetector {
     kinesis: aws_sdk_kinesis::Client,
     stream_name: String,
+    /// Set when calls address the stream by ARN alone.
+    stream_arn: Option<String>,
     page_size: i32,
     retry: RetryPolicy,
     /// Bound of one `ListShards` call.
@@ -84,10 +88,17 @@ impl ShardDetector {
         Self {
             kinesis,
             stream_name,
+            stream_arn: None,
             page_size,
             retry: RetryPolicy::default(),
             call_timeout,
         }
+    }
+
+    /// Addresses the stream by this ARN alone (when `Some`).
+    pub(crate) fn with_arn(mut self, arn: Option<String>) -> Self {
+        self.stream_arn = arn;
+        self
     }
 
     /// Every shard of the stream, all pages.
@@ -103,7 +114,8 @@ impl ShardDetector {
                 req = match &next_token {
                     Some(token) => req.next_token(token),
                     None => req
-                        .stream_name(&self.stream_name)
+                        .set_stream_name(self.stream_arn.is_none().then(|| self.stream_name.clone()))
+                        .set_stream_arn(self.stream_arn.clone())
                         .set_exclusive_start_shard_id(exclusive_start.clone()),
                 };
                 with_timeout(self.call_timeout, req.send())
@@ -287,28 +299,54 @@ pub(crate) fn report_corrupt(corrupt: &[LeaseStoreError]) -> Vec<String> {
         .collect()
 }
 
-/// Lists the shards and creates a lease for each that has none. Returns how many
-/// leases were created.
+/// Lists the shards of each stream and creates a lease for each shard that has none,
+/// from one read of the lease table. Returns, per stream, how many leases were created.
 pub(crate) async fn sync_shards(
-    detector: &ShardDetector,
+    streams: &[Arc<StreamHandle>],
     store: &dyn LeaseStore,
-    initial: InitialPositionInStream,
-) -> Result<usize, SchedulerError> {
-    let shards = detector.list_shards().await?;
+) -> Result<Vec<(Arc<StreamHandle>, Result<usize, SchedulerError>)>, SchedulerError> {
     let listing = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
         store.list_readable_leases()
     })
     .await?;
     // A corrupt item still stands for its shard: it is neither recreated nor taken for
     // absent when deciding where its children start.
-    let existing: HashSet<String> = listing
-        .leases
-        .into_iter()
-        .map(|l| l.lease_key)
-        .chain(report_corrupt(&listing.corrupt))
-        .collect();
+    let corrupt: HashSet<String> = report_corrupt(&listing.corrupt).into_iter().collect();
+    let mut out = Vec::with_capacity(streams.len());
+    for stream in streams {
+        let existing: HashSet<String> = listing
+            .leases
+            .iter()
+            .filter(|l| stream.owns(l))
+            .map(|l| l.shard().to_owned())
+            .chain(corrupt.iter().map(|key| {
+                match &stream.key {
+                    Some(prefix) => key
+                        .strip_prefix(prefix.as_str())
+                        .and_then(|k| k.strip_prefix(':'))
+                        .unwrap_or(key)
+                        .to_owned(),
+                    None => key.clone(),
+                }
+            }))
+            .collect();
+        let result = sync_stream(stream, store, &existing).await;
+        out.push((stream.clone(), result));
+    }
+    Ok(out)
+}
+
+/// Lists one stream's shards and creates the leases its shards miss (`existing` holds
+/// the shard ids that have one).
+async fn sync_stream(
+    stream: &StreamHandle,
+    store: &dyn LeaseStore,
+    existing: &HashSet<String>,
+) -> Result<usize, SchedulerError> {
+    let shards = stream.detector.list_shards().await?;
     let mut created = 0;
-    for lease in new_leases(&shards, &existing, initial) {
+    for lease in new_leases(&shards, existing, stream.initial_position) {
+        let lease = stream.qualify(lease);
         let ok = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
             store.create_lease_if_not_exists(&lease)
         })
@@ -318,7 +356,12 @@ pub(crate) async fn sync_shards(
         }
     }
     if created > 0 {
-        info!(created, shards = shards.len(), "created leases for new shards");
+        info!(
+            stream = stream.name(),
+            created,
+            shards = shards.len(),
+            "created leases for new shards"
+        );
     }
     Ok(created)
 }

@@ -5,7 +5,7 @@
 //!
 //! | attribute | type | notes |
 //! |---|---|---|
-//! | `leaseKey` | S | hash key: the shard id |
+//! | `leaseKey` | S | hash key: the shard id; multi-stream: `account-id:stream-name:creation-epoch:shard-id` |
 //! | `leaseOwner` | S | absent when unowned |
 //! | `leaseCounter` | N | the fencing token |
 //! | `checkpoint` | S | a sequence number or `TRIM_HORIZON`/`LATEST`/`AT_TIMESTAMP`/`SHARD_END` |
@@ -17,6 +17,7 @@
 //! | `startingHashKey`, `endingHashKey` | S | optional |
 //! | `checkpointOwner` | S | optional (graceful handoff) |
 //! | `throughputKBps` | N | optional, a decimal (written with renewals and checkpoints) |
+//! | `streamName`, `shardId` | S, S | multi-stream only: the stream identifier (`account-id:stream-name:creation-epoch`) and the shard id |
 //!
 //! An item is a lease when it has `leaseKey` as a string and a `checkpoint` attribute;
 //! anything else sharing the table is not ours and is skipped. A lease item whose
@@ -65,6 +66,10 @@ pub(crate) const ENDING_HASH_KEY: &str = "endingHashKey";
 pub(crate) const CHECKPOINT_OWNER: &str = "checkpointOwner";
 /// `throughputKBps` (N, a decimal).
 pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
+/// `streamName` (S): the stream identifier of a multi-stream lease.
+pub(crate) const STREAM_NAME: &str = "streamName";
+/// `shardId` (S): the shard id of a multi-stream lease.
+pub(crate) const SHARD_ID: &str = "shardId";
 
 /// A string attribute value.
 pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
@@ -139,6 +144,12 @@ pub(crate) fn lease_to_item(lease: &Lease) -> Item {
     if let Some(throughput) = lease.throughput_kbps.and_then(decimal) {
         put(THROUGHPUT_KBPS, throughput);
     }
+    if let Some(stream) = &lease.stream_name {
+        put(STREAM_NAME, s(stream));
+    }
+    if let Some(shard_id) = &lease.shard_id {
+        put(SHARD_ID, s(shard_id));
+    }
     item
 }
 
@@ -195,6 +206,8 @@ pub(crate) fn item_to_lease(item: &Item) -> Result<Option<Lease>, LeaseStoreErro
         tracing::warn!(error = %e, "ignoring an unreadable throughputKBps");
         None
     });
+    lease.stream_name = reader.string(STREAM_NAME)?.map(str::to_owned);
+    lease.shard_id = reader.string(SHARD_ID)?.map(str::to_owned);
     Ok(Some(lease))
 }
 
@@ -412,6 +425,40 @@ mod tests {
     }
 
     #[test]
+    fn java_kcl_multi_stream_item_parses_and_round_trips() {
+        // As the Java KCL 3.x DynamoDBMultiStreamLeaseSerializer writes it: parent and
+        // child attributes hold shard ids, not lease keys.
+        let item: Item = HashMap::from([
+            (
+                LEASE_KEY.to_owned(),
+                s("123456789012:orders:1700000000:shardId-000000000003"),
+            ),
+            (STREAM_NAME.to_owned(), s("123456789012:orders:1700000000")),
+            (SHARD_ID.to_owned(), s("shardId-000000000003")),
+            (LEASE_COUNTER.to_owned(), AttributeValue::N("7".to_owned())),
+            (CHECKPOINT.to_owned(), s("TRIM_HORIZON")),
+            (
+                PARENT_SHARD_ID.to_owned(),
+                AttributeValue::Ss(vec!["shardId-000000000000".to_owned()]),
+            ),
+        ]);
+        let lease = item_to_lease(&item).expect("readable").expect("a lease");
+        assert_eq!(lease.stream_name.as_deref(), Some("123456789012:orders:1700000000"));
+        assert_eq!(lease.shard(), "shardId-000000000003");
+        assert_eq!(
+            lease.related_lease_key("shardId-000000000000"),
+            "123456789012:orders:1700000000:shardId-000000000000"
+        );
+        let written = lease_to_item(&lease);
+        assert_eq!(written.get(STREAM_NAME), item.get(STREAM_NAME));
+        assert_eq!(written.get(SHARD_ID), item.get(SHARD_ID));
+        assert_eq!(item_to_lease(&written).expect("readable"), Some(lease));
+        // A single-stream lease has neither attribute.
+        let single = lease_to_item(&Lease::new("shardId-000000000000", ExtendedSequenceNumber::LATEST));
+        assert!(!single.contains_key(STREAM_NAME) && !single.contains_key(SHARD_ID));
+    }
+
+    #[test]
     fn java_kcl_item_parses() {
         // As the Java KCL 2.x/3.x DynamoDBLeaseSerializer writes it, unknown attributes included.
         let item: Item = HashMap::from([
@@ -562,7 +609,7 @@ mod tests {
 
         use super::super::*;
 
-        const NAMES: [&str; 16] = [
+        const NAMES: [&str; 18] = [
             LEASE_KEY,
             LEASE_OWNER,
             LEASE_COUNTER,
@@ -579,6 +626,8 @@ mod tests {
             CHECKPOINT_OWNER,
             "entityType",
             "throughputKBps",
+            STREAM_NAME,
+            SHARD_ID,
         ];
 
         fn text() -> impl Strategy<Value = String> {

@@ -22,7 +22,8 @@
 //! [`shard_end_check_interval`](crate::FanOutConfig::shard_end_check_interval), and
 //! hands on any records it finds on the way (they follow the last delivered one).
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -49,12 +50,14 @@ use crate::registration::{register_stream_consumer, StreamConsumer};
 /// Enhanced fan-out retrieval: registers (or finds) the stream consumer when the
 /// scheduler starts, then reads every shard with `SubscribeToShard`. Hand it to
 /// `SchedulerBuilder::retrieval_factory`, or select it with
-/// [`RetrievalMode::FanOut`](crate::RetrievalMode::FanOut). One factory per scheduler.
+/// [`RetrievalMode::FanOut`](crate::RetrievalMode::FanOut). One factory per scheduler;
+/// in multi-stream mode it registers the consumer (of the same name) on each stream it
+/// reads.
 #[derive(Debug)]
 pub struct FanOutRetrievalFactory {
     config: FanOutConfig,
-    /// Set by `initialize`; `start` is only called after it.
-    consumer: OnceLock<StreamConsumer>,
+    /// Per stream name, set by `initialize`; `start` is only called after it.
+    consumers: Mutex<HashMap<String, StreamConsumer>>,
 }
 
 impl FanOutRetrievalFactory {
@@ -66,13 +69,24 @@ impl FanOutRetrievalFactory {
         config.validate()?;
         Ok(Self {
             config,
-            consumer: OnceLock::new(),
+            consumers: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The stream consumer, once the scheduler registered it.
-    pub fn consumer(&self) -> Option<&StreamConsumer> {
-        self.consumer.get()
+    /// The stream consumer, once the scheduler registered it (of the first stream, in
+    /// name order, in multi-stream mode; see [`consumer_of`](Self::consumer_of)).
+    pub fn consumer(&self) -> Option<StreamConsumer> {
+        let consumers = self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        consumers
+            .iter()
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(_, consumer)| consumer.clone())
+    }
+
+    /// The stream consumer registered on `stream_name`.
+    pub fn consumer_of(&self, stream_name: &str) -> Option<StreamConsumer> {
+        let consumers = self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        consumers.get(stream_name).cloned()
     }
 }
 
@@ -87,12 +101,13 @@ impl RetrievalFactory for FanOutRetrievalFactory {
             self.config.call_timeout,
         )
         .await?;
-        if let Some(existing) = self.consumer.get() {
+        let mut consumers = self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(existing) = consumers.get(stream_name) {
             if existing != &consumer {
                 return Err("a FanOutRetrievalFactory serves one scheduler; build one per scheduler".into());
             }
         }
-        let _ = self.consumer.set(consumer);
+        consumers.insert(stream_name.to_owned(), consumer);
         Ok(())
     }
 
@@ -104,7 +119,7 @@ impl RetrievalFactory for FanOutRetrievalFactory {
         });
         let span = tracing::Span::current();
         let cancel = start.cancel.clone();
-        let consumer = self.consumer.get().cloned();
+        let consumer = self.consumer_of(&start.stream_name);
         let config = self.config.clone();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
@@ -122,6 +137,7 @@ impl RetrievalFactory for FanOutRetrievalFactory {
                 let task = FanOutPublisher {
                     kinesis: start.kinesis,
                     stream_name: start.stream_name,
+                    stream_arn: start.stream_arn,
                     shard_id: start.shard_id,
                     consumer,
                     config,
@@ -232,6 +248,8 @@ enum EndCheck {
 struct FanOutPublisher {
     kinesis: aws_sdk_kinesis::Client,
     stream_name: String,
+    /// Set when calls address the stream by ARN alone.
+    stream_arn: Option<String>,
     shard_id: String,
     consumer: StreamConsumer,
     config: FanOutConfig,
@@ -249,7 +267,7 @@ impl FanOutPublisher {
                 return;
             }
             if !first {
-                let (resubscriptions, _) = counters(&self.shard_id);
+                let (resubscriptions, _) = counters(&self.stream_name, &self.shard_id);
                 resubscriptions.increment(1);
             }
             first = false;
@@ -262,7 +280,7 @@ impl FanOutPublisher {
                     continue;
                 }
                 Err(Subscribe::CheckpointExpired) => {
-                    metrics::counter!("kcl_checkpoints_expired_total", "shard_id" => self.shard_id.clone())
+                    metrics::counter!("kcl_checkpoints_expired_total", "stream" => self.stream_name.clone(), "shard_id" => self.shard_id.clone())
                         .increment(1);
                     error!(
                         position = ?position,
@@ -349,7 +367,7 @@ impl FanOutPublisher {
                     return (Replaced::Ended, false);
                 }
                 Err(e) => {
-                    let (_, errors) = counters(&self.shard_id);
+                    let (_, errors) = counters(&self.stream_name, &self.shard_id);
                     errors.increment(1);
                     // Some backends refuse a subscription in its event stream rather than
                     // in the response (kinesis-mock: HTTP 200, then an exception event).
@@ -370,7 +388,7 @@ impl FanOutPublisher {
             let continuation = Some(event.continuation_sequence_number.clone()).filter(|c| !c.is_empty());
             let child_shards: Vec<ChildShard> = event.child_shards().iter().map(ChildShard::from).collect();
             let delivered_any = !event.records.is_empty();
-            let (mut records, last) = records_from_kinesis(&self.shard_id, event.records);
+            let (mut records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, event.records);
             // A backend that ignores the requested position replays from earlier; what
             // lies before the position is not handed on (the consumer would drop it too,
             // except while it has delivered nothing yet).
@@ -440,7 +458,7 @@ impl FanOutPublisher {
             }
             Err(e) => e,
         };
-        let (_, errors) = counters(&self.shard_id);
+        let (_, errors) = counters(&self.stream_name, &self.shard_id);
         errors.increment(1);
         let kind = match &e {
             SdkError::ServiceError(s) => Some(s.err()),
@@ -511,7 +529,8 @@ impl FanOutPublisher {
         let probe = self
             .kinesis
             .get_shard_iterator()
-            .stream_name(&self.stream_name)
+            .set_stream_name(self.stream_arn.is_none().then(|| self.stream_name.clone()))
+            .set_stream_arn(self.stream_arn.clone())
             .shard_id(&self.shard_id)
             .shard_iterator_type(ShardIteratorType::TrimHorizon)
             .send();
@@ -535,7 +554,8 @@ impl FanOutPublisher {
         let request = self
             .kinesis
             .get_shard_iterator()
-            .stream_name(&self.stream_name)
+            .set_stream_name(self.stream_arn.is_none().then(|| self.stream_name.clone()))
+            .set_stream_arn(self.stream_arn.clone())
             .shard_id(&self.shard_id)
             .shard_iterator_type(position.kind())
             .set_starting_sequence_number(position.sequence_number().map(str::to_owned))
@@ -570,7 +590,7 @@ impl FanOutPublisher {
             };
             let child_shards: Vec<ChildShard> = out.child_shards().iter().map(ChildShard::from).collect();
             let next = out.next_shard_iterator.clone();
-            let (records, last) = records_from_kinesis(&self.shard_id, out.records);
+            let (records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, out.records);
             let found = !records.is_empty();
             if found && self.sink.batch(records, out.millis_behind_latest).await.is_err() {
                 return EndCheck::Done;
@@ -620,10 +640,11 @@ enum Subscribe {
 }
 
 /// The shard's resubscription and subscription-error counters.
-fn counters(shard_id: &str) -> (metrics::Counter, metrics::Counter) {
+fn counters(stream: &str, shard_id: &str) -> (metrics::Counter, metrics::Counter) {
+    let labels = [("stream", stream.to_owned()), ("shard_id", shard_id.to_owned())];
     (
-        metrics::counter!("kcl_fanout_resubscriptions_total", "shard_id" => shard_id.to_owned()),
-        metrics::counter!("kcl_fanout_subscription_errors_total", "shard_id" => shard_id.to_owned()),
+        metrics::counter!("kcl_fanout_resubscriptions_total", &labels),
+        metrics::counter!("kcl_fanout_subscription_errors_total", &labels),
     )
 }
 

@@ -75,6 +75,9 @@ pub struct PublisherStart {
     pub kinesis: aws_sdk_kinesis::Client,
     /// The stream.
     pub stream_name: String,
+    /// Set when Kinesis calls should address the stream by this ARN alone (it was
+    /// configured by ARN and the endpoint accepts that); by `stream_name` otherwise.
+    pub stream_arn: Option<String>,
     /// The shard to read.
     pub shard_id: String,
     /// Where to start.
@@ -96,10 +99,18 @@ impl PublisherStart {
         Self {
             kinesis,
             stream_name,
+            stream_arn: None,
             shard_id,
             position,
             cancel,
         }
+    }
+
+    /// Addresses the stream by `arn` alone.
+    #[must_use]
+    pub fn with_stream_arn(mut self, arn: Option<String>) -> Self {
+        self.stream_arn = arn;
+        self
     }
 }
 
@@ -107,9 +118,10 @@ impl PublisherStart {
 /// One factory serves every shard of a scheduler.
 #[async_trait]
 pub trait RetrievalFactory: Send + Sync + Debug + 'static {
-    /// Called once by [`Scheduler::run`](crate::Scheduler::run) after it checked the
+    /// Called by [`Scheduler::run`](crate::Scheduler::run) after it checked the
     /// stream and before any shard is read; for example to register an enhanced fan-out
-    /// consumer and wait until it is active. The default does nothing.
+    /// consumer and wait until it is active. In multi-stream mode a factory that serves
+    /// several streams is called once for each. The default does nothing.
     ///
     /// # Errors
     /// Any error ends `run()` with
@@ -352,6 +364,7 @@ impl PublisherSink {
 /// whole, marked [`Record::malformed_aggregate`], logged and counted. Returns the
 /// records and the sequence number of the last Kinesis record that was parsed.
 pub fn records_from_kinesis(
+    stream_name: &str,
     shard_id: &str,
     records: Vec<aws_sdk_kinesis::types::Record>,
 ) -> (Vec<Record>, Option<SequenceNumber>) {
@@ -371,7 +384,7 @@ pub fn records_from_kinesis(
         let sequence_number = match SequenceNumber::parse_owned(sequence_number) {
             Ok(s) => s,
             Err(e) => {
-                metrics::invalid_sequence_number(shard_id);
+                metrics::invalid_sequence_number(stream_name, shard_id);
                 error!(
                     shard_id,
                     sequence_number = %e.0,
@@ -399,7 +412,7 @@ pub fn records_from_kinesis(
             Err(e) => {
                 // Delivered as it is, marked: losing it would be worse than a record the
                 // processor may not be able to parse.
-                metrics::malformed_aggregate(shard_id);
+                metrics::malformed_aggregate(stream_name, shard_id);
                 warn!(shard_id, error = %ErrorChain(&e), sequence_number = %record.sequence_number, "malformed aggregated record delivered without de-aggregation");
                 record.malformed_aggregate = true;
                 out.push(record);
@@ -471,8 +484,9 @@ mod tests {
             kinesis_record("101", malformed.clone()),
         ];
         let counting = Counting::default();
-        let (out, last) =
-            ::metrics::with_local_recorder(&counting, || records_from_kinesis("shardId-000000000000", records));
+        let (out, last) = ::metrics::with_local_recorder(&counting, || {
+            records_from_kinesis("stream", "shardId-000000000000", records)
+        });
         assert_eq!(out.len(), 2, "only the unparseable record is left out");
         assert_eq!(out[0].sequence_number.as_str(), "100");
         assert!(!out[0].malformed_aggregate);

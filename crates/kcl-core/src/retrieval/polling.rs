@@ -64,6 +64,7 @@ impl RetrievalFactory for PollingRetrievalFactory {
         let task = PollingPublisher {
             kinesis: start.kinesis,
             stream_name: start.stream_name,
+            stream_arn: start.stream_arn,
             shard_id: start.shard_id,
             config: self.config.clone(),
             sink,
@@ -90,6 +91,7 @@ impl RetrievalFactory for PollingRetrievalFactory {
 struct PollingPublisher {
     kinesis: aws_sdk_kinesis::Client,
     stream_name: String,
+    stream_arn: Option<String>,
     shard_id: String,
     config: RetrievalConfig,
     sink: PublisherSink,
@@ -131,7 +133,7 @@ impl PollingPublisher {
                     let millis_behind_latest = out.millis_behind_latest();
                     let next_iterator = out.next_shard_iterator().map(str::to_owned);
                     let child_shards = out.child_shards().to_vec();
-                    let (records, last) = records_from_kinesis(&self.shard_id, out.records);
+                    let (records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, out.records);
                     if last.is_some() {
                         self.last_fetched = last;
                     }
@@ -251,7 +253,8 @@ impl PollingPublisher {
             let mut req = self
                 .kinesis
                 .get_shard_iterator()
-                .stream_name(&self.stream_name)
+                .set_stream_name(self.stream_arn.is_none().then(|| self.stream_name.clone()))
+                .set_stream_arn(self.stream_arn.clone())
                 .shard_id(&self.shard_id);
             req = match &checkpoint {
                 Checkpoint::TrimHorizon | Checkpoint::ShardEnd => {
@@ -298,7 +301,7 @@ impl PollingPublisher {
                 Some(GetShardIteratorError::InvalidArgumentException(_))
                     if matches!(checkpoint, Checkpoint::Sequence(_)) =>
                 {
-                    metrics::checkpoint_expired(&self.shard_id);
+                    metrics::checkpoint_expired(&self.stream_name, &self.shard_id);
                     error!(
                         checkpoint = %start.checkpoint,
                         error = %DisplayErrorContext(&e),
