@@ -74,7 +74,7 @@ async fn leases_workers_and_lag_show_the_truth_and_checkpoints_move_only_when_re
     }
     // lag: every shard, read from its checkpoint (the processors checkpoint each batch
     // and are caught up, so nothing is behind by more than the time since the writes).
-    let lag = admin::lag(&store, &env.kinesis, &env.stream).await?;
+    let lag = admin::lag(&store, &env.kinesis, Some(&env.stream)).await?;
     assert_eq!(lag.len(), 4);
     for l in &lag {
         assert!(l.millis_behind_latest.is_some_and(|m| m >= 0), "{l:?}");

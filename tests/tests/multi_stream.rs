@@ -435,6 +435,34 @@ async fn a_java_multi_stream_lease_table_is_consumed_from_its_checkpoints() -> a
             .await?;
         expected.insert(shard.clone(), seqs[10..].to_vec());
     }
+    // The admin tools read the table as it is: streams, shards, lag per shard, and a
+    // shard named by stream and shard id.
+    let rows = shardwise::admin::leases(&store).await?;
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.stream.clone(), r.shard_id.clone()))
+            .collect::<Vec<_>>(),
+        by_shard
+            .keys()
+            .map(|s| (Some(id.serialize()), s.clone()))
+            .collect::<Vec<_>>()
+    );
+    let lag = shardwise::admin::lag(&store, &env.kinesis, None).await?;
+    assert_eq!(lag.len(), 2);
+    assert!(
+        lag.iter()
+            .all(|l| l.stream == id.stream_name() && l.millis_behind_latest.is_some()),
+        "{lag:?}"
+    );
+    assert_eq!(
+        shardwise::admin::find_lease_key(&store, Some(id.stream_name()), "shardId-000000000001").await?,
+        format!("{id}:shardId-000000000001")
+    );
+    assert!(
+        shardwise::admin::find_lease_key(&store, Some("other"), "shardId-000000000001")
+            .await
+            .is_err()
+    );
     let recorders = recorders(&[&env.stream]);
     // TRIM_HORIZON would deliver the first ten records of each shard again, were the
     // checkpoints not read.
@@ -493,15 +521,18 @@ async fn consumed_by_arn(env: TestEnv, by_arn_alone: bool) -> anyhow::Result<()>
     );
     let written = put_records(&env.kinesis, &env.stream, 20, "arn").await?;
     let recorders = recorders(&[&env.stream]);
-    let config = StreamConfig::new(arn.clone())?.initial_position(InitialPositionInStream::TrimHorizon);
-    let w = worker(
-        &env,
-        "w",
-        vec![config],
-        MultiStreamConfig::default(),
-        &recorders,
-        HashMap::new(),
-    )?;
+    // Built from a config file, as an operator would configure it.
+    let config = shardwise::config_file::AppConfig::from_toml(&format!(
+        "[application]\napplication_name = \"{}\"\nstreams = [{{ stream = \"{arn}\", initial_position = \"trim_horizon\" }}]\n",
+        env.table
+    ))?;
+    let recorder = recorders[&env.stream].clone();
+    let scheduler = fast_config(config.scheduler_builder_with_clients(env.kinesis.clone(), env.dynamodb.clone())?)
+        .processor_factory(move |shard: &str| {
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+        })
+        .build()?;
+    let w = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
     recorders[&env.stream].wait_for_records(written.len(), WAIT).await?;
     assert_eq!(recorders[&env.stream].state().by_shard(), kcl_tests::by_shard(&written));
     let id = identifier(&env.kinesis, &env.stream).await?;

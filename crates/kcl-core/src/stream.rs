@@ -291,6 +291,13 @@ pub trait MultiStreamTracker: Send + Sync + fmt::Debug + 'static {
 }
 
 #[async_trait]
+impl<T: MultiStreamTracker + ?Sized> MultiStreamTracker for Arc<T> {
+    async fn stream_config_list(&self) -> Result<Vec<StreamConfig>, BoxError> {
+        (**self).stream_config_list().await
+    }
+}
+
+#[async_trait]
 impl MultiStreamTracker for Vec<StreamConfig> {
     async fn stream_config_list(&self) -> Result<Vec<StreamConfig>, BoxError> {
         Ok(self.clone())

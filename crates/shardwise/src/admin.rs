@@ -6,11 +6,15 @@
 //! where). Writes to leases are conditional on the lease counter (and owner) as read,
 //! so an operation never overwrites a concurrent change: it fails with
 //! [`AdminError::Changed`] instead.
+//!
+//! Multi-stream tables (leases keyed `account-id:stream-name:creation-epoch:shard-id`)
+//! work too: rows name each lease's stream, `lag` reads each shard from its own stream,
+//! and a shard is named by its lease key or by stream name and shard id.
 
 use std::collections::BTreeMap;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-use kcl_core::{Checkpoint, ExtendedSequenceNumber, Lease, LeaseStore as _, SequenceNumber};
+use kcl_core::{Checkpoint, ExtendedSequenceNumber, Lease, LeaseStore as _, SequenceNumber, StreamIdentifier};
 use kcl_dynamo::DynamoLeaseStore;
 use serde::Serialize;
 
@@ -64,6 +68,11 @@ pub enum AdminError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct LeaseRow {
+    /// The lease key: the shard id, or in a multi-stream table
+    /// `account-id:stream-name:creation-epoch:shard-id`.
+    pub lease_key: String,
+    /// The stream identifier of a multi-stream lease (`account-id:stream-name:creation-epoch`).
+    pub stream: Option<String>,
     /// The shard.
     pub shard_id: String,
     /// The worker holding it.
@@ -96,7 +105,9 @@ impl From<&Lease> for LeaseRow {
             "unowned"
         };
         Self {
-            shard_id: lease.lease_key.clone(),
+            lease_key: lease.lease_key.clone(),
+            stream: lease.stream_name.clone(),
+            shard_id: lease.shard().to_owned(),
             owner: lease.lease_owner.clone(),
             handing_over_from: lease.checkpoint_owner.clone(),
             counter: lease.lease_counter,
@@ -145,6 +156,10 @@ pub async fn workers(store: &DynamoLeaseStore) -> Result<BTreeMap<String, Vec<St
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ShardLag {
+    /// The lease key.
+    pub lease_key: String,
+    /// The shard's stream name.
+    pub stream: String,
     /// The shard.
     pub shard_id: String,
     /// Its checkpoint.
@@ -154,32 +169,54 @@ pub struct ShardLag {
     pub millis_behind_latest: Option<i64>,
 }
 
+/// The stream name of a lease: its own in a multi-stream table, else `stream`.
+fn stream_of<'a>(lease: &Lease, stream: Option<&'a str>) -> Result<std::borrow::Cow<'a, str>, AdminError> {
+    match &lease.stream_name {
+        Some(id) => StreamIdentifier::parse_multi_stream(id)
+            .map(|id| std::borrow::Cow::Owned(id.stream_name().to_owned()))
+            .map_err(|e| AdminError::InvalidArgument(format!("lease {:?}: {e}", lease.lease_key))),
+        None => stream.map(std::borrow::Cow::Borrowed).ok_or_else(|| {
+            AdminError::InvalidArgument("the stream is required for a single-stream lease table".to_owned())
+        }),
+    }
+}
+
 /// The lag of every unfinished lease's shard, read from its checkpoint: one
-/// `GetShardIterator` and one `GetRecords` (of one record) per shard.
+/// `GetShardIterator` and one `GetRecords` (of one record) per shard. `stream` is
+/// required for a single-stream table; in a multi-stream table each shard is read from
+/// its own stream, and `stream`, when given, keeps that stream's shards only.
 ///
 /// # Errors
-/// [`AdminError::LeaseStore`], [`AdminError::Kinesis`].
+/// [`AdminError::LeaseStore`], [`AdminError::Kinesis`], [`AdminError::InvalidArgument`]
+/// without the stream of a single-stream table.
 pub async fn lag(
     store: &DynamoLeaseStore,
     kinesis: &aws_sdk_kinesis::Client,
-    stream: &str,
+    stream: Option<&str>,
 ) -> Result<Vec<ShardLag>, AdminError> {
     let mut leases = store.list_leases().await?;
     leases.sort_by(|a, b| a.lease_key.cmp(&b.lease_key));
     let mut out = Vec::new();
     for lease in leases {
+        let stream_name = stream_of(&lease, stream)?.into_owned();
+        if stream.is_some_and(|s| s != stream_name) {
+            continue;
+        }
         let checkpoint = lease.checkpoint.checkpoint.as_str().to_owned();
         let request = kinesis
             .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(&lease.lease_key);
+            .stream_name(&stream_name)
+            .shard_id(lease.shard());
+        let row = |millis_behind_latest| ShardLag {
+            lease_key: lease.lease_key.clone(),
+            stream: stream_name.clone(),
+            shard_id: lease.shard().to_owned(),
+            checkpoint: checkpoint.clone(),
+            millis_behind_latest,
+        };
         let request = match &lease.checkpoint.checkpoint {
             Checkpoint::ShardEnd => {
-                out.push(ShardLag {
-                    shard_id: lease.lease_key,
-                    checkpoint,
-                    millis_behind_latest: None,
-                });
+                out.push(row(None));
                 continue;
             }
             Checkpoint::Sequence(s) => request
@@ -199,13 +236,37 @@ pub async fn lag(
             .send()
             .await
             .map_err(kinesis_error("GetRecords"))?;
-        out.push(ShardLag {
-            shard_id: lease.lease_key,
-            checkpoint,
-            millis_behind_latest: page.millis_behind_latest,
-        });
+        out.push(row(page.millis_behind_latest));
     }
     Ok(out)
+}
+
+/// The lease key of `shard` (a lease key, or a shard id; in a multi-stream table with
+/// `stream` naming the stream when several streams have that shard id).
+///
+/// # Errors
+/// [`AdminError::NoSuchLease`]; [`AdminError::InvalidArgument`] when the shard id is
+/// in several streams and `stream` does not say which.
+pub async fn find_lease_key(store: &DynamoLeaseStore, stream: Option<&str>, shard: &str) -> Result<String, AdminError> {
+    if stream.is_none() && store.get_lease(shard).await?.is_some() {
+        return Ok(shard.to_owned());
+    }
+    let matches: Vec<String> = store
+        .list_leases()
+        .await?
+        .into_iter()
+        .filter(|l| l.shard() == shard || l.lease_key == shard)
+        .filter(|l| stream.is_none() || stream_of(l, stream).is_ok_and(|s| Some(s.as_ref()) == stream))
+        .map(|l| l.lease_key)
+        .collect();
+    match matches.as_slice() {
+        [key] => Ok(key.clone()),
+        [] => Err(AdminError::NoSuchLease(shard.to_owned())),
+        keys => Err(AdminError::InvalidArgument(format!(
+            "shard {shard:?} is in several streams ({}); name the stream",
+            keys.join(", ")
+        ))),
+    }
 }
 
 /// Where `checkpoint set|reset` moves a shard.

@@ -16,14 +16,31 @@
 //! [lease]
 //! failover_time = "10s"
 //! ```
+//!
+//! Multi-stream mode lists the streams instead of `stream_name` (each a name, an ARN or
+//! `account-id:stream-name:creation-epoch`, with its own initial position or the
+//! application's):
+//!
+//! ```toml
+//! [application]
+//! application_name = "events-app"
+//! streams = [
+//!     { stream = "orders", initial_position = "trim_horizon" },
+//!     { stream = "arn:aws:kinesis:eu-west-1:123456789012:stream/payments" },
+//! ]
+//!
+//! [multi_stream]
+//! stream_tracker_interval = "1m"
+//! former_streams_leases_deletion = { after_delay = "1h" }   # or "keep"
+//! ```
 
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format as _, Serialized, Toml};
 use figment::Figment;
 use kcl_core::{
-    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, ProcessorErrorPolicy, RetrievalConfig,
-    SchedulerBuilder,
+    CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, MultiStreamConfig, ProcessorErrorPolicy,
+    RetrievalConfig, SchedulerBuilder, StreamConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +57,38 @@ pub struct ApplicationSettings {
     /// The application's name: the lease table's (the Java KCL's `applicationName`).
     /// Required.
     pub application_name: String,
-    /// The stream to read. Required.
+    /// The stream to read. Required, unless `streams` lists several (multi-stream
+    /// mode).
     pub stream_name: String,
+    /// Multi-stream mode: the streams to read, with one lease table (leave
+    /// `stream_name` empty). Default: none.
+    pub streams: Vec<StreamSettings>,
     /// This worker's id in the lease table. Default: unique per process.
     pub worker_id: Option<String>,
     /// Where shards without a checkpoint start. Default `latest`.
     pub initial_position: InitialPositionInStream,
+}
+
+/// One stream of a multi-stream application.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StreamSettings {
+    /// The stream's name, ARN, or `account-id:stream-name:creation-epoch`.
+    pub stream: String,
+    /// Where its shards without a checkpoint start; default the application's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_position: Option<InitialPositionInStream>,
+}
+
+impl StreamSettings {
+    /// A stream with the application's initial position.
+    pub fn new(stream: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            initial_position: None,
+        }
+    }
 }
 
 /// Every setting of a worker, as a config file holds them.
@@ -63,6 +106,8 @@ pub struct AppConfig {
     pub coordinator: CoordinatorConfig,
     /// `[processor_error_policy]`: [`ProcessorErrorPolicy`].
     pub processor_error_policy: ProcessorErrorPolicy,
+    /// `[multi_stream]`: [`MultiStreamConfig`] (used when `application.streams` is set).
+    pub multi_stream: MultiStreamConfig,
     /// `[fan_out]`: when present, shards are read through enhanced fan-out with these
     /// settings (feature `fan-out`) instead of polling.
     #[cfg(feature = "fan-out")]
@@ -235,11 +280,21 @@ impl AppConfig {
                 reason: "is required (it names the lease table)".into(),
             });
         }
-        if self.application.stream_name.trim().is_empty() {
+        let single = !self.application.stream_name.trim().is_empty();
+        let multi = !self.application.streams.is_empty();
+        if single == multi {
             return Err(ConfigFileError::Invalid {
                 key: "application.stream_name".into(),
-                reason: "is required".into(),
+                reason: if single {
+                    "set either stream_name (one stream) or streams (multi-stream mode), not both".into()
+                } else {
+                    "is required (or list the streams of a multi-stream application in streams)".into()
+                },
             });
+        }
+        self.stream_configs()?;
+        if multi {
+            self.multi_stream.validate()?;
         }
         self.lease.validate()?;
         self.retrieval.validate()?;
@@ -253,11 +308,32 @@ impl AppConfig {
     /// # Errors
     /// [`ConfigFileError::Invalid`] for fan-out settings that cannot work.
     pub fn scheduler_builder(&self, sdk_config: &aws_config::SdkConfig) -> Result<SchedulerBuilder, ConfigFileError> {
-        self.apply(ConfigsBuilder::new(
-            self.application.stream_name.clone(),
-            self.application.application_name.clone(),
-            sdk_config,
-        ))
+        self.scheduler_builder_with_clients(
+            aws_sdk_kinesis::Client::new(sdk_config),
+            aws_sdk_dynamodb::Client::new(sdk_config),
+        )
+    }
+
+    /// The streams of a multi-stream application, as the scheduler takes them
+    /// (empty in single-stream mode).
+    ///
+    /// # Errors
+    /// [`ConfigFileError::Invalid`] naming the entry that is not a stream name, ARN or
+    /// identifier.
+    pub fn stream_configs(&self) -> Result<Vec<StreamConfig>, ConfigFileError> {
+        self.application
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                StreamConfig::new(s.stream.clone())
+                    .map(|c| c.initial_position(s.initial_position.unwrap_or(self.application.initial_position)))
+                    .map_err(|e| ConfigFileError::Invalid {
+                        key: format!("application.streams[{i}].stream"),
+                        reason: e.reason,
+                    })
+            })
+            .collect()
     }
 
     /// As [`AppConfig::scheduler_builder`], with clients built by the caller.
@@ -269,12 +345,23 @@ impl AppConfig {
         kinesis: aws_sdk_kinesis::Client,
         dynamodb: aws_sdk_dynamodb::Client,
     ) -> Result<SchedulerBuilder, ConfigFileError> {
-        self.apply(ConfigsBuilder::with_clients(
-            self.application.stream_name.clone(),
-            self.application.application_name.clone(),
-            kinesis,
-            dynamodb,
-        ))
+        let streams = self.stream_configs()?;
+        let configs = if streams.is_empty() {
+            ConfigsBuilder::with_clients(
+                self.application.stream_name.clone(),
+                self.application.application_name.clone(),
+                kinesis,
+                dynamodb,
+            )
+        } else {
+            ConfigsBuilder::for_streams_with_clients(
+                streams,
+                self.application.application_name.clone(),
+                kinesis,
+                dynamodb,
+            )
+        };
+        self.apply(configs)
     }
 
     fn apply(&self, mut configs: ConfigsBuilder) -> Result<SchedulerBuilder, ConfigFileError> {
@@ -287,6 +374,7 @@ impl AppConfig {
             .lease_config(self.lease.clone())
             .retrieval_config(self.retrieval.clone())
             .coordinator_config(self.coordinator.clone())
+            .multi_stream_config(self.multi_stream.clone())
             .processor_error_policy(self.processor_error_policy.clone());
         #[cfg(feature = "fan-out")]
         if let Some(fan_out) = &self.fan_out {

@@ -1,7 +1,10 @@
 //! [`ConfigsBuilder`]: the clients and lease store of one application reading one
-//! stream, as the Java KCL's `ConfigsBuilder` gathers them.
+//! stream (or, in multi-stream mode, the streams a tracker lists), as the Java KCL's
+//! `ConfigsBuilder` gathers them.
 
-use kcl_core::{Scheduler, SchedulerBuilder};
+use std::sync::Arc;
+
+use kcl_core::{MultiStreamTracker, Scheduler, SchedulerBuilder};
 use kcl_dynamo::DynamoLeaseStore;
 
 /// The pieces every scheduler of an application needs: its stream, its name (the lease
@@ -10,7 +13,9 @@ use kcl_dynamo::DynamoLeaseStore;
 /// a processor factory (and any config) and build.
 #[derive(Clone, Debug)]
 pub struct ConfigsBuilder {
+    /// Empty in multi-stream mode.
     stream_name: String,
+    tracker: Option<Arc<dyn MultiStreamTracker>>,
     application_name: String,
     kinesis: aws_sdk_kinesis::Client,
     dynamodb: aws_sdk_dynamodb::Client,
@@ -42,11 +47,39 @@ impl ConfigsBuilder {
     ) -> Self {
         Self {
             stream_name: stream_name.into(),
+            tracker: None,
             application_name: application_name.into(),
             kinesis,
             dynamodb,
             worker_identifier: None,
         }
+    }
+
+    /// Multi-stream mode: the streams `tracker` lists (a `Vec<StreamConfig>` is a
+    /// fixed list), one lease table for all, clients from one AWS configuration.
+    pub fn for_streams(
+        tracker: impl MultiStreamTracker,
+        application_name: impl Into<String>,
+        sdk_config: &aws_config::SdkConfig,
+    ) -> Self {
+        Self::for_streams_with_clients(
+            tracker,
+            application_name,
+            aws_sdk_kinesis::Client::new(sdk_config),
+            aws_sdk_dynamodb::Client::new(sdk_config),
+        )
+    }
+
+    /// [`for_streams`](Self::for_streams) with clients built by the caller.
+    pub fn for_streams_with_clients(
+        tracker: impl MultiStreamTracker,
+        application_name: impl Into<String>,
+        kinesis: aws_sdk_kinesis::Client,
+        dynamodb: aws_sdk_dynamodb::Client,
+    ) -> Self {
+        let mut configs = Self::with_clients(String::new(), application_name, kinesis, dynamodb);
+        configs.tracker = Some(Arc::new(tracker));
+        configs
     }
 
     /// This worker's id in the lease table (default: unique per process).
@@ -61,10 +94,14 @@ impl ConfigsBuilder {
         &self.kinesis
     }
 
-    /// A scheduler builder with the stream, the Kinesis client, the DynamoDB lease store
+    /// A scheduler builder with the stream (or tracker), the Kinesis client, the DynamoDB lease store
     /// (table named after the application) and the worker id set.
     pub fn scheduler_builder(&self) -> SchedulerBuilder {
-        let builder = Scheduler::builder(self.stream_name.clone())
+        let builder = match &self.tracker {
+            Some(tracker) => Scheduler::multi_stream_builder(tracker.clone()),
+            None => Scheduler::builder(self.stream_name.clone()),
+        };
+        let builder = builder
             .kinesis_client(self.kinesis.clone())
             .lease_store(DynamoLeaseStore::new(
                 self.dynamodb.clone(),

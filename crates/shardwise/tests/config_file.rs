@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shardwise::config_file::{AppConfig, ConfigFileError};
+use shardwise::InitialPositionInStream;
 
 fn example_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/shardwise.toml")
@@ -143,4 +144,57 @@ callProcessRecordsEvenForEmptyRecordList = true
     let error = AppConfig::from_java_properties(&properties.replace("maxRecords = 500", "maxRecords = lots"))
         .expect_err("not a number");
     assert_eq!(key_of(error), "maxRecords");
+}
+
+#[test]
+fn a_multi_stream_application_lists_its_streams_with_their_positions() {
+    let config = AppConfig::from_toml(
+        r#"
+        [application]
+        application_name = "events"
+        initial_position = "trim_horizon"
+        streams = [
+            { stream = "orders", initial_position = "latest" },
+            { stream = "arn:aws:kinesis:eu-west-1:123456789012:stream/payments" },
+            { stream = "123456789012:audit:1700000000" },
+        ]
+        [multi_stream]
+        stream_tracker_interval = "10s"
+        former_streams_leases_deletion = "keep"
+        "#,
+    )
+    .expect("valid");
+    let streams = config.stream_configs().expect("streams");
+    let shown: Vec<(&str, InitialPositionInStream)> = streams.iter().map(|s| (s.stream_name(), s.position())).collect();
+    assert_eq!(
+        shown,
+        [
+            ("orders", InitialPositionInStream::Latest),
+            ("payments", InitialPositionInStream::TrimHorizon),
+            ("audit", InitialPositionInStream::TrimHorizon),
+        ]
+    );
+    assert_eq!(
+        config.multi_stream.former_streams_leases_deletion,
+        shardwise::FormerStreamsLeasesDeletion::Keep
+    );
+    assert_eq!(config.multi_stream.stream_tracker_interval, Duration::from_secs(10));
+
+    let both = "[application]\napplication_name = \"a\"\nstream_name = \"s\"\nstreams = [{ stream = \"t\" }]\n";
+    assert_eq!(
+        key_of(AppConfig::from_toml(both).expect_err("both")),
+        "application.stream_name"
+    );
+    let bad =
+        "[application]\napplication_name = \"a\"\nstreams = [{ stream = \"ok\" }, { stream = \"not a stream\" }]\n";
+    assert_eq!(
+        key_of(AppConfig::from_toml(bad).expect_err("bad stream")),
+        "application.streams[1].stream"
+    );
+    let short = "[application]\napplication_name = \"a\"\nstreams = [{ stream = \"t\" }]\n\
+                 [multi_stream]\nformer_streams_leases_deletion = { after_delay = \"1m\" }\n";
+    assert_eq!(
+        key_of(AppConfig::from_toml(short).expect_err("delay under two intervals")),
+        "multi_stream.former_streams_leases_deletion"
+    );
 }

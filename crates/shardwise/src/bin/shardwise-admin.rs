@@ -26,7 +26,8 @@ struct Cli {
     /// The application (its lease table's name).
     #[arg(long, env = "SHARDWISE_APPLICATION__APPLICATION_NAME")]
     application: String,
-    /// The stream (for lag and consumers).
+    /// The stream: required for lag and consumers of a single-stream application; in
+    /// a multi-stream one it selects the stream (lag, checkpoint, consumers).
     #[arg(long, env = "SHARDWISE_APPLICATION__STREAM_NAME", default_value = "")]
     stream: String,
     /// A Kinesis endpoint URL instead of AWS's (for example kcl-local serve's).
@@ -145,14 +146,16 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
+                // A multi-stream table shows each lease's key (stream and shard).
+                let width = rows.iter().map(|r| r.lease_key.len()).max().unwrap_or(0).max(24);
                 println!(
-                    "{:<24} {:<20} {:>8} {:<12} checkpoint",
+                    "{:<width$} {:<20} {:>8} {:<12} checkpoint",
                     "shard", "owner", "counter", "state"
                 );
                 for r in rows {
                     println!(
-                        "{:<24} {:<20} {:>8} {:<12} {}",
-                        r.shard_id,
+                        "{:<width$} {:<20} {:>8} {:<12} {}",
+                        r.lease_key,
                         r.owner.as_deref().unwrap_or("-"),
                         r.counter,
                         r.state,
@@ -172,7 +175,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Lag => {
-            let lag = admin::lag(&store, &kinesis, need_stream()?).await?;
+            let stream = (!cli.stream.is_empty()).then_some(cli.stream.as_str());
+            let lag = admin::lag(&store, &kinesis, stream).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&lag)?);
             } else {
@@ -180,7 +184,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     let behind = l
                         .millis_behind_latest
                         .map_or("finished".to_owned(), |m| format!("{m} ms"));
-                    println!("{:<24} {behind}", l.shard_id);
+                    println!("{:<24} {:<24} {behind}", l.stream, l.shard_id);
                 }
             }
         }
@@ -198,11 +202,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     *force,
                 ),
             };
-            let row = admin::set_checkpoint(&store, shard, to, force).await?;
+            let stream = (!cli.stream.is_empty()).then_some(cli.stream.as_str());
+            let key = admin::find_lease_key(&store, stream, shard).await?;
+            let row = admin::set_checkpoint(&store, &key, to, force).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&row)?);
             } else {
-                println!("{}: checkpoint {}", row.shard_id, row.checkpoint);
+                println!("{}: checkpoint {}", row.lease_key, row.checkpoint);
             }
         }
         Command::Consumers(c) => match c {
