@@ -840,6 +840,28 @@ pub struct KeyedWritten {
     pub written: Written,
 }
 
+/// Checks that, per partition key, the records of a [`spawn_keyed_producer`] first
+/// arrive in the order they were written (across parent and child shards too), and
+/// returns per key how many records arrived.
+///
+/// # Panics
+/// When a key's record arrives before an earlier one of the same key.
+pub fn assert_keyed_order(deliveries: &[Delivery]) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut next: BTreeMap<String, u64> = BTreeMap::new();
+    for d in deliveries {
+        let text = String::from_utf8_lossy(&d.data);
+        let (key, n) = text.split_once(':').context("keyed payload")?;
+        let n: u64 = n.parse()?;
+        let expected = next.entry(key.to_owned()).or_insert(0);
+        if n == *expected {
+            *expected += 1;
+        } else {
+            assert!(n < *expected, "key {key}: record {n} arrived before record {expected}");
+        }
+    }
+    Ok(next)
+}
+
 /// Writes rounds of one record per key (`"{key}:{n}"`) until cancelled, each round
 /// only after the previous one was acknowledged, so that the per-key order of writes is
 /// also their order in time, across shards.

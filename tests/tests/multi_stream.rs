@@ -19,8 +19,8 @@ use kcl_core::{
 };
 use kcl_dynamo::DynamoLeaseStore;
 use kcl_tests::{
-    fast_config, put_records, spawn_keyed_producer, split_shard_in_half, CheckpointMode, Event, Recorder,
-    RecordingProcessor, TestEnv,
+    assert_keyed_order, fast_config, put_records, spawn_keyed_producer, split_shard_in_half, CheckpointMode, Event,
+    Recorder, RecordingProcessor, TestEnv,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -273,19 +273,12 @@ async fn three_streams_on_two_workers_every_record_in_order_balanced_and_one_str
             .await?;
         assert_in_order_per_shard(name, &recorders[*name]);
         // Per key, across the parent and its children too.
-        let state = recorders[*name].state();
-        let mut next: BTreeMap<String, u64> = BTreeMap::new();
-        for d in &state.deliveries {
-            let text = String::from_utf8_lossy(&d.data);
-            let (key, n) = text.split_once(':').context("keyed payload")?;
-            let n: u64 = n.parse()?;
-            let expected = next.entry(key.to_owned()).or_insert(0);
-            if n == *expected {
-                *expected += 1;
-            } else {
-                assert!(n < *expected, "{name} key {key}: record {n} arrived before {expected}");
-            }
-        }
+        let rounds = written.iter().map(|w| w.n + 1).max().unwrap_or(0);
+        let next = assert_keyed_order(&recorders[*name].state().deliveries)?;
+        assert!(
+            next.values().all(|n| *n == rounds),
+            "{name}: every key complete: {next:?}"
+        );
     }
     // The children's leases are multi-stream leases of the resharded stream, naming
     // their parent by shard id as the Java KCL does.

@@ -17,8 +17,8 @@ use kcl_core::{
 use kcl_dynamo::DynamoLeaseStore;
 use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
 use kcl_tests::{
-    fast_config, list_shards, merge_shards, spawn_keyed_producer, split_shard_in_half, CheckpointMode, Event, Recorder,
-    RecordingProcessor, TestEnv,
+    assert_keyed_order, fast_config, list_shards, merge_shards, spawn_keyed_producer, split_shard_in_half,
+    CheckpointMode, Event, Recorder, RecordingProcessor, TestEnv,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -186,19 +186,7 @@ async fn split_and_merge_under_load(env: TestEnv, fan_out: Option<&str>) -> anyh
     // Per partition key, records first arrive in the order they were written, across
     // the parent and child shards.
     {
-        let state = recorder.state();
-        let mut next: BTreeMap<String, u64> = BTreeMap::new();
-        for d in &state.deliveries {
-            let text = String::from_utf8_lossy(&d.data);
-            let (key, n) = text.split_once(':').context("keyed payload")?;
-            let n: u64 = n.parse()?;
-            let expected = next.entry(key.to_owned()).or_insert(0);
-            if n == *expected {
-                *expected += 1;
-            } else {
-                assert!(n < *expected, "key {key}: record {n} arrived before record {expected}");
-            }
-        }
+        let next = assert_keyed_order(&recorder.state().deliveries)?;
         let rounds = written.iter().map(|w| w.n + 1).max().unwrap_or(0);
         assert!(
             next.values().all(|n| *n == rounds),

@@ -1362,19 +1362,13 @@ impl LeaseCleanup {
                 continue;
             }
             eligible.insert(lease.lease_key.clone());
-            let entry = self
-                .eligible_since
-                .entry(lease.lease_key.clone())
-                .or_insert((lease.lease_counter, now));
-            if entry.0 != lease.lease_counter {
-                *entry = (lease.lease_counter, now);
-            }
+            let since = unchanged_since(&mut self.eligible_since, lease, now);
             let wait = if lease.lease_owner.is_some() {
                 delay.max(failover)
             } else {
                 delay
             };
-            if now.saturating_duration_since(entry.1) >= wait {
+            if now.saturating_duration_since(since) >= wait {
                 out.push(lease.clone());
             }
         }
@@ -1396,14 +1390,7 @@ impl LeaseCleanup {
         let mut former = HashSet::new();
         for lease in leases.iter().filter(|l| !consumed(l)) {
             former.insert(lease.lease_key.clone());
-            let entry = self
-                .former_since
-                .entry(lease.lease_key.clone())
-                .or_insert((lease.lease_counter, now));
-            if entry.0 != lease.lease_counter {
-                *entry = (lease.lease_counter, now);
-            }
-            if now.saturating_duration_since(entry.1) >= delay {
+            if now.saturating_duration_since(unchanged_since(&mut self.former_since, lease, now)) >= delay {
                 out.push(lease.clone());
             }
         }
@@ -1412,10 +1399,57 @@ impl LeaseCleanup {
     }
 }
 
+/// Since when `lease` has been seen with its current counter (`now` for a lease not
+/// seen before or written since), recorded in `seen`.
+fn unchanged_since(seen: &mut HashMap<String, (u64, Instant)>, lease: &Lease, now: Instant) -> Instant {
+    let entry = seen
+        .entry(lease.lease_key.clone())
+        .or_insert((lease.lease_counter, now));
+    if entry.0 != lease.lease_counter {
+        *entry = (lease.lease_counter, now);
+    }
+    entry.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sequence::ExtendedSequenceNumber;
+
+    #[test]
+    fn former_stream_leases_are_deleted_only_after_nobody_wrote_them_for_the_delay() {
+        let mut cleanup = LeaseCleanup::default();
+        let mut gone = lease("1:old:1:shardId-000000000000", None, 5);
+        gone.stream_name = Some("1:old:1".into());
+        let mut renewed = lease("1:old:1:shardId-000000000001", Some("stale-worker"), 7);
+        renewed.stream_name = Some("1:old:1".into());
+        let mut kept = lease("1:new:1:shardId-000000000000", Some("w"), 3);
+        kept.stream_name = Some("1:new:1".into());
+        let consumed = |l: &Lease| l.stream_name.as_deref() == Some("1:new:1");
+        let delay = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let all = [gone.clone(), renewed.clone(), kept.clone()];
+        assert!(cleanup
+            .former_stream_leases_to_delete(&all, consumed, t0, delay)
+            .is_empty());
+        // A worker whose tracker still lists the stream renews one lease meanwhile.
+        renewed.lease_counter += 1;
+        let all = [gone.clone(), renewed.clone(), kept.clone()];
+        let t1 = t0 + Duration::from_secs(6);
+        assert!(cleanup
+            .former_stream_leases_to_delete(&all, consumed, t1, delay)
+            .is_empty());
+        let t2 = t0 + Duration::from_secs(11);
+        assert_eq!(
+            keys(cleanup.former_stream_leases_to_delete(&all, consumed, t2, delay)),
+            [gone.lease_key.clone()]
+        );
+        let t3 = t1 + Duration::from_secs(10);
+        assert_eq!(
+            keys(cleanup.former_stream_leases_to_delete(&all, consumed, t3, delay)),
+            [gone.lease_key.clone(), renewed.lease_key.clone()]
+        );
+    }
 
     fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
         let mut l = Lease::new(key, ExtendedSequenceNumber::TRIM_HORIZON);

@@ -825,8 +825,8 @@ struct ShardBackoff {
 struct Workers {
     ctx: Arc<ConsumerContext>,
     factory: Arc<dyn RecordProcessorFactory>,
-    /// Lease key -> the consumer's shutdown token and its stream's `streamName`.
-    running: HashMap<String, (CancellationToken, Option<String>)>,
+    /// Lease key -> the consumer's shutdown token and its stream.
+    running: HashMap<String, (CancellationToken, Arc<StreamHandle>)>,
     /// Each task returns the lease period it consumed, so that only that period is
     /// released.
     tasks: JoinSet<(Arc<HeldLease>, ConsumerOutcome)>,
@@ -851,7 +851,7 @@ impl Workers {
             return;
         }
         for (token, stream) in self.running.values() {
-            if streams.by_key(stream.as_deref()).is_none() && !token.is_cancelled() {
+            if streams.by_key(stream.key.as_deref()).is_none() && !token.is_cancelled() {
                 token.cancel();
             }
         }
@@ -895,7 +895,7 @@ impl Workers {
             // Cancelled by a handoff of the lease, or by the scheduler's shutdown.
             let token = held.shutdown_requested.clone();
             let span = info_span!("shard_consumer", stream = %stream.name(), shard_id = %shard);
-            let stream_key = stream.key.clone();
+            let handle = stream.clone();
             let consumer = ShardConsumer::new(self.ctx.clone(), stream, shard, held.clone(), processor, token.clone());
             let period = held.clone();
             self.tasks.spawn(
@@ -909,7 +909,7 @@ impl Workers {
                 }
                 .instrument(span),
             );
-            self.running.insert(lease_key, (token, stream_key));
+            self.running.insert(lease_key, (token, handle));
         }
     }
 
@@ -957,7 +957,7 @@ impl Workers {
             }
         };
         let shard_id = held.shard_id.clone();
-        let stream = self.running.remove(&shard_id).and_then(|(_, stream)| stream);
+        let stream = self.running.remove(&shard_id).map(|(_, stream)| stream);
         match outcome {
             ConsumerOutcome::Completed(ShutdownReason::ShardEnd) => {
                 self.backoff.remove(&shard_id);
@@ -975,22 +975,14 @@ impl Workers {
             | ConsumerOutcome::InitializeFailed
             | ConsumerOutcome::Crashed => {
                 if coordinator.still_owned(&held) {
-                    let (stream_name, shard) = {
-                        let lease = held.lease.lock().await;
-                        let name = lease
-                            .stream_name
-                            .as_deref()
-                            .and_then(|s| StreamIdentifier::parse_multi_stream(s).ok())
-                            .map(|id| id.stream_name().to_owned())
-                            .unwrap_or_default();
-                        (name, lease.shard().to_owned())
-                    };
-                    self.back_off(&stream_name, &shard, &shard_id, Instant::now());
+                    let shard = held.lease.lock().await.shard().to_owned();
+                    let name = stream.as_ref().map_or("", |s| s.name());
+                    self.back_off(name, &shard, &shard_id, Instant::now());
                 }
             }
             ConsumerOutcome::StreamGone => {
                 coordinator.release(&held).await;
-                self.gone_streams.extend(stream);
+                self.gone_streams.extend(stream.and_then(|s| s.key.clone()));
             }
             ConsumerOutcome::Failed(e) => {
                 coordinator.release(&held).await;
