@@ -67,3 +67,74 @@ async fn logs_of_every_thread_are_captured_and_awaited() -> anyhow::Result<()> {
     assert!(logs.wait_for("never-logged", Duration::from_millis(20)).await.is_err());
     Ok(())
 }
+
+/// Multi-stream: a stream deleted while it is consumed stops with a warning, its leases
+/// are deleted after the delay, and the other stream goes on (the scheduler does not
+/// stop, as a single-stream one does). Shard consumers' spans name their stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyhow::Result<()> {
+    use kcl_core::{
+        stream_processor_factory, FormerStreamsLeasesDeletion, LeaseStore as _, MultiStreamConfig, Scheduler,
+        StreamConfig, StreamIdentifier,
+    };
+    let logs = capture_logs();
+    let env = TestEnv::start(1).await?;
+    let doomed = kcl_tests::unique("doomed");
+    kcl_local::create_stream(&env.kinesis, &doomed, 1).await?;
+    let summary = env.kinesis.describe_stream_summary().stream_name(&doomed).send().await?;
+    let d = summary
+        .stream_description_summary()
+        .ok_or_else(|| anyhow::anyhow!("description"))?;
+    let account = d.stream_arn().split(':').nth(4).unwrap_or_default();
+    let doomed_id = StreamIdentifier::multi_stream(account, &doomed, d.stream_creation_timestamp().secs()).serialize();
+    let th = |s: &str| StreamConfig::new(s).map(|c| c.initial_position(InitialPositionInStream::TrimHorizon));
+    let recorder = Recorder::default();
+    let factory_recorder = recorder.clone();
+    let scheduler = kcl_tests::fast_config(
+        Scheduler::multi_stream_builder(vec![th(&env.stream)?, th(&doomed)?])
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .coordinator_config(kcl_core::CoordinatorConfig {
+        shard_sync_interval: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .multi_stream_config(MultiStreamConfig {
+        stream_tracker_interval: Duration::from_secs(1),
+        former_streams_leases_deletion: FormerStreamsLeasesDeletion::AfterDelay(Duration::from_secs(3)),
+    })
+    .processor_factory(stream_processor_factory(move |stream: &StreamIdentifier, shard: &str| {
+        kcl_tests::RecordingProcessor::new(
+            &format!("{}/{shard}", stream.stream_name()),
+            factory_recorder.clone(),
+            CheckpointMode::EveryBatch,
+        )
+    }))
+    .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    kcl_tests::put_records(&env.kinesis, &env.stream, 5, "kept").await?;
+    kcl_tests::put_records(&env.kinesis, &doomed, 5, "doomed").await?;
+    recorder.wait_for_records(10, WAIT).await?;
+    // The consumer's span names the stream and the shard.
+    let span = format!("shard_consumer{{stream={doomed} shard_id=shardId-000000000000}}");
+    logs.wait_for(&span, WAIT).await?;
+
+    env.kinesis.delete_stream().stream_name(&doomed).send().await?;
+    logs.wait_for("the stream was deleted", WAIT).await?;
+    let store = env.lease_store();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store
+        .list_leases()
+        .await?
+        .iter()
+        .any(|l| l.stream_name.as_deref() == Some(doomed_id.as_str()))
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the deleted stream's leases stay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kcl_tests::put_records(&env.kinesis, &env.stream, 5, "after").await?;
+    recorder.wait_for_records(15, WAIT).await?;
+    assert!(!task.is_finished(), "the scheduler goes on with the other stream");
+    stop_scheduler(handle, task, WAIT).await??;
+    Ok(())
+}

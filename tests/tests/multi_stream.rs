@@ -310,12 +310,16 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
     };
     // The first stream checkpoints only when its processors are asked to shut down.
     let modes = HashMap::from([(first.clone(), CheckpointMode::OnShutdown)]);
+    // A single-stream lease in the table is of the other mode: ignored, never deleted.
+    let store = env.lease_store();
+    store.create_lease_table_if_not_exists().await?;
+    let foreign = Lease::new("shardId-000000000009", kcl_core::ExtendedSequenceNumber::TRIM_HORIZON);
+    store.create_lease_if_not_exists(&foreign).await?;
     let w = worker(&env, "w", tracker.clone(), config, &recorders, modes)?;
     let written = put_records(&env.kinesis, &first, 40, "first").await?;
     recorders[&first].wait_for_records(written.len(), WAIT).await?;
 
     // Added: its leases exist after the tracker's first poll that lists it.
-    let store = env.lease_store();
     let added_id = identifier(&env.kinesis, &added).await?.serialize();
     let polls_before = tracker.polls();
     tracker.set(vec![trim_horizon(&first), trim_horizon(&added)]);
@@ -380,7 +384,12 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
         2,
         "the removed stream's shards were not started again"
     );
-    assert_eq!(of_stream(&store.list_leases().await?, &added_id).len(), 2);
+    let leases = store.list_leases().await?;
+    assert_eq!(of_stream(&leases, &added_id).len(), 2);
+    assert!(
+        leases.iter().any(|l| l.lease_key == foreign.lease_key && l.lease_owner.is_none()),
+        "the single-stream lease is left alone: {leases:?}"
+    );
     stop(w).await?;
     Ok(())
 }

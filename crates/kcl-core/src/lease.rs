@@ -93,18 +93,6 @@ impl Lease {
         }
     }
 
-    /// A new, unowned lease for a shard of a multi-stream application: keyed
-    /// `stream:shard_id` (the Java KCL 3.x's multi-stream lease key), with the
-    /// `streamName` and `shardId` attributes.
-    pub fn for_stream(stream: &crate::StreamIdentifier, shard_id: &str, checkpoint: ExtendedSequenceNumber) -> Self {
-        let mut lease = Self::new(stream.lease_key(shard_id), checkpoint);
-        if stream.is_multi_stream() {
-            lease.stream_name = Some(stream.serialize());
-            lease.shard_id = Some(shard_id.to_owned());
-        }
-        lease
-    }
-
     /// The shard this lease is for: the `shardId` attribute in a multi-stream
     /// application, else the lease key.
     pub fn shard(&self) -> &str {

@@ -94,6 +94,8 @@ pub struct Scheduler {
     dead_letters: Option<Arc<dyn DeadLetterSink>>,
     /// The root token: cancelling it starts the graceful shutdown.
     shutdown: CancellationToken,
+    /// Set once the table was found to hold leases of the other mode.
+    warned_other_mode: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Scheduler {
@@ -280,6 +282,7 @@ impl SchedulerBuilder {
             error_policy: self.error_policy,
             dead_letters: self.dead_letters,
             shutdown: CancellationToken::new(),
+            warned_other_mode: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -718,9 +721,23 @@ impl Scheduler {
                 }
             }
         }
+        // Leases of the other mode (single-stream leases in a multi-stream table, or the
+        // reverse) belong to no stream this worker consumes: they are left alone, never
+        // deleted, and reported once.
+        let other_mode = leases.iter().filter(|l| l.stream_name.is_some() != streams.is_multi()).count();
+        if other_mode > 0 && !self.warned_other_mode.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!(
+                leases = other_mode,
+                "the lease table has leases of the other mode (single-stream leases keyed by shard id in a \
+                 multi-stream application, or multi-stream leases in a single-stream one); this worker ignores \
+                 them. Switching a table between the modes is not supported: use a new application name"
+            );
+        }
         if streams.is_multi() {
             if let FormerStreamsLeasesDeletion::AfterDelay(delay) = self.multi_stream.former_streams_leases_deletion {
-                let former = cleanup.former_stream_leases_to_delete(&leases, |l| streams.is_active(l), now, delay);
+                // Only multi-stream leases of streams no longer consumed.
+                let consumed = |l: &Lease| l.stream_name.is_none() || streams.is_active(l);
+                let former = cleanup.former_stream_leases_to_delete(&leases, consumed, now, delay);
                 for lease in former {
                     match store.delete_lease(&lease).await {
                         Ok(()) => {
