@@ -81,7 +81,12 @@ async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyho
     let env = TestEnv::start(1).await?;
     let doomed = kcl_tests::unique("doomed");
     kcl_local::create_stream(&env.kinesis, &doomed, 1).await?;
-    let summary = env.kinesis.describe_stream_summary().stream_name(&doomed).send().await?;
+    let summary = env
+        .kinesis
+        .describe_stream_summary()
+        .stream_name(&doomed)
+        .send()
+        .await?;
     let d = summary
         .stream_description_summary()
         .ok_or_else(|| anyhow::anyhow!("description"))?;
@@ -103,13 +108,15 @@ async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyho
         stream_tracker_interval: Duration::from_secs(1),
         former_streams_leases_deletion: FormerStreamsLeasesDeletion::AfterDelay(Duration::from_secs(3)),
     })
-    .processor_factory(stream_processor_factory(move |stream: &StreamIdentifier, shard: &str| {
-        kcl_tests::RecordingProcessor::new(
-            &format!("{}/{shard}", stream.stream_name()),
-            factory_recorder.clone(),
-            CheckpointMode::EveryBatch,
-        )
-    }))
+    .processor_factory(stream_processor_factory(
+        move |stream: &StreamIdentifier, shard: &str| {
+            kcl_tests::RecordingProcessor::new(
+                &format!("{}/{shard}", stream.stream_name()),
+                factory_recorder.clone(),
+                CheckpointMode::EveryBatch,
+            )
+        },
+    ))
     .build()?;
     let (handle, task) = spawn_scheduler(scheduler);
     kcl_tests::put_records(&env.kinesis, &env.stream, 5, "kept").await?;
@@ -129,7 +136,10 @@ async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyho
         .iter()
         .any(|l| l.stream_name.as_deref() == Some(doomed_id.as_str()))
     {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the deleted stream's leases stay");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted stream's leases stay"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     kcl_tests::put_records(&env.kinesis, &env.stream, 5, "after").await?;

@@ -113,12 +113,65 @@ async fn records_leases_throttles_and_lost_leases_are_counted() -> anyhow::Resul
     handle.shutdown();
     tokio::time::timeout(WAIT, task).await???;
     assert_eq!(metrics.gauge("kcl_leases_held{}"), Some(0.0), "released at shutdown");
+    assert_eq!(metrics.gauge("kcl_streams_consumed{}"), Some(1.0));
     // Counted once `process_records` returned: final now that the scheduler stopped.
     for (shard, seqs) in &kcl_tests::by_shard(&written) {
         let name = format!("kcl_records_processed_total{{shard_id={shard},stream={}}}", env.stream);
         assert_eq!(metrics.counter(&name), seqs.len() as u64, "{name}");
         let behind = format!("kcl_millis_behind_latest{{shard_id={shard},stream={}}}", env.stream);
         assert!(metrics.gauge(&behind).is_some(), "{behind} is published");
+    }
+
+    // Multi-stream: two streams, each shard's series labelled with its stream.
+    let second = kcl_tests::unique("second");
+    kcl_local::create_stream(&env.kinesis, &second, 1).await?;
+    let more = [
+        (env.stream.clone(), env.put(20, "multi").await?),
+        (
+            second.clone(),
+            kcl_tests::put_records(&env.kinesis, &second, 30, "multi").await?,
+        ),
+    ];
+    let streams = [env.stream.as_str(), second.as_str()]
+        .iter()
+        .map(|s| kcl_core::StreamConfig::new(*s).map(|c| c.initial_position(InitialPositionInStream::TrimHorizon)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let recorder = Recorder::default();
+    let factory_recorder = recorder.clone();
+    let scheduler = kcl_tests::fast_config(
+        kcl_core::Scheduler::multi_stream_builder(streams)
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(kcl_dynamo::DynamoLeaseStore::new(
+                env.dynamodb.clone(),
+                kcl_tests::unique("multi"),
+            )),
+    )
+    .processor_factory(move |shard: &str| {
+        kcl_tests::RecordingProcessor::new(shard, factory_recorder.clone(), CheckpointMode::EveryBatch)
+    })
+    .build()?;
+    let handle = scheduler.shutdown_handle();
+    let task = tokio::spawn(scheduler.run());
+    // The first stream's records of the first run are read again: a new lease table.
+    recorder.wait_for_records(written.len() + 50, WAIT).await?;
+    assert_eq!(metrics.gauge("kcl_streams_consumed{}"), Some(2.0));
+    handle.shutdown();
+    tokio::time::timeout(WAIT, task).await???;
+    let mut all = kcl_tests::by_shard(&written);
+    for (shard, seqs) in kcl_tests::by_shard(&more[0].1) {
+        all.entry(shard).or_default().extend(seqs);
+    }
+    for (stream, expected) in [(&env.stream, all), (&second, kcl_tests::by_shard(&more[1].1))] {
+        for (shard, seqs) in expected {
+            let name = format!("kcl_records_processed_total{{shard_id={shard},stream={stream}}}");
+            // The first stream's shards were counted by the single-stream run too.
+            let before = if stream == &env.stream {
+                kcl_tests::by_shard(&written).get(&shard).map_or(0, Vec::len)
+            } else {
+                0
+            };
+            assert_eq!(metrics.counter(&name), (before + seqs.len()) as u64, "{name}");
+        }
     }
     Ok(())
 }

@@ -387,7 +387,9 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
     let leases = store.list_leases().await?;
     assert_eq!(of_stream(&leases, &added_id).len(), 2);
     assert!(
-        leases.iter().any(|l| l.lease_key == foreign.lease_key && l.lease_owner.is_none()),
+        leases
+            .iter()
+            .any(|l| l.lease_key == foreign.lease_key && l.lease_owner.is_none()),
         "the single-stream lease is left alone: {leases:?}"
     );
     stop(w).await?;
@@ -586,5 +588,66 @@ async fn single_stream_lease_keys_and_items_are_unchanged() -> anyhow::Result<()
     assert_eq!(keys, ["shardId-000000000000", "shardId-000000000001"]);
     handle.shutdown();
     tokio::time::timeout(WAIT, run).await???;
+    Ok(())
+}
+
+/// Each stream may be read its own way: here the scheduler's retrieval is enhanced
+/// fan-out (one factory, which registers its consumer on each stream it reads) and one
+/// stream overrides it with polling. Every record arrives, and only the fan-out streams
+/// have the consumer registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_read_by_fan_out_and_by_polling_side_by_side() -> anyhow::Result<()> {
+    use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
+    let env = TestEnv::start(2).await?;
+    let (fanned, polled) = (kcl_tests::unique("fanned"), kcl_tests::unique("polled"));
+    for s in [&fanned, &polled] {
+        kcl_local::create_stream(&env.kinesis, s, 1).await?;
+    }
+    let names = [env.stream.as_str(), fanned.as_str(), polled.as_str()];
+    let recorders = recorders(&names);
+    let consumer = kcl_tests::unique("consumer");
+    let polling = kcl_core::PollingRetrievalFactory::new(kcl_core::RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let streams = vec![
+        trim_horizon(&env.stream),
+        trim_horizon(&fanned),
+        trim_horizon(&polled).retrieval_factory(polling),
+    ];
+    let factory_recorders = recorders.clone();
+    let scheduler = fast_config(
+        Scheduler::multi_stream_builder(streams)
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .processor_factory(stream_processor_factory(
+        move |stream: &StreamIdentifier, shard: &str| {
+            let recorder = factory_recorders.get(stream.stream_name()).cloned().unwrap_or_default();
+            RecordingProcessor::new(shard, recorder, CheckpointMode::EveryBatch)
+        },
+    ))
+    .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
+        shard_end_check_interval: Duration::from_secs(1),
+        registration_timeout: Duration::from_secs(20),
+        ..FanOutConfig::new(consumer.clone())
+    }))?
+    .build()?;
+    let w = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
+    for name in names {
+        let written = put_records(&env.kinesis, name, 30, "mixed").await?;
+        recorders[name].wait_for_records(written.len(), WAIT).await?;
+        assert_eq!(
+            recorders[name].state().by_shard(),
+            kcl_tests::by_shard(&written),
+            "{name}"
+        );
+    }
+    for (name, fan_out) in [(names[0], true), (names[1], true), (names[2], false)] {
+        let consumers = shardwise::admin::consumers(&env.kinesis, name).await?;
+        let registered = consumers.iter().any(|(n, _, _)| n == &consumer);
+        assert_eq!(registered, fan_out, "{name}: {consumers:?}");
+    }
+    stop(w).await?;
     Ok(())
 }

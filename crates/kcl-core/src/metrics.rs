@@ -8,6 +8,7 @@
 //! | `kcl_records_processed_total` | counter | `stream`, `shard_id` | records handed to processors that returned `Ok` |
 //! | `kcl_millis_behind_latest` | gauge | `stream`, `shard_id` | how far the last batch was behind the shard's tip |
 //! | `kcl_leases_held` | gauge | | leases this worker holds |
+//! | `kcl_streams_consumed` | gauge | | streams this worker consumes (1 in single-stream mode; the tracker's in multi-stream mode) |
 //! | `kcl_lease_renewals_failed_total` | counter | | renewals that failed with an error or timed out |
 //! | `kcl_leases_lost_total` | counter | | leases lost (refused renewal or checkpoint, or not renewed in time) |
 //! | `kcl_lease_handoffs_total` | counter | `direction` (`in`, `out`), `outcome` (`requested`, `completed`, `timed_out`) | graceful lease handoffs asked for, completed, and (for `in`) ended by a take after the timeout |
@@ -31,6 +32,10 @@ pub(crate) fn records_processed(stream: &str, shard_id: &str, n: usize) {
 pub(crate) fn millis_behind_latest(stream: &str, shard_id: &str, millis: i64) {
     ::metrics::gauge!("kcl_millis_behind_latest", "stream" => stream.to_owned(), "shard_id" => shard_id.to_owned())
         .set(millis as f64);
+}
+
+pub(crate) fn streams_consumed(n: usize) {
+    ::metrics::gauge!("kcl_streams_consumed").set(n as f64);
 }
 
 pub(crate) fn leases_held(n: usize) {

@@ -724,7 +724,10 @@ impl Scheduler {
         // Leases of the other mode (single-stream leases in a multi-stream table, or the
         // reverse) belong to no stream this worker consumes: they are left alone, never
         // deleted, and reported once.
-        let other_mode = leases.iter().filter(|l| l.stream_name.is_some() != streams.is_multi()).count();
+        let other_mode = leases
+            .iter()
+            .filter(|l| l.stream_name.is_some() != streams.is_multi())
+            .count();
         if other_mode > 0 && !self.warned_other_mode.swap(true, std::sync::atomic::Ordering::Relaxed) {
             warn!(
                 leases = other_mode,

@@ -236,6 +236,7 @@ pub(crate) struct Streams {
 
 impl Streams {
     pub(crate) fn single(handle: StreamHandle) -> Self {
+        crate::metrics::streams_consumed(1);
         Self {
             active: HashMap::from([(None, Arc::new(handle))]),
             tracker: None,
@@ -292,6 +293,7 @@ impl Streams {
         warn!(stream = %handle.identifier, "the stream was deleted; its consumers stop and its leases are handled as a former stream's");
         self.gone.insert(key.to_owned());
         self.resolved.retain(|_, k| k != key);
+        crate::metrics::streams_consumed(self.active.len());
         Some(handle)
     }
 
@@ -375,6 +377,7 @@ impl Streams {
             }
         }
         self.resolved.retain(|_, k| wanted.contains(k));
+        crate::metrics::streams_consumed(self.active.len());
         changes
     }
 }
