@@ -101,3 +101,85 @@ async fn leases_and_workers_print_the_table_and_an_owned_lease_is_not_reset() {
     assert!(store.list_leases().await.is_err(), "the table is gone");
     backend.shutdown().await;
 }
+
+/// Multi-stream tables: rows name their stream; a shard id in several streams needs
+/// `--stream`; `lag` reads each shard from its own stream without `--stream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_stream_table_is_shown_by_stream_and_a_shard_is_named_by_stream_and_id() {
+    let backend = kcl_local::LocalBackend::start().await.expect("backend");
+    let kinesis = backend.kinesis_client();
+    let store = kcl_dynamo::DynamoLeaseStore::new(backend.dynamodb_client(), "multi-app");
+    store.create_lease_table_if_not_exists().await.expect("table");
+    for stream in ["orders", "audit"] {
+        kcl_local::create_stream(&kinesis, stream, 1).await.expect("stream");
+        let mut lease = Lease::new(
+            format!("000000000000:{stream}:1:shardId-000000000000"),
+            ExtendedSequenceNumber::TRIM_HORIZON,
+        );
+        lease.stream_name = Some(format!("000000000000:{stream}:1"));
+        lease.shard_id = Some("shardId-000000000000".to_owned());
+        assert!(store.create_lease_if_not_exists(&lease).await.expect("create"));
+    }
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["--application", "multi-app"])
+            .arg(format!("--kinesis-endpoint={}", backend.kinesis_endpoint()))
+            .arg(format!("--dynamodb-endpoint={}", backend.dynamodb_endpoint()))
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "local")
+            .env("AWS_SECRET_ACCESS_KEY", "local")
+            .env("AWS_REGION", backend.region())
+            .env_remove("AWS_PROFILE")
+            .env_remove("SHARDWISE_APPLICATION__STREAM_NAME")
+            .output()
+            .expect("runs")
+    };
+
+    let out = run(&["leases", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows[0]["stream"], "000000000000:audit:1");
+    assert_eq!(rows[0]["shard_id"], "shardId-000000000000");
+    assert_eq!(rows[1]["lease_key"], "000000000000:orders:1:shardId-000000000000");
+
+    let out = run(&["lag", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lag: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let streams: Vec<&str> = lag
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["stream"].as_str())
+        .collect();
+    assert_eq!(streams, ["audit", "orders"]);
+
+    let reset = [
+        "checkpoint",
+        "reset",
+        "--shard",
+        "shardId-000000000000",
+        "--to",
+        "latest",
+    ];
+    let out = run(&reset);
+    assert!(!out.status.success(), "ambiguous without --stream");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name the stream"));
+    let mut with_stream = vec!["--stream", "orders"];
+    with_stream.extend(reset);
+    let out = run(&with_stream);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leases = store.list_leases().await.expect("read");
+    let checkpoints: Vec<(String, String)> = leases
+        .iter()
+        .map(|l| (l.lease_key.clone(), l.checkpoint.to_string()))
+        .collect();
+    assert!(
+        checkpoints.contains(&("000000000000:orders:1:shardId-000000000000".into(), "LATEST".into()))
+            && checkpoints.contains(&(
+                "000000000000:audit:1:shardId-000000000000".into(),
+                "TRIM_HORIZON".into()
+            )),
+        "{checkpoints:?}"
+    );
+    backend.shutdown().await;
+}
