@@ -143,7 +143,12 @@ async fn wait_for_table(
 ) -> anyhow::Result<Vec<Lease>> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let leases = store.list_leases().await?;
+        let leases = match store.list_leases().await {
+            Ok(leases) => leases,
+            // The workers have not created it yet.
+            Err(kcl_core::LeaseStoreError::TableNotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
         if pred(&leases) {
             return Ok(leases);
         }
@@ -649,5 +654,70 @@ async fn streams_read_by_fan_out_and_by_polling_side_by_side() -> anyhow::Result
         assert_eq!(registered, fan_out, "{name}: {consumers:?}");
     }
     stop(w).await?;
+    Ok(())
+}
+
+/// A worker that crashes (its `run` future dropped: nothing released, nothing renewed)
+/// loses its leases of every stream to the other after the failover time; every record
+/// of both streams is delivered, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_workers_leases_of_every_stream_move_to_the_survivor() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let second = kcl_tests::unique("second");
+    kcl_local::create_stream(&env.kinesis, &second, 2).await?;
+    let names = [env.stream.as_str(), second.as_str()];
+    let recorders = recorders(&names);
+    let configs: Vec<StreamConfig> = names.iter().map(|s| trim_horizon(s)).collect();
+    let a = worker(
+        &env,
+        "a",
+        configs.clone(),
+        MultiStreamConfig::default(),
+        &recorders,
+        HashMap::new(),
+    )?;
+    let b = worker(
+        &env,
+        "b",
+        configs,
+        MultiStreamConfig::default(),
+        &recorders,
+        HashMap::new(),
+    )?;
+    let stop_producing = CancellationToken::new();
+    let producers: Vec<_> = names
+        .iter()
+        .map(|s| spawn_keyed_producer(env.kinesis.clone(), (*s).to_owned(), 4, stop_producing.clone()))
+        .collect();
+    let store = env.lease_store();
+    wait_for_table(&store, "two leases on each worker", |leases| {
+        leases.len() == 4
+            && ["a", "b"].iter().all(|w| {
+                leases
+                    .iter()
+                    .filter(|l| l.is_owned_by(w) && !l.is_handoff_pending())
+                    .count()
+                    == 2
+            })
+    })
+    .await?;
+    // The crash: the future is dropped mid-flight.
+    a.1.abort();
+    let _ = a.1.await;
+    wait_for_table(&store, "every lease on the survivor", |leases| {
+        leases.len() == 4 && leases.iter().all(|l| l.is_owned_by("b"))
+    })
+    .await?;
+    stop_producing.cancel();
+    for (producer, name) in producers.into_iter().zip(names) {
+        let written = producer.await??;
+        let rounds = written.iter().map(|w| w.n + 1).max().unwrap_or(0);
+        recorders[name]
+            .wait_until(&format!("every record of {name}"), WAIT, |s| {
+                assert_keyed_order(&s.deliveries).is_ok_and(|next| next.values().all(|n| *n == rounds))
+            })
+            .await?;
+    }
+    stop(b).await?;
     Ok(())
 }

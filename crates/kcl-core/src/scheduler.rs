@@ -401,6 +401,10 @@ impl Scheduler {
         ));
         let renewer_stop = CancellationToken::new();
         let renewer = tokio::spawn(run_renewer(coordinator.clone(), renewer_stop.clone()).in_current_span());
+        // Should this future be dropped (not cancel safe: see `run`), the renewer stops
+        // with it, so that the leases expire and move instead of being renewed, without
+        // consumers, for as long as the process lives.
+        let _stop_renewer_when_dropped = renewer_stop.clone().drop_guard();
         let ctx = Arc::new(ConsumerContext {
             kinesis: self.kinesis.clone(),
             coordinator: coordinator.clone(),
