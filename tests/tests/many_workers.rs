@@ -1070,3 +1070,105 @@ async fn a_graceful_stop_leaves_each_shard_unprocessed_for_under_a_second() -> a
     stop(staying_worker).await?;
     Ok(())
 }
+
+/// Polls the lease table until `pred` holds for its leases.
+async fn wait_for_leases(
+    store: &Arc<dyn LeaseStore>,
+    what: &str,
+    pred: impl Fn(&[kcl_core::Lease]) -> bool,
+) -> anyhow::Result<Vec<kcl_core::Lease>> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let leases = match store.list_leases().await {
+            Err(kcl_core::LeaseStoreError::TableNotFound { .. }) => Vec::new(),
+            other => other?,
+        };
+        if pred(&leases) {
+            return Ok(leases);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {leases:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A rolling deploy: a worker that stops while a lease is being handed to it passes
+/// the handoff on to another live worker, which starts the shard once the old owner
+/// completes the handoff; before, the lease was left in the stopped worker's name and
+/// its shard waited for the failover time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_the_handoff_on() -> anyhow::Result<()> {
+    let env = TestEnv::start(3).await?;
+    env.put(30, "before").await?;
+    let store: Arc<dyn LeaseStore> = Arc::new(env.lease_store());
+    let (a, b, c) = (Recorder::default(), Recorder::default(), Recorder::default());
+    // `a` holds two shards and is slow to let one go: its handoffs stay under way.
+    let hang = CancellationToken::new();
+    let (hang_a, recorder_a) = (hang.clone(), a.clone());
+    let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    lease.lease_taking_interval = Duration::from_millis(500);
+    lease.max_leases_for_worker = 2;
+    let worker_a = spawn(
+        fast_config(
+            Scheduler::builder(env.stream.clone())
+                .kinesis_client(env.kinesis.clone())
+                .shared_lease_store(store.clone()),
+        )
+        .lease_config(lease)
+        .worker_id("a")
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .processor_factory(move |shard: &str| {
+            kcl_tests::HangingShutdownProcessor::new(
+                RecordingProcessor::new(shard, recorder_a.clone(), CheckpointMode::EveryBatch),
+                hang_a.clone(),
+            )
+        })
+        .build()?,
+    );
+    wait_for_leases(&store, "a holding two leases", |l| {
+        l.len() == 3 && l.iter().filter(|l| l.is_owned_by("a")).count() == 2
+    })
+    .await?;
+    // `c` takes the third; `b` then asks `a` for one of its two.
+    let worker_c = spawn(in_process(&env, store.clone(), "c", &c)?);
+    wait_for_leases(&store, "c holding the third lease", |l| {
+        l.iter().any(|l| l.is_owned_by("c"))
+    })
+    .await?;
+    let worker_b = spawn(in_process(&env, store.clone(), "b", &b)?);
+    let leases = wait_for_leases(&store, "a lease being handed from a to b", |l| {
+        l.iter()
+            .any(|l| l.is_owned_by("b") && l.checkpoint_owner.as_deref() == Some("a"))
+    })
+    .await?;
+    let handed = leases
+        .iter()
+        .find(|l| l.is_owned_by("b"))
+        .map(|l| l.lease_key.clone())
+        .context("the handed lease")?;
+    stop(worker_b).await?;
+    let after = store.get_lease(&handed).await?.context("the lease")?;
+    assert_eq!(
+        (after.lease_owner.as_deref(), after.checkpoint_owner.as_deref()),
+        (Some("c"), Some("a")),
+        "the handoff goes on to c, the live worker other than a"
+    );
+    // `a` lets go; `c` starts the shard.
+    hang.cancel();
+    c.wait_until("c runs the handed shard", WAIT, |s| {
+        s.events
+            .iter()
+            .any(|e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed))
+    })
+    .await?;
+    assert_eq!(
+        count(&b, |e| matches!(e, Event::Initialized { .. })),
+        0,
+        "b never ran it"
+    );
+    stop(worker_c).await?;
+    stop(worker_a).await?;
+    Ok(())
+}

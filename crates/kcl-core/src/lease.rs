@@ -341,6 +341,27 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
         new_owner: &str,
     ) -> Result<bool, LeaseStoreError>;
 
+    /// Gives a graceful handoff under way to another receiver: conditional on the lease
+    /// existing with the `leaseOwner` (the receiver so far) and `checkpointOwner` the
+    /// caller saw; sets `leaseOwner` to `new_owner` and leaves `checkpointOwner` and the
+    /// counter, so that the old owner goes on processing and completes the handoff to
+    /// `new_owner`. A receiver that shuts down before a handoff to it completed passes
+    /// it on this way, so that the shard does not wait for the failover time.
+    ///
+    /// The default returns `Ok(false)` (nothing written): the handoff then completes to
+    /// the receiver that left, and the lease moves on after the failover time.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn retarget_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        let _ = (lease, new_owner);
+        Ok(false)
+    }
+
     /// Assigns the lease to `new_owner` at once (the Java KCL 3.x's `assignLease`):
     /// conditional on the lease existing with the owner the caller saw; sets the owner,
     /// removes `checkpointOwner`, increments the counter (so the previous owner's next
@@ -462,6 +483,18 @@ impl LeaseStore for TimedLeaseStore {
             "initiate_graceful_lease_handoff",
             self.call,
             self.inner.initiate_graceful_lease_handoff(lease, new_owner),
+        )
+        .await
+    }
+    async fn retarget_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        bounded(
+            "retarget_graceful_lease_handoff",
+            self.call,
+            self.inner.retarget_graceful_lease_handoff(lease, new_owner),
         )
         .await
     }
@@ -591,6 +624,17 @@ impl LeaseStore for InMemoryLeaseStore {
         }))
     }
 
+    async fn retarget_graceful_lease_handoff(
+        &self,
+        lease: &mut Lease,
+        new_owner: &str,
+    ) -> Result<bool, LeaseStoreError> {
+        if lease.checkpoint_owner.is_none() {
+            return Ok(false);
+        }
+        Ok(self.write_if(lease, false, false, |l| l.lease_owner = Some(new_owner.to_owned())))
+    }
+
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
         Ok(self.write_if(lease, false, true, |l| set_owner(l, new_owner)))
     }
@@ -609,5 +653,45 @@ impl LeaseStore for InMemoryLeaseStore {
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
         self.leases().remove(&lease.lease_key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_in_memory_store_gives_a_handoff_on_only_from_the_receiver_seen() {
+        let store = InMemoryLeaseStore::default();
+        let mut lease = Lease::new("shard", ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(store.create_lease_if_not_exists(&lease).await.expect("create"));
+        assert!(store.take_lease(&mut lease, "a").await.expect("take"));
+        assert!(!store
+            .retarget_graceful_lease_handoff(&mut lease.clone(), "c")
+            .await
+            .expect("none under way"));
+        assert!(store
+            .initiate_graceful_lease_handoff(&mut lease, "b")
+            .await
+            .expect("handoff"));
+        let mut stale = lease.clone();
+        stale.lease_owner = Some("x".into());
+        assert!(!store
+            .retarget_graceful_lease_handoff(&mut stale, "c")
+            .await
+            .expect("refused"));
+        let counter = lease.lease_counter;
+        assert!(store
+            .retarget_graceful_lease_handoff(&mut lease, "c")
+            .await
+            .expect("retarget"));
+        assert_eq!(
+            (
+                lease.lease_owner.as_deref(),
+                lease.checkpoint_owner.as_deref(),
+                lease.lease_counter
+            ),
+            (Some("c"), Some("a"), counter)
+        );
     }
 }

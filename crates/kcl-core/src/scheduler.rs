@@ -574,11 +574,10 @@ impl Scheduler {
             }
         }
         // Leases let go from here on go to the live workers this one knows of.
-        coordinator.hand_released_leases_to(taker.live_workers(
-            coordinator.worker_id(),
-            Instant::now(),
-            self.lease.failover_time,
-        ));
+        let live = taker.live_workers(coordinator.worker_id(), Instant::now(), self.lease.failover_time);
+        coordinator.hand_released_leases_to(live.clone());
+        // Leases on their way to this worker go on to another.
+        incoming.pass_on(&coordinator, live).await;
         if failure.is_none() {
             // Announced first, the handoffs are watched by their receivers (from their
             // next lease-taking pass) by the time the consumers stop: a shard then
@@ -1125,6 +1124,68 @@ impl IncomingHandoffs {
 
     fn next_poll(&self) -> Option<Instant> {
         self.next_poll
+    }
+
+    /// At shutdown: passes every lease on its way to this worker on to a live worker
+    /// (`successors`, least loaded first), so that its shard does not wait for the
+    /// failover time once the old owner completes the handoff to a worker that left
+    /// (as in a rolling deploy, where the receiver of a stopping worker's lease stops a
+    /// moment later). A handoff still under way is given to another receiver; a lease
+    /// already handed over or assigned to this worker but not taken yet is assigned on.
+    /// The leases are the watched handoffs and those the owner index names; the
+    /// handing-over worker is never chosen. Returns how many were passed on.
+    async fn pass_on(&mut self, coordinator: &LeaseCoordinator, mut successors: Vec<(String, usize)>) -> usize {
+        let me = coordinator.worker_id().to_owned();
+        let store = coordinator.store();
+        let held = coordinator.held_keys();
+        let mut keys: std::collections::BTreeSet<String> = std::mem::take(&mut self.watched).into_keys().collect();
+        self.next_poll = None;
+        match store.list_lease_keys_for_owner(&me).await {
+            Ok(owned) => keys.extend(owned.into_iter().filter(|k| !held.contains(k))),
+            Err(e) => debug!(error = %ErrorChain(&e), "cannot list this worker's leases at shutdown"),
+        }
+        let mut passed = 0;
+        for key in keys {
+            // Twice: a handoff that completes between the read and the write is read
+            // again and assigned instead.
+            for _ in 0..2 {
+                let mut lease = match store.get_lease(&key).await {
+                    Ok(Some(lease)) if lease.is_owned_by(&me) && !lease.checkpoint.is_shard_end() => lease,
+                    Ok(_) => break,
+                    Err(e) => {
+                        debug!(shard_id = %key, error = %ErrorChain(&e), "cannot read a lease on its way to this worker at shutdown");
+                        break;
+                    }
+                };
+                let from = lease.checkpoint_owner.clone();
+                let Some(to) = successors
+                    .iter_mut()
+                    .filter(|(w, _)| Some(w) != from.as_ref())
+                    .min_by_key(|(w, n)| (*n, w.clone()))
+                else {
+                    break;
+                };
+                let written = if lease.is_handoff_pending() {
+                    store.retarget_graceful_lease_handoff(&mut lease, &to.0).await
+                } else {
+                    store.assign_lease(&mut lease, &to.0).await
+                };
+                match written {
+                    Ok(true) => {
+                        info!(shard_id = %key, from = ?from, to = %to.0, "a lease on its way to this worker was passed on to a live worker");
+                        to.1 += 1;
+                        passed += 1;
+                        break;
+                    }
+                    Ok(false) => continue,
+                    Err(e) => {
+                        debug!(shard_id = %key, error = %ErrorChain(&e), "passing a lease on at shutdown failed; it moves after the failover time");
+                        break;
+                    }
+                }
+            }
+        }
+        passed
     }
 
     async fn poll(&mut self, coordinator: &LeaseCoordinator, taker: &LeaseTaker, config: &LeaseManagementConfig) {
