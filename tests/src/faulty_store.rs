@@ -28,6 +28,9 @@ use tokio::sync::Notify;
 ///   when the inner store's condition failed and nothing was written; an error of the
 ///   inner store is returned as is.)
 /// - `fail_get_lease`: while positive, `get_lease` fails without reaching the store.
+/// - `fail_takes`: while positive, `take_lease` fails without reaching the store.
+/// - `fail_evictions`: while positive, `evict_lease` (a release) fails without reaching
+///   the store, as a release that timed out.
 ///
 /// Each `land_then_fail_*` and `fail_get_lease` counter is decremented per injected
 /// failure. All counters are shared by clones.
@@ -52,6 +55,10 @@ pub struct FaultyLeaseStore {
     pub land_then_fail_renewals: Arc<AtomicUsize>,
     /// While positive: `get_lease` fails without reading (decrements).
     pub fail_get_lease: Arc<AtomicUsize>,
+    /// While positive: `evict_lease` fails without writing (decrements).
+    pub fail_evictions: Arc<AtomicUsize>,
+    /// While positive: `take_lease` fails without writing (decrements).
+    pub fail_takes: Arc<AtomicUsize>,
     /// `take_lease` calls so far (including failed ones).
     pub takes: Arc<AtomicUsize>,
     /// `update_lease_checkpoint` calls so far (including failed ones).
@@ -85,6 +92,8 @@ impl FaultyLeaseStore {
             land_then_fail_takes: Arc::default(),
             land_then_fail_renewals: Arc::default(),
             fail_get_lease: Arc::default(),
+            fail_evictions: Arc::default(),
+            fail_takes: Arc::default(),
             takes: Arc::default(),
             checkpoints: Arc::default(),
             hung_calls: Arc::default(),
@@ -231,6 +240,9 @@ impl LeaseStore for FaultyLeaseStore {
     async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
         self.takes.fetch_add(1, Ordering::SeqCst);
         self.gate().await?;
+        if take_one(&self.fail_takes) {
+            return Err(self.injected("injected: take failed", "injected"));
+        }
         if take_one(&self.land_then_fail_takes) {
             self.inner.take_lease(&mut lease.clone(), owner).await?;
             return Err(self.landed_but_failed("take"));
@@ -240,6 +252,9 @@ impl LeaseStore for FaultyLeaseStore {
 
     async fn evict_lease(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         self.gate().await?;
+        if take_one(&self.fail_evictions) {
+            return Err(self.injected("injected: release failed", "injected"));
+        }
         self.inner.evict_lease(lease).await
     }
 

@@ -92,7 +92,15 @@ async fn leases_workers_and_lag_show_the_truth_and_checkpoints_move_only_when_re
     // a holds all four (b handed its two over) before it stops in turn.
     poll_leases(&store, WAIT, POLL, |_| {}, |o| load(o) == [4]).await?;
     a.wait_until("a runs all four", WAIT, |s| {
-        s.count(|e| matches!(e, Event::Initialized { .. })) >= 4
+        let shards: std::collections::HashSet<&str> = s
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Initialized { shard_id, .. } => Some(shard_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        shards.len() == 4
     })
     .await?;
     worker_a.0.shutdown();

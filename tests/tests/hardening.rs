@@ -490,3 +490,56 @@ async fn a_checkpoint_older_than_the_retention_resumes_at_trim_horizon() -> anyh
     );
     Ok(())
 }
+
+/// A release that fails (a timed-out write, at shutdown) is tried once more after a
+/// read, so that the lease is free at once for the next worker instead of waiting for
+/// the failover time; before, a single failed write left it in the stopped worker's
+/// name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_fails_once_is_tried_again() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = TestEnv::start(1).await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    let recorder = Recorder::default();
+    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
+    rounds(&env, &recorder, 1).await?;
+    store.fail_evictions.store(1, SeqCst);
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(store.fail_evictions.load(SeqCst), 0, "the injected failure was hit");
+    let lease = env
+        .lease_store()
+        .get_lease("shardId-000000000000")
+        .await?
+        .context("the lease")?;
+    assert_eq!(lease.lease_owner, None, "released: {lease:?}");
+    Ok(())
+}
+
+/// A worker that stops while a lease given to it (assigned, or handed over) is not
+/// taken yet, with no other live worker to pass it to, lets it go: before, it stayed in
+/// the stopped worker's name until the failover time (90 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_given_to_a_stopping_worker_but_not_taken_is_released() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = TestEnv::start(1).await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    store.create_lease_table_if_not_exists().await?;
+    let mut lease = kcl_core::Lease::new(SHARD0, ExtendedSequenceNumber::TRIM_HORIZON);
+    store.create_lease_if_not_exists(&lease).await?;
+    let recorder = Recorder::default();
+    let scheduler = with_store(&env, &recorder, &store)?;
+    let worker = scheduler.worker_id().to_owned();
+    // Given to the worker, which cannot take it.
+    store.fail_takes.store(usize::MAX, SeqCst);
+    assert!(store.assign_lease(&mut lease, &worker).await?);
+    let (handle, task) = spawn_scheduler(scheduler);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.takes.load(SeqCst) == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the worker never tried to take it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_scheduler(handle, task, WAIT).await??;
+    let stored = env.lease_store().get_lease(SHARD0).await?.context("the lease")?;
+    assert_eq!(stored.lease_owner, None, "released: {stored:?}");
+    Ok(())
+}

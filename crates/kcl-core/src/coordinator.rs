@@ -577,13 +577,40 @@ impl LeaseCoordinator {
                 }
             }
         }
+        let started = Instant::now();
         let mut result = self.store.evict_lease(&mut lease).await;
-        if matches!(result, Ok(false)) {
-            // A handoff may have begun since our last write: then this release
-            // completes it.
-            if let Verdict::HandingOff(stored) = self.verify_refusal(shard_id).await {
-                lease = *stored;
-                result = self.store.evict_lease(&mut lease).await;
+        // The second try fits in what is left of one call timeout, so that a release
+        // stays bounded by it (a hung table is not waited for twice).
+        let deadline = started + self.config.lease_store_call_timeout;
+        if !matches!(result, Ok(true)) && Instant::now() < deadline {
+            // Refused: a handoff may have begun since our last write (then this release
+            // completes it), or an earlier write of ours landed unseen. Failed: the
+            // outcome is unknown (a timeout). Either way the lease is read, and
+            // released once more while it is still ours, so that it does not wait for
+            // the failover time.
+            let verdict = tokio::time::timeout_at(deadline, self.verify_refusal(shard_id))
+                .await
+                .unwrap_or_else(|_| {
+                    Verdict::Unknown(LeaseStoreError::Dependency {
+                        message: "no time left to verify the release".to_owned(),
+                        source: "release bound".into(),
+                    })
+                });
+            match verdict {
+                Verdict::HandingOff(stored) | Verdict::StillOurs(stored) => {
+                    lease = *stored;
+                    if let Ok(again) = tokio::time::timeout_at(deadline, self.store.evict_lease(&mut lease)).await {
+                        result = again;
+                    }
+                }
+                Verdict::Lost if result.is_err() => {
+                    debug!(
+                        shard_id,
+                        "a release that reported failure had landed, or another worker took the lease"
+                    );
+                    result = Ok(false);
+                }
+                Verdict::Lost | Verdict::Unknown(_) => {}
             }
         }
         match result {

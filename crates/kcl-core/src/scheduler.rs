@@ -576,8 +576,9 @@ impl Scheduler {
         // Leases let go from here on go to the live workers this one knows of.
         let live = taker.live_workers(coordinator.worker_id(), Instant::now(), self.lease.failover_time);
         coordinator.hand_released_leases_to(live.clone());
-        // Leases on their way to this worker go on to another.
-        incoming.pass_on(&coordinator, live).await;
+        // Leases on their way to this worker go on to another (best effort, within one
+        // lease-store call timeout).
+        let _ = tokio::time::timeout(self.lease.lease_store_call_timeout, incoming.pass_on(&coordinator, live)).await;
         if failure.is_none() {
             // Announced first, the handoffs are watched by their receivers (from their
             // next lease-taking pass) by the time the consumers stop: a shard then
@@ -1133,7 +1134,8 @@ impl IncomingHandoffs {
     /// moment later). A handoff still under way is given to another receiver; a lease
     /// already handed over or assigned to this worker but not taken yet is assigned on.
     /// The leases are the watched handoffs and those the owner index names; the
-    /// handing-over worker is never chosen. Returns how many were passed on.
+    /// handing-over worker is never chosen. Without a live worker, a lease already
+    /// handed over is released instead. Returns how many were passed on.
     async fn pass_on(&mut self, coordinator: &LeaseCoordinator, mut successors: Vec<(String, usize)>) -> usize {
         let me = coordinator.worker_id().to_owned();
         let store = coordinator.store();
@@ -1141,9 +1143,11 @@ impl IncomingHandoffs {
         let mut keys: std::collections::BTreeSet<String> = std::mem::take(&mut self.watched).into_keys().collect();
         self.next_poll = None;
         match store.list_lease_keys_for_owner(&me).await {
-            Ok(owned) => keys.extend(owned.into_iter().filter(|k| !held.contains(k))),
+            Ok(owned) => keys.extend(owned),
             Err(e) => debug!(error = %ErrorChain(&e), "cannot list this worker's leases at shutdown"),
         }
+        // Held leases are handed over by their own release.
+        keys.retain(|k| !held.contains(k));
         let mut passed = 0;
         for key in keys {
             // Twice: a handoff that completes between the read and the write is read
@@ -1163,6 +1167,19 @@ impl IncomingHandoffs {
                     .filter(|(w, _)| Some(w) != from.as_ref())
                     .min_by_key(|(w, n)| (*n, w.clone()))
                 else {
+                    // No live worker to pass it to: a lease already handed over is
+                    // released, so that the next worker takes it at once.
+                    if !lease.is_handoff_pending() {
+                        match store.evict_lease(&mut lease).await {
+                            Ok(true) => {
+                                info!(shard_id = %key, "a lease handed to this worker but not taken yet was released")
+                            }
+                            Ok(false) => continue,
+                            Err(e) => {
+                                debug!(shard_id = %key, error = %ErrorChain(&e), "releasing a lease not taken yet failed")
+                            }
+                        }
+                    }
                     break;
                 };
                 let written = if lease.is_handoff_pending() {
