@@ -535,7 +535,10 @@ async fn a_lease_given_to_a_stopping_worker_but_not_taken_is_released() -> anyho
     let (handle, task) = spawn_scheduler(scheduler);
     let deadline = tokio::time::Instant::now() + WAIT;
     while store.takes.load(SeqCst) == 0 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the worker never tried to take it");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never tried to take it"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop_scheduler(handle, task, WAIT).await??;

@@ -578,7 +578,11 @@ impl Scheduler {
         coordinator.hand_released_leases_to(live.clone());
         // Leases on their way to this worker go on to another (best effort, within one
         // lease-store call timeout).
-        let _ = tokio::time::timeout(self.lease.lease_store_call_timeout, incoming.pass_on(&coordinator, live)).await;
+        let _ = tokio::time::timeout(
+            self.lease.lease_store_call_timeout,
+            incoming.pass_on(&coordinator, live),
+        )
+        .await;
         if failure.is_none() {
             // Announced first, the handoffs are watched by their receivers (from their
             // next lease-taking pass) by the time the consumers stop: a shard then

@@ -37,9 +37,9 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kcl_core::error::ErrorChain;
 use kcl_core::{
-    Checkpoint, ExtendedSequenceNumber, InitialPositionInStream, InitializationInput, LeaseLostInput,
-    LeaseManagementConfig, ProcessRecordsInput, ProcessorError, RecordProcessor, RetrievalConfig, Scheduler,
-    ShardEndedInput, ShutdownRequestedInput,
+    stream_processor_factory, Checkpoint, ExtendedSequenceNumber, InitialPositionInStream, InitializationInput,
+    LeaseLostInput, LeaseManagementConfig, ProcessRecordsInput, ProcessorError, RecordProcessor, RetrievalConfig,
+    Scheduler, ShardEndedInput, ShutdownRequestedInput, StreamConfig, StreamIdentifier,
 };
 use kcl_dynamo::DynamoLeaseStore;
 use kcl_efo::{FanOutConfig, RetrievalMode, SchedulerBuilderExt as _};
@@ -96,9 +96,14 @@ struct RoundArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 3)]
     workers: usize,
-    /// Shards at the start.
+    /// Shards at the start (of each stream).
     #[arg(long, default_value_t = 4)]
     shards: i32,
+    /// Streams: with more than one, the workers run in multi-stream mode over all of
+    /// them (one lease table), a producer writes to each, the reshards hit the first,
+    /// and every shard is named `<stream>/<shard id>` in the files.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// How workers read: polling, enhanced fan-out, or both (alternating).
     #[arg(long, value_enum, default_value = "mixed")]
     mode: ModeArg,
@@ -135,6 +140,7 @@ struct WorkerArgs {
     kinesis_endpoint: String,
     #[arg(long)]
     dynamodb_endpoint: String,
+    /// The stream, or several separated by commas (multi-stream mode).
     #[arg(long)]
     stream: String,
     #[arg(long)]
@@ -214,12 +220,7 @@ impl RecordProcessor for ChaosProcessor {
     async fn initialize(&mut self, input: InitializationInput) -> Result<(), ProcessorError> {
         self.recording.line(
             'T',
-            format!(
-                "{} {} {}",
-                self.worker(),
-                input.shard_id,
-                input.extended_sequence_number
-            ),
+            format!("{} {} {}", self.worker(), self.shard_id, input.extended_sequence_number),
         );
         Ok(())
     }
@@ -262,30 +263,23 @@ impl RecordProcessor for ChaosProcessor {
         Ok(())
     }
 
-    async fn lease_lost(&mut self, input: LeaseLostInput) {
-        self.recording
-            .line('L', format!("{} {}", self.worker(), input.shard_id));
+    async fn lease_lost(&mut self, _input: LeaseLostInput) {
+        self.recording.line('L', format!("{} {}", self.worker(), self.shard_id));
     }
 
     async fn shard_ended(&mut self, input: ShardEndedInput) -> Result<(), ProcessorError> {
         input.checkpointer.checkpoint().await?;
         self.checkpointed(&ExtendedSequenceNumber::SHARD_END);
-        self.recording
-            .line('E', format!("{} {}", self.worker(), input.shard_id));
+        self.recording.line('E', format!("{} {}", self.worker(), self.shard_id));
         Ok(())
     }
 
     async fn shutdown_requested(&mut self, input: ShutdownRequestedInput) -> Result<(), ProcessorError> {
         match input.checkpointer.checkpoint().await {
             Ok(()) => self.checkpointed(&input.checkpointer.last_checkpoint().await),
-            Err(e) => eprintln!(
-                "checkpoint at shutdown of {} failed: {}",
-                input.shard_id,
-                ErrorChain(&e)
-            ),
+            Err(e) => eprintln!("checkpoint at shutdown of {} failed: {}", self.shard_id, ErrorChain(&e)),
         }
-        self.recording
-            .line('S', format!("{} {}", self.worker(), input.shard_id));
+        self.recording.line('S', format!("{} {}", self.worker(), self.shard_id));
         Ok(())
     }
 }
@@ -326,7 +320,18 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         }),
     };
     let factory_recording = recording.clone();
-    let scheduler = Scheduler::builder(args.stream.clone())
+    let streams: Vec<&str> = args.stream.split(',').collect();
+    let builder = if streams.len() > 1 {
+        let configs = streams
+            .iter()
+            .map(|s| StreamConfig::new(*s).map(|c| c.initial_position(InitialPositionInStream::TrimHorizon)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Scheduler::multi_stream_builder(configs)
+    } else {
+        Scheduler::builder(args.stream.clone())
+    };
+    let multi = streams.len() > 1;
+    let scheduler = builder
         .kinesis_client(kinesis)
         .lease_store(DynamoLeaseStore::new(dynamodb, args.application.clone()))
         .worker_id(args.id.clone())
@@ -335,10 +340,12 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             args.failover_ms,
         )))
         .retrieval_mode(retrieval)?
-        .processor_factory(move |shard_id: &str| ChaosProcessor {
-            shard_id: shard_id.to_owned(),
-            recording: factory_recording.clone(),
-        })
+        .processor_factory(stream_processor_factory(
+            move |stream: &StreamIdentifier, shard_id: &str| ChaosProcessor {
+                shard_id: shard_label(multi, stream.stream_name(), shard_id),
+                recording: factory_recording.clone(),
+            },
+        ))
         .build()?;
 
     let shutdown = scheduler.shutdown_handle();
@@ -354,6 +361,15 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     recording.line('X', format!("{} {outcome}", args.id));
     result.context("scheduler failed")
+}
+
+/// How a shard is named in the files: `<stream>/<shard id>` in multi-stream mode.
+fn shard_label(multi: bool, stream: &str, shard_id: &str) -> String {
+    if multi {
+        format!("{stream}/{shard_id}")
+    } else {
+        shard_id.to_owned()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,7 +388,8 @@ struct Runner {
     args: RoundArgs,
     mode: Mode,
     exe: PathBuf,
-    stream: String,
+    /// The streams; reshards hit the first.
+    streams: Vec<String>,
     application: String,
     consumer: String,
     kinesis: aws_sdk_kinesis::Client,
@@ -409,7 +426,7 @@ impl Runner {
             .arg(dir.join(format!("{id}.log")))
             .args(["--kinesis-endpoint", &self.kinesis_proxy.endpoint()])
             .args(["--dynamodb-endpoint", &self.dynamodb_proxy.endpoint()])
-            .args(["--stream", &self.stream, "--application", &self.application])
+            .args(["--stream", &self.streams.join(","), "--application", &self.application])
             .args(["--faults", &self.args.faults.to_string()])
             .args([
                 "--seed",
@@ -460,7 +477,7 @@ impl Runner {
 
     /// The stream's open shards, sorted by starting hash key.
     async fn open_shards(&self) -> anyhow::Result<Vec<aws_sdk_kinesis::types::Shard>> {
-        let mut open: Vec<_> = kcl_tests::list_shards(&self.kinesis, &self.stream)
+        let mut open: Vec<_> = kcl_tests::list_shards(&self.kinesis, &self.streams[0])
             .await?
             .into_iter()
             .filter(|s| {
@@ -483,7 +500,7 @@ impl Runner {
         let split = (split || open.len() <= (shards / 2).max(1)) && open.len() < shards * 2;
         if split {
             let shard = &open[usize::try_from(pick % open.len() as u64)?];
-            kcl_tests::split_shard_in_half(&self.kinesis, &self.stream, shard.shard_id()).await?;
+            kcl_tests::split_shard_in_half(&self.kinesis, &self.streams[0], shard.shard_id()).await?;
             self.recording.line('R', format!("split {}", shard.shard_id()));
         } else {
             let adjacent: Vec<(&str, &str)> = open
@@ -503,7 +520,7 @@ impl Runner {
                 bail!("no adjacent open shards to merge");
             }
             let (a, b) = adjacent[usize::try_from(pick % adjacent.len() as u64)?];
-            kcl_tests::merge_shards(&self.kinesis, &self.stream, a, b).await?;
+            kcl_tests::merge_shards(&self.kinesis, &self.streams[0], a, b).await?;
             self.recording.line('R', format!("merge {a} {b}"));
         }
         Ok(())
@@ -560,6 +577,7 @@ impl Runner {
 async fn produce(
     kinesis: aws_sdk_kinesis::Client,
     stream: String,
+    multi: bool,
     keys: usize,
     rate: u32,
     recording: Recording,
@@ -576,8 +594,16 @@ async fn produce(
             () = cancel.cancelled() => return Ok(acknowledged),
             _ = ticks.tick() => {}
         }
+        // Keys differ between streams: each stream's are checked on their own.
         let round: Vec<(String, Bytes)> = (0..keys)
-            .map(|k| (format!("k{k}"), Bytes::from(format!("{counter}:{padding}"))))
+            .map(|k| {
+                let key = if multi {
+                    format!("{stream}.k{k}")
+                } else {
+                    format!("k{k}")
+                };
+                (key, Bytes::from(format!("{counter}:{padding}")))
+            })
             .collect();
         let mut failing_since = None;
         let results = loop {
@@ -597,7 +623,10 @@ async fn produce(
         let lines: Vec<(char, String)> = round
             .iter()
             .zip(&results)
-            .map(|((key, _), r)| ('P', format!("{key} {counter} {} {}", r.shard_id, r.sequence_number)))
+            .map(|((key, _), r)| {
+                let shard = shard_label(multi, &stream, &r.shard_id);
+                ('P', format!("{key} {counter} {shard} {}", r.sequence_number))
+            })
             .collect();
         recording.write(&lines);
         acknowledged += lines.len() as u64;
@@ -777,8 +806,20 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
 
     let backend = kcl_local::LocalBackend::start().await?;
     let kinesis = backend.kinesis_client();
-    let stream = "chaos".to_owned();
-    kcl_local::create_stream(&kinesis, &stream, args.shards).await?;
+    anyhow::ensure!(args.streams >= 1, "at least one stream");
+    let streams: Vec<String> = (0..args.streams)
+        .map(|i| {
+            if i == 0 {
+                "chaos".to_owned()
+            } else {
+                format!("chaos-{i}")
+            }
+        })
+        .collect();
+    for stream in &streams {
+        kcl_local::create_stream(&kinesis, stream, args.shards).await?;
+    }
+    let multi = streams.len() > 1;
     let upstream = |endpoint: String| -> anyhow::Result<std::net::SocketAddr> {
         Ok(endpoint.trim_start_matches("http://").parse()?)
     };
@@ -789,10 +830,12 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
         seed: args.seed,
     });
     println!(
-        "chaos round: seed {}, {} s, {} workers, {} shards, mode {:?}, faults {}, {} keys at {} records/s, files in {}",
+        "chaos round: seed {}, {} s, {} workers, {} stream(s) of {} shards, mode {:?}, faults {}, {} keys at {} records/s \
+         (each stream), files in {}",
         args.seed,
         args.seconds,
         args.workers,
+        args.streams,
         args.shards,
         args.mode,
         args.faults,
@@ -807,7 +850,7 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
     let mut runner = Runner {
         mode,
         exe: std::env::current_exe()?,
-        stream: stream.clone(),
+        streams: streams.clone(),
         application: "chaos".to_owned(),
         consumer: "chaos".to_owned(),
         kinesis: kinesis.clone(),
@@ -829,14 +872,20 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
         runner.start_worker(slot)?;
     }
     let cancel = CancellationToken::new();
-    let producer = tokio::spawn(produce(
-        kinesis.clone(),
-        stream.clone(),
-        runner.args.keys,
-        runner.args.rate,
-        runner.recording.clone(),
-        cancel.clone(),
-    ));
+    let producers: Vec<_> = streams
+        .iter()
+        .map(|stream| {
+            tokio::spawn(produce(
+                kinesis.clone(),
+                stream.clone(),
+                multi,
+                runner.args.keys,
+                runner.args.rate,
+                runner.recording.clone(),
+                cancel.clone(),
+            ))
+        })
+        .collect();
 
     // The chaos.
     let start = tokio::time::Instant::now();
@@ -850,7 +899,10 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
 
     // The drain: no more writes or faults, every slot running.
     cancel.cancel();
-    let acknowledged = producer.await??;
+    let mut acknowledged = 0;
+    for producer in producers {
+        acknowledged += producer.await??;
+    }
     runner.kinesis_proxy.set(ProxyFault::None);
     runner.dynamodb_proxy.set(ProxyFault::None);
     runner.restart_exited()?;
@@ -875,25 +927,27 @@ async fn run_round(args: RoundArgs) -> anyhow::Result<bool> {
         task.await?;
     }
 
-    let lineage: BTreeMap<String, Vec<String>> = kcl_tests::list_shards(&kinesis, &stream)
-        .await?
-        .iter()
-        .filter_map(|s| {
+    let mut lineage: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for stream in &streams {
+        for s in kcl_tests::list_shards(&kinesis, stream).await? {
             let parents: Vec<String> = s
                 .parent_shard_id()
                 .into_iter()
                 .chain(s.adjacent_parent_shard_id())
-                .map(str::to_owned)
+                .map(|p| shard_label(multi, stream, p))
                 .collect();
-            (!parents.is_empty()).then(|| (s.shard_id().to_owned(), parents))
-        })
-        .collect();
+            if !parents.is_empty() {
+                lineage.insert(shard_label(multi, stream, s.shard_id()), parents);
+            }
+        }
+    }
     write_lineage(&runner.args.dir.join("lineage.txt"), &lineage)?;
     let extra = serde_json::json!({
         "seed": runner.args.seed,
         "seconds": runner.args.seconds,
         "workers": runner.args.workers,
         "shards": runner.args.shards,
+        "streams": runner.args.streams,
         "mode": format!("{:?}", runner.args.mode),
         "faults_rate": runner.args.faults,
         "drained": drained,
