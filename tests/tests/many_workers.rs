@@ -406,6 +406,34 @@ fn in_process(
     .build()?)
 }
 
+/// A worker whose processors are slow to let a shard go: `shutdown_requested` waits
+/// until `hang` is cancelled, so that a handoff of its leases stays under way.
+fn hanging_worker(
+    env: &TestEnv,
+    store: &Arc<dyn LeaseStore>,
+    worker: &str,
+    recorder: &Recorder,
+    hang: &CancellationToken,
+    lease: LeaseManagementConfig,
+) -> anyhow::Result<Scheduler> {
+    let (recorder, hang) = (recorder.clone(), hang.clone());
+    Ok(fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .shared_lease_store(store.clone()),
+    )
+    .lease_config(lease)
+    .worker_id(worker)
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_factory(move |shard: &str| {
+        kcl_tests::HangingShutdownProcessor::new(
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch),
+            hang.clone(),
+        )
+    })
+    .build()?)
+}
+
 async fn stop(scheduler: (kcl_core::ShutdownHandle, JoinHandle<Result<(), SchedulerError>>)) -> anyhow::Result<()> {
     scheduler.0.shutdown();
     tokio::time::timeout(WAIT, scheduler.1)
@@ -529,28 +557,10 @@ async fn a_handoff_not_completed_in_time_is_taken_and_the_old_owner_cannot_check
     let store: Arc<dyn LeaseStore> = Arc::new(env.lease_store());
     let (a, b) = (Recorder::default(), Recorder::default());
     let hang = CancellationToken::new();
-    let hang_a = hang.clone();
-    let recorder_a = a.clone();
     let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
     lease.lease_taking_interval = Duration::from_millis(500);
     lease.graceful_lease_handoff_timeout = Duration::from_secs(2);
-    let worker_a = spawn(
-        fast_config(
-            Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .shared_lease_store(store.clone()),
-        )
-        .lease_config(lease.clone())
-        .worker_id("a")
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_factory(move |shard: &str| {
-            kcl_tests::HangingShutdownProcessor::new(
-                RecordingProcessor::new(shard, recorder_a.clone(), CheckpointMode::EveryBatch),
-                hang_a.clone(),
-            )
-        })
-        .build()?,
-    );
+    let worker_a = spawn(hanging_worker(&env, &store, "a", &a, &hang, lease.clone())?);
     a.wait_for_records(40, WAIT).await?;
     let worker_b = spawn(in_process(&env, store.clone(), "b", &b)?);
     let asked = Instant::now();
@@ -1106,27 +1116,10 @@ async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_the_handoff_on
     let (a, b, c) = (Recorder::default(), Recorder::default(), Recorder::default());
     // `a` holds two shards and is slow to let one go: its handoffs stay under way.
     let hang = CancellationToken::new();
-    let (hang_a, recorder_a) = (hang.clone(), a.clone());
     let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
     lease.lease_taking_interval = Duration::from_millis(500);
     lease.max_leases_for_worker = 2;
-    let worker_a = spawn(
-        fast_config(
-            Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .shared_lease_store(store.clone()),
-        )
-        .lease_config(lease)
-        .worker_id("a")
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_factory(move |shard: &str| {
-            kcl_tests::HangingShutdownProcessor::new(
-                RecordingProcessor::new(shard, recorder_a.clone(), CheckpointMode::EveryBatch),
-                hang_a.clone(),
-            )
-        })
-        .build()?,
-    );
+    let worker_a = spawn(hanging_worker(&env, &store, "a", &a, &hang, lease)?);
     wait_for_leases(&store, "a holding two leases", |l| {
         l.len() == 3 && l.iter().filter(|l| l.is_owned_by("a")).count() == 2
     })

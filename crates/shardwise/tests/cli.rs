@@ -7,8 +7,16 @@ use kcl_core::{ExtendedSequenceNumber, Lease, LeaseStore as _};
 const BIN: &str = env!("CARGO_BIN_EXE_shardwise-admin");
 
 fn admin(backend: &kcl_local::LocalBackend, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--stream", "cli-stream"];
+    all.extend_from_slice(args);
+    admin_of(backend, "cli-app", &all)
+}
+
+/// Runs the binary for `application` against the backend's servers.
+fn admin_of(backend: &kcl_local::LocalBackend, application: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
-        .args(["--application", "cli-app", "--stream", "cli-stream"])
+        .args(["--application", application])
+        .env_remove("SHARDWISE_APPLICATION__STREAM_NAME")
         .arg(format!("--kinesis-endpoint={}", backend.kinesis_endpoint()))
         .arg(format!("--dynamodb-endpoint={}", backend.dynamodb_endpoint()))
         .args(args)
@@ -120,20 +128,7 @@ async fn a_multi_stream_table_is_shown_by_stream_and_a_shard_is_named_by_stream_
         lease.shard_id = Some("shardId-000000000000".to_owned());
         assert!(store.create_lease_if_not_exists(&lease).await.expect("create"));
     }
-    let run = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .args(["--application", "multi-app"])
-            .arg(format!("--kinesis-endpoint={}", backend.kinesis_endpoint()))
-            .arg(format!("--dynamodb-endpoint={}", backend.dynamodb_endpoint()))
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", "local")
-            .env("AWS_SECRET_ACCESS_KEY", "local")
-            .env("AWS_REGION", backend.region())
-            .env_remove("AWS_PROFILE")
-            .env_remove("SHARDWISE_APPLICATION__STREAM_NAME")
-            .output()
-            .expect("runs")
-    };
+    let run = |args: &[&str]| admin_of(&backend, "multi-app", args);
 
     let out = run(&["leases", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
