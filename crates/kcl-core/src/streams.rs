@@ -169,8 +169,12 @@ pub(crate) async fn resolve(
         StreamAddress::Identifier(id) => {
             let name = id.stream_name();
             let summary = describe(Some(name), None).await.map_err(|e| map_error(e, name))?;
+            // The identifier pins one incarnation of the stream: one created again
+            // under the same name is another stream, and its shards are not this
+            // identifier's.
             if creation_epoch(&summary).is_some_and(|e| Some(e) != id.creation_epoch()) {
-                warn!(stream = %id, "the stream now has another creation time than its configured identifier says; consuming the leases of the identifier as configured");
+                warn!(stream = %id, "a stream of this name exists, but was created at another time than the configured identifier says: not consuming it");
+                return Err(SchedulerError::StreamNotFound { stream: id.serialize() });
             }
             return Ok((id.clone(), None));
         }
@@ -379,5 +383,50 @@ impl Streams {
         self.resolved.retain(|_, k| wanted.contains(k));
         crate::metrics::streams_consumed(self.active.len());
         changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn streams_resolve_by_name_arn_and_identifier_and_a_stale_identifier_is_not_found() {
+        let backend = kcl_local::LocalBackend::start().await.expect("backend");
+        let kinesis = backend.kinesis_client();
+        kcl_local::create_stream(&kinesis, "resolved", 1).await.expect("stream");
+        let timeout = Duration::from_secs(10);
+        let (by_name, arn) = resolve(&kinesis, &StreamAddress::parse("resolved").expect("name"), timeout)
+            .await
+            .expect("by name");
+        assert!(by_name.is_multi_stream() && arn.is_none(), "{by_name}");
+        let summary = kinesis
+            .describe_stream_summary()
+            .stream_name("resolved")
+            .send()
+            .await
+            .expect("describe");
+        let d = summary.stream_description_summary().expect("description");
+        assert_eq!(by_name.creation_epoch(), Some(d.stream_creation_timestamp().secs()));
+        // The embedded backend refuses calls by ARN alone: the ARN resolves to the same
+        // identifier, addressed by name.
+        let by_arn = resolve(&kinesis, &StreamAddress::parse(d.stream_arn()).expect("arn"), timeout)
+            .await
+            .expect("by ARN");
+        assert_eq!(by_arn, (by_name.clone(), None));
+        let pinned = StreamAddress::parse(&by_name.serialize()).expect("identifier");
+        assert_eq!(resolve(&kinesis, &pinned, timeout).await.expect("pinned").0, by_name);
+        let epoch = by_name.creation_epoch().expect("epoch");
+        let account = by_name.account_id().expect("account");
+        let stale = StreamAddress::Identifier(StreamIdentifier::multi_stream(account, "resolved", epoch - 100));
+        assert!(matches!(
+            resolve(&kinesis, &stale, timeout).await,
+            Err(SchedulerError::StreamNotFound { .. })
+        ));
+        assert!(matches!(
+            resolve(&kinesis, &StreamAddress::parse("missing").expect("name"), timeout).await,
+            Err(SchedulerError::StreamNotFound { .. })
+        ));
+        backend.shutdown().await;
     }
 }
