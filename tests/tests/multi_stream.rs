@@ -29,11 +29,13 @@ const WAIT: Duration = Duration::from_secs(120);
 
 type Worker = (ShutdownHandle, JoinHandle<Result<(), SchedulerError>>);
 
-/// A tracker the test changes while the workers run; counts how often it was asked.
+/// A tracker the test changes while the workers run; counts how often it was asked,
+/// and fails while `failing` is set.
 #[derive(Clone, Debug, Default)]
 struct SharedTracker {
     streams: Arc<Mutex<Vec<StreamConfig>>>,
     polls: Arc<AtomicUsize>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SharedTracker {
@@ -56,6 +58,9 @@ impl SharedTracker {
 impl MultiStreamTracker for SharedTracker {
     async fn stream_config_list(&self) -> Result<Vec<StreamConfig>, kcl_core::error::BoxError> {
         self.polls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err("the stream registry is unavailable".into());
+        }
         Ok(self.streams.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
@@ -719,5 +724,44 @@ async fn a_crashed_workers_leases_of_every_stream_move_to_the_survivor() -> anyh
             .await?;
     }
     stop(b).await?;
+    Ok(())
+}
+
+/// A tracker that fails keeps the streams consumed; a listed stream that does not exist
+/// yet is picked up at the first poll after it was created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_tracker_keeps_the_streams_and_a_stream_created_later_is_picked_up() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let later = kcl_tests::unique("later");
+    let recorders = recorders(&[&env.stream, &later]);
+    let tracker = SharedTracker::new(vec![trim_horizon(&env.stream), trim_horizon(&later)]);
+    let config = MultiStreamConfig {
+        stream_tracker_interval: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let w = worker(&env, "w", tracker.clone(), config, &recorders, HashMap::new())?;
+    let first = put_records(&env.kinesis, &env.stream, 10, "first").await?;
+    recorders[&env.stream].wait_for_records(first.len(), WAIT).await?;
+
+    // The tracker fails for a few polls: the stream stays consumed.
+    tracker.failing.store(true, Ordering::SeqCst);
+    let polls = tracker.polls();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tracker.polls() < polls + 3 {
+        ensure!(tokio::time::Instant::now() < deadline, "the tracker is not polled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let more = put_records(&env.kinesis, &env.stream, 10, "more").await?;
+    recorders[&env.stream]
+        .wait_for_records(first.len() + more.len(), WAIT)
+        .await?;
+    tracker.failing.store(false, Ordering::SeqCst);
+
+    // Listed from the start, created now: consumed from then on.
+    kcl_local::create_stream(&env.kinesis, &later, 1).await?;
+    let written = put_records(&env.kinesis, &later, 10, "later").await?;
+    recorders[&later].wait_for_records(written.len(), WAIT).await?;
+    assert_eq!(recorders[&later].state().by_shard(), kcl_tests::by_shard(&written));
+    stop(w).await?;
     Ok(())
 }
