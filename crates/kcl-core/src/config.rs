@@ -335,10 +335,13 @@ pub struct CoordinatorConfig {
     #[serde(with = "humantime_serde")]
     pub parent_shard_poll_interval: Duration,
     /// How long a graceful shutdown waits for processors to finish
-    /// `shutdown_requested` before it abandons them. Default 20 s. Releasing the leases
-    /// afterwards takes at most one more `lease_store_call_timeout`, so
-    /// [`Scheduler::run`](crate::Scheduler::run) returns within the sum of the two after
-    /// the shutdown was requested, even when the lease table hangs.
+    /// `shutdown_requested` before it abandons them. Default 20 s. Reading the lease
+    /// table once more, passing on leases on their way to this worker, and releasing
+    /// its leases take at most one `lease_store_call_timeout` each, so
+    /// [`Scheduler::run`](crate::Scheduler::run) returns within this plus three of
+    /// those after the shutdown was requested, even when the lease table hangs (plus,
+    /// when other workers are alive to receive its leases, one lease-taking interval
+    /// during which it goes on processing while they start watching the handoffs).
     #[serde(with = "humantime_serde")]
     pub graceful_shutdown_timeout: Duration,
     /// Backoff of a shard whose consumer failed (its retrieval failed, its processor
