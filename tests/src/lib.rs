@@ -241,6 +241,22 @@ pub async fn put_records(
         .collect()
 }
 
+/// The multi-stream identifier the backend gives `stream` (the account from its ARN,
+/// its creation time), as a multi-stream worker resolves it.
+pub async fn stream_identifier(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> anyhow::Result<kcl_core::StreamIdentifier> {
+    let summary = kinesis.describe_stream_summary().stream_name(stream).send().await?;
+    let d = summary.stream_description_summary().context("description")?;
+    let account = d.stream_arn().split(':').nth(4).context("account in the ARN")?;
+    Ok(kcl_core::StreamIdentifier::multi_stream(
+        account,
+        stream,
+        d.stream_creation_timestamp().secs(),
+    ))
+}
+
 /// Sequence numbers written per shard, in write order.
 pub fn by_shard(written: &[Written]) -> BTreeMap<String, Vec<SequenceNumber>> {
     let mut map: BTreeMap<String, Vec<SequenceNumber>> = BTreeMap::new();

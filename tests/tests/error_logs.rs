@@ -81,17 +81,7 @@ async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyho
     let env = TestEnv::start(1).await?;
     let doomed = kcl_tests::unique("doomed");
     kcl_local::create_stream(&env.kinesis, &doomed, 1).await?;
-    let summary = env
-        .kinesis
-        .describe_stream_summary()
-        .stream_name(&doomed)
-        .send()
-        .await?;
-    let d = summary
-        .stream_description_summary()
-        .ok_or_else(|| anyhow::anyhow!("description"))?;
-    let account = d.stream_arn().split(':').nth(4).unwrap_or_default();
-    let doomed_id = StreamIdentifier::multi_stream(account, &doomed, d.stream_creation_timestamp().secs()).serialize();
+    let doomed_id = kcl_tests::stream_identifier(&env.kinesis, &doomed).await?.serialize();
     let th = |s: &str| StreamConfig::new(s).map(|c| c.initial_position(InitialPositionInStream::TrimHorizon));
     let recorder = Recorder::default();
     let factory_recorder = recorder.clone();

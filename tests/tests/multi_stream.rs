@@ -119,19 +119,6 @@ async fn stop(w: Worker) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The stream identifier the backend gives `stream` (account from its ARN, creation
-/// time), as a multi-stream worker resolves it.
-async fn identifier(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> anyhow::Result<StreamIdentifier> {
-    let summary = kinesis.describe_stream_summary().stream_name(stream).send().await?;
-    let d = summary.stream_description_summary().context("description")?;
-    let account = d.stream_arn().split(':').nth(4).context("account in the ARN")?;
-    Ok(StreamIdentifier::multi_stream(
-        account,
-        stream,
-        d.stream_creation_timestamp().secs(),
-    ))
-}
-
 /// Leases of the table whose `streamName` is `stream` (the serialized identifier).
 fn of_stream<'a>(leases: &'a [Lease], stream: &str) -> Vec<&'a Lease> {
     leases
@@ -241,7 +228,7 @@ async fn three_streams_on_two_workers_every_record_in_order_balanced_and_one_str
         let shard = lease.shard_id.as_deref().context("shardId")?;
         assert_eq!(lease.lease_key, format!("{stream}:{shard}"));
         let id = StreamIdentifier::parse_multi_stream(stream)?;
-        assert_eq!(id, identifier(&env.kinesis, id.stream_name()).await?);
+        assert_eq!(id, kcl_tests::stream_identifier(&env.kinesis, id.stream_name()).await?);
         ids.insert(id);
     }
     assert_eq!(ids.len(), 3, "{ids:?}");
@@ -293,7 +280,9 @@ async fn three_streams_on_two_workers_every_record_in_order_balanced_and_one_str
     // The children's leases are multi-stream leases of the resharded stream, naming
     // their parent by shard id as the Java KCL does.
     let leases = store.list_leases().await?;
-    let first = identifier(&env.kinesis, &streams[0]).await?.serialize();
+    let first = kcl_tests::stream_identifier(&env.kinesis, &streams[0])
+        .await?
+        .serialize();
     let child = leases
         .iter()
         .find(|l| l.lease_key == format!("{first}:shardId-000000000002"))
@@ -330,7 +319,7 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
     recorders[&first].wait_for_records(written.len(), WAIT).await?;
 
     // Added: its leases exist after the tracker's first poll that lists it.
-    let added_id = identifier(&env.kinesis, &added).await?.serialize();
+    let added_id = kcl_tests::stream_identifier(&env.kinesis, &added).await?.serialize();
     let polls_before = tracker.polls();
     tracker.set(vec![trim_horizon(&first), trim_horizon(&added)]);
     wait_for_table(&store, "the added stream's leases", |l| {
@@ -347,7 +336,7 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
 
     // Removed: its processors are asked to shut down and checkpoint; its leases are
     // released with the checkpoints, then deleted after the delay.
-    let first_id = identifier(&env.kinesis, &first).await?.serialize();
+    let first_id = kcl_tests::stream_identifier(&env.kinesis, &first).await?.serialize();
     let last_per_shard: BTreeMap<String, SequenceNumber> = written
         .iter()
         .map(|w| (w.shard_id.clone(), w.sequence_number.clone()))
@@ -410,7 +399,7 @@ async fn a_stream_added_at_runtime_is_picked_up_and_a_removed_one_stops_with_che
 async fn a_java_multi_stream_lease_table_is_consumed_from_its_checkpoints() -> anyhow::Result<()> {
     let env = TestEnv::start(2).await?;
     let written = put_records(&env.kinesis, &env.stream, 60, "java").await?;
-    let id = identifier(&env.kinesis, &env.stream).await?;
+    let id = kcl_tests::stream_identifier(&env.kinesis, &env.stream).await?;
     // The Java KCL 3.x multi-stream items (DynamoDBMultiStreamLeaseSerializer): one
     // lease unowned, one owned by a Java worker that is gone; each checkpointed at the
     // 10th record of its shard.
@@ -549,7 +538,7 @@ async fn consumed_by_arn(env: TestEnv, by_arn_alone: bool) -> anyhow::Result<()>
     let w = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
     recorders[&env.stream].wait_for_records(written.len(), WAIT).await?;
     assert_eq!(recorders[&env.stream].state().by_shard(), kcl_tests::by_shard(&written));
-    let id = identifier(&env.kinesis, &env.stream).await?;
+    let id = kcl_tests::stream_identifier(&env.kinesis, &env.stream).await?;
     let leases = env.lease_store().list_leases().await?;
     assert!(
         leases

@@ -13,8 +13,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_kinesis::error::SdkError;
-use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -26,16 +24,16 @@ use crate::config::{
 };
 use crate::consumer::{ConsumerContext, ConsumerOutcome, ShardConsumer, ShutdownReason};
 use crate::coordinator::{HeldLease, LeaseCleanup, LeaseCoordinator, LeaseTaker, SMALL_TABLE};
-use crate::error::{BoxError, ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
+use crate::error::{ConfigError, ErrorChain, LeaseStoreError, SchedulerError};
 use crate::leader::LeaderDecider;
 use crate::lease::{Lease, LeaseStore, TimedLeaseStore};
 use crate::metrics;
 use crate::processor::{DeadLetterSink, RecordProcessorFactory};
 use crate::retrieval::{PollingRetrievalFactory, RetrievalFactory};
-use crate::retry::{retry, with_timeout, RetryPolicy};
+use crate::retry::{retry, RetryPolicy};
 use crate::shard_sync::{report_corrupt, sync_shards};
 use crate::stream::{FormerStreamsLeasesDeletion, MultiStreamConfig, MultiStreamTracker, StreamIdentifier};
-use crate::streams::{StreamHandle, Streams};
+use crate::streams::{describe_stream, StreamHandle, Streams};
 
 /// Asks a running [`Scheduler`] to shut down gracefully: stop taking leases, call
 /// `shutdown_requested` on every processor (which may checkpoint), release the leases.
@@ -370,10 +368,10 @@ impl Scheduler {
             }
             StreamSource::Multi(tracker) => {
                 let mut streams = Streams::multi(tracker.clone(), self.multi_stream.stream_tracker_interval);
-                let changes = streams
+                let added = streams
                     .poll_tracker(&self.kinesis, &self.retrieval_factory, call_timeout)
                     .await;
-                info!(streams = changes.added.len(), "multi-stream mode");
+                info!(streams = added.len(), "multi-stream mode");
                 streams
             }
         };
@@ -520,17 +518,17 @@ impl Scheduler {
                     }
                 }
                 () = sleep_until_or_never(streams.next_poll()) => {
-                    let changes = tokio::select! {
+                    let added = tokio::select! {
                         // Cancel safety: streams resolved half-way are resolved again
                         // at the next poll.
                         () = self.shutdown.cancelled() => break,
-                        changes = streams.poll_tracker(&self.kinesis, &self.retrieval_factory, call_timeout) => changes,
+                        added = streams.poll_tracker(&self.kinesis, &self.retrieval_factory, call_timeout) => added,
                     };
-                    if !changes.added.is_empty() {
+                    if !added.is_empty() {
                         // Leases for the new streams now, not at the next shard sync.
                         let synced = tokio::select! {
                             () = self.shutdown.cancelled() => break,
-                            synced = self.sync(&mut streams, store.as_ref(), Some(&changes.added)) => synced,
+                            synced = self.sync(&mut streams, store.as_ref(), Some(&added)) => synced,
                         };
                         if let Err(e) = synced {
                             warn!(error = %ErrorChain(&e), "creating the leases of new streams failed; the shard sync tries again");
@@ -656,32 +654,9 @@ impl Scheduler {
     }
 
     async fn check_stream(&self, stream_name: &str) -> Result<(), SchedulerError> {
-        let retryable = |e: &SdkError<DescribeStreamSummaryError>| match e {
-            SdkError::ServiceError(s) => matches!(s.err(), DescribeStreamSummaryError::LimitExceededException(_)),
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-            _ => false,
-        };
-        let result = retry(&RetryPolicy::default(), retryable, || {
-            with_timeout(
-                self.retrieval.kinesis_call_timeout,
-                self.kinesis.describe_stream_summary().stream_name(stream_name).send(),
-            )
-        })
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(s))
-                if matches!(s.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
-            {
-                Err(SchedulerError::StreamNotFound {
-                    stream: stream_name.to_owned(),
-                })
-            }
-            Err(e) => Err(SchedulerError::Kinesis {
-                operation: "DescribeStreamSummary",
-                source: BoxError::from(e),
-            }),
-        }
+        describe_stream(&self.kinesis, stream_name, self.retrieval.kinesis_call_timeout)
+            .await
+            .map(|_| ())
     }
 
     /// One lease-taking pass: reads the table once, takes what the taker says, and

@@ -312,13 +312,20 @@ pub(crate) async fn sync_shards(
     // A corrupt item still stands for its shard: it is neither recreated nor taken for
     // absent when deciding where its children start.
     let corrupt: HashSet<String> = report_corrupt(&listing.corrupt).into_iter().collect();
+    // The shard ids that have a lease, per `streamName` (one pass over the table).
+    let mut by_stream: HashMap<Option<&str>, HashSet<String>> = HashMap::new();
+    for lease in &listing.leases {
+        by_stream
+            .entry(lease.stream_name.as_deref())
+            .or_default()
+            .insert(lease.shard().to_owned());
+    }
     let mut out = Vec::with_capacity(streams.len());
     for stream in streams {
-        let existing: HashSet<String> = listing
-            .leases
-            .iter()
-            .filter(|l| stream.owns(l))
-            .map(|l| l.shard().to_owned())
+        let existing: HashSet<String> = by_stream
+            .remove(&stream.key.as_deref())
+            .unwrap_or_default()
+            .into_iter()
             .chain(corrupt.iter().map(|key| {
                 match &stream.key {
                     Some(prefix) => key

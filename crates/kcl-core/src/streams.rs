@@ -62,11 +62,6 @@ impl StreamHandle {
         self.identifier.stream_name()
     }
 
-    /// Whether `lease` is one of this stream's.
-    pub(crate) fn owns(&self, lease: &Lease) -> bool {
-        lease.stream_name == self.key
-    }
-
     /// Turns a lease keyed by shard id (as lineage code builds them) into this
     /// stream's lease: in multi-stream mode keyed `stream:shard` with `streamName` and
     /// `shardId`; parents and children stay shard ids, as the Java KCL writes them.
@@ -128,6 +123,52 @@ fn is_not_found(e: &SdkError<DescribeStreamSummaryError>) -> bool {
     matches!(e, SdkError::ServiceError(s) if matches!(s.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)))
 }
 
+/// `DescribeStreamSummary` by name or by ARN alone, bounded by `call_timeout` and
+/// retried with backoff while throttled or failing transiently.
+async fn describe_raw(
+    kinesis: &aws_sdk_kinesis::Client,
+    name: Option<&str>,
+    arn: Option<&str>,
+    call_timeout: Duration,
+) -> Result<DescribeStreamSummaryOutput, SdkError<DescribeStreamSummaryError>> {
+    let request = kinesis
+        .describe_stream_summary()
+        .set_stream_name(name.map(str::to_owned))
+        .set_stream_arn(arn.map(str::to_owned));
+    retry(&RetryPolicy::default(), describe_retryable, || {
+        with_timeout(call_timeout, request.clone().send())
+    })
+    .await
+}
+
+/// [`SchedulerError::StreamNotFound`] for a missing stream, else a Kinesis error.
+fn describe_error(e: SdkError<DescribeStreamSummaryError>, stream: &str) -> SchedulerError {
+    if is_not_found(&e) {
+        SchedulerError::StreamNotFound {
+            stream: stream.to_owned(),
+        }
+    } else {
+        SchedulerError::Kinesis {
+            operation: "DescribeStreamSummary",
+            source: BoxError::from(e),
+        }
+    }
+}
+
+/// Describes a stream by name (as a single-stream scheduler checks its stream at start).
+///
+/// # Errors
+/// [`SchedulerError::StreamNotFound`], [`SchedulerError::Kinesis`].
+pub(crate) async fn describe_stream(
+    kinesis: &aws_sdk_kinesis::Client,
+    name: &str,
+    call_timeout: Duration,
+) -> Result<DescribeStreamSummaryOutput, SchedulerError> {
+    describe_raw(kinesis, Some(name), None, call_timeout)
+        .await
+        .map_err(|e| describe_error(e, name))
+}
+
 /// Describes the stream a config names and returns its multi-stream identifier and,
 /// when calls should address it by ARN, the ARN.
 ///
@@ -138,37 +179,11 @@ pub(crate) async fn resolve(
     address: &StreamAddress,
     call_timeout: Duration,
 ) -> Result<(StreamIdentifier, Option<String>), SchedulerError> {
-    let policy = RetryPolicy::default();
-    let describe = |name: Option<&str>, arn: Option<&str>| {
-        let request = kinesis
-            .describe_stream_summary()
-            .set_stream_name(name.map(str::to_owned))
-            .set_stream_arn(arn.map(str::to_owned));
-        let policy = &policy;
-        async move {
-            retry(policy, describe_retryable, || {
-                with_timeout(call_timeout, request.clone().send())
-            })
-            .await
-        }
-    };
-    let map_error = |e: SdkError<DescribeStreamSummaryError>, stream: &str| {
-        if is_not_found(&e) {
-            SchedulerError::StreamNotFound {
-                stream: stream.to_owned(),
-            }
-        } else {
-            SchedulerError::Kinesis {
-                operation: "DescribeStreamSummary",
-                source: BoxError::from(e),
-            }
-        }
-    };
     let (summary, arn) = match address {
-        StreamAddress::Name(name) => (describe(Some(name), None).await.map_err(|e| map_error(e, name))?, None),
+        StreamAddress::Name(name) => (describe_stream(kinesis, name, call_timeout).await?, None),
         StreamAddress::Identifier(id) => {
             let name = id.stream_name();
-            let summary = describe(Some(name), None).await.map_err(|e| map_error(e, name))?;
+            let summary = describe_stream(kinesis, name, call_timeout).await?;
             // The identifier pins one incarnation of the stream: one created again
             // under the same name is another stream, and its shards are not this
             // identifier's.
@@ -178,12 +193,12 @@ pub(crate) async fn resolve(
             }
             return Ok((id.clone(), None));
         }
-        StreamAddress::Arn { arn, name, .. } => match describe(None, Some(arn)).await {
+        StreamAddress::Arn { arn, name, .. } => match describe_raw(kinesis, None, Some(arn), call_timeout).await {
             Ok(summary) => (summary, Some(arn.clone())),
-            Err(e) if is_not_found(&e) => return Err(map_error(e, arn)),
+            Err(e) if is_not_found(&e) => return Err(describe_error(e, arn)),
             Err(e) => {
                 info!(stream = %arn, error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "this Kinesis endpoint does not accept the stream's ARN alone; addressing it by name");
-                (describe(Some(name), None).await.map_err(|e| map_error(e, name))?, None)
+                (describe_stream(kinesis, name, call_timeout).await?, None)
             }
         },
     };
@@ -214,13 +229,6 @@ pub(crate) async fn resolve(
     let identifier =
         StreamIdentifier::multi_stream(account, address.name(), description.stream_creation_timestamp().secs());
     Ok((identifier, arn))
-}
-
-/// What a poll of the tracker changed.
-#[derive(Debug, Default)]
-pub(crate) struct TrackerChanges {
-    pub(crate) added: Vec<Arc<StreamHandle>>,
-    pub(crate) removed: Vec<Arc<StreamHandle>>,
 }
 
 /// The streams a scheduler consumes now.
@@ -304,26 +312,27 @@ impl Streams {
     /// Asks the tracker for the streams and brings the active set in line: new
     /// streams are described and their retrieval initialized (a stream that fails
     /// either is tried again at the next poll), streams no longer listed are removed.
+    /// Returns the streams added.
     pub(crate) async fn poll_tracker(
         &mut self,
         kinesis: &aws_sdk_kinesis::Client,
         default_retrieval: &Arc<dyn RetrievalFactory>,
         call_timeout: Duration,
-    ) -> TrackerChanges {
-        let mut changes = TrackerChanges::default();
+    ) -> Vec<Arc<StreamHandle>> {
+        let mut added = Vec::new();
         let Some(tracker) = self.tracker.clone() else {
-            return changes;
+            return added;
         };
         self.next_poll = Some(Instant::now() + self.interval);
         let configs: Vec<StreamConfig> = match tokio::time::timeout(call_timeout, tracker.stream_config_list()).await {
             Ok(Ok(configs)) => configs,
             Ok(Err(e)) => {
                 warn!(error = %ErrorChain(e.as_ref()), "the stream tracker failed; keeping the streams consumed until the next poll");
-                return changes;
+                return added;
             }
             Err(_) => {
                 warn!(timeout = ?call_timeout, "the stream tracker did not answer in time; keeping the streams consumed until the next poll");
-                return changes;
+                return added;
             }
         };
         let mut wanted: HashSet<String> = HashSet::new();
@@ -366,7 +375,7 @@ impl Streams {
             ));
             self.resolved.insert(config.stream().to_owned(), key.clone());
             self.active.insert(Some(key), handle.clone());
-            changes.added.push(handle);
+            added.push(handle);
         }
         let removed: Vec<Option<String>> = self
             .active
@@ -377,12 +386,11 @@ impl Streams {
         for key in removed {
             if let Some(handle) = self.active.remove(&key) {
                 info!(stream = %handle.identifier, "the stream tracker no longer lists the stream; stopping its consumers");
-                changes.removed.push(handle);
             }
         }
         self.resolved.retain(|_, k| wanted.contains(k));
         crate::metrics::streams_consumed(self.active.len());
-        changes
+        added
     }
 }
 
