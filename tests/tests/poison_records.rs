@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use kcl_core::{
     Checkpoint, DeadLetterInput, DeadLetterSink, InitialPositionInStream, LeaseStore as _, OnProcessorFailure,
-    ProcessRecordsInput, ProcessorError, ProcessorErrorPolicy, RecordProcessor, RetryPolicy, Scheduler,
+    ProcessRecordsInput, ProcessorError, ProcessorErrorPolicy, RecordProcessor, RetryPolicy, Scheduler, SequenceNumber,
 };
 use kcl_tests::{fast_config, TestEnv};
 
@@ -179,5 +179,177 @@ async fn a_lone_poison_record_is_retried_once_per_policy_then_dead_lettered() ->
     assert_eq!(seen.dead_letters[0].1, vec![poison]);
     assert_eq!(seen.calls, 2, "the policy's two attempts, no more");
     assert!(seen.processed.is_empty());
+    Ok(())
+}
+
+/// How a test's dead-letter sink behaves.
+#[derive(Debug, Clone)]
+enum SinkMode {
+    /// Every call fails: the scheduler stops after the retries.
+    Fails,
+    /// The call never returns: the worker "crashes" (its run future is dropped) there.
+    Hangs(Arc<tokio::sync::Notify>),
+}
+
+#[derive(Debug)]
+struct BadSink(SinkMode);
+
+#[async_trait]
+impl DeadLetterSink for BadSink {
+    async fn dead_letter(&self, _input: DeadLetterInput) -> Result<(), ProcessorError> {
+        match &self.0 {
+            SinkMode::Fails => Err("dead-letter queue unavailable".into()),
+            SinkMode::Hangs(entered) => {
+                entered.notify_one();
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+/// After each successful call: the last record of the call and the checkpoint the lease
+/// store then held.
+type Steps = Arc<Mutex<Vec<(SequenceNumber, Checkpoint)>>>;
+
+/// As [`AllOrNothing`], and after each checkpoint it reads the stored lease.
+#[derive(Debug)]
+struct Recording {
+    poison: Bytes,
+    store: Arc<dyn kcl_core::LeaseStore>,
+    steps: Steps,
+}
+
+#[async_trait]
+impl RecordProcessor for Recording {
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        if input.records.iter().any(|r| r.data == self.poison) {
+            return Err("cannot parse this record".into());
+        }
+        input.checkpointer.checkpoint().await?;
+        let last = input.records.last().context("a non-empty call")?;
+        let stored = self
+            .store
+            .get_lease(input.checkpointer.shard_id())
+            .await?
+            .context("lease")?;
+        self.steps
+            .lock()
+            .expect("lock")
+            .push((last.sequence_number.clone(), stored.checkpoint.checkpoint));
+        Ok(())
+    }
+}
+
+fn recording_scheduler(env: &TestEnv, poison: &Bytes, steps: &Steps, sink: SinkMode) -> anyhow::Result<Scheduler> {
+    let (steps, poison) = (steps.clone(), poison.clone());
+    let store: Arc<dyn kcl_core::LeaseStore> = Arc::new(env.lease_store());
+    Ok(fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_error_policy(bisect_policy())
+    .dead_letter_sink(BadSink(sink))
+    .processor_factory(move |_: &str| Recording {
+        poison: poison.clone(),
+        store: store.clone(),
+        steps: steps.clone(),
+    })
+    .build()?)
+}
+
+/// Every successful call's checkpoint is the end of that call's records, never the end
+/// of the batch being bisected.
+fn assert_each_step_checkpointed_its_own_records(steps: &Steps) {
+    let steps = steps.lock().expect("lock");
+    assert!(!steps.is_empty(), "some halves were processed");
+    for (last, stored) in steps.iter() {
+        assert_eq!(
+            stored,
+            &Checkpoint::Sequence(last.clone()),
+            "a checkpoint inside a half covers that half only"
+        );
+    }
+}
+
+/// A sink that keeps failing stops the scheduler; the checkpoint is then before the
+/// poison record, so the next owner processes (or dead-letters) it and all after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sink_leaves_the_checkpoint_before_the_poison_record() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(100, "f").await?;
+    let poison = written[50].data.clone();
+    let steps = Steps::default();
+    let scheduler = recording_scheduler(&env, &poison, &steps, SinkMode::Fails)?;
+    let result = tokio::time::timeout(WAIT, scheduler.run()).await?;
+    assert!(result.is_err(), "a sink that keeps failing stops the scheduler");
+    assert_each_step_checkpointed_its_own_records(&steps);
+    let lease = env
+        .lease_store()
+        .get_lease(&written[0].shard_id)
+        .await?
+        .context("lease")?;
+    assert_eq!(
+        lease.checkpoint.checkpoint,
+        Checkpoint::Sequence(written[49].sequence_number.clone()),
+        "stored checkpoint: at the last record before the poison one"
+    );
+    Ok(())
+}
+
+/// A worker that crashes while the poison record is on its way to the sink leaves the
+/// checkpoint before it; the next worker hands it to its sink and processes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_bisect_loses_no_record() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(100, "c").await?;
+    let poison = written[50].data.clone();
+    let steps = Steps::default();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let scheduler = recording_scheduler(&env, &poison, &steps, SinkMode::Hangs(entered.clone()))?;
+    let running = tokio::spawn(scheduler.run());
+    tokio::time::timeout(WAIT, entered.notified()).await?;
+    running.abort();
+    let _ = running.await;
+    assert_each_step_checkpointed_its_own_records(&steps);
+    let lease = env
+        .lease_store()
+        .get_lease(&written[0].shard_id)
+        .await?
+        .context("lease")?;
+    assert_eq!(
+        lease.checkpoint.checkpoint,
+        Checkpoint::Sequence(written[49].sequence_number.clone()),
+        "stored checkpoint after the crash: before the poison record"
+    );
+
+    // The next worker: the poison record reaches its sink, the rest after it is processed.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let scheduler = bisecting_scheduler(&env, &poison, &seen)?;
+    let shutdown = scheduler.shutdown_handle();
+    let running = tokio::spawn(scheduler.run());
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().expect("lock").processed.len() < 49 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the records after the poison one were not processed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.shutdown();
+    running.await??;
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    assert_eq!(
+        seen.dead_letters.len(),
+        1,
+        "the poison record reached the next worker's sink"
+    );
+    assert_eq!(seen.dead_letters[0].1, vec![poison]);
+    let after: Vec<Bytes> = written[51..].iter().map(|w| w.data.clone()).collect();
+    assert_eq!(
+        seen.processed, after,
+        "everything after the poison record, once, in order"
+    );
     Ok(())
 }

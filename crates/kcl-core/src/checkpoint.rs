@@ -96,6 +96,10 @@ impl Checkpointer {
         &self.inner.shard_id
     }
 
+    pub(crate) fn last_delivered(&self) -> ExtendedSequenceNumber {
+        self.progress().last_delivered.clone()
+    }
+
     pub(crate) fn set_last_delivered(&self, position: ExtendedSequenceNumber) {
         self.progress().last_delivered = position;
     }

@@ -143,6 +143,9 @@ enum CallFailure {
     /// The policy (`SkipBatch`) would skip, but the call cannot be skipped: stop only
     /// this consumer.
     StopConsumer,
+    /// The lease was lost while the call kept failing: nothing was processed, nothing
+    /// more is called; the consumer picks up the loss.
+    LeaseLost,
     /// The retries are exhausted and the policy is `Bisect`: the caller isolates the
     /// failing records.
     Bisect(BoxError),
@@ -153,6 +156,9 @@ struct Batch<'a> {
     millis_behind_latest: Option<i64>,
     fetched_at: std::time::Instant,
     checkpointer: &'a Checkpointer,
+    /// The last record delivered before this batch: the checkpointer's bound while no
+    /// record of this batch is known to be processed.
+    previous_delivered: ExtendedSequenceNumber,
 }
 
 /// Splits records in two halves, returned so that popping yields the first half first.
@@ -300,7 +306,7 @@ impl ShardConsumer {
                         }
                         Err(CallFailure::StopScheduler(e)) => return ConsumerOutcome::Failed(e),
                         // A call that cannot be skipped is never bisected either.
-                        Err(CallFailure::StopConsumer | CallFailure::Bisect(_)) => {
+                        Err(CallFailure::StopConsumer | CallFailure::LeaseLost | CallFailure::Bisect(_)) => {
                             return ConsumerOutcome::InitializeFailed
                         }
                     }
@@ -476,6 +482,7 @@ impl ShardConsumer {
         if records.is_empty() && !self.ctx.coordinator_config.call_process_records_even_for_empty_list {
             return Ok(());
         }
+        let previous_delivered = last_delivered.clone();
         if let Some(last) = records.last() {
             *last_delivered = last.extended_sequence_number();
             checkpointer.set_last_delivered(last_delivered.clone());
@@ -487,6 +494,7 @@ impl ShardConsumer {
             millis_behind_latest,
             fetched_at,
             checkpointer,
+            previous_delivered,
         };
         let policy = self.ctx.error_policy.clone();
         match self.process(records, &batch, &policy).await {
@@ -497,6 +505,8 @@ impl ShardConsumer {
             Err(CallFailure::StopScheduler(e)) => Err(e),
             // Not reached: a batch is skippable, so the policy skips it instead.
             Err(CallFailure::StopConsumer) => Ok(()),
+            // Not processed, and not counted: the loop picks up the lease loss.
+            Err(CallFailure::LeaseLost) => Ok(()),
             Err(CallFailure::Bisect(error)) => self.bisect(std::mem::take(records), &batch, error).await,
         }
     }
@@ -534,21 +544,39 @@ impl ShardConsumer {
             on_exhausted: OnProcessorFailure::Bisect,
         };
         let full = self.ctx.error_policy.clone();
+        // Inside a part, `checkpoint()` means "up to the end of this part": the bound of
+        // the checkpointer follows the parts, and falls back to the last record that was
+        // processed or dead-lettered whenever a part fails, so that no path (a sink that
+        // keeps failing, a crash, a lost lease) can store a checkpoint past a record that
+        // was neither.
+        let batch_end = batch.checkpointer.last_delivered();
+        let mut done = batch.previous_delivered.clone();
         // Parts still to process, the next on top.
         let mut parts = split(records);
         while let Some(part) = parts.pop() {
-            if part.is_empty() {
+            let Some(part_end) = part.last().map(Record::extended_sequence_number) else {
                 continue;
-            }
+            };
             let lone = part.len() == 1;
-            match self.process(&part, batch, if lone { &full } else { &once }).await {
+            batch.checkpointer.set_last_delivered(part_end.clone());
+            let result = self.process(&part, batch, if lone { &full } else { &once }).await;
+            if result.is_err() {
+                batch.checkpointer.set_last_delivered(done.clone());
+            }
+            match result {
                 Ok(()) => metrics::records_processed(self.stream(), self.shard_id(), part.len()),
                 Err(CallFailure::Bisect(error)) if lone => self.dead_letter(part, error).await?,
-                Err(CallFailure::Bisect(_)) => parts.extend(split(part)),
+                Err(CallFailure::Bisect(_)) => {
+                    parts.extend(split(part));
+                    continue;
+                }
                 Err(CallFailure::StopScheduler(e)) => return Err(e),
-                Err(CallFailure::StopConsumer) => return Ok(()),
+                // The lease is lost: nothing more is processed; the loop picks it up.
+                Err(CallFailure::StopConsumer | CallFailure::LeaseLost) => return Ok(()),
             }
+            done = part_end;
         }
+        batch.checkpointer.set_last_delivered(batch_end);
         Ok(())
     }
 
@@ -619,18 +647,14 @@ impl ShardConsumer {
                 // call that cannot be skipped (`initialize`) ends the consumer instead, so
                 // that a processor that failed to initialize is never handed anything.
                 warn!(what, error = %ErrorChain(error.as_ref()), "processor failed after the lease was lost");
-                return if skippable {
-                    Ok(())
-                } else {
-                    Err(CallFailure::StopConsumer)
-                };
+                return Err(Self::lost_failure(skippable));
             }
             if policy.retry.should_retry(attempt) {
                 let wait = policy.retry.backoff(attempt);
                 warn!(what, attempt, error = %ErrorChain(error.as_ref()), ?wait, "processor failed; retrying the same input");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    () = self.held.lost.cancelled() => return if skippable { Ok(()) } else { Err(CallFailure::StopConsumer) },
+                    () = self.held.lost.cancelled() => return Err(Self::lost_failure(skippable)),
                 }
                 attempt += 1;
                 continue;
@@ -654,6 +678,16 @@ impl ShardConsumer {
                     }))
                 }
             };
+        }
+    }
+
+    /// How a failing call ends once the lease is lost: a batch was not processed (never
+    /// reported as done); a call that cannot be skipped (`initialize`) ends the consumer.
+    fn lost_failure(skippable: bool) -> CallFailure {
+        if skippable {
+            CallFailure::LeaseLost
+        } else {
+            CallFailure::StopConsumer
         }
     }
 
