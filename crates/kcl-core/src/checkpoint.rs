@@ -125,6 +125,15 @@ impl Checkpointer {
         }
     }
 
+    /// What bounds a checkpoint now.
+    fn bound(&self) -> Bound {
+        let p = self.progress();
+        Bound {
+            last_delivered: p.last_delivered.clone(),
+            shard_ended: p.shard_ended,
+        }
+    }
+
     /// The checkpoint currently stored in the lease, as this worker last wrote it.
     pub async fn last_checkpoint(&self) -> ExtendedSequenceNumber {
         self.inner.held.lease.lock().await.checkpoint.clone()
@@ -217,14 +226,14 @@ impl Checkpointer {
         target: ExtendedSequenceNumber,
         pending: Option<Option<Bytes>>,
     ) -> Result<(), CheckpointError> {
-        let largest = self.largest_permitted();
+        let bound = self.bound();
         let children = self.progress().children.clone();
         let shard_id = &self.inner.shard_id;
         let outcome = self
             .inner
             .coordinator
             .update_checkpoint(&self.inner.held, |lease| {
-                validate(&target, &lease.checkpoint, &largest)
+                validate(&target, &lease.checkpoint, &bound)
                     .map_err(|reason| Refusal::Invalid(target.clone(), reason))?;
                 match &pending {
                     Some(state) => {
@@ -268,17 +277,31 @@ impl Checkpointer {
     }
 }
 
+/// What bounds a checkpoint: the last record delivered, and whether the shard ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Bound {
+    /// No sequence number past this one may be checkpointed, shard end or not: a bogus
+    /// checkpoint past the last record would make the next owner drop real records.
+    pub(crate) last_delivered: ExtendedSequenceNumber,
+    /// `SHARD_END` is allowed only once every record of the shard was delivered.
+    pub(crate) shard_ended: bool,
+}
+
 /// The rule of every checkpoint: not before what is stored, not past what was
-/// delivered, and `SHARD_END` only once the shard has ended.
+/// delivered (also after the shard end), and `SHARD_END` only once the shard has ended.
 pub(crate) fn validate(
     requested: &ExtendedSequenceNumber,
     stored: &ExtendedSequenceNumber,
-    largest_permitted: &ExtendedSequenceNumber,
+    bound: &Bound,
 ) -> Result<(), InvalidCheckpointReason> {
-    if requested.is_shard_end() && !largest_permitted.is_shard_end() {
-        return Err(InvalidCheckpointReason::ShardNotEnded);
+    if requested.is_shard_end() {
+        return if bound.shard_ended {
+            Ok(())
+        } else {
+            Err(InvalidCheckpointReason::ShardNotEnded)
+        };
     }
-    if stored.is_shard_end() && !requested.is_shard_end() {
+    if stored.is_shard_end() {
         return Err(InvalidCheckpointReason::Backwards);
     }
     // Initial-position sentinels are below every sequence number; an initial sentinel
@@ -286,7 +309,7 @@ pub(crate) fn validate(
     if requested.partial_cmp(stored).is_some_and(|o| o.is_lt()) {
         return Err(InvalidCheckpointReason::Backwards);
     }
-    if requested.partial_cmp(largest_permitted).is_some_and(|o| o.is_gt()) {
+    if requested.partial_cmp(&bound.last_delivered).is_some_and(|o| o.is_gt()) {
         return Err(InvalidCheckpointReason::BeyondLastDelivered);
     }
     Ok(())
@@ -324,17 +347,38 @@ mod tests {
         ExtendedSequenceNumber::new(SequenceNumber::parse(n).expect("valid"), 0)
     }
 
+    fn upto(n: &ExtendedSequenceNumber) -> Bound {
+        Bound {
+            last_delivered: n.clone(),
+            shard_ended: false,
+        }
+    }
+
+    fn ended(n: &ExtendedSequenceNumber) -> Bound {
+        Bound {
+            last_delivered: n.clone(),
+            shard_ended: true,
+        }
+    }
+
     #[test]
     fn never_backwards_never_past_delivered() {
         use InvalidCheckpointReason::*;
         let th = ExtendedSequenceNumber::TRIM_HORIZON;
-        assert_eq!(validate(&at("5"), &th, &at("10")), Ok(()));
-        assert_eq!(validate(&at("10"), &at("5"), &at("10")), Ok(()));
-        assert_eq!(validate(&at("5"), &at("5"), &at("10")), Ok(()), "same again is allowed");
-        assert_eq!(validate(&at("4"), &at("5"), &at("10")), Err(Backwards));
-        assert_eq!(validate(&at("11"), &at("5"), &at("10")), Err(BeyondLastDelivered));
+        assert_eq!(validate(&at("5"), &th, &upto(&at("10"))), Ok(()));
+        assert_eq!(validate(&at("10"), &at("5"), &upto(&at("10"))), Ok(()));
         assert_eq!(
-            validate(&at("1"), &th, &th),
+            validate(&at("5"), &at("5"), &upto(&at("10"))),
+            Ok(()),
+            "same again is allowed"
+        );
+        assert_eq!(validate(&at("4"), &at("5"), &upto(&at("10"))), Err(Backwards));
+        assert_eq!(
+            validate(&at("11"), &at("5"), &upto(&at("10"))),
+            Err(BeyondLastDelivered)
+        );
+        assert_eq!(
+            validate(&at("1"), &th, &upto(&th)),
             Err(BeyondLastDelivered),
             "nothing delivered yet"
         );
@@ -344,13 +388,27 @@ mod tests {
     fn shard_end_only_after_the_shard_ended() {
         use InvalidCheckpointReason::*;
         let end = ExtendedSequenceNumber::SHARD_END;
-        assert_eq!(validate(&end, &at("5"), &at("10")), Err(ShardNotEnded));
-        assert_eq!(validate(&end, &at("5"), &end), Ok(()));
+        assert_eq!(validate(&end, &at("5"), &upto(&at("10"))), Err(ShardNotEnded));
+        assert_eq!(validate(&end, &at("5"), &ended(&at("10"))), Ok(()));
         assert_eq!(
-            validate(&at("11"), &at("5"), &end),
+            validate(&at("9"), &at("5"), &ended(&at("10"))),
             Ok(()),
             "records before the end are fine"
         );
-        assert_eq!(validate(&at("11"), &end, &end), Err(Backwards));
+        assert_eq!(validate(&at("9"), &end, &ended(&at("10"))), Err(Backwards));
+    }
+
+    /// Issue 21 item 11: after the shard end, a sequence number past the last record is
+    /// refused (the old rule compared it with `SHARD_END` and let every number pass).
+    #[test]
+    fn after_the_shard_end_nothing_past_the_last_record_passes() {
+        assert_eq!(
+            validate(&at("11"), &at("5"), &ended(&at("10"))),
+            Err(InvalidCheckpointReason::BeyondLastDelivered)
+        );
+        assert_eq!(
+            validate(&at("99999999999999999999"), &at("5"), &ended(&at("10"))),
+            Err(InvalidCheckpointReason::BeyondLastDelivered)
+        );
     }
 }
