@@ -6,9 +6,13 @@
 //! (nothing unprocessed is marked done). The write is fenced on the lease counter, so a
 //! worker that lost the lease cannot checkpoint: it gets [`CheckpointError::LeaseLost`].
 //!
-//! Handling a failed checkpoint in `process_records`: returning the error (`?`) makes the
-//! scheduler retry the batch, so its records are delivered again — safe, but repeated
-//! work. A processor that would rather go on can tell the cases apart:
+//! Handling a failed checkpoint in `process_records`: a write that fails for a
+//! retryable reason (throttled, the store failed) is retried by the checkpointer itself
+//! for as long as the lease is provably held, so an error reaches the processor only
+//! when retrying cannot help. Returning it (`?`) does not deliver the batch again: its
+//! records were processed, and the next checkpoint covers them (a lost lease ends the
+//! consumer with `lease_lost`). A processor that would rather go on can tell the cases
+//! apart:
 //!
 //! ```no_run
 //! # async fn f(input: kcl_core::ProcessRecordsInput) -> Result<(), kcl_core::ProcessorError> {
@@ -27,13 +31,20 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::coordinator::{HeldLease, LeaseCoordinator, WriteOutcome};
 use crate::error::{CheckpointError, InvalidCheckpointReason, LeaseStoreError};
 use crate::record::Record;
+use crate::retry::RetryPolicy;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+
+/// Backoff between tries of a checkpoint write that failed for a retryable reason.
+fn checkpoint_retry() -> RetryPolicy {
+    RetryPolicy::new(Duration::from_millis(50), Duration::from_secs(1), None)
+}
 
 /// What the consumer has delivered, which bounds what may be checkpointed.
 #[derive(Debug)]
@@ -229,29 +240,27 @@ impl Checkpointer {
         let bound = self.bound();
         let children = self.progress().children.clone();
         let shard_id = &self.inner.shard_id;
-        let outcome = self
-            .inner
-            .coordinator
-            .update_checkpoint(&self.inner.held, |lease| {
-                validate(&target, &lease.checkpoint, &bound)
-                    .map_err(|reason| Refusal::Invalid(target.clone(), reason))?;
-                match &pending {
-                    Some(state) => {
-                        lease.pending_checkpoint = Some(target.clone());
-                        lease.pending_checkpoint_state = state.clone();
+        // A write that failed for a retryable reason is tried again here, with backoff,
+        // for as long as the lease is provably ours (each write is bounded by what is
+        // left of that proof; past it the write reports the lease lost). The processor
+        // then sees an error only when retrying cannot help.
+        let mut attempt = 1u32;
+        let outcome = loop {
+            let outcome = self.write_once(&target, &pending, &bound, &children).await;
+            match &outcome {
+                Ok(WriteOutcome::Failed(e))
+                    if e.is_retryable() && self.inner.coordinator.still_owned(&self.inner.held) =>
+                {
+                    tracing::warn!(shard_id = %shard_id, attempt, error = %crate::error::ErrorChain(e), "checkpoint write failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(checkpoint_retry().backoff(attempt)) => {}
+                        () = self.inner.held.lost.cancelled() => {}
                     }
-                    None => {
-                        lease.checkpoint = target.clone();
-                        lease.pending_checkpoint = None;
-                        lease.pending_checkpoint_state = None;
-                        if target.is_shard_end() {
-                            lease.child_shard_ids.extend(children.iter().cloned());
-                        }
-                    }
+                    attempt = attempt.saturating_add(1);
                 }
-                Ok(())
-            })
-            .await;
+                _ => break outcome,
+            }
+        };
         match outcome {
             Err(Refusal::Invalid(requested, reason)) => Err(CheckpointError::InvalidSequenceNumber {
                 shard_id: shard_id.clone(),
@@ -274,6 +283,38 @@ impl Checkpointer {
                 source,
             }),
         }
+    }
+
+    /// One validated write, as the coordinator reports it.
+    async fn write_once(
+        &self,
+        target: &ExtendedSequenceNumber,
+        pending: &Option<Option<Bytes>>,
+        bound: &Bound,
+        children: &[String],
+    ) -> Result<WriteOutcome, Refusal> {
+        self.inner
+            .coordinator
+            .update_checkpoint(&self.inner.held, |lease| {
+                validate(target, &lease.checkpoint, bound)
+                    .map_err(|reason| Refusal::Invalid(target.clone(), reason))?;
+                match pending {
+                    Some(state) => {
+                        lease.pending_checkpoint = Some(target.clone());
+                        lease.pending_checkpoint_state = state.clone();
+                    }
+                    None => {
+                        lease.checkpoint = target.clone();
+                        lease.pending_checkpoint = None;
+                        lease.pending_checkpoint_state = None;
+                        if target.is_shard_end() {
+                            lease.child_shard_ids.extend(children.iter().cloned());
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
     }
 }
 

@@ -642,6 +642,19 @@ impl ShardConsumer {
                 Err(panic) => BoxError::from(format!("processor panicked in {what}: {}", panic_message(&panic))),
             };
             metrics::processor_failure(self.stream(), self.shard_id());
+            // A batch whose records were processed but whose checkpoint failed is not
+            // delivered again: the checkpointer already retried what retrying could fix,
+            // and the next checkpoint covers these records.
+            if skippable {
+                match checkpoint_error(error.as_ref()) {
+                    Some(e) if e.is_lease_lost() => return Err(CallFailure::LeaseLost),
+                    Some(e) if e.is_retryable() => {
+                        warn!(what, error = %ErrorChain(error.as_ref()), "the processor returned a failed checkpoint; its records are not delivered again (the next checkpoint covers them)");
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
             if self.held.lost.is_cancelled() {
                 // Its checkpoints fail now anyway; stop retrying and let the lease go. A
                 // call that cannot be skipped (`initialize`) ends the consumer instead, so
@@ -808,6 +821,23 @@ async fn create_child_leases(
         }
     }
     children.into_iter().map(|l| l.shard().to_owned()).collect()
+}
+
+/// The [`CheckpointError`](crate::CheckpointError) in `error`'s source chain, if the
+/// processor returned one (directly or wrapped).
+fn checkpoint_error<'a>(
+    error: &'a (dyn std::error::Error + Send + Sync + 'static),
+) -> Option<&'a crate::CheckpointError> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    // Bounded: a cyclic chain (a bug elsewhere) must not hang the consumer.
+    for _ in 0..32 {
+        let e = current?;
+        if let Some(c) = e.downcast_ref::<crate::CheckpointError>() {
+            return Some(c);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The text of a panic payload (a `&str` or a `String`), for logs.

@@ -1,0 +1,89 @@
+//! Issue 21 item 13: a checkpoint that fails for a retryable reason (the lease table
+//! throttles or is briefly unreachable) is retried by the checkpointer itself while the
+//! lease is provably owned, and a batch is never delivered again only because its
+//! checkpoint failed.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use kcl_core::{
+    Checkpoint, InitialPositionInStream, LeaseStore as _, ProcessRecordsInput, ProcessorError, RecordProcessor,
+    Scheduler,
+};
+use kcl_tests::{fast_config, spawn_scheduler, stop_scheduler, FaultyLeaseStore, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Deliveries per record (by sequence number), and checkpoint errors seen.
+#[derive(Debug, Default)]
+struct Seen {
+    deliveries: HashMap<String, usize>,
+    checkpoint_errors: usize,
+}
+
+/// The README's processor: processes, then `checkpoint()?`.
+#[derive(Debug)]
+struct CheckpointEveryBatch(Arc<Mutex<Seen>>);
+
+#[async_trait]
+impl RecordProcessor for CheckpointEveryBatch {
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        {
+            let mut seen = self.0.lock().expect("lock");
+            for r in &input.records {
+                *seen.deliveries.entry(r.sequence_number.to_string()).or_default() += 1;
+            }
+        }
+        if let Err(e) = input.checkpointer.checkpoint().await {
+            self.0.lock().expect("lock").checkpoint_errors += 1;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_is_retried_and_its_batch_is_not_delivered_again() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(300, "ck").await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    // The next five checkpoints fail as a timed-out write would (outcome unknown).
+    store.land_then_fail_checkpoints.store(5, SeqCst);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let processors = seen.clone();
+    let scheduler = fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(store.clone()),
+    )
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_factory(move |_: &str| CheckpointEveryBatch(processors.clone()))
+    .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    let last = written.last().context("written")?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // The table is created by the scheduler: until then there is nothing to read.
+        let lease = env.lease_store().get_lease(&last.shard_id).await.ok().flatten();
+        if lease.is_some_and(|l| l.checkpoint.checkpoint == Checkpoint::Sequence(last.sequence_number.clone())) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the checkpoint never reached the last record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(store.land_then_fail_checkpoints.load(SeqCst), 0, "the faults were hit");
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    assert_eq!(seen.checkpoint_errors, 0, "retried inside the checkpointer");
+    assert_eq!(seen.deliveries.len(), written.len(), "every record delivered");
+    let twice: Vec<_> = seen.deliveries.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "records delivered more than once: {}", twice.len());
+    Ok(())
+}
