@@ -547,3 +547,76 @@ async fn a_reshard_refreshes_the_shard_map_and_loses_nothing() -> anyhow::Result
     assert_eq!(before.len(), 500);
     Ok(())
 }
+
+/// Issue: `close` racing many puts on a small buffer. Every put that returned `Ok` is
+/// resolved by the time `close` returns; an acknowledged record is in the stream, and
+/// no record is reported failed (least of all `Closed`) while it was written. Puts
+/// parked on the full buffer when `close` starts either get in (and are written) or
+/// are refused with `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_racing_puts_writes_or_reports_every_accepted_record() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let mut config = quick_retries();
+    config.max_buffered_records = 8;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    const PUTTERS: usize = 32;
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut putters = Vec::new();
+    for t in 0..PUTTERS {
+        let producer = producer.clone();
+        let accepted_tx = accepted_tx.clone();
+        putters.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..100_000 {
+                let data = Bytes::from(format!("race-{t}-{i}"));
+                match producer.put(format!("key-{t}"), data.clone()).await {
+                    Ok(future) => {
+                        accepted.push((data, future));
+                        let _ = accepted_tx.send(());
+                    }
+                    Err(ProducerError::Closed) => break,
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                }
+            }
+            anyhow::Ok(accepted)
+        }));
+    }
+    drop(accepted_tx);
+    // Close while every putter is busy (most parked on the full buffer).
+    for _ in 0..400 {
+        accepted_rx.recv().await.context("putters stopped early")?;
+    }
+    tokio::time::timeout(WAIT, producer.close())
+        .await
+        .context("close returned")?;
+    let mut outcomes = Vec::new();
+    for putter in putters {
+        for (data, future) in putter.await?? {
+            let outcome = tokio::task::unconstrained(future)
+                .now_or_never()
+                .with_context(|| format!("{data:?} not resolved when close returned"))?;
+            outcomes.push((data, outcome));
+        }
+    }
+    let stored: HashSet<Bytes> = read_back(&env).await?.into_iter().map(|(d, _, _)| d).collect();
+    let mut written = 0;
+    for (data, outcome) in &outcomes {
+        match outcome {
+            Ok(_) => {
+                anyhow::ensure!(stored.contains(data), "{data:?} acknowledged but not in the stream");
+                written += 1;
+            }
+            Err(e) => anyhow::bail!(
+                "{data:?} was accepted, then reported {e} (in the stream: {})",
+                stored.contains(data)
+            ),
+        }
+    }
+    assert_eq!(
+        stored.len(),
+        written,
+        "the stream holds exactly the acknowledged records"
+    );
+    eprintln!("{} records accepted and written around close", outcomes.len());
+    Ok(())
+}

@@ -17,8 +17,7 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterTyp
 use bytes::Bytes;
 use kcl_core::aggregation::encode_aggregated;
 use kcl_core::SequenceNumber;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -86,11 +85,18 @@ pub struct KinesisProducer {
 struct Shared {
     stream: String,
     config: ProducerConfig,
-    commands: mpsc::UnboundedSender<Command>,
+    /// The way into the producer's task; `None` once [`KinesisProducer::close`] took it.
+    /// A `put` sends its record while holding the lock, and `close` takes the sender
+    /// under it: a record is either in the channel before the task learns that no more
+    /// will come (and is then written like every other), or refused with
+    /// [`ProducerError::Closed`]. A std mutex: it is held for a synchronous send only.
+    commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     records: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     closed: AtomicBool,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Becomes true (or its sender is dropped) when the task has resolved every record
+    /// and stopped: what `close` waits for.
+    stopped: watch::Receiver<bool>,
 }
 
 #[derive(Debug)]
@@ -124,6 +130,7 @@ impl KinesisProducer {
     pub fn new(kinesis: aws_sdk_kinesis::Client, stream: impl Into<String>, config: ProducerConfig) -> Self {
         let stream = stream.into();
         let (commands, rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             stream: stream.clone(),
             records: Arc::new(Semaphore::new(config.max_buffered_records.max(1))),
@@ -133,14 +140,15 @@ impl KinesisProducer {
                     .clamp(MAX_RECORD_BYTES, Semaphore::MAX_PERMITS),
             )),
             config: config.clone(),
-            commands,
+            commands: Mutex::new(Some(commands)),
             closed: AtomicBool::new(false),
-            task: Mutex::new(None),
+            stopped,
         });
         let span = tracing::info_span!("producer", stream = %stream);
         let pipeline = Pipeline::new(kinesis, stream, config);
-        let task = tokio::spawn(pipeline.run(rx).instrument(span));
-        *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        // Detached: the task ends by itself once every handle is gone (or `close` took
+        // the sender) and every record is resolved.
+        drop(tokio::spawn(pipeline.run(rx, stopped_tx).instrument(span)));
         Self { shared }
     }
 
@@ -206,34 +214,61 @@ impl KinesisProducer {
             reply,
             _permits: (record_permit, byte_permit),
         };
-        self.shared
-            .commands
-            .send(Command::Put(Box::new(record)))
-            .map_err(|_| closed())?;
+        self.send(Command::Put(Box::new(record))).map_err(|_| closed())?;
         Ok(PutFuture { reply: rx })
+    }
+
+    /// Sends a command to the task, unless the producer is closed (then the command
+    /// comes back).
+    fn send(&self, command: Command) -> Result<(), Command> {
+        let commands = self.shared.commands.lock().unwrap_or_else(|p| p.into_inner());
+        match commands.as_ref() {
+            Some(tx) => tx.send(command).map_err(|e| e.0),
+            None => Err(command),
+        }
     }
 
     /// Waits until every record put before this call is resolved (written or failed),
     /// sending buffered records at once instead of after `record_max_buffered_time`.
+    /// After [`KinesisProducer::close`], waits as `close` does.
+    ///
+    /// # Cancel safety
+    /// Cancelling it only stops the wait.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.shared.commands.send(Command::Flush(tx)).is_ok() {
+        if self.send(Command::Flush(tx)).is_ok() {
             let _ = rx.await;
+        } else {
+            self.stopped().await;
         }
     }
 
-    /// Refuses further records, writes everything buffered (each record within its
-    /// `record_ttl`) and stops the producer's task. Every clone is closed.
+    /// Refuses further records and waits until every record whose `put` returned `Ok`
+    /// is resolved: written, or failed with its own error (each within its
+    /// `record_ttl`, so `close` takes at most about `record_ttl` plus
+    /// `request_timeout`); then the producer's task stops. Puts waiting for room in
+    /// the buffer when `close` is called, and puts after it, return
+    /// [`ProducerError::Closed`]. Every clone is closed; calling it again (from any
+    /// clone) waits for the same end.
+    ///
+    /// # Cancel safety
+    /// Cancelling it only stops the wait: the producer is closed from the first poll
+    /// and its task still writes what was accepted.
     pub async fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        self.flush().await;
+        // Dropping the sender (under the lock puts send under) is the end of the input:
+        // the task sees it after every record accepted before it, and drains.
+        drop(self.shared.commands.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.shared.records.close();
         self.shared.bytes.close();
-        let task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task {
-            task.abort();
-            let _ = task.await;
-        }
+        self.stopped().await;
+    }
+
+    /// Waits until the task has stopped.
+    async fn stopped(&self) {
+        let mut stopped = self.shared.stopped.clone();
+        // An error means the task is gone, which is stopped too.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
     }
 }
 
@@ -393,6 +428,10 @@ struct Pipeline {
     outstanding_bytes: usize,
     /// Flushes waiting for every record up to an id.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// False once no more commands can come (closed, or every handle gone): everything
+    /// buffered is then sent at once, as for a flush, and the task ends when it is all
+    /// resolved.
+    accepting: bool,
     done_tx: mpsc::UnboundedSender<(Vec<Entry>, CallOutcome)>,
     done_rx: mpsc::UnboundedReceiver<(Vec<Entry>, CallOutcome)>,
     map_tx: mpsc::UnboundedSender<Option<ShardMap>>,
@@ -422,6 +461,7 @@ impl Pipeline {
             outstanding: BTreeSet::new(),
             outstanding_bytes: 0,
             flushes: Vec::new(),
+            accepting: true,
             done_tx,
             done_rx,
             map_tx,
@@ -429,7 +469,7 @@ impl Pipeline {
         }
     }
 
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, stopped: watch::Sender<bool>) {
         if self.config.aggregation_enabled || self.config.rate_limit_enabled {
             // Read before the first call (puts queue meanwhile), so that aggregation and
             // rate limits apply from the first record.
@@ -442,7 +482,6 @@ impl Pipeline {
                 Err(_) => warn!("reading the stream's shards timed out; records are not aggregated or rate limited until they are read"),
             }
         }
-        let mut open = true;
         loop {
             let now = Instant::now();
             if self.map_stale {
@@ -451,16 +490,17 @@ impl Pipeline {
             self.fire_timers(now);
             self.close_aggregates(now);
             self.send_batches(now);
-            if !open && self.outstanding.is_empty() && self.in_flight == 0 {
+            if !self.accepting && self.outstanding.is_empty() && self.in_flight == 0 {
                 break;
             }
             let wake = self.next_wake(now);
             tokio::select! {
-                command = commands.recv(), if open => match command {
+                command = commands.recv(), if self.accepting => match command {
                     Some(Command::Put(record)) => self.admit(*record),
                     Some(Command::Flush(tx)) => self.flushes.push((self.next_id, tx)),
-                    // Every handle is gone: write what is buffered, then stop.
-                    None => open = false,
+                    // Closed, or every handle is gone: write what is buffered (every
+                    // record accepted came before this), then stop.
+                    None => self.accepting = false,
                 },
                 Some((entries, outcome)) = self.done_rx.recv() => self.completed(entries, outcome),
                 Some(map) = self.map_rx.recv() => {
@@ -477,10 +517,12 @@ impl Pipeline {
         self.resolve_flushes();
         metrics::buffered(0, 0);
         debug!("producer task stopped");
+        let _ = stopped.send(true);
     }
 
+    /// Whether buffered records go out at once: a flush waits, or the producer drains.
     fn flushing(&self) -> bool {
-        !self.flushes.is_empty()
+        !self.flushes.is_empty() || !self.accepting
     }
 
     /// Takes a new user record into a lane (or an open aggregate).
