@@ -620,3 +620,124 @@ async fn close_racing_puts_writes_or_reports_every_accepted_record() -> anyhow::
     eprintln!("{} records accepted and written around close", outcomes.len());
     Ok(())
 }
+
+/// The hash key Kinesis routes a partition key by (MD5, big-endian).
+fn hash_of(partition_key: &str) -> u128 {
+    use md5::Digest as _;
+    u128::from_be_bytes(md5::Md5::digest(partition_key.as_bytes()).into())
+}
+
+/// Every shard's hash key range, by shard id.
+async fn shard_ranges(env: &TestEnv) -> anyhow::Result<HashMap<String, (u128, u128)>> {
+    let mut ranges = HashMap::new();
+    for shard in kcl_tests::list_shards(&env.kinesis, &env.stream).await? {
+        let range = shard.hash_key_range().context("hash key range")?;
+        ranges.insert(
+            shard.shard_id().to_owned(),
+            (range.starting_hash_key().parse()?, range.ending_hash_key().parse()?),
+        );
+    }
+    Ok(ranges)
+}
+
+/// Puts `n` records over 40 keys and waits for them: (partition key, result).
+async fn put_keyed_round(
+    producer: &KinesisProducer,
+    tag: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(String, PutRecordResult)>> {
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let key = format!("key-{}", i % 40);
+        acks.push((key.clone(), producer.put(key, Bytes::from(format!("{tag}-{i}"))).await?));
+    }
+    let mut out = Vec::new();
+    for (key, ack) in acks {
+        out.push((key, ack.await?));
+    }
+    Ok(out)
+}
+
+/// Whether a round was aggregated by a right shard map: some records aggregated, and
+/// every record on the shard whose hash key range holds its key (an aggregate packed
+/// by a stale map holds keys of several shards, and lands whole on one of them).
+fn predicted_right(round: &[(String, PutRecordResult)], ranges: &HashMap<String, (u128, u128)>) -> bool {
+    round.iter().any(|(_, r)| r.sub_sequence_number.is_some())
+        && round.iter().all(|(key, r)| {
+            ranges
+                .get(&r.shard_id)
+                .is_some_and(|(start, end)| (*start..=*end).contains(&hash_of(key)))
+        })
+}
+
+/// Issue: a failing first `ListShards` left the producer without a shard map for
+/// good (no aggregation, no rate limits). It is read again, with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_first_list_shards_is_retried() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let faults = kcl_tests::FaultInjector::default();
+    faults.push(
+        "ListShards",
+        kcl_tests::Fault::InternalFailure("injected: the first ListShards fails".to_owned()),
+    );
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    let client = faults.client(&env.backend.kinesis_sdk_config());
+    let producer = KinesisProducer::new(client, env.stream.clone(), config);
+    let ranges = shard_ranges(&env).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for round in 0.. {
+        let results = put_keyed_round(&producer, &format!("round-{round}"), 100).await?;
+        if predicted_right(&results, &ranges) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "after {round} rounds nothing is aggregated: the shard map was not read again ({} ListShards calls)",
+            faults.calls("ListShards")
+        );
+    }
+    anyhow::ensure!(faults.calls("ListShards") >= 2, "read again");
+    producer.close().await;
+    Ok(())
+}
+
+/// Issue: the shard map's re-read had no timeout, so one hung `ListShards` stopped
+/// every later refresh. The hung call times out (`request_timeout`) and the map is
+/// read again: after a split, aggregates are packed per child shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_list_shards_times_out_and_the_map_is_read_again() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let sdk_config = env.backend.kinesis_sdk_config();
+    let http = kcl_tests::HangingHttpClient::new(&sdk_config);
+    let faults = kcl_tests::FaultInjector::default();
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    config.request_timeout = Duration::from_secs(1);
+    let producer = KinesisProducer::new(
+        http.kinesis_client(&sdk_config, Some(&faults)),
+        env.stream.clone(),
+        config,
+    );
+    let first = put_keyed_round(&producer, "before", 200).await?;
+    anyhow::ensure!(predicted_right(&first, &shard_ranges(&env).await?), "before the split");
+    http.hang_next("ListShards", 1);
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+    let ranges = shard_ranges(&env).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        let results = put_keyed_round(&producer, &format!("after-{round}"), 200).await?;
+        if predicted_right(&results, &ranges) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "after {round} rounds the map is still stale: {} ListShards calls, {} hung",
+            faults.calls("ListShards"),
+            http.hanging("ListShards")
+        );
+    }
+    anyhow::ensure!(http.hanging("ListShards") == 1, "the re-read hung once");
+    producer.close().await;
+    Ok(())
+}

@@ -16,7 +16,7 @@ use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput}
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
 use bytes::Bytes;
 use kcl_core::aggregation::encode_aggregated;
-use kcl_core::SequenceNumber;
+use kcl_core::{RetryPolicy, SequenceNumber};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
@@ -34,6 +34,13 @@ const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_PARTITION_KEY_CHARS: usize = 256;
 /// The shard map is not read again sooner than this after the last read.
 const SHARD_MAP_MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Backoff between failed reads of the shard map (at least `SHARD_MAP_MIN_REFRESH`
+/// apart, too); retried for the producer's life.
+const SHARD_MAP_RETRY: RetryPolicy = RetryPolicy {
+    initial_backoff: Duration::from_secs(2),
+    max_backoff: Duration::from_secs(30),
+    max_attempts: None,
+};
 
 /// What a written record's future resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,6 +428,10 @@ struct Pipeline {
     map_reading: bool,
     /// A read of the shard map is wanted and not yet started.
     map_stale: bool,
+    /// Reads of the shard map failed in a row (each `ListShards` call bounded by
+    /// `request_timeout`): the next one is due at `map_retry_at`, after a backoff.
+    map_failures: u32,
+    map_retry_at: Option<Instant>,
     buckets: HashMap<String, TokenBucket>,
     in_flight: usize,
     /// Ids of user records not yet resolved, for flushes.
@@ -434,8 +445,8 @@ struct Pipeline {
     accepting: bool,
     done_tx: mpsc::UnboundedSender<(Vec<Entry>, CallOutcome)>,
     done_rx: mpsc::UnboundedReceiver<(Vec<Entry>, CallOutcome)>,
-    map_tx: mpsc::UnboundedSender<Option<ShardMap>>,
-    map_rx: mpsc::UnboundedReceiver<Option<ShardMap>>,
+    map_tx: mpsc::UnboundedSender<Result<ShardMap, BoxError>>,
+    map_rx: mpsc::UnboundedReceiver<Result<ShardMap, BoxError>>,
 }
 
 impl Pipeline {
@@ -456,6 +467,8 @@ impl Pipeline {
             map_read_at: None,
             map_reading: false,
             map_stale: false,
+            map_failures: 0,
+            map_retry_at: None,
             buckets: HashMap::new(),
             in_flight: 0,
             outstanding: BTreeSet::new(),
@@ -470,21 +483,17 @@ impl Pipeline {
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, stopped: watch::Sender<bool>) {
-        if self.config.aggregation_enabled || self.config.rate_limit_enabled {
+        if self.predicts() {
             // Read before the first call (puts queue meanwhile), so that aggregation and
-            // rate limits apply from the first record.
+            // rate limits apply from the first record; when it fails, in the background
+            // with backoff.
             self.map_read_at = Some(Instant::now());
-            match tokio::time::timeout(self.config.request_timeout, read_shard_map(&self.kinesis, &self.stream)).await {
-                Ok(Ok(map)) => self.shard_map = map,
-                Ok(Err(e)) => {
-                    warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
-                }
-                Err(_) => warn!("reading the stream's shards timed out; records are not aggregated or rate limited until they are read"),
-            }
+            let read = read_shard_map(&self.kinesis, &self.stream, self.config.request_timeout).await;
+            self.map_read(read);
         }
         loop {
             let now = Instant::now();
-            if self.map_stale {
+            if self.map_stale || self.map_retry_at.is_some_and(|at| at <= now) {
                 self.refresh_shard_map();
             }
             self.fire_timers(now);
@@ -503,11 +512,9 @@ impl Pipeline {
                     None => self.accepting = false,
                 },
                 Some((entries, outcome)) = self.done_rx.recv() => self.completed(entries, outcome),
-                Some(map) = self.map_rx.recv() => {
+                Some(read) = self.map_rx.recv() => {
                     self.map_reading = false;
-                    if let Some(map) = map {
-                        self.shard_map = map;
-                    }
+                    self.map_read(read);
                 }
                 () = sleep_until_or_never(wake) => {}
             }
@@ -518,6 +525,34 @@ impl Pipeline {
         metrics::buffered(0, 0);
         debug!("producer task stopped");
         let _ = stopped.send(true);
+    }
+
+    /// Whether records' shards are predicted: only aggregation and rate limits need it.
+    fn predicts(&self) -> bool {
+        self.config.aggregation_enabled || self.config.rate_limit_enabled
+    }
+
+    /// Takes the outcome of a read of the shard map: the new map, or a retry after a
+    /// backoff (the old map, if any, stays meanwhile).
+    fn map_read(&mut self, read: Result<ShardMap, BoxError>) {
+        match read {
+            Ok(map) => {
+                self.map_failures = 0;
+                self.map_retry_at = None;
+                self.shard_map = map;
+            }
+            Err(e) => {
+                self.map_failures = self.map_failures.saturating_add(1);
+                let backoff = SHARD_MAP_RETRY.backoff(self.map_failures);
+                self.map_retry_at = Some(Instant::now() + backoff);
+                warn!(
+                    error = %crate::error_chain(e.as_ref()),
+                    failures = self.map_failures,
+                    retry_in = ?backoff,
+                    "cannot read the stream's shards; until they are read, records are not aggregated or rate limited (or by the last map read)"
+                );
+            }
+        }
     }
 
     /// Whether buffered records go out at once: a flush waits, or the producer drains.
@@ -949,7 +984,11 @@ impl Pipeline {
             .map_read_at
             .filter(|_| self.map_stale && !self.map_reading)
             .map(|at| at + SHARD_MAP_MIN_REFRESH);
-        [timer, ready, aggregate, map]
+        let map_retry = self
+            .map_retry_at
+            .filter(|_| !self.map_reading)
+            .map(|at| at.max(self.map_read_at.map_or(at, |read| read + SHARD_MAP_MIN_REFRESH)));
+        [timer, ready, aggregate, map, map_retry]
             .into_iter()
             .flatten()
             .min()
@@ -957,7 +996,9 @@ impl Pipeline {
     }
 
     /// Reads the stream's open shards in the background, at most once a second (a
-    /// request sooner is carried out when the second has passed).
+    /// request sooner is carried out when the second has passed). Each `ListShards`
+    /// call is bounded by `request_timeout`; a failed read is retried after a backoff
+    /// ([`Pipeline::map_read`]), so neither a failure nor a hung call freezes the map.
     fn refresh_shard_map(&mut self) {
         self.map_stale = true;
         if self.map_reading || self.map_read_at.is_some_and(|at| at.elapsed() < SHARD_MAP_MIN_REFRESH) {
@@ -966,27 +1007,26 @@ impl Pipeline {
         self.map_stale = false;
         self.map_reading = true;
         self.map_read_at = Some(Instant::now());
+        self.map_retry_at = None;
         let kinesis = self.kinesis.clone();
         let stream = self.stream.clone();
+        let timeout = self.config.request_timeout;
         let tx = self.map_tx.clone();
         tokio::spawn(
             async move {
-                let map = match read_shard_map(&kinesis, &stream).await {
-                    Ok(map) if !map.is_empty() => Some(map),
-                    Ok(_) => None,
-                    Err(e) => {
-                        warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
-                        None
-                    }
-                };
-                let _ = tx.send(map);
+                let _ = tx.send(read_shard_map(&kinesis, &stream, timeout).await);
             }
             .in_current_span(),
         );
     }
 }
 
-async fn read_shard_map(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<ShardMap, BoxError> {
+/// Reads the stream's open shards, each `ListShards` call bounded by `timeout`.
+async fn read_shard_map(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    timeout: Duration,
+) -> Result<ShardMap, BoxError> {
     let mut shards = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
@@ -997,22 +1037,24 @@ async fn read_shard_map(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Resu
                 .stream_name(stream)
                 .shard_filter(ShardFilter::builder().r#type(ShardFilterType::AtLatest).build()?),
         };
-        let out = request.send().await?;
-        for shard in out.shards() {
-            if let Some(range) = shard.hash_key_range() {
-                shards.push((
-                    range.starting_hash_key().to_owned(),
-                    range.ending_hash_key().to_owned(),
-                    shard.shard_id().to_owned(),
-                ));
-            }
-        }
+        let out = tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| format!("ListShards timed out after {timeout:?}"))??;
+        shards.extend(out.shards().iter().cloned());
         match out.next_token {
             Some(token) => next_token = Some(token),
             None => break,
         }
     }
-    Ok(ShardMap::new(shards))
+    let map = ShardMap::from_listed(&shards);
+    if map.is_empty() {
+        return Err(format!(
+            "ListShards listed no open shard with a readable hash key range ({} shards)",
+            shards.len()
+        )
+        .into());
+    }
+    Ok(map)
 }
 
 /// Error codes of a result entry worth retrying.
