@@ -741,3 +741,206 @@ async fn a_hung_list_shards_times_out_and_the_map_is_read_again() -> anyhow::Res
     producer.close().await;
     Ok(())
 }
+
+/// Fails every `PutRecords` entry whose data starts with a given prefix while set
+/// (throttled entries; a call of only such entries is throttled whole), writes the
+/// others, and notes what it saw: the data of entries let through, failures, finished
+/// `ListShards` calls.
+#[derive(Clone, Debug, Default)]
+struct DataFaults(Arc<DataFaultsState>);
+
+#[derive(Debug, Default)]
+struct DataFaultsState {
+    failing: std::sync::Mutex<Option<String>>,
+    sent: std::sync::Mutex<Vec<Bytes>>,
+    failures: AtomicU64,
+    list_shards: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl DataFaults {
+    fn fail_data(&self, prefix: Option<&str>) {
+        *self.0.failing.lock().unwrap_or_else(|p| p.into_inner()) = prefix.map(str::to_owned);
+    }
+
+    fn sent(&self) -> Vec<Bytes> {
+        self.0.sent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until `done` holds; fails after `timeout`.
+    async fn wait(&self, what: &str, timeout: Duration, done: impl Fn(&Self) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return Ok(());
+            }
+            tokio::time::timeout_at(deadline, changed)
+                .await
+                .with_context(|| format!("timed out waiting for {what}"))?;
+        }
+    }
+}
+
+impl Intercept for DataFaults {
+    fn name(&self) -> &'static str {
+        "DataFaults"
+    }
+
+    fn modify_before_serialization(
+        &self,
+        context: &mut BeforeSerializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Some(input) = context.input_mut().downcast_mut::<PutRecordsInput>() else {
+            return Ok(());
+        };
+        let failing = self.0.failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let records = input.records.take().unwrap_or_default();
+        let (mut kept, mut failed) = (Vec::new(), Vec::new());
+        for (i, record) in records.into_iter().enumerate() {
+            if failing
+                .as_deref()
+                .is_some_and(|prefix| record.data.as_ref().starts_with(prefix.as_bytes()))
+            {
+                failed.push((i, "ProvisionedThroughputExceededException"));
+            } else {
+                kept.push(record);
+            }
+        }
+        self.0.failures.fetch_add(failed.len() as u64, Ordering::Relaxed);
+        self.0
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(kept.iter().map(|r| Bytes::copy_from_slice(r.data().as_ref())));
+        if kept.is_empty() {
+            input.stream_name = Some(MISSING_STREAM.to_owned());
+            cfg.interceptor_state().store_put(Fault::Throttle);
+            // Not written: keep the request valid for the missing stream.
+            input.records = Some(vec![aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                .partition_key("x")
+                .data(aws_smithy_types::Blob::new("x"))
+                .build()?]);
+        } else {
+            input.records = Some(kept);
+            if !failed.is_empty() {
+                cfg.interceptor_state().store_put(Fault::Partial(failed));
+            }
+        }
+        self.0.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        PutRecordsFaults::default().modify_before_deserialization(context, runtime_components, cfg)
+    }
+
+    fn modify_before_completion(
+        &self,
+        context: &mut FinalizerInterceptorContextMut<'_>,
+        runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name().to_owned());
+        if operation.as_deref() == Some("ListShards") {
+            self.0.list_shards.fetch_add(1, Ordering::Relaxed);
+            self.0.changed.notify_waiters();
+        }
+        PutRecordsFaults::default().modify_before_completion(context, runtime_components, cfg)
+    }
+}
+
+/// Issue: with aggregation, order is kept per predicted-shard lane; after the shard map
+/// changed, a key's new records went out in an idle lane of a child shard while its
+/// older record was still being retried in the parent's lane. The key's records must
+/// be written in put order across the map change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_order_holds_across_a_reshard_with_aggregation() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let faults = DataFaults::default();
+    let client = aws_sdk_kinesis::Client::from_conf(
+        env.kinesis
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled())
+            .interceptor(faults.clone())
+            .build(),
+    );
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    // Records of 200 bytes go on their own (so the interceptor can fail one of them),
+    // in their shard's lane as aggregates would.
+    config.aggregation_max_size = 150;
+    let producer = KinesisProducer::new(client, env.stream.clone(), config);
+    let record = |name: &str| Bytes::from(format!("{name:<200}"));
+    producer.put("other", record("warm-up")).await?.await?;
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+
+    faults.fail_data(Some("slow-0"));
+    let other = producer.put("other", record("other-0")).await?;
+    let mut slow = vec![producer.put("slow", record("slow-0")).await?];
+    // other-0 lands on a child, not the predicted parent: the map is read again.
+    other.await?;
+    faults
+        .wait("the map read again", WAIT, |f| {
+            f.0.list_shards.load(Ordering::Relaxed) >= 2
+        })
+        .await?;
+    // slow-0 keeps failing (in the parent's lane) after the new map is in.
+    let failed = faults.0.failures.load(Ordering::Relaxed);
+    faults
+        .wait("slow-0 retried", WAIT, |f| {
+            f.0.failures.load(Ordering::Relaxed) >= failed + 2
+        })
+        .await?;
+    for i in 1..=5 {
+        slow.push(producer.put("slow", record(&format!("slow-{i}"))).await?);
+    }
+    // Give the later records the chance to overtake: until one is sent, or slow-0 has
+    // failed 5 more times.
+    let failed = faults.0.failures.load(Ordering::Relaxed);
+    let later_sent = |f: &DataFaults| f.sent().iter().any(|d| d.starts_with(b"slow-"));
+    faults
+        .wait("slow-1.. sent or slow-0 retried", WAIT, |f| {
+            later_sent(f) || f.0.failures.load(Ordering::Relaxed) >= failed + 5
+        })
+        .await?;
+    let overtook = later_sent(&faults);
+    faults.fail_data(None);
+    let results = futures::future::try_join_all(slow).await?;
+
+    let stored = read_back(&env).await?;
+    let order: Vec<String> = {
+        let mut slow: Vec<_> = stored.iter().filter(|(d, _, _)| d.starts_with(b"slow-")).collect();
+        slow.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        slow.iter()
+            .map(|(d, s, _)| format!("{}@{s}", String::from_utf8_lossy(d).trim_end()))
+            .collect()
+    };
+    eprintln!("stored order of key slow: {order:?}");
+    let shards: HashSet<&str> = results.iter().map(|r| r.shard_id.as_str()).collect();
+    anyhow::ensure!(shards.len() == 1, "one key, one shard: {shards:?}");
+    for pair in results.windows(2) {
+        anyhow::ensure!(
+            pair[0].sequence_number < pair[1].sequence_number,
+            "key slow written out of put order (a later record sent while slow-0 was retried: {overtook}): {order:?}"
+        );
+    }
+    anyhow::ensure!(
+        !overtook,
+        "a later record of the key was sent while slow-0 was being retried"
+    );
+    producer.close().await;
+    Ok(())
+}

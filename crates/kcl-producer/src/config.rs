@@ -28,7 +28,9 @@ pub struct ProducerConfig {
     /// Keep each partition key's records in order: a record is not sent while an
     /// earlier record of its key is in flight or waiting to be retried. Turn off for
     /// throughput when order does not matter (records of one key are then sent
-    /// together and retried independently). Default on.
+    /// together and retried independently). With aggregation, order is kept per
+    /// predicted shard; after the stream is resharded, new records wait until the
+    /// records put before the new shard map was read are written or failed. Default on.
     pub ordered_per_key: bool,
     /// Pack records whose keys map to the same shard into KPL aggregated records (the
     /// KPL's `AggregationEnabled`). Consumers de-aggregate them: `kcl-core` and the

@@ -41,7 +41,10 @@
 //!   producer retries throttling and server errors itself).
 //! - With `ordered_per_key` (the default), a record is never sent while an earlier
 //!   record of the same partition key is in flight or waiting to be retried, so per key
-//!   the sequence numbers follow the put order.
+//!   the sequence numbers follow the put order. This holds across a reshard: with
+//!   aggregation, records are ordered per predicted shard, and when a new shard map
+//!   moves keys to other shards, records formed under the new map wait until every
+//!   record formed under the old one is written or failed.
 //!
 //! ## Metrics
 //! | name | kind | labels | meaning |

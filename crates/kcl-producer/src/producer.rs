@@ -311,13 +311,30 @@ fn validate(
     }
 }
 
-/// Records sent in order: a partition key's (or, aggregated, a shard's) when order is
-/// kept, else one lane per Kinesis record.
+/// Records sent in order: a partition key's (or, aggregated, a predicted shard's) when
+/// order is kept, else one lane per Kinesis record.
+///
+/// Ordered lanes carry the epoch of the shard map they were formed under. With
+/// aggregation a key's lane is its predicted shard's, so a new map moves the key to
+/// another lane; a lane of a newer epoch is therefore held until every lane of older
+/// epochs has drained (written, or failed), so that a key's new records never overtake
+/// its older ones still queued or being retried under the old map. Without
+/// aggregation lanes are per key and the epoch stays 0.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Lane {
-    Key(String),
-    Shard(String),
+    Key(u64, String),
+    Shard(u64, String),
     Single(u64),
+}
+
+impl Lane {
+    /// The shard map epoch of an ordered lane.
+    fn epoch(&self) -> Option<u64> {
+        match self {
+            Self::Key(epoch, _) | Self::Shard(epoch, _) => Some(*epoch),
+            Self::Single(_) => None,
+        }
+    }
 }
 
 /// One Kinesis record to send: a user record, or an aggregate of several.
@@ -433,6 +450,13 @@ struct Pipeline {
     map_failures: u32,
     map_retry_at: Option<Instant>,
     buckets: HashMap<String, TokenBucket>,
+    /// The epoch of the shard map new ordered lanes are formed under: bumped when a
+    /// new map changes which lane a key goes to (aggregation with order kept).
+    lane_epoch: u64,
+    /// The oldest epoch that may still have lanes queued or in flight; lanes of later
+    /// epochs wait in `held` until it catches up.
+    oldest_epoch: u64,
+    held: Vec<(Lane, Instant)>,
     in_flight: usize,
     /// Ids of user records not yet resolved, for flushes.
     outstanding: BTreeSet<u64>,
@@ -470,6 +494,9 @@ impl Pipeline {
             map_failures: 0,
             map_retry_at: None,
             buckets: HashMap::new(),
+            lane_epoch: 0,
+            oldest_epoch: 0,
+            held: Vec::new(),
             in_flight: 0,
             outstanding: BTreeSet::new(),
             outstanding_bytes: 0,
@@ -498,6 +525,7 @@ impl Pipeline {
             }
             self.fire_timers(now);
             self.close_aggregates(now);
+            self.advance_epochs();
             self.send_batches(now);
             if !self.accepting && self.outstanding.is_empty() && self.in_flight == 0 {
                 break;
@@ -539,6 +567,18 @@ impl Pipeline {
             Ok(map) => {
                 self.map_failures = 0;
                 self.map_retry_at = None;
+                if map != self.shard_map && self.config.aggregation_enabled && self.config.ordered_per_key {
+                    // What is packed so far belongs to the old map's lanes.
+                    let open: Vec<String> = self.aggregates.keys().cloned().collect();
+                    for shard in open {
+                        self.close_aggregate(&shard);
+                    }
+                    self.lane_epoch += 1;
+                    debug!(
+                        epoch = self.lane_epoch,
+                        "new shard map: new lanes wait for the old ones to drain"
+                    );
+                }
                 self.shard_map = map;
             }
             Err(e) => {
@@ -597,11 +637,13 @@ impl Pipeline {
             Lane::Single(record.id)
         } else if self.config.aggregation_enabled {
             // Aggregates and single records of a shard share its lane, in order.
-            predicted
-                .clone()
-                .map_or_else(|| Lane::Key(record.partition_key.clone()), Lane::Shard)
+            let epoch = self.lane_epoch;
+            predicted.clone().map_or_else(
+                || Lane::Key(epoch, record.partition_key.clone()),
+                |shard| Lane::Shard(epoch, shard),
+            )
         } else {
-            Lane::Key(record.partition_key.clone())
+            Lane::Key(self.lane_epoch, record.partition_key.clone())
         };
         self.enqueue(Entry::single(lane, record, predicted));
     }
@@ -639,7 +681,7 @@ impl Pipeline {
         };
         let mut users = aggregate.users;
         let lane = if self.config.ordered_per_key {
-            Lane::Shard(shard.to_owned())
+            Lane::Shard(self.lane_epoch, shard.to_owned())
         } else {
             Lane::Single(users.first().map_or(0, |u| u.id))
         };
@@ -664,6 +706,32 @@ impl Pipeline {
             entry
         };
         self.enqueue(entry);
+    }
+
+    /// After a change of the shard map: once no lane of an older epoch is queued or in
+    /// flight, lets the held lanes of the next epoch go.
+    fn advance_epochs(&mut self) {
+        if self.oldest_epoch == self.lane_epoch {
+            return;
+        }
+        // A scan of the lanes, only while a map change is being drained.
+        let oldest = self
+            .lanes
+            .keys()
+            .chain(self.busy.iter())
+            .filter_map(Lane::epoch)
+            .min()
+            .unwrap_or(self.lane_epoch);
+        if oldest == self.oldest_epoch {
+            return;
+        }
+        self.oldest_epoch = oldest;
+        let (go, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(lane, _)| lane.epoch().is_none_or(|epoch| epoch <= oldest));
+        self.held = wait;
+        debug!(epoch = oldest, lanes = go.len(), "lanes of an older shard map drained");
+        self.ready.extend(go);
     }
 
     /// Moves lanes whose wait is over to the ready queue.
@@ -711,6 +779,10 @@ impl Pipeline {
             let Some((lane, since)) = self.ready.pop_front() else {
                 break;
             };
+            if lane.epoch().is_some_and(|epoch| epoch > self.oldest_epoch) {
+                self.held.push((lane, since));
+                continue;
+            }
             let Some(queue) = self.lanes.get_mut(&lane) else {
                 continue;
             };

@@ -9,7 +9,7 @@ pub(crate) fn hash_of_partition_key(partition_key: &str) -> u128 {
 }
 
 /// The open shards' hash key ranges, sorted by start.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ShardMap {
     ranges: Vec<(u128, u128, String)>,
 }
