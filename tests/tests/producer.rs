@@ -944,3 +944,53 @@ async fn a_keys_order_holds_across_a_reshard_with_aggregation() -> anyhow::Resul
     producer.close().await;
     Ok(())
 }
+
+/// Issue: the aggregate size estimate ignored the explicit hash key table. Records with
+/// distinct explicit hash keys are packed into aggregates that stay within
+/// `aggregation_max_size` (by default, 50 KiB), and, with the aggregate size at the
+/// record limit (1 MiB), no aggregate exceeds the limit: before, such an aggregate made
+/// its whole `PutRecords` call fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_with_explicit_hash_keys_stay_within_their_limits() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    for (max_size, max_count, records) in [(50 << 10, 1000, 3000), (1 << 20, 1_000_000, 40_000)] {
+        let mut config = quick_retries();
+        config.aggregation_enabled = true;
+        config.aggregation_max_size = max_size;
+        config.aggregation_max_count = max_count;
+        // Aggregates close when full (or at the flush), not after a linger.
+        config.record_max_buffered_time = Duration::from_secs(60);
+        let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+        let mut pending = Vec::new();
+        for i in 0..records {
+            // A distinct 39-digit explicit hash key each (all in the one shard).
+            let ehk = (u128::MAX - i as u128 * 7_919).to_string();
+            pending.push(
+                producer
+                    .put_with_hash_key("k", Some(ehk), Bytes::from(format!("{max_size}-{i:06}")))
+                    .await?,
+            );
+        }
+        producer.flush().await;
+        let results = futures::future::try_join_all(pending)
+            .await
+            .with_context(|| format!("aggregates of at most {max_size} bytes"))?;
+        anyhow::ensure!(results.iter().any(|r| r.sub_sequence_number.is_some()), "aggregated");
+        producer.close().await;
+    }
+    for (data, _, sequence) in read_back(&env).await? {
+        let size = data.len() + 1; // the aggregate's partition key is "k"
+        let users = kcl_core::aggregation::deaggregate(kcl_core::Record::new(data, "k", sequence))?;
+        let limit = if users.first().is_some_and(|u| u.data.starts_with(b"51200-")) {
+            50 << 10
+        } else {
+            1 << 20
+        };
+        anyhow::ensure!(
+            size <= limit,
+            "an aggregate of {} records is {size} bytes; at most {limit} allowed",
+            users.len()
+        );
+    }
+    Ok(())
+}

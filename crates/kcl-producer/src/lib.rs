@@ -26,8 +26,8 @@
 //! - [`error`]: [`ProducerError`] and [`InvalidRecord`], one variant per way the caller
 //!   reacts.
 //! - the producer itself ([`KinesisProducer`], [`PutRecordResult`], [`PutFuture`]), its
-//!   shard map (hash key ranges, refreshed after a reshard) and per-shard rate limiter
-//!   are internal.
+//!   shard map (hash key ranges, refreshed after a reshard), the exact size of an
+//!   aggregate being packed, and the per-shard rate limiter are internal.
 //!
 //! ## Guarantees
 //! - A record's future resolves exactly once: with its shard and sequence number (and
@@ -59,6 +59,7 @@
 //! | `kcl_producer_buffered_bytes` | gauge | | their bytes |
 //! | `kcl_producer_put_latency_seconds` | histogram | | from `put` to the acknowledgement |
 
+mod aggregate;
 pub mod config;
 pub mod error;
 mod limiter;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
 
+use crate::aggregate::AggregateSize;
 use crate::config::ProducerConfig;
 use crate::error::{BoxError, InvalidRecord, ProducerError};
 use crate::limiter::TokenBucket;
@@ -408,7 +409,8 @@ impl Entry {
 #[derive(Debug)]
 struct OpenAggregate {
     users: Vec<UserRecord>,
-    bytes: usize,
+    /// Its exact size as a Kinesis record, kept as records are added.
+    size: AggregateSize,
     opened: Instant,
 }
 
@@ -609,25 +611,30 @@ impl Pipeline {
         let predicted = self.shard_map.shard_for(record.hash).map(str::to_owned);
         if self.config.aggregation_enabled {
             if let Some(shard) = predicted.clone() {
-                let size = record.data.len() + record.partition_key.len() + 16;
-                // An aggregate is one Kinesis record: it must fit in one.
-                let max_size = self.config.aggregation_max_size.min(MAX_RECORD_BYTES - 4096);
-                if size >= max_size {
+                // An aggregate is one Kinesis record: it must fit in one. Sizes are
+                // exact (both key tables counted), so no slack is needed.
+                let max_size = self.config.aggregation_max_size.min(MAX_RECORD_BYTES);
+                let (pk, ehk, data) = (
+                    record.partition_key.as_str(),
+                    record.explicit_hash_key.as_deref(),
+                    record.data.len(),
+                );
+                if AggregateSize::default().with(pk, ehk, data) > max_size {
                     // Sent on its own, after the records of its shard put before it.
                     self.close_aggregate(&shard);
                 } else {
                     let full = self.aggregates.get(&shard).is_some_and(|a| {
-                        a.bytes + size > max_size || a.users.len() >= self.config.aggregation_max_count
+                        a.size.with(pk, ehk, data) > max_size || a.users.len() >= self.config.aggregation_max_count
                     });
                     if full {
                         self.close_aggregate(&shard);
                     }
                     let aggregate = self.aggregates.entry(shard).or_insert_with(|| OpenAggregate {
                         users: Vec::new(),
-                        bytes: 0,
+                        size: AggregateSize::default(),
                         opened: Instant::now(),
                     });
-                    aggregate.bytes += size;
+                    aggregate.size.add(pk, ehk, data);
                     aggregate.users.push(record);
                     return;
                 }
