@@ -23,7 +23,7 @@ use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use bytes::Bytes;
 use futures::FutureExt as _;
 use kcl_core::{InitialPositionInStream, SequenceNumber};
-use kcl_producer::{InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
+use kcl_producer::{ConfigError, InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
 use kcl_tests::{fast_config, CheckpointMode, Recorder, RecordingProcessor, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -992,5 +992,47 @@ async fn aggregates_with_explicit_hash_keys_stay_within_their_limits() -> anyhow
             users.len()
         );
     }
+    Ok(())
+}
+
+/// Issue: a zero per-shard rate panicked the producer's task (every record then
+/// reported `Closed`), a huge `record_ttl` panicked `put` (`Instant + Duration`
+/// overflow), and nothing was validated. `try_new` refuses such a config with a typed
+/// error naming the field; `new` panics with it before starting anything.
+#[tokio::test]
+async fn an_invalid_config_is_refused_with_a_typed_error_naming_the_field() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let refused =
+        |config: ProducerConfig| match KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+    let mut config = ProducerConfig::default();
+    config.per_shard_records_per_second = 0;
+    assert_eq!(refused(config), "per_shard_records_per_second");
+    let mut config = ProducerConfig::default();
+    config.per_shard_bytes_per_second = 0;
+    assert_eq!(refused(config), "per_shard_bytes_per_second");
+    let mut config = ProducerConfig::default();
+    config.record_ttl = Duration::MAX;
+    assert_eq!(refused(config), "record_ttl");
+    let mut config = ProducerConfig::default();
+    config.max_retry_backoff = Duration::from_secs(u64::MAX / 2);
+    assert_eq!(refused(config), "max_retry_backoff");
+    let mut config = ProducerConfig::default();
+    config.max_in_flight_calls = 0;
+    assert_eq!(refused(config), "max_in_flight_calls");
+    let message = {
+        let mut config = ProducerConfig::default();
+        config.request_timeout = Duration::ZERO;
+        KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config)
+            .expect_err("zero request timeout")
+            .to_string()
+    };
+    assert!(message.contains("request_timeout"), "{message}");
+    // A valid config still works end to end.
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), ProducerConfig::default())?;
+    producer.put("k", Bytes::from_static(b"x")).await?.await?;
+    producer.close().await;
     Ok(())
 }

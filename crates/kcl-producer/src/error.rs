@@ -74,6 +74,23 @@ pub enum InvalidRecord {
     InvalidExplicitHashKey(String),
 }
 
+/// Why a [`crate::ProducerConfig`] was refused (by [`crate::ProducerConfig::validate`]
+/// and [`crate::KinesisProducer::try_new`]): fix the config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting is out of its range.
+    #[error("invalid producer config: {field} is {value}; {requirement}")]
+    Invalid {
+        /// The field of [`crate::ProducerConfig`], such as `record_ttl`.
+        field: &'static str,
+        /// Its value, as given.
+        value: String,
+        /// What it must be.
+        requirement: &'static str,
+    },
+}
+
 /// An error with its whole source chain, for logs.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();

@@ -8,10 +8,10 @@
 //! buffer is full or a shard is at its limits.
 //!
 //! ```no_run
-//! # async fn example(kinesis: aws_sdk_kinesis::Client) -> Result<(), kcl_producer::ProducerError> {
+//! # async fn example(kinesis: aws_sdk_kinesis::Client) -> Result<(), Box<dyn std::error::Error>> {
 //! use kcl_producer::{KinesisProducer, ProducerConfig};
 //!
-//! let producer = KinesisProducer::new(kinesis, "orders", ProducerConfig::default());
+//! let producer = KinesisProducer::try_new(kinesis, "orders", ProducerConfig::default())?;
 //! // `put` waits for room in the buffer; the returned future for the acknowledgement.
 //! let ack = producer.put("customer-42", bytes::Bytes::from_static(b"{\"total\":12}")).await?;
 //! let result = ack.await?;
@@ -24,7 +24,7 @@
 //! Modules:
 //! - [`config`]: [`ProducerConfig`], named after the KPL's settings.
 //! - [`error`]: [`ProducerError`] and [`InvalidRecord`], one variant per way the caller
-//!   reacts.
+//!   reacts, and [`ConfigError`] for a config out of range.
 //! - the producer itself ([`KinesisProducer`], [`PutRecordResult`], [`PutFuture`]), its
 //!   shard map (hash key ranges, refreshed after a reshard), the exact size of an
 //!   aggregate being packed, and the per-shard rate limiter are internal.
@@ -69,5 +69,5 @@ mod shard_map;
 
 pub use config::ProducerConfig;
 pub(crate) use error::error_chain;
-pub use error::{InvalidRecord, ProducerError};
+pub use error::{ConfigError, InvalidRecord, ProducerError};
 pub use producer::{KinesisProducer, PutFuture, PutRecordResult};

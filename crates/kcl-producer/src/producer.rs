@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::aggregate::AggregateSize;
-use crate::config::ProducerConfig;
-use crate::error::{BoxError, InvalidRecord, ProducerError};
+use crate::config::{ProducerConfig, MAX_RECORD_BYTES};
+use crate::error::{BoxError, ConfigError, InvalidRecord, ProducerError};
 use crate::limiter::TokenBucket;
 use crate::metrics;
 use crate::shard_map::{hash_of_partition_key, ShardMap};
@@ -31,7 +31,6 @@ use crate::shard_map::{hash_of_partition_key, ShardMap};
 /// Kinesis's limits on one `PutRecords` call and one record.
 const MAX_RECORDS_PER_CALL: usize = 500;
 const MAX_BYTES_PER_CALL: usize = 5 << 20;
-const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_PARTITION_KEY_CHARS: usize = 256;
 /// The shard map is not read again sooner than this after the last read.
 const SHARD_MAP_MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -134,19 +133,37 @@ impl KinesisProducer {
     /// rate limits) in the background.
     ///
     /// # Panics
-    /// Outside a tokio runtime.
+    /// Outside a tokio runtime, and when `config` is invalid (with the
+    /// [`ConfigError`]'s message): use [`KinesisProducer::try_new`] to get the error.
     pub fn new(kinesis: aws_sdk_kinesis::Client, stream: impl Into<String>, config: ProducerConfig) -> Self {
+        match Self::try_new(kinesis, stream, config) {
+            Ok(producer) => producer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// As [`KinesisProducer::new`], refusing an invalid config instead of panicking.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first setting out of its range (see
+    /// [`ProducerConfig::validate`]); nothing is started then.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn try_new(
+        kinesis: aws_sdk_kinesis::Client,
+        stream: impl Into<String>,
+        config: ProducerConfig,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
         let stream = stream.into();
         let (commands, rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             stream: stream.clone(),
-            records: Arc::new(Semaphore::new(config.max_buffered_records.max(1))),
-            bytes: Arc::new(Semaphore::new(
-                config
-                    .max_buffered_bytes
-                    .clamp(MAX_RECORD_BYTES, Semaphore::MAX_PERMITS),
-            )),
+            // Validated: at least 1, and at least the record limit.
+            records: Arc::new(Semaphore::new(config.max_buffered_records.min(Semaphore::MAX_PERMITS))),
+            bytes: Arc::new(Semaphore::new(config.max_buffered_bytes.min(Semaphore::MAX_PERMITS))),
             config: config.clone(),
             commands: Mutex::new(Some(commands)),
             closed: AtomicBool::new(false),
@@ -157,7 +174,7 @@ impl KinesisProducer {
         // Detached: the task ends by itself once every handle is gone (or `close` took
         // the sender) and every record is resolved.
         drop(tokio::spawn(pipeline.run(rx, stopped_tx).instrument(span)));
-        Self { shared }
+        Ok(Self { shared })
     }
 
     /// The stream this producer writes to.
@@ -757,7 +774,7 @@ impl Pipeline {
     /// nothing is in flight, a call is full, the oldest ready record has waited
     /// `record_max_buffered_time`, or a flush waits.
     fn send_batches(&mut self, now: Instant) {
-        while self.in_flight < self.config.max_in_flight_calls.max(1) {
+        while self.in_flight < self.config.max_in_flight_calls {
             let Some((_, since)) = self.ready.front() else {
                 return;
             };
