@@ -397,7 +397,10 @@ async fn invalid_records_get_typed_errors() -> anyhow::Result<()> {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(
         refused(producer.put("k", Bytes::from(vec![0u8; 1 << 20])).await),
-        InvalidRecord::TooLarge { bytes: (1 << 20) + 1 }
+        InvalidRecord::TooLarge {
+            bytes: (1 << 20) + 1,
+            limit: 1 << 20
+        }
     );
     for bad in ["", "12a", "340282366920938463463374607431768211456"] {
         assert_eq!(
@@ -1034,5 +1037,83 @@ async fn an_invalid_config_is_refused_with_a_typed_error_naming_the_field() -> a
     let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), ProducerConfig::default())?;
     producer.put("k", Bytes::from_static(b"x")).await?.await?;
     producer.close().await;
+    Ok(())
+}
+
+/// Records up to 10 MiB: the record limit is `max_record_size` (default 1 MiB, at most
+/// 10 MiB). Over it, `put` refuses the record with `TooLarge` naming the limit; at
+/// 10 MiB a 5 MiB record is accepted and sent (in a call of its own, over the 5 MiB
+/// of a call). The embedded backend keeps the old 1 MiB limit even after
+/// `UpdateMaxRecordSize`, so here the record's future reports the backend's refusal
+/// as a typed `ProducerError::Kinesis` (against AWS, with the stream's maximum raised,
+/// it is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_up_to_the_configured_max_record_size_are_accepted() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let refused = |r: Result<kcl_producer::PutFuture, ProducerError>| match r {
+        Err(ProducerError::InvalidRecord(why)) => why,
+        other => panic!("expected InvalidRecord, got {other:?}"),
+    };
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), quick_retries())?;
+    assert_eq!(
+        refused(producer.put("k", Bytes::from(vec![0u8; 5 << 20])).await),
+        InvalidRecord::TooLarge {
+            bytes: (5 << 20) + 1,
+            limit: 1 << 20
+        }
+    );
+    producer.close().await;
+
+    let stream_arn = env
+        .kinesis
+        .describe_stream_summary()
+        .stream_name(&env.stream)
+        .send()
+        .await?
+        .stream_description_summary()
+        .map(|d| d.stream_arn().to_owned())
+        .context("stream ARN")?;
+    env.kinesis
+        .update_max_record_size()
+        .stream_arn(stream_arn)
+        .max_record_size_in_kib(10 * 1024)
+        .send()
+        .await?;
+    let mut config = quick_retries();
+    config.max_record_size = 10 << 20;
+    config.max_buffered_bytes = 32 << 20;
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config.clone())?;
+    assert_eq!(
+        refused(producer.put("k", Bytes::from(vec![0u8; 10 << 20])).await),
+        InvalidRecord::TooLarge {
+            bytes: (10 << 20) + 1,
+            limit: 10 << 20
+        }
+    );
+    let small = producer.put("k", Bytes::from_static(b"small")).await?;
+    let large = producer.put("k2", Bytes::from(vec![7u8; 5 << 20])).await?;
+    small.await?;
+    match tokio::time::timeout(WAIT, large).await? {
+        Ok(written) => eprintln!("the backend took the 5 MiB record: {written:?}"),
+        Err(ProducerError::Kinesis { source }) => {
+            let text = format!("{source}");
+            eprintln!("the embedded backend refused the 5 MiB record: {text}");
+            anyhow::ensure!(
+                text.contains("ValidationException") || text.contains("too large") || text.contains("1048576"),
+                "{text}"
+            );
+        }
+        Err(other) => anyhow::bail!("unexpected outcome of a 5 MiB record: {other:?}"),
+    }
+    producer.close().await;
+
+    for bad in [0, (10 << 20) + 1] {
+        let mut config = config.clone();
+        config.max_record_size = bad;
+        match KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "max_record_size"),
+            other => panic!("expected max_record_size refused, got {other:?}"),
+        }
+    }
     Ok(())
 }

@@ -28,8 +28,8 @@ pub struct ProducerConfig {
     /// The most records buffered (put and not yet resolved): `put` waits for room
     /// beyond it. At least 1. Default 100,000.
     pub max_buffered_records: usize,
-    /// The most bytes of data buffered: `put` waits for room beyond it. At least the
-    /// record limit (1 MiB), so that any valid record fits. Default 64 MiB.
+    /// The most bytes of data buffered: `put` waits for room beyond it. At least
+    /// `max_record_size`, so that any valid record fits. Default 64 MiB.
     pub max_buffered_bytes: usize,
     /// Keep each partition key's records in order: a record is not sent while an
     /// earlier record of its key is in flight or waiting to be retried. Turn off for
@@ -43,7 +43,7 @@ pub struct ProducerConfig {
     /// Java KCL do. Default off.
     pub aggregation_enabled: bool,
     /// The most bytes of one aggregated record (the KPL's `AggregationMaxSize`).
-    /// From 1 byte to the record limit (1 MiB). Default 50 KiB.
+    /// From 1 byte to `max_record_size`. Default 50 KiB.
     pub aggregation_max_size: usize,
     /// The most records in one aggregated record (the KPL's `AggregationMaxCount`).
     /// At least 1. Default 1,000.
@@ -62,6 +62,14 @@ pub struct ProducerConfig {
     pub min_retry_backoff: Duration,
     /// The longest retry backoff. Default 5 s.
     pub max_retry_backoff: Duration,
+    /// The largest record `put` accepts, data and partition key together, in bytes:
+    /// larger ones are refused with [`crate::InvalidRecord::TooLarge`]. Kinesis takes
+    /// records up to 1 MiB by default and up to 10 MiB on a stream whose maximum was
+    /// raised (`UpdateMaxRecordSize`); set this to the stream's maximum. A record over
+    /// 5 MiB (the most one `PutRecords` call carries otherwise) is sent in a call of
+    /// its own. From 1 byte to [`ProducerConfig::MAX_RECORD_SIZE`] (10 MiB). Default
+    /// 1 MiB.
+    pub max_record_size: usize,
 }
 
 impl Default for ProducerConfig {
@@ -82,17 +90,18 @@ impl Default for ProducerConfig {
             per_shard_bytes_per_second: 1 << 20,
             min_retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(5),
+            max_record_size: 1 << 20,
         }
     }
 }
-
-/// The record limit the producer checks against (data and partition key).
-pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
 
 impl ProducerConfig {
     /// The longest duration any setting may have (365 days): far beyond any useful
     /// value, and far from where `Instant + Duration` overflows.
     pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    /// The largest `max_record_size` (10 MiB), Kinesis's largest record.
+    pub const MAX_RECORD_SIZE: usize = 10 << 20;
 
     /// Checks every setting against its documented range.
     ///
@@ -133,6 +142,7 @@ impl ProducerConfig {
             ("max_buffered_records", self.max_buffered_records),
             ("aggregation_max_count", self.aggregation_max_count),
             ("aggregation_max_size", self.aggregation_max_size),
+            ("max_record_size", self.max_record_size),
         ];
         for (field, value) in at_least_one {
             if value == 0 {
@@ -147,18 +157,25 @@ impl ProducerConfig {
                 return Err(invalid(field, value, "it must be at least 1"));
             }
         }
-        if self.aggregation_max_size > MAX_RECORD_BYTES {
+        if self.max_record_size > Self::MAX_RECORD_SIZE {
+            return Err(invalid(
+                "max_record_size",
+                self.max_record_size,
+                "it must be at most 10 MiB (10485760 bytes), Kinesis's largest record",
+            ));
+        }
+        if self.aggregation_max_size > self.max_record_size {
             return Err(invalid(
                 "aggregation_max_size",
                 self.aggregation_max_size,
-                "it must be at most the record limit (1 MiB)",
+                "it must be at most max_record_size",
             ));
         }
-        if self.max_buffered_bytes < MAX_RECORD_BYTES {
+        if self.max_buffered_bytes < self.max_record_size {
             return Err(invalid(
                 "max_buffered_bytes",
                 self.max_buffered_bytes,
-                "it must be at least the record limit (1 MiB), so that any record fits",
+                "it must be at least max_record_size, so that any record fits",
             ));
         }
         Ok(())
@@ -179,7 +196,13 @@ mod tests {
     #[test]
     fn the_default_is_valid_and_each_bad_field_is_named() {
         assert_eq!(ProducerConfig::default().validate(), Ok(()));
-        let cases: [(&str, fn(&mut ProducerConfig)); 14] = [
+        let cases: [(&str, fn(&mut ProducerConfig)); 17] = [
+            ("max_record_size", |c| c.max_record_size = 0),
+            ("max_record_size", |c| c.max_record_size = (10 << 20) + 1),
+            ("max_buffered_bytes", |c| {
+                c.max_record_size = 10 << 20;
+                c.max_buffered_bytes = 5 << 20;
+            }),
             ("record_max_buffered_time", |c| {
                 c.record_max_buffered_time = Duration::MAX
             }),
@@ -204,6 +227,10 @@ mod tests {
             change(&mut config);
             assert_eq!(field_of(&config), Some(field), "{config:?}");
         }
+        let mut large = ProducerConfig::default();
+        large.max_record_size = 10 << 20;
+        large.aggregation_max_size = 10 << 20;
+        assert_eq!(large.validate(), Ok(()));
         let mut zero_linger = ProducerConfig::default();
         zero_linger.record_max_buffered_time = Duration::ZERO;
         assert_eq!(zero_linger.validate(), Ok(()));

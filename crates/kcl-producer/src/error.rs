@@ -63,11 +63,16 @@ pub enum InvalidRecord {
         /// Its length in characters.
         chars: usize,
     },
-    /// The data and partition key together exceed 1 MiB.
-    #[error("the record is {bytes} bytes (data and partition key); at most 1 MiB is allowed")]
+    /// The data and partition key together exceed the producer's `max_record_size`
+    /// (1 MiB unless raised, at most 10 MiB).
+    #[error(
+        "the record is {bytes} bytes (data and partition key); at most {limit} bytes are allowed (max_record_size)"
+    )]
     TooLarge {
         /// Data and partition key, in bytes.
         bytes: usize,
+        /// The limit: `max_record_size`.
+        limit: usize,
     },
     /// The explicit hash key is not a decimal number below 2^128.
     #[error("the explicit hash key {0:?} is not a decimal number below 2^128")]

@@ -22,13 +22,14 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::aggregate::AggregateSize;
-use crate::config::{ProducerConfig, MAX_RECORD_BYTES};
+use crate::config::ProducerConfig;
 use crate::error::{BoxError, ConfigError, InvalidRecord, ProducerError};
 use crate::limiter::TokenBucket;
 use crate::metrics;
 use crate::shard_map::{hash_of_partition_key, ShardMap};
 
-/// Kinesis's limits on one `PutRecords` call and one record.
+/// Kinesis's limits on one `PutRecords` call (a larger record goes alone) and on a
+/// partition key; the record limit is `ProducerConfig::max_record_size`.
 const MAX_RECORDS_PER_CALL: usize = 500;
 const MAX_BYTES_PER_CALL: usize = 5 << 20;
 const MAX_PARTITION_KEY_CHARS: usize = 256;
@@ -188,7 +189,8 @@ impl KinesisProducer {
     ///
     /// # Errors
     /// [`ProducerError::InvalidRecord`] for an empty or too long partition key or a
-    /// record over 1 MiB; [`ProducerError::Closed`] after [`KinesisProducer::close`].
+    /// record over `max_record_size` (1 MiB by default);
+    /// [`ProducerError::Closed`] after [`KinesisProducer::close`].
     pub async fn put(&self, partition_key: impl Into<String>, data: Bytes) -> Result<PutFuture, ProducerError> {
         self.put_with_hash_key(partition_key, None, data).await
     }
@@ -207,7 +209,8 @@ impl KinesisProducer {
         let partition_key = partition_key.into();
         // The hash key predicts the shard, which only aggregation and rate limits need.
         let predicts = self.shared.config.aggregation_enabled || self.shared.config.rate_limit_enabled;
-        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data, predicts)?;
+        let limit = self.shared.config.max_record_size;
+        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data, predicts, limit)?;
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ProducerError::Closed);
         }
@@ -224,7 +227,13 @@ impl KinesisProducer {
                     .await
                     .map_err(|_| closed())?,
             ),
-            Err(_) => return Err(InvalidRecord::TooLarge { bytes: data.len() }.into()),
+            Err(_) => {
+                return Err(InvalidRecord::TooLarge {
+                    bytes: data.len(),
+                    limit,
+                }
+                .into())
+            }
         };
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
@@ -304,6 +313,7 @@ fn validate(
     explicit_hash_key: Option<&str>,
     data: &Bytes,
     predicts: bool,
+    limit: usize,
 ) -> Result<u128, InvalidRecord> {
     if partition_key.is_empty() {
         return Err(InvalidRecord::EmptyPartitionKey);
@@ -313,8 +323,8 @@ fn validate(
         return Err(InvalidRecord::PartitionKeyTooLong { chars });
     }
     let bytes = data.len() + partition_key.len();
-    if bytes > MAX_RECORD_BYTES {
-        return Err(InvalidRecord::TooLarge { bytes });
+    if bytes > limit {
+        return Err(InvalidRecord::TooLarge { bytes, limit });
     }
     match explicit_hash_key {
         None if predicts => Ok(hash_of_partition_key(partition_key)),
@@ -630,7 +640,7 @@ impl Pipeline {
             if let Some(shard) = predicted.clone() {
                 // An aggregate is one Kinesis record: it must fit in one. Sizes are
                 // exact (both key tables counted), so no slack is needed.
-                let max_size = self.config.aggregation_max_size.min(MAX_RECORD_BYTES);
+                let max_size = self.config.aggregation_max_size.min(self.config.max_record_size);
                 let (pk, ehk, data) = (
                     record.partition_key.as_str(),
                     record.explicit_hash_key.as_deref(),
@@ -815,7 +825,9 @@ impl Pipeline {
                 continue;
             };
             let size = head.size();
-            if bytes + size > MAX_BYTES_PER_CALL {
+            // A record over a call's bytes (records of up to 10 MiB) goes in a call of
+            // its own.
+            if !batch.is_empty() && bytes + size > MAX_BYTES_PER_CALL {
                 self.ready.push_front((lane, since));
                 break;
             }
