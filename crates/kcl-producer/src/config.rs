@@ -196,7 +196,8 @@ mod tests {
     #[test]
     fn the_default_is_valid_and_each_bad_field_is_named() {
         assert_eq!(ProducerConfig::default().validate(), Ok(()));
-        let cases: [(&str, fn(&mut ProducerConfig)); 17] = [
+        type Change = fn(&mut ProducerConfig);
+        let cases: [(&str, Change); 17] = [
             ("max_record_size", |c| c.max_record_size = 0),
             ("max_record_size", |c| c.max_record_size = (10 << 20) + 1),
             ("max_buffered_bytes", |c| {
@@ -227,18 +228,24 @@ mod tests {
             change(&mut config);
             assert_eq!(field_of(&config), Some(field), "{config:?}");
         }
-        let mut large = ProducerConfig::default();
-        large.max_record_size = 10 << 20;
-        large.aggregation_max_size = 10 << 20;
-        assert_eq!(large.validate(), Ok(()));
-        let mut zero_linger = ProducerConfig::default();
-        zero_linger.record_max_buffered_time = Duration::ZERO;
-        assert_eq!(zero_linger.validate(), Ok(()));
-        let message = {
-            let mut c = ProducerConfig::default();
-            c.per_shard_records_per_second = 0;
-            c.validate().expect_err("zero rate").to_string()
+        let large = ProducerConfig {
+            max_record_size: 10 << 20,
+            aggregation_max_size: 10 << 20,
+            ..ProducerConfig::default()
         };
+        assert_eq!(large.validate(), Ok(()));
+        let zero_linger = ProducerConfig {
+            record_max_buffered_time: Duration::ZERO,
+            ..ProducerConfig::default()
+        };
+        assert_eq!(zero_linger.validate(), Ok(()));
+        let message = ProducerConfig {
+            per_shard_records_per_second: 0,
+            ..ProducerConfig::default()
+        }
+        .validate()
+        .expect_err("zero rate")
+        .to_string();
         assert_eq!(
             message,
             "invalid producer config: per_shard_records_per_second is 0; it must be at least 1"
