@@ -23,7 +23,7 @@ use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use bytes::Bytes;
 use futures::FutureExt as _;
 use kcl_core::{InitialPositionInStream, SequenceNumber};
-use kcl_producer::{InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
+use kcl_producer::{ConfigError, InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
 use kcl_tests::{fast_config, CheckpointMode, Recorder, RecordingProcessor, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -397,7 +397,10 @@ async fn invalid_records_get_typed_errors() -> anyhow::Result<()> {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(
         refused(producer.put("k", Bytes::from(vec![0u8; 1 << 20])).await),
-        InvalidRecord::TooLarge { bytes: (1 << 20) + 1 }
+        InvalidRecord::TooLarge {
+            bytes: (1 << 20) + 1,
+            limit: 1 << 20
+        }
     );
     for bad in ["", "12a", "340282366920938463463374607431768211456"] {
         assert_eq!(
@@ -545,5 +548,572 @@ async fn a_reshard_refreshes_the_shard_map_and_loses_nothing() -> anyhow::Result
         }
     }
     assert_eq!(before.len(), 500);
+    Ok(())
+}
+
+/// Issue: `close` racing many puts on a small buffer. Every put that returned `Ok` is
+/// resolved by the time `close` returns; an acknowledged record is in the stream, and
+/// no record is reported failed (least of all `Closed`) while it was written. Puts
+/// parked on the full buffer when `close` starts either get in (and are written) or
+/// are refused with `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_racing_puts_writes_or_reports_every_accepted_record() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let mut config = quick_retries();
+    config.max_buffered_records = 8;
+    let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+    const PUTTERS: usize = 32;
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut putters = Vec::new();
+    for t in 0..PUTTERS {
+        let producer = producer.clone();
+        let accepted_tx = accepted_tx.clone();
+        putters.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..100_000 {
+                let data = Bytes::from(format!("race-{t}-{i}"));
+                match producer.put(format!("key-{t}"), data.clone()).await {
+                    Ok(future) => {
+                        accepted.push((data, future));
+                        let _ = accepted_tx.send(());
+                    }
+                    Err(ProducerError::Closed) => break,
+                    Err(e) => return Err(anyhow::Error::from(e)),
+                }
+            }
+            anyhow::Ok(accepted)
+        }));
+    }
+    drop(accepted_tx);
+    // Close while every putter is busy (most parked on the full buffer).
+    for _ in 0..400 {
+        accepted_rx.recv().await.context("putters stopped early")?;
+    }
+    tokio::time::timeout(WAIT, producer.close())
+        .await
+        .context("close returned")?;
+    let mut outcomes = Vec::new();
+    for putter in putters {
+        for (data, future) in putter.await?? {
+            let outcome = tokio::task::unconstrained(future)
+                .now_or_never()
+                .with_context(|| format!("{data:?} not resolved when close returned"))?;
+            outcomes.push((data, outcome));
+        }
+    }
+    let stored: HashSet<Bytes> = read_back(&env).await?.into_iter().map(|(d, _, _)| d).collect();
+    let mut written = 0;
+    for (data, outcome) in &outcomes {
+        match outcome {
+            Ok(_) => {
+                anyhow::ensure!(stored.contains(data), "{data:?} acknowledged but not in the stream");
+                written += 1;
+            }
+            Err(e) => anyhow::bail!(
+                "{data:?} was accepted, then reported {e} (in the stream: {})",
+                stored.contains(data)
+            ),
+        }
+    }
+    assert_eq!(
+        stored.len(),
+        written,
+        "the stream holds exactly the acknowledged records"
+    );
+    eprintln!("{} records accepted and written around close", outcomes.len());
+    Ok(())
+}
+
+/// The hash key Kinesis routes a partition key by (MD5, big-endian).
+fn hash_of(partition_key: &str) -> u128 {
+    use md5::Digest as _;
+    u128::from_be_bytes(md5::Md5::digest(partition_key.as_bytes()).into())
+}
+
+/// Every shard's hash key range, by shard id.
+async fn shard_ranges(env: &TestEnv) -> anyhow::Result<HashMap<String, (u128, u128)>> {
+    let mut ranges = HashMap::new();
+    for shard in kcl_tests::list_shards(&env.kinesis, &env.stream).await? {
+        let range = shard.hash_key_range().context("hash key range")?;
+        ranges.insert(
+            shard.shard_id().to_owned(),
+            (range.starting_hash_key().parse()?, range.ending_hash_key().parse()?),
+        );
+    }
+    Ok(ranges)
+}
+
+/// Puts `n` records over 40 keys and waits for them: (partition key, result).
+async fn put_keyed_round(
+    producer: &KinesisProducer,
+    tag: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(String, PutRecordResult)>> {
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let key = format!("key-{}", i % 40);
+        acks.push((key.clone(), producer.put(key, Bytes::from(format!("{tag}-{i}"))).await?));
+    }
+    let mut out = Vec::new();
+    for (key, ack) in acks {
+        out.push((key, ack.await?));
+    }
+    Ok(out)
+}
+
+/// Whether a round was aggregated by a right shard map: some records aggregated, and
+/// every record on the shard whose hash key range holds its key (an aggregate packed
+/// by a stale map holds keys of several shards, and lands whole on one of them).
+fn predicted_right(round: &[(String, PutRecordResult)], ranges: &HashMap<String, (u128, u128)>) -> bool {
+    round.iter().any(|(_, r)| r.sub_sequence_number.is_some())
+        && round.iter().all(|(key, r)| {
+            ranges
+                .get(&r.shard_id)
+                .is_some_and(|(start, end)| (*start..=*end).contains(&hash_of(key)))
+        })
+}
+
+/// Issue: a failing first `ListShards` left the producer without a shard map for
+/// good (no aggregation, no rate limits). It is read again, with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_first_list_shards_is_retried() -> anyhow::Result<()> {
+    let env = TestEnv::start(2).await?;
+    let faults = kcl_tests::FaultInjector::default();
+    faults.push(
+        "ListShards",
+        kcl_tests::Fault::InternalFailure("injected: the first ListShards fails".to_owned()),
+    );
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    let client = faults.client(&env.backend.kinesis_sdk_config());
+    let producer = KinesisProducer::new(client, env.stream.clone(), config);
+    let ranges = shard_ranges(&env).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for round in 0.. {
+        let results = put_keyed_round(&producer, &format!("round-{round}"), 100).await?;
+        if predicted_right(&results, &ranges) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "after {round} rounds nothing is aggregated: the shard map was not read again ({} ListShards calls)",
+            faults.calls("ListShards")
+        );
+    }
+    anyhow::ensure!(faults.calls("ListShards") >= 2, "read again");
+    producer.close().await;
+    Ok(())
+}
+
+/// Issue: the shard map's re-read had no timeout, so one hung `ListShards` stopped
+/// every later refresh. The hung call times out (`request_timeout`) and the map is
+/// read again: after a split, aggregates are packed per child shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_list_shards_times_out_and_the_map_is_read_again() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let sdk_config = env.backend.kinesis_sdk_config();
+    let http = kcl_tests::HangingHttpClient::new(&sdk_config);
+    let faults = kcl_tests::FaultInjector::default();
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    config.request_timeout = Duration::from_secs(1);
+    let producer = KinesisProducer::new(
+        http.kinesis_client(&sdk_config, Some(&faults)),
+        env.stream.clone(),
+        config,
+    );
+    let first = put_keyed_round(&producer, "before", 200).await?;
+    anyhow::ensure!(predicted_right(&first, &shard_ranges(&env).await?), "before the split");
+    http.hang_next("ListShards", 1);
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+    let ranges = shard_ranges(&env).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for round in 0.. {
+        let results = put_keyed_round(&producer, &format!("after-{round}"), 200).await?;
+        if predicted_right(&results, &ranges) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "after {round} rounds the map is still stale: {} ListShards calls, {} hung",
+            faults.calls("ListShards"),
+            http.hanging("ListShards")
+        );
+    }
+    anyhow::ensure!(http.hanging("ListShards") == 1, "the re-read hung once");
+    producer.close().await;
+    Ok(())
+}
+
+/// Fails every `PutRecords` entry whose data starts with a given prefix while set
+/// (throttled entries; a call of only such entries is throttled whole), writes the
+/// others, and notes what it saw: the data of entries let through, failures, finished
+/// `ListShards` calls.
+#[derive(Clone, Debug, Default)]
+struct DataFaults(Arc<DataFaultsState>);
+
+#[derive(Debug, Default)]
+struct DataFaultsState {
+    failing: std::sync::Mutex<Option<String>>,
+    sent: std::sync::Mutex<Vec<Bytes>>,
+    failures: AtomicU64,
+    list_shards: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl DataFaults {
+    fn fail_data(&self, prefix: Option<&str>) {
+        *self.0.failing.lock().unwrap_or_else(|p| p.into_inner()) = prefix.map(str::to_owned);
+    }
+
+    fn sent(&self) -> Vec<Bytes> {
+        self.0.sent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until `done` holds; fails after `timeout`.
+    async fn wait(&self, what: &str, timeout: Duration, done: impl Fn(&Self) -> bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return Ok(());
+            }
+            tokio::time::timeout_at(deadline, changed)
+                .await
+                .with_context(|| format!("timed out waiting for {what}"))?;
+        }
+    }
+}
+
+impl Intercept for DataFaults {
+    fn name(&self) -> &'static str {
+        "DataFaults"
+    }
+
+    fn modify_before_serialization(
+        &self,
+        context: &mut BeforeSerializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Some(input) = context.input_mut().downcast_mut::<PutRecordsInput>() else {
+            return Ok(());
+        };
+        let failing = self.0.failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let records = input.records.take().unwrap_or_default();
+        let (mut kept, mut failed) = (Vec::new(), Vec::new());
+        for (i, record) in records.into_iter().enumerate() {
+            if failing
+                .as_deref()
+                .is_some_and(|prefix| record.data.as_ref().starts_with(prefix.as_bytes()))
+            {
+                failed.push((i, "ProvisionedThroughputExceededException"));
+            } else {
+                kept.push(record);
+            }
+        }
+        self.0.failures.fetch_add(failed.len() as u64, Ordering::Relaxed);
+        self.0
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(kept.iter().map(|r| Bytes::copy_from_slice(r.data().as_ref())));
+        if kept.is_empty() {
+            input.stream_name = Some(MISSING_STREAM.to_owned());
+            cfg.interceptor_state().store_put(Fault::Throttle);
+            // Not written: keep the request valid for the missing stream.
+            input.records = Some(vec![aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                .partition_key("x")
+                .data(aws_smithy_types::Blob::new("x"))
+                .build()?]);
+        } else {
+            input.records = Some(kept);
+            if !failed.is_empty() {
+                cfg.interceptor_state().store_put(Fault::Partial(failed));
+            }
+        }
+        self.0.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        PutRecordsFaults::default().modify_before_deserialization(context, runtime_components, cfg)
+    }
+
+    fn modify_before_completion(
+        &self,
+        context: &mut FinalizerInterceptorContextMut<'_>,
+        runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name().to_owned());
+        if operation.as_deref() == Some("ListShards") {
+            self.0.list_shards.fetch_add(1, Ordering::Relaxed);
+            self.0.changed.notify_waiters();
+        }
+        PutRecordsFaults::default().modify_before_completion(context, runtime_components, cfg)
+    }
+}
+
+/// Issue: with aggregation, order is kept per predicted-shard lane; after the shard map
+/// changed, a key's new records went out in an idle lane of a child shard while its
+/// older record was still being retried in the parent's lane. The key's records must
+/// be written in put order across the map change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_order_holds_across_a_reshard_with_aggregation() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let faults = DataFaults::default();
+    let client = aws_sdk_kinesis::Client::from_conf(
+        env.kinesis
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled())
+            .interceptor(faults.clone())
+            .build(),
+    );
+    let mut config = quick_retries();
+    config.aggregation_enabled = true;
+    // Records of 200 bytes go on their own (so the interceptor can fail one of them),
+    // in their shard's lane as aggregates would.
+    config.aggregation_max_size = 150;
+    let producer = KinesisProducer::new(client, env.stream.clone(), config);
+    let record = |name: &str| Bytes::from(format!("{name:<200}"));
+    producer.put("other", record("warm-up")).await?.await?;
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+
+    faults.fail_data(Some("slow-0"));
+    let other = producer.put("other", record("other-0")).await?;
+    let mut slow = vec![producer.put("slow", record("slow-0")).await?];
+    // other-0 lands on a child, not the predicted parent: the map is read again.
+    other.await?;
+    faults
+        .wait("the map read again", WAIT, |f| {
+            f.0.list_shards.load(Ordering::Relaxed) >= 2
+        })
+        .await?;
+    // slow-0 keeps failing (in the parent's lane) after the new map is in.
+    let failed = faults.0.failures.load(Ordering::Relaxed);
+    faults
+        .wait("slow-0 retried", WAIT, |f| {
+            f.0.failures.load(Ordering::Relaxed) >= failed + 2
+        })
+        .await?;
+    for i in 1..=5 {
+        slow.push(producer.put("slow", record(&format!("slow-{i}"))).await?);
+    }
+    // Give the later records the chance to overtake: until one is sent, or slow-0 has
+    // failed 5 more times.
+    let failed = faults.0.failures.load(Ordering::Relaxed);
+    let later_sent = |f: &DataFaults| f.sent().iter().any(|d| d.starts_with(b"slow-"));
+    faults
+        .wait("slow-1.. sent or slow-0 retried", WAIT, |f| {
+            later_sent(f) || f.0.failures.load(Ordering::Relaxed) >= failed + 5
+        })
+        .await?;
+    let overtook = later_sent(&faults);
+    faults.fail_data(None);
+    let results = futures::future::try_join_all(slow).await?;
+
+    let stored = read_back(&env).await?;
+    let order: Vec<String> = {
+        let mut slow: Vec<_> = stored.iter().filter(|(d, _, _)| d.starts_with(b"slow-")).collect();
+        slow.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        slow.iter()
+            .map(|(d, s, _)| format!("{}@{s}", String::from_utf8_lossy(d).trim_end()))
+            .collect()
+    };
+    eprintln!("stored order of key slow: {order:?}");
+    let shards: HashSet<&str> = results.iter().map(|r| r.shard_id.as_str()).collect();
+    anyhow::ensure!(shards.len() == 1, "one key, one shard: {shards:?}");
+    for pair in results.windows(2) {
+        anyhow::ensure!(
+            pair[0].sequence_number < pair[1].sequence_number,
+            "key slow written out of put order (a later record sent while slow-0 was retried: {overtook}): {order:?}"
+        );
+    }
+    anyhow::ensure!(
+        !overtook,
+        "a later record of the key was sent while slow-0 was being retried"
+    );
+    producer.close().await;
+    Ok(())
+}
+
+/// Issue: the aggregate size estimate ignored the explicit hash key table. Records with
+/// distinct explicit hash keys are packed into aggregates that stay within
+/// `aggregation_max_size` (by default, 50 KiB), and, with the aggregate size at the
+/// record limit (1 MiB), no aggregate exceeds the limit: before, such an aggregate made
+/// its whole `PutRecords` call fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_with_explicit_hash_keys_stay_within_their_limits() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    for (max_size, max_count, records) in [(50 << 10, 1000, 3000), (1 << 20, 1_000_000, 40_000)] {
+        let mut config = quick_retries();
+        config.aggregation_enabled = true;
+        config.aggregation_max_size = max_size;
+        config.aggregation_max_count = max_count;
+        // Aggregates close when full (or at the flush), not after a linger.
+        config.record_max_buffered_time = Duration::from_secs(60);
+        let producer = KinesisProducer::new(client_with(&env, None), env.stream.clone(), config);
+        let mut pending = Vec::new();
+        for i in 0..records {
+            // A distinct 39-digit explicit hash key each (all in the one shard).
+            let ehk = (u128::MAX - i as u128 * 7_919).to_string();
+            pending.push(
+                producer
+                    .put_with_hash_key("k", Some(ehk), Bytes::from(format!("{max_size}-{i:06}")))
+                    .await?,
+            );
+        }
+        producer.flush().await;
+        let results = futures::future::try_join_all(pending)
+            .await
+            .with_context(|| format!("aggregates of at most {max_size} bytes"))?;
+        anyhow::ensure!(results.iter().any(|r| r.sub_sequence_number.is_some()), "aggregated");
+        producer.close().await;
+    }
+    for (data, _, sequence) in read_back(&env).await? {
+        let size = data.len() + 1; // the aggregate's partition key is "k"
+        let users = kcl_core::aggregation::deaggregate(kcl_core::Record::new(data, "k", sequence))?;
+        let limit = if users.first().is_some_and(|u| u.data.starts_with(b"51200-")) {
+            50 << 10
+        } else {
+            1 << 20
+        };
+        anyhow::ensure!(
+            size <= limit,
+            "an aggregate of {} records is {size} bytes; at most {limit} allowed",
+            users.len()
+        );
+    }
+    Ok(())
+}
+
+/// Issue: a zero per-shard rate panicked the producer's task (every record then
+/// reported `Closed`), a huge `record_ttl` panicked `put` (`Instant + Duration`
+/// overflow), and nothing was validated. `try_new` refuses such a config with a typed
+/// error naming the field; `new` panics with it before starting anything.
+#[tokio::test]
+async fn an_invalid_config_is_refused_with_a_typed_error_naming_the_field() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let refused =
+        |config: ProducerConfig| match KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+    let mut config = ProducerConfig::default();
+    config.per_shard_records_per_second = 0;
+    assert_eq!(refused(config), "per_shard_records_per_second");
+    let mut config = ProducerConfig::default();
+    config.per_shard_bytes_per_second = 0;
+    assert_eq!(refused(config), "per_shard_bytes_per_second");
+    let mut config = ProducerConfig::default();
+    config.record_ttl = Duration::MAX;
+    assert_eq!(refused(config), "record_ttl");
+    let mut config = ProducerConfig::default();
+    config.max_retry_backoff = Duration::from_secs(u64::MAX / 2);
+    assert_eq!(refused(config), "max_retry_backoff");
+    let mut config = ProducerConfig::default();
+    config.max_in_flight_calls = 0;
+    assert_eq!(refused(config), "max_in_flight_calls");
+    let message = {
+        let mut config = ProducerConfig::default();
+        config.request_timeout = Duration::ZERO;
+        KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config)
+            .expect_err("zero request timeout")
+            .to_string()
+    };
+    assert!(message.contains("request_timeout"), "{message}");
+    // A valid config still works end to end.
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), ProducerConfig::default())?;
+    producer.put("k", Bytes::from_static(b"x")).await?.await?;
+    producer.close().await;
+    Ok(())
+}
+
+/// Records up to 10 MiB: the record limit is `max_record_size` (default 1 MiB, at most
+/// 10 MiB). Over it, `put` refuses the record with `TooLarge` naming the limit; at
+/// 10 MiB a 5 MiB record is accepted and sent (in a call of its own, over the 5 MiB
+/// of a call). The embedded backend keeps the old 1 MiB limit even after
+/// `UpdateMaxRecordSize`, so here the record's future reports the backend's refusal
+/// as a typed `ProducerError::Kinesis` (against AWS, with the stream's maximum raised,
+/// it is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_up_to_the_configured_max_record_size_are_accepted() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let refused = |r: Result<kcl_producer::PutFuture, ProducerError>| match r {
+        Err(ProducerError::InvalidRecord(why)) => why,
+        other => panic!("expected InvalidRecord, got {other:?}"),
+    };
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), quick_retries())?;
+    assert_eq!(
+        refused(producer.put("k", Bytes::from(vec![0u8; 5 << 20])).await),
+        InvalidRecord::TooLarge {
+            bytes: (5 << 20) + 1,
+            limit: 1 << 20
+        }
+    );
+    producer.close().await;
+
+    let stream_arn = env
+        .kinesis
+        .describe_stream_summary()
+        .stream_name(&env.stream)
+        .send()
+        .await?
+        .stream_description_summary()
+        .map(|d| d.stream_arn().to_owned())
+        .context("stream ARN")?;
+    env.kinesis
+        .update_max_record_size()
+        .stream_arn(stream_arn)
+        .max_record_size_in_kib(10 * 1024)
+        .send()
+        .await?;
+    let mut config = quick_retries();
+    config.max_record_size = 10 << 20;
+    config.max_buffered_bytes = 32 << 20;
+    let producer = KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config.clone())?;
+    assert_eq!(
+        refused(producer.put("k", Bytes::from(vec![0u8; 10 << 20])).await),
+        InvalidRecord::TooLarge {
+            bytes: (10 << 20) + 1,
+            limit: 10 << 20
+        }
+    );
+    let small = producer.put("k", Bytes::from_static(b"small")).await?;
+    let large = producer.put("k2", Bytes::from(vec![7u8; 5 << 20])).await?;
+    small.await?;
+    match tokio::time::timeout(WAIT, large).await? {
+        Ok(written) => eprintln!("the backend took the 5 MiB record: {written:?}"),
+        Err(ProducerError::Kinesis { source }) => {
+            let text = format!("{source}");
+            eprintln!("the embedded backend refused the 5 MiB record: {text}");
+            anyhow::ensure!(
+                text.contains("ValidationException") || text.contains("too large") || text.contains("1048576"),
+                "{text}"
+            );
+        }
+        Err(other) => anyhow::bail!("unexpected outcome of a 5 MiB record: {other:?}"),
+    }
+    producer.close().await;
+
+    for bad in [0, (10 << 20) + 1] {
+        let mut config = config.clone();
+        config.max_record_size = bad;
+        match KinesisProducer::try_new(client_with(&env, None), env.stream.clone(), config) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "max_record_size"),
+            other => panic!("expected max_record_size refused, got {other:?}"),
+        }
+    }
     Ok(())
 }

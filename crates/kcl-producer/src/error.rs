@@ -63,15 +63,37 @@ pub enum InvalidRecord {
         /// Its length in characters.
         chars: usize,
     },
-    /// The data and partition key together exceed 1 MiB.
-    #[error("the record is {bytes} bytes (data and partition key); at most 1 MiB is allowed")]
+    /// The data and partition key together exceed the producer's `max_record_size`
+    /// (1 MiB unless raised, at most 10 MiB).
+    #[error(
+        "the record is {bytes} bytes (data and partition key); at most {limit} bytes are allowed (max_record_size)"
+    )]
     TooLarge {
         /// Data and partition key, in bytes.
         bytes: usize,
+        /// The limit: `max_record_size`.
+        limit: usize,
     },
     /// The explicit hash key is not a decimal number below 2^128.
     #[error("the explicit hash key {0:?} is not a decimal number below 2^128")]
     InvalidExplicitHashKey(String),
+}
+
+/// Why a [`crate::ProducerConfig`] was refused (by [`crate::ProducerConfig::validate`]
+/// and [`crate::KinesisProducer::try_new`]): fix the config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting is out of its range.
+    #[error("invalid producer config: {field} is {value}; {requirement}")]
+    Invalid {
+        /// The field of [`crate::ProducerConfig`], such as `record_ttl`.
+        field: &'static str,
+        /// Its value, as given.
+        value: String,
+        /// What it must be.
+        requirement: &'static str,
+    },
 }
 
 /// An error with its whole source chain, for logs.

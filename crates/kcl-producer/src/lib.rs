@@ -8,10 +8,10 @@
 //! buffer is full or a shard is at its limits.
 //!
 //! ```no_run
-//! # async fn example(kinesis: aws_sdk_kinesis::Client) -> Result<(), kcl_producer::ProducerError> {
+//! # async fn example(kinesis: aws_sdk_kinesis::Client) -> Result<(), Box<dyn std::error::Error>> {
 //! use kcl_producer::{KinesisProducer, ProducerConfig};
 //!
-//! let producer = KinesisProducer::new(kinesis, "orders", ProducerConfig::default());
+//! let producer = KinesisProducer::try_new(kinesis, "orders", ProducerConfig::default())?;
 //! // `put` waits for room in the buffer; the returned future for the acknowledgement.
 //! let ack = producer.put("customer-42", bytes::Bytes::from_static(b"{\"total\":12}")).await?;
 //! let result = ack.await?;
@@ -24,10 +24,10 @@
 //! Modules:
 //! - [`config`]: [`ProducerConfig`], named after the KPL's settings.
 //! - [`error`]: [`ProducerError`] and [`InvalidRecord`], one variant per way the caller
-//!   reacts.
+//!   reacts, and [`ConfigError`] for a config out of range.
 //! - the producer itself ([`KinesisProducer`], [`PutRecordResult`], [`PutFuture`]), its
-//!   shard map (hash key ranges, refreshed after a reshard) and per-shard rate limiter
-//!   are internal.
+//!   shard map (hash key ranges, refreshed after a reshard), the exact size of an
+//!   aggregate being packed, and the per-shard rate limiter are internal.
 //!
 //! ## Guarantees
 //! - A record's future resolves exactly once: with its shard and sequence number (and
@@ -41,7 +41,10 @@
 //!   producer retries throttling and server errors itself).
 //! - With `ordered_per_key` (the default), a record is never sent while an earlier
 //!   record of the same partition key is in flight or waiting to be retried, so per key
-//!   the sequence numbers follow the put order.
+//!   the sequence numbers follow the put order. This holds across a reshard: with
+//!   aggregation, records are ordered per predicted shard, and when a new shard map
+//!   moves keys to other shards, records formed under the new map wait until every
+//!   record formed under the old one is written or failed.
 //!
 //! ## Metrics
 //! | name | kind | labels | meaning |
@@ -56,6 +59,7 @@
 //! | `kcl_producer_buffered_bytes` | gauge | | their bytes |
 //! | `kcl_producer_put_latency_seconds` | histogram | | from `put` to the acknowledgement |
 
+mod aggregate;
 pub mod config;
 pub mod error;
 mod limiter;
@@ -65,5 +69,5 @@ mod shard_map;
 
 pub use config::ProducerConfig;
 pub(crate) use error::error_chain;
-pub use error::{InvalidRecord, ProducerError};
+pub use error::{ConfigError, InvalidRecord, ProducerError};
 pub use producer::{KinesisProducer, PutFuture, PutRecordResult};

@@ -42,7 +42,10 @@ impl TokenBucket {
         }
         let wait_records = (1.0 - self.records).max(0.0) / rps;
         let wait_bytes = (need - self.bytes).max(0.0) / bps;
-        Err(Duration::from_secs_f64(wait_records.max(wait_bytes)).max(Duration::from_millis(1)))
+        // A zero rate is refused by the config's validation; should one get here, wait a
+        // second rather than panic on an infinite wait.
+        let wait = Duration::try_from_secs_f64(wait_records.max(wait_bytes)).unwrap_or(Duration::from_secs(1));
+        Err(wait.max(Duration::from_millis(1)))
     }
 }
 

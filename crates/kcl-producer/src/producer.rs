@@ -16,25 +16,32 @@ use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput}
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
 use bytes::Bytes;
 use kcl_core::aggregation::encode_aggregated;
-use kcl_core::SequenceNumber;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use kcl_core::{RetryPolicy, SequenceNumber};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument as _};
 
+use crate::aggregate::AggregateSize;
 use crate::config::ProducerConfig;
-use crate::error::{BoxError, InvalidRecord, ProducerError};
+use crate::error::{BoxError, ConfigError, InvalidRecord, ProducerError};
 use crate::limiter::TokenBucket;
 use crate::metrics;
 use crate::shard_map::{hash_of_partition_key, ShardMap};
 
-/// Kinesis's limits on one `PutRecords` call and one record.
+/// Kinesis's limits on one `PutRecords` call (a larger record goes alone) and on a
+/// partition key; the record limit is `ProducerConfig::max_record_size`.
 const MAX_RECORDS_PER_CALL: usize = 500;
 const MAX_BYTES_PER_CALL: usize = 5 << 20;
-const MAX_RECORD_BYTES: usize = 1 << 20;
 const MAX_PARTITION_KEY_CHARS: usize = 256;
 /// The shard map is not read again sooner than this after the last read.
 const SHARD_MAP_MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Backoff between failed reads of the shard map (at least `SHARD_MAP_MIN_REFRESH`
+/// apart, too); retried for the producer's life.
+const SHARD_MAP_RETRY: RetryPolicy = RetryPolicy {
+    initial_backoff: Duration::from_secs(2),
+    max_backoff: Duration::from_secs(30),
+    max_attempts: None,
+};
 
 /// What a written record's future resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,11 +93,18 @@ pub struct KinesisProducer {
 struct Shared {
     stream: String,
     config: ProducerConfig,
-    commands: mpsc::UnboundedSender<Command>,
+    /// The way into the producer's task; `None` once [`KinesisProducer::close`] took it.
+    /// A `put` sends its record while holding the lock, and `close` takes the sender
+    /// under it: a record is either in the channel before the task learns that no more
+    /// will come (and is then written like every other), or refused with
+    /// [`ProducerError::Closed`]. A std mutex: it is held for a synchronous send only.
+    commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     records: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     closed: AtomicBool,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Becomes true (or its sender is dropped) when the task has resolved every record
+    /// and stopped: what `close` waits for.
+    stopped: watch::Receiver<bool>,
 }
 
 #[derive(Debug)]
@@ -120,28 +134,48 @@ impl KinesisProducer {
     /// rate limits) in the background.
     ///
     /// # Panics
-    /// Outside a tokio runtime.
+    /// Outside a tokio runtime, and when `config` is invalid (with the
+    /// [`ConfigError`]'s message): use [`KinesisProducer::try_new`] to get the error.
     pub fn new(kinesis: aws_sdk_kinesis::Client, stream: impl Into<String>, config: ProducerConfig) -> Self {
+        match Self::try_new(kinesis, stream, config) {
+            Ok(producer) => producer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// As [`KinesisProducer::new`], refusing an invalid config instead of panicking.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first setting out of its range (see
+    /// [`ProducerConfig::validate`]); nothing is started then.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn try_new(
+        kinesis: aws_sdk_kinesis::Client,
+        stream: impl Into<String>,
+        config: ProducerConfig,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
         let stream = stream.into();
         let (commands, rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             stream: stream.clone(),
-            records: Arc::new(Semaphore::new(config.max_buffered_records.max(1))),
-            bytes: Arc::new(Semaphore::new(
-                config
-                    .max_buffered_bytes
-                    .clamp(MAX_RECORD_BYTES, Semaphore::MAX_PERMITS),
-            )),
+            // Validated: at least 1, and at least the record limit.
+            records: Arc::new(Semaphore::new(config.max_buffered_records.min(Semaphore::MAX_PERMITS))),
+            bytes: Arc::new(Semaphore::new(config.max_buffered_bytes.min(Semaphore::MAX_PERMITS))),
             config: config.clone(),
-            commands,
+            commands: Mutex::new(Some(commands)),
             closed: AtomicBool::new(false),
-            task: Mutex::new(None),
+            stopped,
         });
         let span = tracing::info_span!("producer", stream = %stream);
         let pipeline = Pipeline::new(kinesis, stream, config);
-        let task = tokio::spawn(pipeline.run(rx).instrument(span));
-        *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        Self { shared }
+        // Detached: the task ends by itself once every handle is gone (or `close` took
+        // the sender) and every record is resolved.
+        drop(tokio::spawn(pipeline.run(rx, stopped_tx).instrument(span)));
+        Ok(Self { shared })
     }
 
     /// The stream this producer writes to.
@@ -155,7 +189,8 @@ impl KinesisProducer {
     ///
     /// # Errors
     /// [`ProducerError::InvalidRecord`] for an empty or too long partition key or a
-    /// record over 1 MiB; [`ProducerError::Closed`] after [`KinesisProducer::close`].
+    /// record over `max_record_size` (1 MiB by default);
+    /// [`ProducerError::Closed`] after [`KinesisProducer::close`].
     pub async fn put(&self, partition_key: impl Into<String>, data: Bytes) -> Result<PutFuture, ProducerError> {
         self.put_with_hash_key(partition_key, None, data).await
     }
@@ -174,7 +209,8 @@ impl KinesisProducer {
         let partition_key = partition_key.into();
         // The hash key predicts the shard, which only aggregation and rate limits need.
         let predicts = self.shared.config.aggregation_enabled || self.shared.config.rate_limit_enabled;
-        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data, predicts)?;
+        let limit = self.shared.config.max_record_size;
+        let hash = validate(&partition_key, explicit_hash_key.as_deref(), &data, predicts, limit)?;
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(ProducerError::Closed);
         }
@@ -191,7 +227,13 @@ impl KinesisProducer {
                     .await
                     .map_err(|_| closed())?,
             ),
-            Err(_) => return Err(InvalidRecord::TooLarge { bytes: data.len() }.into()),
+            Err(_) => {
+                return Err(InvalidRecord::TooLarge {
+                    bytes: data.len(),
+                    limit,
+                }
+                .into())
+            }
         };
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
@@ -206,34 +248,61 @@ impl KinesisProducer {
             reply,
             _permits: (record_permit, byte_permit),
         };
-        self.shared
-            .commands
-            .send(Command::Put(Box::new(record)))
-            .map_err(|_| closed())?;
+        self.send(Command::Put(Box::new(record))).map_err(|_| closed())?;
         Ok(PutFuture { reply: rx })
+    }
+
+    /// Sends a command to the task, unless the producer is closed (then the command
+    /// comes back).
+    fn send(&self, command: Command) -> Result<(), Command> {
+        let commands = self.shared.commands.lock().unwrap_or_else(|p| p.into_inner());
+        match commands.as_ref() {
+            Some(tx) => tx.send(command).map_err(|e| e.0),
+            None => Err(command),
+        }
     }
 
     /// Waits until every record put before this call is resolved (written or failed),
     /// sending buffered records at once instead of after `record_max_buffered_time`.
+    /// After [`KinesisProducer::close`], waits as `close` does.
+    ///
+    /// # Cancel safety
+    /// Cancelling it only stops the wait.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.shared.commands.send(Command::Flush(tx)).is_ok() {
+        if self.send(Command::Flush(tx)).is_ok() {
             let _ = rx.await;
+        } else {
+            self.stopped().await;
         }
     }
 
-    /// Refuses further records, writes everything buffered (each record within its
-    /// `record_ttl`) and stops the producer's task. Every clone is closed.
+    /// Refuses further records and waits until every record whose `put` returned `Ok`
+    /// is resolved: written, or failed with its own error (each within its
+    /// `record_ttl`, so `close` takes at most about `record_ttl` plus
+    /// `request_timeout`); then the producer's task stops. Puts waiting for room in
+    /// the buffer when `close` is called, and puts after it, return
+    /// [`ProducerError::Closed`]. Every clone is closed; calling it again (from any
+    /// clone) waits for the same end.
+    ///
+    /// # Cancel safety
+    /// Cancelling it only stops the wait: the producer is closed from the first poll
+    /// and its task still writes what was accepted.
     pub async fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
-        self.flush().await;
+        // Dropping the sender (under the lock puts send under) is the end of the input:
+        // the task sees it after every record accepted before it, and drains.
+        drop(self.shared.commands.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.shared.records.close();
         self.shared.bytes.close();
-        let task = self.shared.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task {
-            task.abort();
-            let _ = task.await;
-        }
+        self.stopped().await;
+    }
+
+    /// Waits until the task has stopped.
+    async fn stopped(&self) {
+        let mut stopped = self.shared.stopped.clone();
+        // An error means the task is gone, which is stopped too.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
     }
 }
 
@@ -244,6 +313,7 @@ fn validate(
     explicit_hash_key: Option<&str>,
     data: &Bytes,
     predicts: bool,
+    limit: usize,
 ) -> Result<u128, InvalidRecord> {
     if partition_key.is_empty() {
         return Err(InvalidRecord::EmptyPartitionKey);
@@ -253,8 +323,8 @@ fn validate(
         return Err(InvalidRecord::PartitionKeyTooLong { chars });
     }
     let bytes = data.len() + partition_key.len();
-    if bytes > MAX_RECORD_BYTES {
-        return Err(InvalidRecord::TooLarge { bytes });
+    if bytes > limit {
+        return Err(InvalidRecord::TooLarge { bytes, limit });
     }
     match explicit_hash_key {
         None if predicts => Ok(hash_of_partition_key(partition_key)),
@@ -269,13 +339,30 @@ fn validate(
     }
 }
 
-/// Records sent in order: a partition key's (or, aggregated, a shard's) when order is
-/// kept, else one lane per Kinesis record.
+/// Records sent in order: a partition key's (or, aggregated, a predicted shard's) when
+/// order is kept, else one lane per Kinesis record.
+///
+/// Ordered lanes carry the epoch of the shard map they were formed under. With
+/// aggregation a key's lane is its predicted shard's, so a new map moves the key to
+/// another lane; a lane of a newer epoch is therefore held until every lane of older
+/// epochs has drained (written, or failed), so that a key's new records never overtake
+/// its older ones still queued or being retried under the old map. Without
+/// aggregation lanes are per key and the epoch stays 0.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Lane {
-    Key(String),
-    Shard(String),
+    Key(u64, String),
+    Shard(u64, String),
     Single(u64),
+}
+
+impl Lane {
+    /// The shard map epoch of an ordered lane.
+    fn epoch(&self) -> Option<u64> {
+        match self {
+            Self::Key(epoch, _) | Self::Shard(epoch, _) => Some(*epoch),
+            Self::Single(_) => None,
+        }
+    }
 }
 
 /// One Kinesis record to send: a user record, or an aggregate of several.
@@ -349,7 +436,8 @@ impl Entry {
 #[derive(Debug)]
 struct OpenAggregate {
     users: Vec<UserRecord>,
-    bytes: usize,
+    /// Its exact size as a Kinesis record, kept as records are added.
+    size: AggregateSize,
     opened: Instant,
 }
 
@@ -386,17 +474,32 @@ struct Pipeline {
     map_reading: bool,
     /// A read of the shard map is wanted and not yet started.
     map_stale: bool,
+    /// Reads of the shard map failed in a row (each `ListShards` call bounded by
+    /// `request_timeout`): the next one is due at `map_retry_at`, after a backoff.
+    map_failures: u32,
+    map_retry_at: Option<Instant>,
     buckets: HashMap<String, TokenBucket>,
+    /// The epoch of the shard map new ordered lanes are formed under: bumped when a
+    /// new map changes which lane a key goes to (aggregation with order kept).
+    lane_epoch: u64,
+    /// The oldest epoch that may still have lanes queued or in flight; lanes of later
+    /// epochs wait in `held` until it catches up.
+    oldest_epoch: u64,
+    held: Vec<(Lane, Instant)>,
     in_flight: usize,
     /// Ids of user records not yet resolved, for flushes.
     outstanding: BTreeSet<u64>,
     outstanding_bytes: usize,
     /// Flushes waiting for every record up to an id.
     flushes: Vec<(u64, oneshot::Sender<()>)>,
+    /// False once no more commands can come (closed, or every handle gone): everything
+    /// buffered is then sent at once, as for a flush, and the task ends when it is all
+    /// resolved.
+    accepting: bool,
     done_tx: mpsc::UnboundedSender<(Vec<Entry>, CallOutcome)>,
     done_rx: mpsc::UnboundedReceiver<(Vec<Entry>, CallOutcome)>,
-    map_tx: mpsc::UnboundedSender<Option<ShardMap>>,
-    map_rx: mpsc::UnboundedReceiver<Option<ShardMap>>,
+    map_tx: mpsc::UnboundedSender<Result<ShardMap, BoxError>>,
+    map_rx: mpsc::UnboundedReceiver<Result<ShardMap, BoxError>>,
 }
 
 impl Pipeline {
@@ -417,11 +520,17 @@ impl Pipeline {
             map_read_at: None,
             map_reading: false,
             map_stale: false,
+            map_failures: 0,
+            map_retry_at: None,
             buckets: HashMap::new(),
+            lane_epoch: 0,
+            oldest_epoch: 0,
+            held: Vec::new(),
             in_flight: 0,
             outstanding: BTreeSet::new(),
             outstanding_bytes: 0,
             flushes: Vec::new(),
+            accepting: true,
             done_tx,
             done_rx,
             map_tx,
@@ -429,45 +538,40 @@ impl Pipeline {
         }
     }
 
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        if self.config.aggregation_enabled || self.config.rate_limit_enabled {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, stopped: watch::Sender<bool>) {
+        if self.predicts() {
             // Read before the first call (puts queue meanwhile), so that aggregation and
-            // rate limits apply from the first record.
+            // rate limits apply from the first record; when it fails, in the background
+            // with backoff.
             self.map_read_at = Some(Instant::now());
-            match tokio::time::timeout(self.config.request_timeout, read_shard_map(&self.kinesis, &self.stream)).await {
-                Ok(Ok(map)) => self.shard_map = map,
-                Ok(Err(e)) => {
-                    warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
-                }
-                Err(_) => warn!("reading the stream's shards timed out; records are not aggregated or rate limited until they are read"),
-            }
+            let read = read_shard_map(&self.kinesis, &self.stream, self.config.request_timeout).await;
+            self.map_read(read);
         }
-        let mut open = true;
         loop {
             let now = Instant::now();
-            if self.map_stale {
+            if self.map_stale || self.map_retry_at.is_some_and(|at| at <= now) {
                 self.refresh_shard_map();
             }
             self.fire_timers(now);
             self.close_aggregates(now);
+            self.advance_epochs();
             self.send_batches(now);
-            if !open && self.outstanding.is_empty() && self.in_flight == 0 {
+            if !self.accepting && self.outstanding.is_empty() && self.in_flight == 0 {
                 break;
             }
             let wake = self.next_wake(now);
             tokio::select! {
-                command = commands.recv(), if open => match command {
+                command = commands.recv(), if self.accepting => match command {
                     Some(Command::Put(record)) => self.admit(*record),
                     Some(Command::Flush(tx)) => self.flushes.push((self.next_id, tx)),
-                    // Every handle is gone: write what is buffered, then stop.
-                    None => open = false,
+                    // Closed, or every handle is gone: write what is buffered (every
+                    // record accepted came before this), then stop.
+                    None => self.accepting = false,
                 },
                 Some((entries, outcome)) = self.done_rx.recv() => self.completed(entries, outcome),
-                Some(map) = self.map_rx.recv() => {
+                Some(read) = self.map_rx.recv() => {
                     self.map_reading = false;
-                    if let Some(map) = map {
-                        self.shard_map = map;
-                    }
+                    self.map_read(read);
                 }
                 () = sleep_until_or_never(wake) => {}
             }
@@ -477,10 +581,52 @@ impl Pipeline {
         self.resolve_flushes();
         metrics::buffered(0, 0);
         debug!("producer task stopped");
+        let _ = stopped.send(true);
     }
 
+    /// Whether records' shards are predicted: only aggregation and rate limits need it.
+    fn predicts(&self) -> bool {
+        self.config.aggregation_enabled || self.config.rate_limit_enabled
+    }
+
+    /// Takes the outcome of a read of the shard map: the new map, or a retry after a
+    /// backoff (the old map, if any, stays meanwhile).
+    fn map_read(&mut self, read: Result<ShardMap, BoxError>) {
+        match read {
+            Ok(map) => {
+                self.map_failures = 0;
+                self.map_retry_at = None;
+                if map != self.shard_map && self.config.aggregation_enabled && self.config.ordered_per_key {
+                    // What is packed so far belongs to the old map's lanes.
+                    let open: Vec<String> = self.aggregates.keys().cloned().collect();
+                    for shard in open {
+                        self.close_aggregate(&shard);
+                    }
+                    self.lane_epoch += 1;
+                    debug!(
+                        epoch = self.lane_epoch,
+                        "new shard map: new lanes wait for the old ones to drain"
+                    );
+                }
+                self.shard_map = map;
+            }
+            Err(e) => {
+                self.map_failures = self.map_failures.saturating_add(1);
+                let backoff = SHARD_MAP_RETRY.backoff(self.map_failures);
+                self.map_retry_at = Some(Instant::now() + backoff);
+                warn!(
+                    error = %crate::error_chain(e.as_ref()),
+                    failures = self.map_failures,
+                    retry_in = ?backoff,
+                    "cannot read the stream's shards; until they are read, records are not aggregated or rate limited (or by the last map read)"
+                );
+            }
+        }
+    }
+
+    /// Whether buffered records go out at once: a flush waits, or the producer drains.
     fn flushing(&self) -> bool {
-        !self.flushes.is_empty()
+        !self.flushes.is_empty() || !self.accepting
     }
 
     /// Takes a new user record into a lane (or an open aggregate).
@@ -492,25 +638,30 @@ impl Pipeline {
         let predicted = self.shard_map.shard_for(record.hash).map(str::to_owned);
         if self.config.aggregation_enabled {
             if let Some(shard) = predicted.clone() {
-                let size = record.data.len() + record.partition_key.len() + 16;
-                // An aggregate is one Kinesis record: it must fit in one.
-                let max_size = self.config.aggregation_max_size.min(MAX_RECORD_BYTES - 4096);
-                if size >= max_size {
+                // An aggregate is one Kinesis record: it must fit in one. Sizes are
+                // exact (both key tables counted), so no slack is needed.
+                let max_size = self.config.aggregation_max_size.min(self.config.max_record_size);
+                let (pk, ehk, data) = (
+                    record.partition_key.as_str(),
+                    record.explicit_hash_key.as_deref(),
+                    record.data.len(),
+                );
+                if AggregateSize::default().with(pk, ehk, data) > max_size {
                     // Sent on its own, after the records of its shard put before it.
                     self.close_aggregate(&shard);
                 } else {
                     let full = self.aggregates.get(&shard).is_some_and(|a| {
-                        a.bytes + size > max_size || a.users.len() >= self.config.aggregation_max_count
+                        a.size.with(pk, ehk, data) > max_size || a.users.len() >= self.config.aggregation_max_count
                     });
                     if full {
                         self.close_aggregate(&shard);
                     }
                     let aggregate = self.aggregates.entry(shard).or_insert_with(|| OpenAggregate {
                         users: Vec::new(),
-                        bytes: 0,
+                        size: AggregateSize::default(),
                         opened: Instant::now(),
                     });
-                    aggregate.bytes += size;
+                    aggregate.size.add(pk, ehk, data);
                     aggregate.users.push(record);
                     return;
                 }
@@ -520,11 +671,13 @@ impl Pipeline {
             Lane::Single(record.id)
         } else if self.config.aggregation_enabled {
             // Aggregates and single records of a shard share its lane, in order.
-            predicted
-                .clone()
-                .map_or_else(|| Lane::Key(record.partition_key.clone()), Lane::Shard)
+            let epoch = self.lane_epoch;
+            predicted.clone().map_or_else(
+                || Lane::Key(epoch, record.partition_key.clone()),
+                |shard| Lane::Shard(epoch, shard),
+            )
         } else {
-            Lane::Key(record.partition_key.clone())
+            Lane::Key(self.lane_epoch, record.partition_key.clone())
         };
         self.enqueue(Entry::single(lane, record, predicted));
     }
@@ -562,7 +715,7 @@ impl Pipeline {
         };
         let mut users = aggregate.users;
         let lane = if self.config.ordered_per_key {
-            Lane::Shard(shard.to_owned())
+            Lane::Shard(self.lane_epoch, shard.to_owned())
         } else {
             Lane::Single(users.first().map_or(0, |u| u.id))
         };
@@ -589,6 +742,32 @@ impl Pipeline {
         self.enqueue(entry);
     }
 
+    /// After a change of the shard map: once no lane of an older epoch is queued or in
+    /// flight, lets the held lanes of the next epoch go.
+    fn advance_epochs(&mut self) {
+        if self.oldest_epoch == self.lane_epoch {
+            return;
+        }
+        // A scan of the lanes, only while a map change is being drained.
+        let oldest = self
+            .lanes
+            .keys()
+            .chain(self.busy.iter())
+            .filter_map(Lane::epoch)
+            .min()
+            .unwrap_or(self.lane_epoch);
+        if oldest == self.oldest_epoch {
+            return;
+        }
+        self.oldest_epoch = oldest;
+        let (go, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(lane, _)| lane.epoch().is_none_or(|epoch| epoch <= oldest));
+        self.held = wait;
+        debug!(epoch = oldest, lanes = go.len(), "lanes of an older shard map drained");
+        self.ready.extend(go);
+    }
+
     /// Moves lanes whose wait is over to the ready queue.
     fn fire_timers(&mut self, now: Instant) {
         while let Some(Reverse((at, _))) = self.timers.peek() {
@@ -605,7 +784,7 @@ impl Pipeline {
     /// nothing is in flight, a call is full, the oldest ready record has waited
     /// `record_max_buffered_time`, or a flush waits.
     fn send_batches(&mut self, now: Instant) {
-        while self.in_flight < self.config.max_in_flight_calls.max(1) {
+        while self.in_flight < self.config.max_in_flight_calls {
             let Some((_, since)) = self.ready.front() else {
                 return;
             };
@@ -634,6 +813,10 @@ impl Pipeline {
             let Some((lane, since)) = self.ready.pop_front() else {
                 break;
             };
+            if lane.epoch().is_some_and(|epoch| epoch > self.oldest_epoch) {
+                self.held.push((lane, since));
+                continue;
+            }
             let Some(queue) = self.lanes.get_mut(&lane) else {
                 continue;
             };
@@ -642,7 +825,9 @@ impl Pipeline {
                 continue;
             };
             let size = head.size();
-            if bytes + size > MAX_BYTES_PER_CALL {
+            // A record over a call's bytes (records of up to 10 MiB) goes in a call of
+            // its own.
+            if !batch.is_empty() && bytes + size > MAX_BYTES_PER_CALL {
                 self.ready.push_front((lane, since));
                 break;
             }
@@ -907,7 +1092,11 @@ impl Pipeline {
             .map_read_at
             .filter(|_| self.map_stale && !self.map_reading)
             .map(|at| at + SHARD_MAP_MIN_REFRESH);
-        [timer, ready, aggregate, map]
+        let map_retry = self
+            .map_retry_at
+            .filter(|_| !self.map_reading)
+            .map(|at| at.max(self.map_read_at.map_or(at, |read| read + SHARD_MAP_MIN_REFRESH)));
+        [timer, ready, aggregate, map, map_retry]
             .into_iter()
             .flatten()
             .min()
@@ -915,7 +1104,9 @@ impl Pipeline {
     }
 
     /// Reads the stream's open shards in the background, at most once a second (a
-    /// request sooner is carried out when the second has passed).
+    /// request sooner is carried out when the second has passed). Each `ListShards`
+    /// call is bounded by `request_timeout`; a failed read is retried after a backoff
+    /// ([`Pipeline::map_read`]), so neither a failure nor a hung call freezes the map.
     fn refresh_shard_map(&mut self) {
         self.map_stale = true;
         if self.map_reading || self.map_read_at.is_some_and(|at| at.elapsed() < SHARD_MAP_MIN_REFRESH) {
@@ -924,27 +1115,26 @@ impl Pipeline {
         self.map_stale = false;
         self.map_reading = true;
         self.map_read_at = Some(Instant::now());
+        self.map_retry_at = None;
         let kinesis = self.kinesis.clone();
         let stream = self.stream.clone();
+        let timeout = self.config.request_timeout;
         let tx = self.map_tx.clone();
         tokio::spawn(
             async move {
-                let map = match read_shard_map(&kinesis, &stream).await {
-                    Ok(map) if !map.is_empty() => Some(map),
-                    Ok(_) => None,
-                    Err(e) => {
-                        warn!(error = %crate::error_chain(e.as_ref()), "cannot read the stream's shards; records are not aggregated or rate limited until they are read");
-                        None
-                    }
-                };
-                let _ = tx.send(map);
+                let _ = tx.send(read_shard_map(&kinesis, &stream, timeout).await);
             }
             .in_current_span(),
         );
     }
 }
 
-async fn read_shard_map(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<ShardMap, BoxError> {
+/// Reads the stream's open shards, each `ListShards` call bounded by `timeout`.
+async fn read_shard_map(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    timeout: Duration,
+) -> Result<ShardMap, BoxError> {
     let mut shards = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
@@ -955,22 +1145,24 @@ async fn read_shard_map(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Resu
                 .stream_name(stream)
                 .shard_filter(ShardFilter::builder().r#type(ShardFilterType::AtLatest).build()?),
         };
-        let out = request.send().await?;
-        for shard in out.shards() {
-            if let Some(range) = shard.hash_key_range() {
-                shards.push((
-                    range.starting_hash_key().to_owned(),
-                    range.ending_hash_key().to_owned(),
-                    shard.shard_id().to_owned(),
-                ));
-            }
-        }
+        let out = tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| format!("ListShards timed out after {timeout:?}"))??;
+        shards.extend(out.shards().iter().cloned());
         match out.next_token {
             Some(token) => next_token = Some(token),
             None => break,
         }
     }
-    Ok(ShardMap::new(shards))
+    let map = ShardMap::from_listed(&shards);
+    if map.is_empty() {
+        return Err(format!(
+            "ListShards listed no open shard with a readable hash key range ({} shards)",
+            shards.len()
+        )
+        .into());
+    }
+    Ok(map)
 }
 
 /// Error codes of a result entry worth retrying.

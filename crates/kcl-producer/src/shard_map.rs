@@ -9,7 +9,7 @@ pub(crate) fn hash_of_partition_key(partition_key: &str) -> u128 {
 }
 
 /// The open shards' hash key ranges, sorted by start.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ShardMap {
     ranges: Vec<(u128, u128, String)>,
 }
@@ -24,6 +24,24 @@ impl ShardMap {
             .collect();
         ranges.sort();
         Self { ranges }
+    }
+
+    /// The map of the open shards among `shards` as `ListShards` gave them. Closed
+    /// shards (those with an ending sequence number) are left out here, not only by
+    /// the request's `ShardFilter`: a backend that ignores the filter lists a resharded
+    /// stream's closed parents too, whose ranges overlap their children's.
+    pub(crate) fn from_listed(shards: &[aws_sdk_kinesis::types::Shard]) -> Self {
+        Self::new(shards.iter().filter_map(|shard| {
+            let closed = shard
+                .sequence_number_range()
+                .is_some_and(|r| r.ending_sequence_number().is_some());
+            let range = shard.hash_key_range().filter(|_| !closed)?;
+            Some((
+                range.starting_hash_key().to_owned(),
+                range.ending_hash_key().to_owned(),
+                shard.shard_id().to_owned(),
+            ))
+        }))
     }
 
     /// The shard whose range holds `hash`.
@@ -56,6 +74,40 @@ mod tests {
         let gap = ShardMap::new([("10".to_owned(), "20".to_owned(), "x".to_owned())]);
         assert_eq!(gap.shard_for(5), None);
         assert_eq!(gap.shard_for(21), None);
+    }
+
+    #[test]
+    fn a_map_listed_after_a_merge_holds_the_child_not_the_closed_parents() {
+        // A backend that ignores ShardFilter (the embedded one) lists closed shards too.
+        use aws_sdk_kinesis::types::{HashKeyRange, SequenceNumberRange, Shard};
+        let shard = |id: &str, start: u128, end: u128, closed: bool| {
+            Shard::builder()
+                .shard_id(id)
+                .hash_key_range(
+                    HashKeyRange::builder()
+                        .starting_hash_key(start.to_string())
+                        .ending_hash_key(end.to_string())
+                        .build()
+                        .expect("a range"),
+                )
+                .sequence_number_range(
+                    SequenceNumberRange::builder()
+                        .starting_sequence_number("1")
+                        .set_ending_sequence_number(closed.then(|| "2".to_owned()))
+                        .build()
+                        .expect("a range"),
+                )
+                .build()
+                .expect("a shard")
+        };
+        let half = u128::MAX / 2;
+        let map = ShardMap::from_listed(&[
+            shard("p0", 0, half, true),
+            shard("p1", half + 1, u128::MAX, true),
+            shard("child", 0, u128::MAX, false),
+        ]);
+        assert_eq!(map.shard_for(0), Some("child"));
+        assert_eq!(map.shard_for(u128::MAX), Some("child"));
     }
 
     #[test]
