@@ -220,16 +220,16 @@ async fn checkpoints_after_a_landed_failure(
 /// succeed, not declare the lease lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_that_landed_but_reported_failure_does_not_lose_the_lease() -> anyhow::Result<()> {
-    // Only the injected failure reaches the processor.
-    checkpoints_after_a_landed_failure(0, 2, 1).await
+    // The checkpointer retries the injected failure itself: none reaches the processor.
+    checkpoints_after_a_landed_failure(0, 2, 0).await
 }
 
 /// Guards item 3: a failing verification read after a refused checkpoint is a
 /// retryable failure, not a lost lease; the checkpoint after it succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_verification_read_is_a_retry_not_a_lost_lease() -> anyhow::Result<()> {
-    // The landed write, then the failed read.
-    checkpoints_after_a_landed_failure(1, 3, 2).await
+    // The landed write, then the failed read: both retried inside the checkpointer.
+    checkpoints_after_a_landed_failure(1, 3, 0).await
 }
 
 /// Guards item 3: a take that landed but reported failure is a success: the shard is

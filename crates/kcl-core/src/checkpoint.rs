@@ -41,9 +41,11 @@ use crate::record::Record;
 use crate::retry::RetryPolicy;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
 
-/// Backoff between tries of a checkpoint write that failed for a retryable reason.
+/// Backoff between tries of a checkpoint write that failed for a retryable reason, and
+/// how many tries (about 5 s in all at most; the end of the lease's provable ownership
+/// ends them sooner).
 fn checkpoint_retry() -> RetryPolicy {
-    RetryPolicy::new(Duration::from_millis(50), Duration::from_secs(1), None)
+    RetryPolicy::new(Duration::from_millis(50), Duration::from_secs(1), Some(8))
 }
 
 /// What the consumer has delivered, which bounds what may be checkpointed.
@@ -157,8 +159,21 @@ impl Checkpointer {
     /// [`CheckpointError::LeaseLost`]: stop, do not retry. `Throttled` / `Dependency`:
     /// the store failed; retrying is safe.
     pub async fn checkpoint(&self) -> Result<(), CheckpointError> {
-        let target = self.largest_permitted();
+        let target = self.at_least_stored(self.largest_permitted()).await;
         self.write(target, None).await
+    }
+
+    /// `target`, or the stored checkpoint where that is further: while a batch is being
+    /// bisected the bound can be below a checkpoint the processor stored during an
+    /// earlier attempt, and "checkpoint what was delivered" then rewrites the stored one
+    /// instead of failing as `Backwards`.
+    async fn at_least_stored(&self, target: ExtendedSequenceNumber) -> ExtendedSequenceNumber {
+        let stored = self.last_checkpoint().await;
+        if target.partial_cmp(&stored).is_some_and(|o| o.is_lt()) && !stored.is_shard_end() {
+            stored
+        } else {
+            target
+        }
     }
 
     /// Checkpoints at a delivered record.
@@ -199,7 +214,7 @@ impl Checkpointer {
         &self,
         application_state: Option<Bytes>,
     ) -> Result<PreparedCheckpointer, CheckpointError> {
-        let target = self.largest_permitted();
+        let target = self.at_least_stored(self.largest_permitted()).await;
         self.prepare(target, application_state).await
     }
 
@@ -244,20 +259,24 @@ impl Checkpointer {
         // for as long as the lease is provably ours (each write is bounded by what is
         // left of that proof; past it the write reports the lease lost). The processor
         // then sees an error only when retrying cannot help.
+        let policy = checkpoint_retry();
+        let held = &self.inner.held;
         let mut attempt = 1u32;
         let outcome = loop {
             let outcome = self.write_once(&target, &pending, &bound, &children).await;
             match &outcome {
                 Ok(WriteOutcome::Failed(e))
-                    if e.is_retryable() && self.inner.coordinator.still_owned(&self.inner.held) =>
+                    if e.is_retryable() && policy.should_retry(attempt) && self.inner.coordinator.still_owned(held) =>
                 {
                     tracing::warn!(shard_id = %shard_id, attempt, error = %crate::error::ErrorChain(e), "checkpoint write failed; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(checkpoint_retry().backoff(attempt)) => {}
-                        () = self.inner.held.lost.cancelled() => {}
+                        () = tokio::time::sleep(policy.backoff(attempt)) => {}
+                        () = held.lost.cancelled() => {}
                     }
                     attempt = attempt.saturating_add(1);
                 }
+                // Ownership could not be proven any more: say so, not the last failure.
+                Ok(WriteOutcome::Failed(_)) if held.lost.is_cancelled() => break Ok(WriteOutcome::LeaseLost),
                 _ => break outcome,
             }
         };

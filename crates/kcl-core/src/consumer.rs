@@ -557,6 +557,10 @@ impl ShardConsumer {
             let Some(part_end) = part.last().map(Record::extended_sequence_number) else {
                 continue;
             };
+            if !self.ctx.coordinator.still_owned(&self.held) {
+                // The next owner re-reads from the stored checkpoint.
+                return Ok(());
+            }
             let lone = part.len() == 1;
             batch.checkpointer.set_last_delivered(part_end.clone());
             let result = self.process(&part, batch, if lone { &full } else { &once }).await;
@@ -645,9 +649,8 @@ impl ShardConsumer {
             // A batch whose records were processed but whose checkpoint failed is not
             // delivered again: the checkpointer already retried what retrying could fix,
             // and the next checkpoint covers these records.
-            if skippable {
+            if skippable && !self.held.lost.is_cancelled() {
                 match checkpoint_error(error.as_ref()) {
-                    Some(e) if e.is_lease_lost() => return Err(CallFailure::LeaseLost),
                     Some(e) if e.is_retryable() => {
                         warn!(what, error = %ErrorChain(error.as_ref()), "the processor returned a failed checkpoint; its records are not delivered again (the next checkpoint covers them)");
                         return Ok(());
