@@ -259,6 +259,17 @@ fn recording_scheduler(env: &TestEnv, poison: &Bytes, steps: &Steps, sink: SinkM
     .build()?)
 }
 
+/// The checkpoint stored in `shard`'s lease.
+async fn stored_checkpoint(env: &TestEnv, shard: &str) -> anyhow::Result<Checkpoint> {
+    Ok(env
+        .lease_store()
+        .get_lease(shard)
+        .await?
+        .context("lease")?
+        .checkpoint
+        .checkpoint)
+}
+
 /// Every successful call's checkpoint is the end of that call's records, never the end
 /// of the batch being bisected.
 fn assert_each_step_checkpointed_its_own_records(steps: &Steps) {
@@ -285,13 +296,8 @@ async fn a_failing_sink_leaves_the_checkpoint_before_the_poison_record() -> anyh
     let result = tokio::time::timeout(WAIT, scheduler.run()).await?;
     assert!(result.is_err(), "a sink that keeps failing stops the scheduler");
     assert_each_step_checkpointed_its_own_records(&steps);
-    let lease = env
-        .lease_store()
-        .get_lease(&written[0].shard_id)
-        .await?
-        .context("lease")?;
     assert_eq!(
-        lease.checkpoint.checkpoint,
+        stored_checkpoint(&env, &written[0].shard_id).await?,
         Checkpoint::Sequence(written[49].sequence_number.clone()),
         "stored checkpoint: at the last record before the poison one"
     );
@@ -313,13 +319,8 @@ async fn a_crash_mid_bisect_loses_no_record() -> anyhow::Result<()> {
     running.abort();
     let _ = running.await;
     assert_each_step_checkpointed_its_own_records(&steps);
-    let lease = env
-        .lease_store()
-        .get_lease(&written[0].shard_id)
-        .await?
-        .context("lease")?;
     assert_eq!(
-        lease.checkpoint.checkpoint,
+        stored_checkpoint(&env, &written[0].shard_id).await?,
         Checkpoint::Sequence(written[49].sequence_number.clone()),
         "stored checkpoint after the crash: before the poison record"
     );
