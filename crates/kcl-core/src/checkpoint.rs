@@ -109,10 +109,6 @@ impl Checkpointer {
         &self.inner.shard_id
     }
 
-    pub(crate) fn last_delivered(&self) -> ExtendedSequenceNumber {
-        self.progress().last_delivered.clone()
-    }
-
     pub(crate) fn set_last_delivered(&self, position: ExtendedSequenceNumber) {
         self.progress().last_delivered = position;
     }
@@ -127,15 +123,9 @@ impl Checkpointer {
         self.inner.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The largest position that may be checkpointed now: `SHARD_END` once the shard
-    /// was read to its end, else the last record delivered.
+    /// The largest position that may be checkpointed now.
     fn largest_permitted(&self) -> ExtendedSequenceNumber {
-        let p = self.progress();
-        if p.shard_ended {
-            ExtendedSequenceNumber::SHARD_END
-        } else {
-            p.last_delivered.clone()
-        }
+        self.bound().largest()
     }
 
     /// What bounds a checkpoint now.
@@ -345,6 +335,17 @@ pub(crate) struct Bound {
     pub(crate) last_delivered: ExtendedSequenceNumber,
     /// `SHARD_END` is allowed only once every record of the shard was delivered.
     pub(crate) shard_ended: bool,
+}
+
+impl Bound {
+    /// `SHARD_END` once the shard was read to its end, else the last record delivered.
+    fn largest(&self) -> ExtendedSequenceNumber {
+        if self.shard_ended {
+            ExtendedSequenceNumber::SHARD_END
+        } else {
+            self.last_delivered.clone()
+        }
+    }
 }
 
 /// The rule of every checkpoint: not before what is stored, not past what was

@@ -549,7 +549,9 @@ impl ShardConsumer {
         // processed or dead-lettered whenever a part fails, so that no path (a sink that
         // keeps failing, a crash, a lost lease) can store a checkpoint past a record that
         // was neither.
-        let batch_end = batch.checkpointer.last_delivered();
+        let Some(batch_end) = records.last().map(Record::extended_sequence_number) else {
+            return Ok(());
+        };
         let mut done = batch.previous_delivered.clone();
         // Parts still to process, the next on top.
         let mut parts = split(records);
