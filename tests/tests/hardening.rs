@@ -546,3 +546,77 @@ async fn a_lease_given_to_a_stopping_worker_but_not_taken_is_released() -> anyho
     assert_eq!(stored.lease_owner, None, "released: {stored:?}");
     Ok(())
 }
+
+/// User records in the hostile aggregate of the review (a ~1 MB record: one 400 KB
+/// partition key and 100,000 empty user records that all use it).
+const HOSTILE_USER_RECORDS: usize = 100_000;
+
+/// A KPL aggregate with one partition key of `key_len` bytes and `n` empty user records
+/// that all use it, encoded by hand (the key once, as the KPL does).
+fn hostile_aggregate(key_len: usize, n: usize) -> Vec<u8> {
+    use md5::Digest as _;
+    fn varint(mut v: usize, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut protobuf = vec![0x0A]; // partition_key_table, length-delimited
+    varint(key_len, &mut protobuf);
+    protobuf.resize(protobuf.len() + key_len, b'k');
+    for _ in 0..n {
+        // records: { partition_key_index: 0, data: "" }
+        protobuf.extend_from_slice(&[0x1A, 0x04, 0x08, 0x00, 0x1A, 0x00]);
+    }
+    let mut data = kcl_core::aggregation::AGGREGATED_RECORD_MAGIC.to_vec();
+    data.extend_from_slice(&protobuf);
+    data.extend_from_slice(&md5::Md5::digest(&protobuf));
+    data
+}
+
+/// One hostile KPL aggregate must not take down the worker that reads its shard (nor
+/// the next owner): its 400 KB partition key is beyond Kinesis's 256 characters, so the
+/// record is a malformed aggregate, delivered as it is (marked) and counted, and the
+/// records after it are read. Before, every user record got its own copy of the key
+/// (100,000 x 400 KB = 40 GB: the process aborted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_aggregate_with_a_huge_shared_key_does_not_take_the_worker_down() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let data = hostile_aggregate(400_000, HOSTILE_USER_RECORDS);
+    anyhow::ensure!(data.len() <= 1 << 20, "fits in one record: {} bytes", data.len());
+    env.kinesis
+        .put_record()
+        .stream_name(&env.stream)
+        .partition_key("hostile")
+        .data(aws_sdk_kinesis::primitives::Blob::new(data.to_vec()))
+        .send()
+        .await?;
+    let after = env.put(3, "after").await?;
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    let got = recorder.wait_for_records(1 + after.len(), WAIT).await;
+    stop_scheduler(handle, task, WAIT).await??;
+    got?;
+    let state = recorder.state();
+    let first = state.deliveries.first().context("a delivery")?;
+    assert!(
+        first.malformed_aggregate && first.data == data,
+        "the hostile record is delivered whole, marked ({} deliveries)",
+        state.deliveries.len()
+    );
+    let rest: Vec<_> = state.deliveries[1..]
+        .iter()
+        .map(|d| d.sequence_number.clone())
+        .collect();
+    assert_eq!(
+        rest,
+        after.iter().map(|w| w.sequence_number.clone()).collect::<Vec<_>>(),
+        "the records after it are read"
+    );
+    Ok(())
+}

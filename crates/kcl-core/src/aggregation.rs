@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
@@ -123,6 +124,21 @@ pub enum DeaggregationError {
         /// The decoder's message (field names and wire errors, never data).
         reason: String,
     },
+    /// An entry of a key table breaks Kinesis's limits (a partition key of 1 to 256
+    /// characters, an explicit hash key that is a decimal number from 0 to 2^128 - 1):
+    /// Kinesis would have refused it in a plain record, and a hostile one (a huge key
+    /// shared by many user records) would cost memory out of all proportion.
+    #[error("aggregated record {sequence_number}: entry {index} of {table} is invalid: {reason}")]
+    InvalidKey {
+        /// The Kinesis record's sequence number.
+        sequence_number: SequenceNumber,
+        /// The table holding the key.
+        table: KeyTable,
+        /// The entry's position in the table.
+        index: usize,
+        /// What is wrong with it (its length, never its text).
+        reason: String,
+    },
     /// A user record points past the end of a key table.
     #[error(
         "aggregated record {sequence_number}, user record {sub_sequence_number}: \
@@ -165,10 +181,15 @@ pub(crate) fn may_be_aggregated(data: &[u8]) -> bool {
 ///   (a producer may write those bytes), returned unchanged; this is logged at `debug`.
 /// - Otherwise each user record becomes a [`Record`] with the outer sequence number and
 ///   arrival timestamp, `sub_sequence_number` = its index (0, 1, ...), its own partition
-///   key and explicit hash key, its data (sharing the outer buffer) and
-///   `aggregated = true`. An aggregated record holding no user records yields an empty
-///   `Vec`. (Unlike the Java KCL, which needs at least one protobuf byte, the 20 bytes
-///   `MAGIC || MD5("")` count as such an empty aggregated record.)
+///   key and explicit hash key (shared with the other user records that use them, not
+///   copied), its data (sharing the outer buffer) and `aggregated = true`. An aggregated
+///   record holding no user records yields an empty `Vec`. (Unlike the Java KCL, which
+///   needs at least one protobuf byte, the 20 bytes `MAGIC || MD5("")` count as such an
+///   empty aggregated record.)
+///
+/// Nothing assumes Kinesis's old 1 MiB record limit: records of up to 10 MiB (and more)
+/// are unpacked the same way. [`user_records`] yields the same records one at a time,
+/// for callers that must not hold them all at once.
 ///
 /// Hash-key filtering after a re-shard, which the Java KCL also does here, is not done.
 ///
@@ -176,10 +197,23 @@ pub(crate) fn may_be_aggregated(data: &[u8]) -> bool {
 /// [`DeaggregationError::Malformed`] when the magic and MD5 match but the protobuf does
 /// not decode or a user record lacks a required field;
 /// [`DeaggregationError::IndexOutOfRange`] when a user record's key index is past the end
-/// of its table. Either way the record as a whole is rejected.
+/// of its table; [`DeaggregationError::InvalidKey`] when a key breaks Kinesis's limits.
+/// Either way the record as a whole is rejected.
 pub fn deaggregate(record: Record) -> Result<Vec<Record>, DeaggregationError> {
+    Ok(user_records(record)?.collect())
+}
+
+/// [`deaggregate`], one user record at a time: the record is checked whole first (so an
+/// error comes before any user record, never half-way), then each user record is decoded
+/// only when the iterator is advanced. Memory while iterating is the outer record's
+/// buffer, its key tables (at most one entry per user record) and the user records the
+/// caller keeps, whatever the number of user records.
+///
+/// # Errors
+/// As [`deaggregate`].
+pub fn user_records(record: Record) -> Result<UserRecords, DeaggregationError> {
     let Some((protobuf, digest)) = split_aggregated(&record.data) else {
-        return Ok(vec![record]);
+        return Ok(UserRecords(Inner::Plain(Some(record))));
     };
     if Md5::digest(protobuf).as_slice() != digest {
         tracing::debug!(
@@ -188,30 +222,227 @@ pub fn deaggregate(record: Record) -> Result<Vec<Record>, DeaggregationError> {
             "record starts with the KPL magic but its MD5 does not match; \
              delivering it as a plain record"
         );
-        return Ok(vec![record]);
+        return Ok(UserRecords(Inner::Plain(Some(record))));
     }
-
     let start = AGGREGATED_RECORD_MAGIC.len();
     let body = record.data.slice(start..start + protobuf.len());
-    let malformed = |reason: String| DeaggregationError::Malformed {
-        sequence_number: record.sequence_number.clone(),
-        reason,
-    };
-    let aggregated = proto::AggregatedRecord::decode(body).map_err(|e| malformed(e.to_string()))?;
+    let aggregate = Aggregate::check(record, body)?;
+    Ok(UserRecords(Inner::Aggregated(aggregate)))
+}
 
-    let mut user_records = Vec::with_capacity(aggregated.records.len());
-    for (sub_sequence_number, user) in (0u64..).zip(aggregated.records) {
-        let lookup = |table: KeyTable, keys: &[String], index: u64| {
+/// The user records of one Kinesis record, from [`user_records`]: decoded one at a time.
+#[derive(Debug)]
+pub struct UserRecords(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    /// A plain record, yielded once.
+    Plain(Option<Record>),
+    /// A checked aggregate.
+    Aggregated(Aggregate),
+}
+
+impl Iterator for UserRecords {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        match &mut self.0 {
+            Inner::Plain(record) => record.take(),
+            Inner::Aggregated(aggregate) => aggregate.next_record(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            Inner::Plain(record) => usize::from(record.is_some()),
+            Inner::Aggregated(aggregate) => aggregate.remaining,
+        };
+        (n, Some(n))
+    }
+}
+
+/// The longest partition key Kinesis accepts, in Unicode characters.
+const MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// 2^128 - 1, the largest explicit hash key, in decimal.
+const MAX_EXPLICIT_HASH_KEY: &str = "340282366920938463463374607431768211455";
+
+/// Why a key breaks Kinesis's limits, if it does.
+fn key_problem(table: KeyTable, key: &str) -> Option<String> {
+    match table {
+        KeyTable::PartitionKey => {
+            let chars = key.chars().count();
+            (!(1..=MAX_PARTITION_KEY_CHARS).contains(&chars)).then(|| {
+                format!("a partition key has {chars} characters (Kinesis allows 1 to {MAX_PARTITION_KEY_CHARS})")
+            })
+        }
+        KeyTable::ExplicitHashKey => {
+            let decimal =
+                !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) && (key == "0" || !key.starts_with('0'));
+            let in_range = key.len() < MAX_EXPLICIT_HASH_KEY.len()
+                || (key.len() == MAX_EXPLICIT_HASH_KEY.len() && key <= MAX_EXPLICIT_HASH_KEY);
+            (!(decimal && in_range)).then(|| {
+                format!(
+                    "an explicit hash key of {} bytes is not a decimal number from 0 to 2^128 - 1",
+                    key.len()
+                )
+            })
+        }
+    }
+}
+
+/// One field of the `AggregatedRecord` message, as the walk over its body finds it.
+enum Field {
+    /// `partition_key_table` (1) or `explicit_hash_key_table` (2): an entry.
+    Key(KeyTable, Bytes),
+    /// `records` (3): one encoded user record.
+    Record(Bytes),
+}
+
+/// Reads the next field of `body` at `*pos` and moves past it; `None` at the end. Unknown
+/// fields are skipped, as prost does.
+fn next_field(body: &Bytes, pos: &mut usize) -> Result<Option<Field>, String> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    loop {
+        let Some(mut buf) = body.get(*pos..).filter(|b| !b.is_empty()) else {
+            return Ok(None);
+        };
+        let (tag, wire_type) = decode_key(&mut buf).map_err(|e| e.to_string())?;
+        if !matches!(tag, 1..=3) {
+            skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|e| e.to_string())?;
+            *pos = body.len() - buf.len();
+            continue;
+        }
+        if wire_type != WireType::LengthDelimited {
+            return Err(format!(
+                "field {tag} of AggregatedRecord has wire type {wire_type:?}, expected LengthDelimited"
+            ));
+        }
+        let len = usize::try_from(decode_varint(&mut buf).map_err(|e| e.to_string())?)
+            .ok()
+            .filter(|len| *len <= buf.len())
+            .ok_or_else(|| format!("field {tag} of AggregatedRecord is longer than the record"))?;
+        let start = body.len() - buf.len();
+        *pos = start + len;
+        let value = body.slice(start..start + len);
+        return Ok(Some(match tag {
+            1 => Field::Key(KeyTable::PartitionKey, value),
+            2 => Field::Key(KeyTable::ExplicitHashKey, value),
+            _ => Field::Record(value),
+        }));
+    }
+}
+
+/// A checked aggregate, yielding its user records in order.
+#[derive(Debug)]
+struct Aggregate {
+    /// The Kinesis record (its data is the whole aggregate).
+    outer: Record,
+    /// The protobuf, a slice of `outer.data`.
+    body: Bytes,
+    /// Where the walk over `body` stands.
+    pos: usize,
+    /// The key tables, one shared buffer per key.
+    partition_keys: Vec<Arc<str>>,
+    explicit_hash_keys: Vec<Arc<str>>,
+    /// The next user record's index.
+    next_sub_sequence_number: u64,
+    /// User records not yielded yet.
+    remaining: usize,
+}
+
+/// A user record's checked fields.
+struct Checked {
+    partition_key_index: usize,
+    explicit_hash_key_index: Option<usize>,
+    data: Bytes,
+}
+
+impl Aggregate {
+    /// Reads the key tables and checks every user record, keeping none of them.
+    fn check(outer: Record, body: Bytes) -> Result<Self, DeaggregationError> {
+        let sequence_number = outer.sequence_number.clone();
+        let malformed = |reason: String| DeaggregationError::Malformed {
+            sequence_number: sequence_number.clone(),
+            reason,
+        };
+        let mut partition_keys = Vec::new();
+        let mut explicit_hash_keys = Vec::new();
+        let mut records = 0usize;
+        let mut pos = 0;
+        while let Some(field) = next_field(&body, &mut pos).map_err(malformed)? {
+            match field {
+                Field::Key(table, value) => {
+                    let key = std::str::from_utf8(&value)
+                        .map_err(|_| malformed(format!("an entry of {table} is not valid UTF-8")))?;
+                    let keys = match table {
+                        KeyTable::PartitionKey => &mut partition_keys,
+                        KeyTable::ExplicitHashKey => &mut explicit_hash_keys,
+                    };
+                    if let Some(reason) = key_problem(table, key) {
+                        return Err(DeaggregationError::InvalidKey {
+                            sequence_number,
+                            table,
+                            index: keys.len(),
+                            reason,
+                        });
+                    }
+                    keys.push(Arc::<str>::from(key));
+                }
+                Field::Record(_) => records += 1,
+            }
+        }
+        // The KPL puts a key in a table only for a user record that uses it: a table
+        // longer than the records is not the KPL's, and would only cost memory (one key
+        // with no record is let through: an empty aggregate may carry its table).
+        for (table, len) in [
+            (KeyTable::PartitionKey, partition_keys.len()),
+            (KeyTable::ExplicitHashKey, explicit_hash_keys.len()),
+        ] {
+            if len > records.max(1) {
+                return Err(malformed(format!(
+                    "{table} has {len} entries for {records} user records"
+                )));
+            }
+        }
+        let aggregate = Self {
+            outer,
+            body,
+            pos: 0,
+            partition_keys,
+            explicit_hash_keys,
+            next_sub_sequence_number: 0,
+            remaining: records,
+        };
+        let mut pos = 0;
+        let mut sub_sequence_number = 0u64;
+        while let Some(field) = next_field(&aggregate.body, &mut pos).map_err(malformed)? {
+            if let Field::Record(value) = field {
+                aggregate.check_user_record(sub_sequence_number, value)?;
+                sub_sequence_number += 1;
+            }
+        }
+        Ok(aggregate)
+    }
+
+    /// Decodes and checks one user record.
+    fn check_user_record(&self, sub_sequence_number: u64, value: Bytes) -> Result<Checked, DeaggregationError> {
+        let sequence_number = &self.outer.sequence_number;
+        let malformed = |reason: String| DeaggregationError::Malformed {
+            sequence_number: sequence_number.clone(),
+            reason,
+        };
+        let user = proto::UserRecord::decode(value).map_err(|e| malformed(e.to_string()))?;
+        let lookup = |table: KeyTable, table_len: usize, index: u64| {
             usize::try_from(index)
                 .ok()
-                .and_then(|i| keys.get(i))
-                .cloned()
+                .filter(|i| *i < table_len)
                 .ok_or_else(|| DeaggregationError::IndexOutOfRange {
-                    sequence_number: record.sequence_number.clone(),
+                    sequence_number: sequence_number.clone(),
                     sub_sequence_number,
                     table,
                     index,
-                    table_len: keys.len(),
+                    table_len,
                 })
         };
         let pk_index = user
@@ -225,23 +456,40 @@ pub fn deaggregate(record: Record) -> Result<Vec<Record>, DeaggregationError> {
                 "user record {sub_sequence_number} has a tag without a key"
             )));
         }
-        let partition_key = lookup(KeyTable::PartitionKey, &aggregated.partition_key_table, pk_index)?;
-        let explicit_hash_key = user
-            .explicit_hash_key_index
-            .map(|i| lookup(KeyTable::ExplicitHashKey, &aggregated.explicit_hash_key_table, i))
-            .transpose()?;
-        user_records.push(Record {
+        Ok(Checked {
+            partition_key_index: lookup(KeyTable::PartitionKey, self.partition_keys.len(), pk_index)?,
+            explicit_hash_key_index: user
+                .explicit_hash_key_index
+                .map(|i| lookup(KeyTable::ExplicitHashKey, self.explicit_hash_keys.len(), i))
+                .transpose()?,
             data,
-            partition_key,
-            explicit_hash_key,
-            sequence_number: record.sequence_number.clone(),
-            sub_sequence_number,
-            approximate_arrival_timestamp: record.approximate_arrival_timestamp,
-            aggregated: true,
-            malformed_aggregate: false,
-        });
+        })
     }
-    Ok(user_records)
+
+    /// The next user record (all of them were checked in [`check`](Self::check)).
+    fn next_record(&mut self) -> Option<Record> {
+        loop {
+            let field = next_field(&self.body, &mut self.pos).ok()??;
+            let Field::Record(value) = field else { continue };
+            let sub_sequence_number = self.next_sub_sequence_number;
+            self.next_sub_sequence_number += 1;
+            self.remaining = self.remaining.saturating_sub(1);
+            // Checked already; an error here cannot happen, and would end the records.
+            let checked = self.check_user_record(sub_sequence_number, value).ok()?;
+            return Some(Record {
+                data: checked.data,
+                partition_key: self.partition_keys[checked.partition_key_index].clone(),
+                explicit_hash_key: checked
+                    .explicit_hash_key_index
+                    .map(|i| self.explicit_hash_keys[i].clone()),
+                sequence_number: self.outer.sequence_number.clone(),
+                sub_sequence_number,
+                approximate_arrival_timestamp: self.outer.approximate_arrival_timestamp,
+                aggregated: true,
+                malformed_aggregate: false,
+            });
+        }
+    }
 }
 
 /// Unpacks every record of a batch with [`deaggregate`], keeping their order (the Java
@@ -266,8 +514,10 @@ pub fn deaggregate_all(records: impl IntoIterator<Item = Record>) -> Result<Vec<
 /// explicit hash keys are de-duplicated into their tables, as the KPL does. An empty
 /// slice gives `MAGIC || MD5("")`, which [`deaggregate`] reads as zero user records.
 ///
-/// Kinesis's limits are not checked: the result must still fit in one record (1 MiB),
-/// and Kinesis routes it by the partition key the caller puts on the outer record.
+/// Kinesis's limits are not checked: the result must still fit in one record (the
+/// stream's maximum record size, 1 MiB by default and up to 10 MiB), and Kinesis routes
+/// it by the partition key the caller puts on the outer record. [`deaggregate`] refuses
+/// keys beyond Kinesis's limits.
 pub fn encode_aggregated(user_records: &[(String, Option<String>, Bytes)]) -> Bytes {
     fn index_of<'a>(key: &'a str, index: &mut HashMap<&'a str, u64>, table: &mut Vec<String>) -> u64 {
         *index.entry(key).or_insert_with(|| {
@@ -353,8 +603,8 @@ mod tests {
         let records = deaggregate(input.clone()).expect("deaggregates");
         assert_eq!(records.len(), users.len());
         for (i, (record, (pk, ehk, bytes))) in records.iter().zip(&users).enumerate() {
-            assert_eq!(&record.partition_key, pk);
-            assert_eq!(&record.explicit_hash_key, ehk);
+            assert_eq!(&*record.partition_key, pk);
+            assert_eq!(record.explicit_hash_key.as_deref(), ehk.as_deref());
             assert_eq!(&record.data, bytes);
             assert_eq!(record.sub_sequence_number, i as u64);
             assert_eq!(record.sequence_number, input.sequence_number);
@@ -537,6 +787,121 @@ mod tests {
         assert!(deaggregate_all([plain, broken]).is_err());
     }
 
+    /// An aggregate of `n` empty user records that all use one partition key of
+    /// `key_len` bytes (the hostile record of the hardening review, scaled).
+    fn one_key_many_records(key: String, n: usize) -> Bytes {
+        let message = proto::AggregatedRecord {
+            partition_key_table: vec![key],
+            explicit_hash_key_table: Vec::new(),
+            records: vec![
+                proto::UserRecord {
+                    partition_key_index: Some(0),
+                    explicit_hash_key_index: None,
+                    data: Some(Bytes::new()),
+                    tags: Vec::new(),
+                };
+                n
+            ],
+        };
+        frame(&message.encode_to_vec())
+    }
+
+    /// Bytes held by the distinct partition-key buffers of `records`: what keys cost
+    /// in memory (one buffer when they are shared, one per record when copied).
+    fn key_bytes_allocated(records: &[Record]) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        records
+            .iter()
+            .filter(|r| seen.insert(r.partition_key.as_ptr()))
+            .map(|r| r.partition_key.len())
+            .sum()
+    }
+
+    /// The hostile aggregate: one key far beyond Kinesis's 256 characters shared by many
+    /// empty user records. Before, every user record got its own copy of the key (a
+    /// ~1 MB record with a 400 KB key and 100,000 records made 40 GB); scaled down here
+    /// (40 KB x 1,000 = 40 MB) so that the failing run shows the blow-up without taking
+    /// the machine down. Now the key is refused and the record is malformed.
+    #[test]
+    fn a_partition_key_beyond_kinesis_limits_makes_the_aggregate_malformed() {
+        let data = one_key_many_records("k".repeat(40_000), 1_000);
+        match deaggregate(outer(data)) {
+            Ok(records) => panic!(
+                "a 40,000-character partition key was accepted: {} user records, {} bytes allocated for keys",
+                records.len(),
+                key_bytes_allocated(&records)
+            ),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e,
+                        DeaggregationError::InvalidKey {
+                            table: KeyTable::PartitionKey,
+                            index: 0,
+                            ..
+                        }
+                    ),
+                    "{e:?}"
+                );
+                assert!(e.to_string().contains("40000 characters"), "{e}");
+            }
+        }
+        // The full-size record of the review: refused the same way, at once.
+        let data = one_key_many_records("k".repeat(400_000), 100_000);
+        assert!(data.len() < 1_100_000, "about 1 MB: {}", data.len());
+        assert!(matches!(
+            deaggregate(outer(data)),
+            Err(DeaggregationError::InvalidKey { .. })
+        ));
+    }
+
+    /// A valid key used by many user records is stored once: every user record shares
+    /// it (before, 10,000 records of a 256-character key held 10,000 copies, 2.5 MB).
+    #[test]
+    fn user_records_share_their_aggregate_keys() {
+        let records = deaggregate(outer(one_key_many_records("k".repeat(256), 10_000))).expect("valid");
+        assert_eq!(records.len(), 10_000);
+        assert_eq!(key_bytes_allocated(&records), 256, "one shared key buffer");
+    }
+
+    /// Keys Kinesis itself would refuse: empty or over 256 characters (characters, not
+    /// bytes), and explicit hash keys that are not a decimal number up to 2^128 - 1.
+    #[test]
+    fn keys_beyond_kinesis_limits_are_malformed() {
+        let bad: [(&str, Option<&str>); 7] = [
+            ("", None),
+            (&"k".repeat(257), None),
+            ("k", Some("")),
+            ("k", Some("abc")),
+            ("k", Some("-1")),
+            ("k", Some("007")),
+            ("k", Some("340282366920938463463374607431768211456")),
+        ];
+        for (pk, ehk) in bad {
+            let data = encode_aggregated(&[user(pk, ehk, b"v")]);
+            assert!(
+                deaggregate(outer(data)).is_err(),
+                "pk of {} chars, ehk {ehk:?}",
+                pk.chars().count()
+            );
+        }
+        let crab = "🦀".repeat(256);
+        let good: [(&str, Option<&str>); 4] = [
+            ("k", None),
+            (&crab, None),
+            ("k", Some("0")),
+            ("k", Some("340282366920938463463374607431768211455")),
+        ];
+        for (pk, ehk) in good {
+            let data = encode_aggregated(&[user(pk, ehk, b"v")]);
+            assert!(
+                deaggregate(outer(data)).is_ok(),
+                "pk of {} chars, ehk {ehk:?}",
+                pk.chars().count()
+            );
+        }
+    }
+
     /// SplitMix64: a small deterministic generator, so failures reproduce.
     struct Rng(u64);
 
@@ -556,7 +921,7 @@ mod tests {
 
     #[test]
     fn aggregate_then_deaggregate_is_identity() {
-        let key_pool = ["", "a", "partition-ключ", "🦀", "k-0123456789"];
+        let key_pool = ["x", "a", "partition-ключ", "🦀", "k-0123456789"];
         let ehk_pool = ["0", "340282366920938463463374607431768211455", "42"];
         let mut rng = Rng(0x5EED);
         for case in 0..400 {
@@ -582,7 +947,13 @@ mod tests {
             let records = deaggregate(outer(encode_aggregated(&users))).unwrap_or_else(|e| panic!("case {case}: {e}"));
             let round_tripped: Vec<_> = records
                 .into_iter()
-                .map(|r| (r.partition_key, r.explicit_hash_key, r.data))
+                .map(|r| {
+                    (
+                        r.partition_key.to_string(),
+                        r.explicit_hash_key.map(|k| k.to_string()),
+                        r.data,
+                    )
+                })
                 .collect();
             assert_eq!(round_tripped, users, "case {case}");
         }

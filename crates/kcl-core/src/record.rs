@@ -1,6 +1,7 @@
 //! The record a processor receives (the Java KCL's `KinesisClientRecord`).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -14,10 +15,13 @@ use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
 pub struct Record {
     /// The payload. Never logged by this library.
     pub data: Bytes,
-    /// The partition key (for aggregated records, the user record's own key).
-    pub partition_key: String,
-    /// The explicit hash key, when the producer set one.
-    pub explicit_hash_key: Option<String>,
+    /// The partition key (for aggregated records, the user record's own key). Shared,
+    /// not copied, between the user records of one KPL aggregate that use the same key:
+    /// an aggregate may hold many records and one key, and a copy per record would
+    /// multiply its memory (`Arc<str>` derefs to `&str`; `to_string()` gives a `String`).
+    pub partition_key: Arc<str>,
+    /// The explicit hash key, when the producer set one (shared like the partition key).
+    pub explicit_hash_key: Option<Arc<str>>,
     /// The Kinesis sequence number.
     pub sequence_number: SequenceNumber,
     /// The index inside an aggregated record; 0 for plain records.
@@ -36,7 +40,7 @@ pub struct Record {
 
 impl Record {
     /// A plain (not aggregated) record.
-    pub fn new(data: Bytes, partition_key: impl Into<String>, sequence_number: SequenceNumber) -> Self {
+    pub fn new(data: Bytes, partition_key: impl Into<Arc<str>>, sequence_number: SequenceNumber) -> Self {
         Self {
             data,
             partition_key: partition_key.into(),
@@ -47,6 +51,13 @@ impl Record {
             aggregated: false,
             malformed_aggregate: false,
         }
+    }
+
+    /// What the record counts for in the prefetch budget: its data and its keys (a
+    /// key is counted in every record that uses it, though the records of an aggregate
+    /// share it: the bound stays conservative).
+    pub(crate) fn accounted_bytes(&self) -> usize {
+        self.data.len() + self.partition_key.len() + self.explicit_hash_key.as_deref().map_or(0, str::len)
     }
 
     /// The record's position, for checkpoints and ordering.

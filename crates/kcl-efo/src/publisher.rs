@@ -36,7 +36,7 @@ use aws_sdk_kinesis::types::{ShardIteratorType, SubscribeToShardEventStream};
 use aws_smithy_types::DateTime;
 use kcl_core::error::{BoxError, ErrorChain};
 use kcl_core::retrieval::{
-    records_from_kinesis, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
+    ChildShard, Delivered, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
     RetrievalFactory,
 };
 use kcl_core::retry::with_timeout;
@@ -388,21 +388,25 @@ impl FanOutPublisher {
             let continuation = Some(event.continuation_sequence_number.clone()).filter(|c| !c.is_empty());
             let child_shards: Vec<ChildShard> = event.child_shards().iter().map(ChildShard::from).collect();
             let delivered_any = !event.records.is_empty();
-            let (mut records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, event.records);
             // A backend that ignores the requested position replays from earlier; what
             // lies before the position is not handed on (the consumer would drop it too,
             // except while it has delivered nothing yet).
-            records.retain(|r| position.admits(&r.sequence_number));
-            if !records.is_empty() {
-                *quiet_since = Instant::now();
-            }
-            if self
+            let admitted = position.clone();
+            let delivered = self
                 .sink
-                .batch(records, Some(event.millis_behind_latest))
-                .await
-                .is_err()
-            {
+                .deliver(
+                    &self.stream_name,
+                    &self.shard_id,
+                    event.records,
+                    Some(event.millis_behind_latest),
+                    |r| admitted.admits(&r.sequence_number),
+                )
+                .await;
+            let Ok(Delivered { records, last, .. }) = delivered else {
                 return (Replaced::Ended, true);
+            };
+            if records > 0 {
+                *quiet_since = Instant::now();
             }
             match (&continuation, last) {
                 (Some(c), _) => *position = Position::AfterSequence(c.clone()),
@@ -590,11 +594,15 @@ impl FanOutPublisher {
             };
             let child_shards: Vec<ChildShard> = out.child_shards().iter().map(ChildShard::from).collect();
             let next = out.next_shard_iterator.clone();
-            let (records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, out.records);
-            let found = !records.is_empty();
-            if found && self.sink.batch(records, out.millis_behind_latest).await.is_err() {
+            // No `millis_behind_latest`: an empty check hands nothing on.
+            let delivered = self
+                .sink
+                .deliver(&self.stream_name, &self.shard_id, out.records, None, |_| true)
+                .await;
+            let Ok(Delivered { records, last, .. }) = delivered else {
                 return EndCheck::Done;
-            }
+            };
+            let found = records > 0;
             if let Some(last) = last {
                 *position = Position::AfterSequence(last.as_str().to_owned());
             }

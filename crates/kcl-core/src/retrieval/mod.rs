@@ -212,7 +212,8 @@ pub struct PrefetchLimits {
     pub max_batches: usize,
     /// Records queued before the publisher stops fetching (one more batch may follow).
     pub max_records: usize,
-    /// Bytes of record data queued before the publisher stops fetching.
+    /// Bytes of record data and keys queued before the publisher stops fetching. A
+    /// record larger than this is still delivered, alone.
     pub max_bytes: usize,
 }
 
@@ -332,7 +333,7 @@ impl PublisherSink {
         if records.is_empty() && millis_behind_latest.is_none() {
             return Ok(());
         }
-        let bytes = records.iter().map(|r| r.data.len()).sum();
+        let bytes = records.iter().map(Record::accounted_bytes).sum();
         let permit = PrefetchPermit::new(self.budget.clone(), records.len(), bytes);
         let batch = RecordsBatch {
             records,
@@ -341,6 +342,56 @@ impl PublisherSink {
             _permit: permit,
         };
         self.send(PublisherEvent::Batch(batch)).await
+    }
+
+    /// Converts one response's Kinesis records as [`records_from_kinesis`] does, keeps
+    /// those `admit` accepts, and queues them in batches that each fit the prefetch
+    /// limits (`max_records` records, `max_bytes` bytes of data and keys; a record
+    /// larger than `max_bytes` goes alone), waiting for room between batches: an
+    /// aggregate of a hundred thousand user records is held a batch at a time, never
+    /// whole. `millis_behind_latest` goes with the last batch (an empty one, if nothing
+    /// was admitted).
+    ///
+    /// # Errors
+    /// [`ConsumerGone`] when the consumer stopped listening.
+    ///
+    /// # Cancel safety
+    /// Dropping it part-way leaves the batches already queued; the rest are lost, as
+    /// with any cancelled publisher (the consumer resumes from what it delivered).
+    pub async fn deliver(
+        &self,
+        stream_name: &str,
+        shard_id: &str,
+        records: Vec<aws_sdk_kinesis::types::Record>,
+        millis_behind_latest: Option<i64>,
+        mut admit: impl FnMut(&Record) -> bool,
+    ) -> Result<Delivered, ConsumerGone> {
+        let mut converter = Converter::new(stream_name, shard_id, records);
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0usize;
+        let mut delivered = 0;
+        while let Some(record) = converter.next() {
+            if !admit(&record) {
+                continue;
+            }
+            let size = record.accounted_bytes();
+            let full =
+                chunk.len() >= self.budget.max_records || chunk_bytes.saturating_add(size) > self.budget.max_bytes;
+            if !chunk.is_empty() && full {
+                delivered += chunk.len();
+                self.batch(std::mem::take(&mut chunk), None).await?;
+                chunk_bytes = 0;
+                self.wait_for_room().await;
+            }
+            chunk_bytes = chunk_bytes.saturating_add(size);
+            chunk.push(record);
+        }
+        delivered += chunk.len();
+        self.batch(chunk, millis_behind_latest).await?;
+        Ok(Delivered {
+            records: delivered,
+            last: converter.last,
+        })
     }
 
     /// Sends a final event (`ShardEnd`, `ShardNotFound`, `Failed`).
@@ -360,18 +411,51 @@ impl PublisherSink {
 /// Turns Kinesis records into processor [`Record`]s, for any publisher: KPL aggregates
 /// are unpacked; a record whose sequence number cannot be parsed is left out (it could
 /// not be ordered, checkpointed or resumed after) with an error log and
-/// `kcl_records_invalid_sequence_number_total`; a malformed aggregate is delivered
-/// whole, marked [`Record::malformed_aggregate`], logged and counted. Returns the
-/// records and the sequence number of the last Kinesis record that was parsed.
+/// `kcl_records_invalid_sequence_number_total`; a malformed aggregate (one that does
+/// not decode, or whose keys break Kinesis's limits) is delivered whole, marked
+/// [`Record::malformed_aggregate`], logged and counted. Returns the records and the
+/// sequence number of the last Kinesis record that was parsed.
+///
+/// This holds every user record at once; publishers use [`PublisherSink::deliver`],
+/// which converts the same way but queues the records in batches that fit the
+/// prefetch limits.
 pub fn records_from_kinesis(
     stream_name: &str,
     shard_id: &str,
     records: Vec<aws_sdk_kinesis::types::Record>,
 ) -> (Vec<Record>, Option<SequenceNumber>) {
-    let mut out = Vec::with_capacity(records.len());
-    let mut last = None;
-    let count = records.len();
-    for (i, r) in records.into_iter().enumerate() {
+    let mut converter = Converter::new(stream_name, shard_id, records);
+    let out = converter.by_ref().collect();
+    (out, converter.last)
+}
+
+/// Kinesis records turned into processor records one at a time, as
+/// [`records_from_kinesis`] describes: an aggregate's user records are decoded only as
+/// they are taken.
+struct Converter<'a> {
+    stream_name: &'a str,
+    shard_id: &'a str,
+    records: std::vec::IntoIter<aws_sdk_kinesis::types::Record>,
+    /// The user records of the aggregate being unpacked.
+    current: Option<aggregation::UserRecords>,
+    /// The sequence number of the last Kinesis record parsed so far.
+    last: Option<SequenceNumber>,
+}
+
+impl<'a> Converter<'a> {
+    fn new(stream_name: &'a str, shard_id: &'a str, records: Vec<aws_sdk_kinesis::types::Record>) -> Self {
+        Self {
+            stream_name,
+            shard_id,
+            records: records.into_iter(),
+            current: None,
+            last: None,
+        }
+    }
+
+    /// The next Kinesis record as a processor record (not de-aggregated yet), or `None`
+    /// when its sequence number does not parse (counted, logged).
+    fn parse(&self, r: aws_sdk_kinesis::types::Record) -> Option<Record> {
         let arrival = r
             .approximate_arrival_timestamp()
             .and_then(|t| SystemTime::try_from(*t).ok());
@@ -384,46 +468,67 @@ pub fn records_from_kinesis(
         let sequence_number = match SequenceNumber::parse_owned(sequence_number) {
             Ok(s) => s,
             Err(e) => {
-                metrics::invalid_sequence_number(stream_name, shard_id);
+                metrics::invalid_sequence_number(self.stream_name, self.shard_id);
                 error!(
-                    shard_id,
+                    shard_id = self.shard_id,
                     sequence_number = %e.0,
                     "record with an unparseable sequence number skipped"
                 );
-                continue;
+                return None;
             }
         };
-        if i + 1 == count {
-            last = Some(sequence_number.clone());
-        }
         let mut record = Record::new(
             bytes::Bytes::from(data.into_inner()),
             partition_key.unwrap_or_default(),
             sequence_number,
         );
         record.approximate_arrival_timestamp = arrival;
-        if !aggregation::may_be_aggregated(&record.data) {
-            // A plain record (nearly all of them): no copy, no de-aggregation.
-            out.push(record);
-            continue;
-        }
-        match aggregation::deaggregate(record.clone()) {
-            Ok(user_records) => out.extend(user_records),
-            Err(e) => {
-                // Delivered as it is, marked: losing it would be worse than a record the
-                // processor may not be able to parse.
-                metrics::malformed_aggregate(stream_name, shard_id);
-                warn!(shard_id, error = %ErrorChain(&e), sequence_number = %record.sequence_number, "malformed aggregated record delivered without de-aggregation");
-                record.malformed_aggregate = true;
-                out.push(record);
+        Some(record)
+    }
+}
+
+impl Iterator for Converter<'_> {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        loop {
+            if let Some(user) = self.current.as_mut().and_then(Iterator::next) {
+                return Some(user);
+            }
+            self.current = None;
+            let raw = self.records.next()?;
+            let Some(mut record) = self.parse(raw) else {
+                continue;
+            };
+            self.last = Some(record.sequence_number.clone());
+            if !aggregation::may_be_aggregated(&record.data) {
+                // A plain record (nearly all of them): no copy, no de-aggregation.
+                return Some(record);
+            }
+            match aggregation::user_records(record.clone()) {
+                Ok(user_records) => self.current = Some(user_records),
+                Err(e) => {
+                    // Delivered as it is, marked: losing it would be worse than a record
+                    // the processor may not be able to parse.
+                    metrics::malformed_aggregate(self.stream_name, self.shard_id);
+                    warn!(shard_id = self.shard_id, error = %ErrorChain(&e), sequence_number = %record.sequence_number, "malformed aggregated record delivered without de-aggregation");
+                    record.malformed_aggregate = true;
+                    return Some(record);
+                }
             }
         }
     }
-    if last.is_none() {
-        // The last record's sequence number did not parse: the last that did.
-        last = out.last().map(|r| r.sequence_number.clone());
-    }
-    (out, last)
+}
+
+/// What [`PublisherSink::deliver`] queued.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivered {
+    /// Records queued (after de-aggregation and the caller's filter).
+    pub records: usize,
+    /// The sequence number of the last Kinesis record that was parsed, admitted or not:
+    /// where a publisher resumes after.
+    pub last: Option<SequenceNumber>,
 }
 
 #[cfg(test)]
@@ -496,6 +601,32 @@ mod tests {
         assert_eq!(counting.get("kcl_records_invalid_sequence_number_total"), 1);
         assert_eq!(counting.get("kcl_records_malformed_aggregate_total"), 1);
         assert_eq!(last.as_ref().map(SequenceNumber::as_str), Some("101"));
+    }
+
+    /// Keys take memory too: a batch's share of the byte budget is its records' data
+    /// and keys (before, data alone: a record of empty data and a 256-character key
+    /// counted 0 bytes, so a batch of such records never filled the budget).
+    #[tokio::test]
+    async fn the_byte_budget_counts_keys() {
+        let (sink, mut publisher) = RecordsPublisher::channel(PrefetchLimits {
+            max_batches: 3,
+            max_records: 1_000,
+            max_bytes: 1_000,
+        });
+        let mut record = Record::new(
+            bytes::Bytes::from_static(b"x"),
+            "k".repeat(256),
+            SequenceNumber::parse("1").expect("valid"),
+        );
+        record.explicit_hash_key = Some("42".into());
+        sink.batch(vec![record.clone(); 4], None).await.expect("sent");
+        assert_eq!(sink.budget.bytes.load(Ordering::SeqCst), 4 * (1 + 256 + 2));
+        assert!(
+            !sink.budget.has_room(),
+            "1,036 bytes of data and keys queued: over 1,000"
+        );
+        drop(publisher.next().await);
+        assert_eq!(sink.budget.bytes.load(Ordering::SeqCst), 0, "released");
     }
 
     #[tokio::test]

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use super::{
-    records_from_kinesis, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
-    RetrievalFactory, StartingPosition,
+    ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher, RetrievalFactory,
+    StartingPosition,
 };
 use crate::config::RetrievalConfig;
 use crate::error::BoxError;
@@ -133,12 +133,21 @@ impl PollingPublisher {
                     let millis_behind_latest = out.millis_behind_latest();
                     let next_iterator = out.next_shard_iterator().map(str::to_owned);
                     let child_shards = out.child_shards().to_vec();
-                    let (records, last) = records_from_kinesis(&self.stream_name, &self.shard_id, out.records);
-                    if last.is_some() {
-                        self.last_fetched = last;
-                    }
-                    if self.sink.batch(records, millis_behind_latest).await.is_err() {
+                    let delivered = self
+                        .sink
+                        .deliver(
+                            &self.stream_name,
+                            &self.shard_id,
+                            out.records,
+                            millis_behind_latest,
+                            |_| true,
+                        )
+                        .await;
+                    let Ok(delivered) = delivered else {
                         return;
+                    };
+                    if delivered.last.is_some() {
+                        self.last_fetched = delivered.last;
                     }
                     match next_iterator {
                         Some(next) => iterator = next,
@@ -335,5 +344,83 @@ impl PollingPublisher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::aggregation::encode_aggregated;
+
+    const SHARD0: &str = "shardId-000000000000";
+
+    async fn backend(stream: &str) -> (kcl_local::LocalBackend, aws_sdk_kinesis::Client) {
+        let backend = kcl_local::LocalBackend::start().await.expect("backend");
+        let kinesis = backend.kinesis_client();
+        kcl_local::create_stream(&kinesis, stream, 1).await.expect("stream");
+        (backend, kinesis)
+    }
+
+    async fn put(kinesis: &aws_sdk_kinesis::Client, stream: &str, data: Bytes) {
+        kinesis
+            .put_record()
+            .stream_name(stream)
+            .partition_key("outer")
+            .data(aws_sdk_kinesis::primitives::Blob::new(data.to_vec()))
+            .send()
+            .await
+            .expect("put");
+    }
+
+    fn start(kinesis: &aws_sdk_kinesis::Client, stream: &str, config: RetrievalConfig) -> RecordsPublisher {
+        PollingRetrievalFactory::new(config).start(PublisherStart::new(
+            kinesis.clone(),
+            stream.to_owned(),
+            SHARD0.to_owned(),
+            StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
+            CancellationToken::new(),
+        ))
+    }
+
+    /// One Kinesis record holding 20,000 user records (a KPL aggregate of tiny records:
+    /// about 300 KB) must not land in the prefetch queue all at once: with a bound of
+    /// 1,000 records, no batch holds more than 1,000, and every user record still comes,
+    /// in order. Before, the whole aggregate was one batch of 20,000 records, whatever
+    /// the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aggregate_of_many_user_records_stays_within_the_prefetch_bound() {
+        let (_backend, kinesis) = backend("many-users").await;
+        let users: Vec<_> = (0..20_000)
+            .map(|i| (format!("k{}", i % 7), None, Bytes::from(format!("{i}"))))
+            .collect();
+        put(&kinesis, "many-users", encode_aggregated(&users)).await;
+        let config = RetrievalConfig {
+            idle_time_between_reads: Duration::from_millis(200),
+            max_prefetch_records: 1_000,
+            ..RetrievalConfig::default()
+        };
+        let mut publisher = start(&kinesis, "many-users", config);
+        let mut seen = 0u64;
+        let mut largest = 0;
+        while seen < 20_000 {
+            let event = tokio::time::timeout(Duration::from_secs(30), publisher.next())
+                .await
+                .expect("an event in time")
+                .expect("publisher running");
+            let PublisherEvent::Batch(batch) = event else {
+                panic!("unexpected {event:?}");
+            };
+            largest = largest.max(batch.records.len());
+            for record in &batch.records {
+                assert_eq!(record.sub_sequence_number, seen, "in order, none lost");
+                seen += 1;
+            }
+        }
+        assert!(largest <= 1_000, "a batch of {largest} records with a bound of 1,000");
     }
 }
