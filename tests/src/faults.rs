@@ -40,11 +40,104 @@ pub enum Fault {
     /// HTTP 400 with this error type (`ResourceInUseException`, `LimitExceededException`,
     /// `UnknownOperationException`, ...).
     Error(&'static str),
+    /// HTTP 400 with this error type and message (Kinesis tells some refusals apart only
+    /// by their message, such as the `InvalidArgumentException`s of `GetShardIterator`).
+    ErrorMessage(&'static str, String),
+    /// HTTP 200 `application/vnd.amazon.eventstream` with these messages, then the end
+    /// of the stream: a crafted `SubscribeToShard` subscription.
+    EventStream(Vec<StreamMessage>),
+}
+
+/// One message of a crafted event stream ([`Fault::EventStream`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamMessage {
+    /// A `SubscribeToShardEvent` with this JSON payload (`Records`,
+    /// `ContinuationSequenceNumber`, `MillisBehindLatest`, ...).
+    Event(String),
+    /// An exception in the stream (`KMSAccessDeniedException`, `InternalFailureException`,
+    /// ...), with its message.
+    Exception(&'static str, String),
+}
+
+impl StreamMessage {
+    /// The message in the event-stream wire format (`application/vnd.amazon.eventstream`):
+    /// prelude (total and header lengths, CRC32), string headers, payload, CRC32.
+    fn encode(&self) -> Vec<u8> {
+        let (headers, payload): (Vec<(&str, &str)>, String) = match self {
+            Self::Event(payload) => (
+                vec![
+                    (":message-type", "event"),
+                    (":event-type", "SubscribeToShardEvent"),
+                    (":content-type", "application/json"),
+                ],
+                payload.clone(),
+            ),
+            Self::Exception(exception_type, message) => (
+                vec![
+                    (":message-type", "exception"),
+                    (":exception-type", exception_type),
+                    (":content-type", "application/json"),
+                ],
+                format!(r#"{{"message":{}}}"#, json_string(message)),
+            ),
+        };
+        let mut header_bytes = Vec::new();
+        for (name, value) in headers {
+            header_bytes.push(name.len() as u8);
+            header_bytes.extend_from_slice(name.as_bytes());
+            header_bytes.push(7); // string
+            header_bytes.extend_from_slice(&(value.len() as u16).to_be_bytes());
+            header_bytes.extend_from_slice(value.as_bytes());
+        }
+        let total = 12 + header_bytes.len() + payload.len() + 4;
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&(total as u32).to_be_bytes());
+        out.extend_from_slice(&(header_bytes.len() as u32).to_be_bytes());
+        let prelude_crc = crc32(&out);
+        out.extend_from_slice(&prelude_crc.to_be_bytes());
+        out.extend_from_slice(&header_bytes);
+        out.extend_from_slice(payload.as_bytes());
+        let message_crc = crc32(&out);
+        out.extend_from_slice(&message_crc.to_be_bytes());
+        out
+    }
+}
+
+/// CRC-32 (IEEE), as the event-stream framing uses.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 impl Fault {
-    /// The HTTP status and body of the response that replaces the real one.
-    fn response(&self) -> (u16, String) {
+    /// The HTTP status, content type and body of the response that replaces the real one.
+    fn response(&self) -> (u16, &'static str, Vec<u8>) {
+        const JSON: &str = "application/x-amz-json-1.1";
+        match self {
+            Self::EventStream(messages) => (
+                200,
+                "application/vnd.amazon.eventstream",
+                messages.iter().flat_map(StreamMessage::encode).collect(),
+            ),
+            other => {
+                let (status, body) = other.json_response();
+                (status, JSON, body.into_bytes())
+            }
+        }
+    }
+
+    /// The HTTP status and JSON body of every fault but an event stream.
+    fn json_response(&self) -> (u16, String) {
         let error = |error_type: &str, message: &str| {
             format!(r#"{{"__type":"{error_type}","message":{}}}"#, json_string(message))
         };
@@ -57,6 +150,8 @@ impl Fault {
             Self::InternalFailure(message) => (500, error("InternalFailure", message)),
             Self::Body(body) => (200, body.clone()),
             Self::Error(error_type) => (400, error(error_type, MESSAGE)),
+            Self::ErrorMessage(error_type, message) => (400, error(error_type, message)),
+            Self::EventStream(_) => (200, String::new()),
         }
     }
 }
@@ -343,14 +438,12 @@ impl aws_sdk_kinesis::config::Intercept for FaultInjector {
         let Some((op, fault)) = self.state().take(&operation, shard_id.as_deref()) else {
             return Ok(());
         };
-        let (status, body) = fault.response();
+        let (status, content_type, body) = fault.response();
         let mut response = aws_smithy_runtime_api::http::Response::new(
             aws_smithy_runtime_api::http::StatusCode::try_from(status)?,
             aws_smithy_types::body::SdkBody::from(body),
         );
-        response
-            .headers_mut()
-            .insert("content-type", "application/x-amz-json-1.1");
+        response.headers_mut().insert("content-type", content_type);
         *context.response_mut() = response;
         self.state().injected.push((op, fault));
         self.changed.notify_waiters();
@@ -545,6 +638,12 @@ mod tests {
     use aws_sdk_kinesis::types::ShardIteratorType;
     use kcl_local::LocalBackend;
 
+    #[test]
+    fn crc32_is_the_ieee_checksum() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
     async fn stream(backend: &LocalBackend) -> anyhow::Result<Vec<String>> {
         let client = backend.kinesis_client();
         kcl_local::create_stream(&client, "s", 2).await?;
@@ -577,7 +676,7 @@ mod tests {
 
     #[test]
     fn messages_are_json_escaped() {
-        let (status, body) = Fault::InternalFailure("a \"b\"\\\n".into()).response();
+        let (status, body) = Fault::InternalFailure("a \"b\"\\\n".into()).json_response();
         assert_eq!(status, 500);
         assert_eq!(body, r#"{"__type":"InternalFailure","message":"a \"b\"\\\n"}"#);
     }

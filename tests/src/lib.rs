@@ -31,7 +31,7 @@ pub mod recording;
 pub mod sdk_faults;
 pub mod verifier;
 
-pub use faults::{Fault, FaultInjector, HangingHttpClient};
+pub use faults::{Fault, FaultInjector, HangingHttpClient, StreamMessage};
 pub use faulty_store::FaultyLeaseStore;
 pub use logs::{capture_logs, LogCapture};
 

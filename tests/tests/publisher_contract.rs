@@ -148,3 +148,113 @@ async fn both_publishers_keep_the_contract_on_the_embedded_backend() -> anyhow::
 async fn both_publishers_keep_the_contract_on_kinesis_mock() -> anyhow::Result<()> {
     contract(TestEnv::start_conformance(1).await?).await
 }
+
+/// Nearly Kinesis's largest record (10 MiB of data and key together): a multiple of 3.
+const LARGEST_DATA: usize = 10 * 1024 * 1024 - 4;
+
+/// A Kinesis record of `LARGEST_DATA` bytes (`x`), as a JSON member of `Records`.
+fn largest_record_json(sequence_number: &str) -> String {
+    // 3 bytes "xxx" are 4 base64 characters "eHh4"; LARGEST_DATA is a multiple of 3.
+    let data = "eHh4".repeat(LARGEST_DATA / 3);
+    format!(
+        r#"{{"SequenceNumber":"{sequence_number}","Data":"{data}","PartitionKey":"big","ApproximateArrivalTimestamp":1700000000.0}}"#
+    )
+}
+
+/// Kinesis allows records of up to 10 MiB: a record larger than the whole prefetch byte
+/// budget (1 MiB here) is still delivered, in a batch of its own, and the records after
+/// it follow (no stall). The backends refuse records over 1 MiB, so the 10 MiB record is
+/// a crafted response (`GetRecords` for polling, one subscription event for fan-out)
+/// ahead of the stream's real records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_publishers_deliver_a_record_larger_than_the_byte_budget() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(3, "after-big").await?;
+    let faults = kcl_tests::FaultInjector::default();
+    let kinesis = faults.client(&env.backend.kinesis_sdk_config());
+    let polling = PollingRetrievalFactory::new(RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        max_prefetch_bytes: 1024 * 1024,
+        ..RetrievalConfig::default()
+    });
+    let fan_out = FanOutRetrievalFactory::new(FanOutConfig {
+        max_prefetch_bytes: 1024 * 1024,
+        ..FanOutConfig::new(unique("big"))
+    })?;
+    fan_out
+        .initialize(&env.kinesis, &env.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let factories: [(&str, &dyn RetrievalFactory); 2] = [("polling", &polling), ("fan-out", &fan_out)];
+    for (name, factory) in factories {
+        if name == "polling" {
+            let iterator = env
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(&env.stream)
+                .shard_id(SHARD0)
+                .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+                .send()
+                .await?
+                .shard_iterator
+                .context("iterator")?;
+            let body = format!(
+                r#"{{"Records":[{}],"NextShardIterator":"{iterator}","MillisBehindLatest":0}}"#,
+                largest_record_json("1")
+            );
+            faults.push("GetRecords", kcl_tests::Fault::Body(body));
+        } else {
+            let event = format!(
+                r#"{{"Records":[{}],"ContinuationSequenceNumber":"1","MillisBehindLatest":0}}"#,
+                largest_record_json("1")
+            );
+            faults.push(
+                "SubscribeToShard",
+                kcl_tests::Fault::EventStream(vec![kcl_tests::StreamMessage::Event(event)]),
+            );
+        }
+        let cancel = CancellationToken::new();
+        let mut publisher = factory.start(PublisherStart::new(
+            kinesis.clone(),
+            env.stream.clone(),
+            SHARD0.to_owned(),
+            StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
+            cancel.clone(),
+        ));
+        let mut batches: Vec<Vec<(SequenceNumber, usize)>> = Vec::new();
+        let mut real = 0;
+        while real < written.len() {
+            let event = tokio::time::timeout(WAIT, publisher.next())
+                .await
+                .with_context(|| format!("{name}: stalled after {batches:?}"))?
+                .context("the publisher stopped")?;
+            match event {
+                PublisherEvent::Batch(batch) if batch.records.is_empty() => {}
+                PublisherEvent::Batch(batch) => {
+                    real += batch.records.iter().filter(|r| r.data.len() < 100).count();
+                    batches.push(
+                        batch
+                            .records
+                            .iter()
+                            .map(|r| (r.sequence_number.clone(), r.data.len()))
+                            .collect(),
+                    );
+                }
+                other => anyhow::bail!("{name}: unexpected event {other:?}"),
+            }
+        }
+        cancel.cancel();
+        assert_eq!(
+            batches.first().map(Vec::as_slice),
+            Some(&[(SequenceNumber::parse("1")?, LARGEST_DATA)][..]),
+            "{name}: the 10 MiB record first, alone"
+        );
+        let rest: Vec<SequenceNumber> = batches[1..].iter().flatten().map(|(s, _)| s.clone()).collect();
+        assert_eq!(
+            rest,
+            written.iter().map(|w| w.sequence_number.clone()).collect::<Vec<_>>(),
+            "{name}: then the records after it"
+        );
+    }
+    Ok(())
+}

@@ -902,6 +902,30 @@ mod tests {
         }
     }
 
+    /// Kinesis allows records of up to 10 MiB: an aggregate that size (one user record
+    /// over 1 MiB among others) unpacks like any other, its data not copied.
+    #[test]
+    fn aggregates_of_up_to_10_mib_unpack() {
+        let big = Bytes::from(vec![7u8; 3 * 1024 * 1024 + 1]);
+        let mut users = vec![user("big", None, &big)];
+        users.extend((0..6).map(|i| user(&format!("k{i}"), None, &vec![i as u8; 1024 * 1024])));
+        let data = encode_aggregated(&users);
+        assert!(
+            data.len() > 9 * 1024 * 1024 && data.len() <= 10 * 1024 * 1024,
+            "{}",
+            data.len()
+        );
+        let range = data.as_ptr_range();
+        let records = deaggregate(outer(data.clone())).expect("deaggregates");
+        assert_eq!(records.len(), 7);
+        assert_eq!(records[0].data, big);
+        for (record, (_, _, bytes)) in records.iter().zip(&users) {
+            assert_eq!(&record.data, bytes);
+            let inner = record.data.as_ptr_range();
+            assert!(range.start <= inner.start && inner.end <= range.end, "data was copied");
+        }
+    }
+
     /// SplitMix64: a small deterministic generator, so failures reproduce.
     struct Rng(u64);
 
