@@ -620,3 +620,35 @@ async fn a_hostile_aggregate_with_a_huge_shared_key_does_not_take_the_worker_dow
     );
     Ok(())
 }
+
+/// After throttling, the next `GetRecords` waits at least 200 ms (Kinesis allows five
+/// reads per shard per second, shared by every reader of the shard), whatever the
+/// backoff policy says: with a policy of 10 ms to 100 ms, five throttled calls in a row
+/// take at least a second. Before, the jittered backoff alone decided, and could be
+/// about 0 ms: a throttled reader hammered the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_get_records_is_retried_no_sooner_than_200_ms() -> anyhow::Result<()> {
+    use kcl_core::retrieval::{PublisherStart, RetrievalFactory, StartingPosition};
+    let env = TestEnv::start(1).await?;
+    let faults = FaultInjector::default();
+    faults.set_sticky("GetRecords", None, Fault::Throttle);
+    let factory = kcl_core::PollingRetrievalFactory::new(quick_retrieval());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _publisher = factory.start(PublisherStart::new(
+        faults.client(&env.backend.kinesis_sdk_config()),
+        env.stream.clone(),
+        SHARD0.to_owned(),
+        StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
+        cancel.clone(),
+    ));
+    faults.wait_calls("GetRecords", 1, WAIT).await?;
+    let first = Instant::now();
+    faults.wait_calls("GetRecords", 6, WAIT).await?;
+    let elapsed = first.elapsed();
+    cancel.cancel();
+    assert!(
+        elapsed >= Duration::from_millis(5 * 200),
+        "5 retries after throttling in {elapsed:?}: under 200 ms apart"
+    );
+    Ok(())
+}

@@ -11,10 +11,10 @@
 //! Expired iterators are renewed after the last record fetched (or, with nothing
 //! fetched yet, where the first iterator stood); throttling, transient failures and
 //! calls that exceed `kinesis_call_timeout` are retried with backoff without end (each
-//! one logged and counted). A shard Kinesis does not know is reported as
+//! one logged and counted), never sooner than 200 ms after the failed call started. A shard Kinesis does not know is reported as
 //! `ShardNotFound`; a checkpoint older than the retention resumes at `TRIM_HORIZON`.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
@@ -33,6 +33,19 @@ use crate::error::BoxError;
 use crate::metrics;
 use crate::retry::with_timeout;
 use crate::sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
+
+/// The least time between two `GetRecords` (or `GetShardIterator`) calls on one shard:
+/// Kinesis allows five of each per shard per second, shared by every application that
+/// reads the shard. Retries after throttling or a failure never come sooner, whatever
+/// the backoff policy's jitter draws.
+const MIN_CALL_SPACING: Duration = Duration::from_millis(200);
+
+/// The wait before retrying a call that started at `call_start` and failed on attempt
+/// `attempt`: the policy's backoff, but never less than [`MIN_CALL_SPACING`] after the
+/// failed call started.
+fn retry_at(call_start: Instant, policy: &crate::retry::RetryPolicy, attempt: u32) -> Instant {
+    (Instant::now() + policy.backoff(attempt)).max(call_start + MIN_CALL_SPACING)
+}
 
 /// Polling retrieval: a `GetRecords` loop per shard with bounded prefetch, configured
 /// by a [`RetrievalConfig`]. The default [`RetrievalFactory`].
@@ -176,10 +189,11 @@ impl PollingPublisher {
                         Some(it) => it,
                         None => return,
                     };
+                    next_call = next_call.max(call_start + MIN_CALL_SPACING);
                 }
                 Step::Retry => {
                     attempt = attempt.saturating_add(1);
-                    next_call = Instant::now() + self.config.retry.backoff(attempt);
+                    next_call = retry_at(call_start, &self.config.retry, attempt);
                 }
                 Step::Fatal(operation, source) => {
                     let _ = self.sink.send(PublisherEvent::Failed { operation, source }).await;
@@ -259,6 +273,7 @@ impl PollingPublisher {
         let mut attempt = 0u32;
         let mut checkpoint = start.checkpoint.checkpoint.clone();
         loop {
+            let call_start = Instant::now();
             let mut req = self
                 .kinesis
                 .get_shard_iterator()
@@ -335,12 +350,12 @@ impl PollingPublisher {
                 Some(GetShardIteratorError::ProvisionedThroughputExceededException(_)) => {
                     metrics::throttled("GetShardIterator");
                     attempt = attempt.saturating_add(1);
-                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                    tokio::time::sleep_until(retry_at(call_start, &self.config.retry, attempt)).await;
                 }
                 _ => {
                     warn!(error = %DisplayErrorContext(&e), "GetShardIterator failed; retrying");
                     attempt = attempt.saturating_add(1);
-                    tokio::time::sleep(self.config.retry.backoff(attempt)).await;
+                    tokio::time::sleep_until(retry_at(call_start, &self.config.retry, attempt)).await;
                 }
             }
         }
@@ -385,6 +400,25 @@ mod tests {
             StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
             CancellationToken::new(),
         ))
+    }
+
+    /// The retry floor holds whatever the policy: a policy that never waits still waits
+    /// 200 ms from the failed call's start (paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn retries_wait_at_least_200_ms_from_the_failed_call() {
+        let no_wait = crate::retry::RetryPolicy::no_sleep(None);
+        let start = Instant::now();
+        for attempt in 1..10 {
+            assert_eq!(retry_at(start, &no_wait, attempt), start + MIN_CALL_SPACING);
+        }
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(
+            retry_at(start, &no_wait, 1),
+            start + MIN_CALL_SPACING,
+            "counted from the call's start"
+        );
+        let slow = crate::retry::RetryPolicy::new(Duration::from_secs(5), Duration::from_secs(5), None);
+        assert!(retry_at(start, &slow, 1) >= start + MIN_CALL_SPACING);
     }
 
     /// One Kinesis record holding 20,000 user records (a KPL aggregate of tiny records:
