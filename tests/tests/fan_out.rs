@@ -365,3 +365,121 @@ async fn a_silent_subscription_is_replaced_after_the_idle_timeout() -> anyhow::R
     assert_eq!(recorder.state().by_shard(), by_shard(&written));
     Ok(())
 }
+
+/// Each `GetRecords` request a client sent: when, and whether it set `Limit`.
+#[derive(Debug, Clone, Default)]
+struct GetRecordsLog(std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, bool)>>>);
+
+impl GetRecordsLog {
+    fn calls(&self) -> Vec<(std::time::Instant, bool)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl aws_sdk_kinesis::config::Intercept for GetRecordsLog {
+    fn name(&self) -> &'static str {
+        "GetRecordsLog"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_kinesis::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_kinesis::config::RuntimeComponents,
+        cfg: &mut aws_sdk_kinesis::config::ConfigBag,
+    ) -> Result<(), aws_sdk_kinesis::error::BoxError> {
+        let get_records = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .is_some_and(|m| m.name() == "GetRecords");
+        if get_records {
+            let body = context.request().body().bytes().unwrap_or_default();
+            let limit = std::str::from_utf8(body).is_ok_and(|b| b.contains("\"Limit\""));
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((std::time::Instant::now(), limit));
+        }
+        Ok(())
+    }
+}
+
+/// The shard-end check (for backends that never send `ChildShards`) reads the shard
+/// with `GetRecords`, whose limits (5 calls/s, 2 MB/s per shard) every reader of the
+/// shard shares: each call sets `Limit`, calls are at least 200 ms apart, and a check
+/// makes few of them. Here subscriptions fail and every `GetRecords` finds a
+/// record (so the check never sees the end). Before, one check made up to 100 calls
+/// back to back, without `Limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_end_check_spares_the_shard_read_limits() -> anyhow::Result<()> {
+    use kcl_core::retrieval::{PublisherEvent, PublisherStart, RetrievalFactory, StartingPosition};
+    let env = TestEnv::start(1).await?;
+    let faults = FaultInjector::default();
+    // Each subscription fails in its stream at once (and is made again after a backoff).
+    faults.set_sticky(
+        "SubscribeToShard",
+        None,
+        kcl_tests::Fault::EventStream(vec![kcl_tests::StreamMessage::Exception(
+            "ResourceInUseException",
+            "another subscription is open".to_owned(),
+        )]),
+    );
+    faults.set_sticky(
+        "GetRecords",
+        None,
+        kcl_tests::Fault::Body(
+            r#"{"Records":[{"SequenceNumber":"5","Data":"eA==","PartitionKey":"k"}],"NextShardIterator":"more","MillisBehindLatest":0}"#
+                .to_owned(),
+        ),
+    );
+    let log = GetRecordsLog::default();
+    let conf = aws_sdk_kinesis::config::Builder::from(&env.backend.kinesis_sdk_config())
+        .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+        .interceptor(faults.clone())
+        .interceptor(log.clone())
+        .build();
+    let factory = kcl_efo::FanOutRetrievalFactory::new(FanOutConfig {
+        shard_end_check_interval: Duration::from_millis(100),
+        retry: kcl_core::RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(50), None),
+        ..fan_out()
+    })?;
+    factory
+        .initialize(&env.kinesis, &env.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut publisher = factory.start(PublisherStart::new(
+        aws_sdk_kinesis::Client::from_conf(conf),
+        env.stream.clone(),
+        "shardId-000000000000".to_owned(),
+        StartingPosition::new(kcl_core::ExtendedSequenceNumber::TRIM_HORIZON, None),
+        cancel.clone(),
+    ));
+    let window = Duration::from_secs(2);
+    let drained = tokio::time::timeout(window, async {
+        while let Some(event) = publisher.next().await {
+            if !matches!(event, PublisherEvent::Batch(_)) {
+                return Some(event);
+            }
+        }
+        None
+    })
+    .await;
+    cancel.cancel();
+    assert!(drained.is_err(), "the publisher ended: {drained:?}");
+    let calls = log.calls();
+    assert!(!calls.is_empty(), "the check ran");
+    assert!(calls.len() <= 11, "{} GetRecords calls in {window:?}", calls.len());
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(
+        calls.iter().all(|(_, limit)| *limit),
+        "every GetRecords sets Limit: {} calls in {window:?}, {} without, smallest gap {:?}",
+        calls.len(),
+        calls.iter().filter(|(_, limit)| !limit).count(),
+        gaps.iter().min()
+    );
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(190)),
+        "{} GetRecords calls in {window:?}, gaps {gaps:?}",
+        calls.len()
+    );
+    Ok(())
+}

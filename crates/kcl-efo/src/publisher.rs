@@ -20,7 +20,9 @@
 //! backend never sends one, the publisher asks `GetRecords` whether the shard is closed
 //! and read through once the subscription has delivered no records for
 //! [`shard_end_check_interval`](crate::FanOutConfig::shard_end_check_interval), and
-//! hands on any records it finds on the way (they follow the last delivered one).
+//! hands on any records it finds on the way (they follow the last delivered one). A
+//! check makes at most 3 `GetRecords` calls, each with a `Limit` of 1,000 and at least
+//! 200 ms after the previous one, to spare the shard's read limits.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -142,6 +144,7 @@ impl RetrievalFactory for FanOutRetrievalFactory {
                     consumer,
                     config,
                     sink,
+                    last_get_records: Mutex::new(None),
                 };
                 tokio::select! {
                     // Cancel safety: dropping the subscription loses nothing; the
@@ -254,7 +257,22 @@ struct FanOutPublisher {
     consumer: StreamConsumer,
     config: FanOutConfig,
     sink: PublisherSink,
+    /// When the shard-end check last called `GetRecords`, to keep its calls apart (a
+    /// `Mutex` because the publisher's methods take `&self` across awaits; never
+    /// contended).
+    last_get_records: Mutex<Option<Instant>>,
 }
+
+/// `GetRecords` calls one shard-end check makes at most.
+const SHARD_END_CHECK_CALLS: usize = 3;
+
+/// `Limit` of each of them: enough to see the end of a read-through shard, small
+/// against the shard's 2 MB/s.
+const SHARD_END_CHECK_LIMIT: i32 = 1_000;
+
+/// The least time between two of them (Kinesis allows 5 `GetRecords` per shard per
+/// second, shared by all readers).
+const GET_RECORDS_SPACING: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl FanOutPublisher {
     async fn run(self, mut position: Position) {
@@ -579,10 +597,18 @@ impl FanOutPublisher {
             }
             Err(e) => return Self::check_failed(&e),
         };
-        // Bounded: a shard with a backlog is read by the subscription, not here.
-        for _ in 0..100 {
+        // Bounded: a shard with a backlog is read by the subscription, not here. The
+        // check shares the shard's read limits (5 calls/s, 2 MB/s) with every other
+        // reader: few calls, each with a `Limit`, at least 200 ms apart.
+        for _ in 0..SHARD_END_CHECK_CALLS {
             self.sink.wait_for_room().await;
-            let call = self.kinesis.get_records().shard_iterator(&iterator).send();
+            self.space_get_records().await;
+            let call = self
+                .kinesis
+                .get_records()
+                .shard_iterator(&iterator)
+                .limit(SHARD_END_CHECK_LIMIT)
+                .send();
             let out = match with_timeout(self.config.call_timeout, call).await {
                 Ok(out) => out,
                 Err(SdkError::ServiceError(s)) if matches!(s.err(), GetRecordsError::ResourceNotFoundException(_)) => {
@@ -613,6 +639,22 @@ impl FanOutPublisher {
             }
         }
         EndCheck::Open
+    }
+
+    /// Waits until [`GET_RECORDS_SPACING`] has passed since this publisher's last
+    /// `GetRecords` call (of this check or an earlier one), and notes the new call.
+    async fn space_get_records(&self) {
+        let last = *self
+            .last_get_records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + GET_RECORDS_SPACING).await;
+        }
+        *self
+            .last_get_records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
     }
 
     /// Kinesis does not know the shard: the consumer decides what that means.
