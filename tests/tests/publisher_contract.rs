@@ -258,3 +258,90 @@ async fn both_publishers_deliver_a_record_larger_than_the_byte_budget() -> anyho
     }
     Ok(())
 }
+
+/// The KMS errors retrying cannot fix: the stream's key is not allowed to this worker,
+/// disabled, in a state that cannot be used, missing, or its account not opted in.
+const KMS_ERRORS: [&str; 5] = [
+    "KMSAccessDeniedException",
+    "KMSDisabledException",
+    "KMSInvalidStateException",
+    "KMSNotFoundException",
+    "KMSOptInRequired",
+];
+
+/// Waits for the publisher's final event, skipping batches.
+async fn final_event(publisher: &mut RecordsPublisher, wait: Duration) -> anyhow::Result<PublisherEvent> {
+    tokio::time::timeout(wait, async {
+        loop {
+            match publisher.next().await {
+                Some(PublisherEvent::Batch(_)) => continue,
+                Some(event) => return Ok(event),
+                None => anyhow::bail!("the publisher stopped without a final event"),
+            }
+        }
+    })
+    .await
+    .context("no final event: the error was retried")?
+}
+
+/// A KMS error retrying cannot fix ends both publishers alike, with `Failed` whose error
+/// names the cause: from `GetRecords` (polling), from `SubscribeToShard` itself and from
+/// inside a subscription's event stream (fan-out). Before, polling and the event stream
+/// retried them forever (the shard silently stalled), and `SubscribeToShard` retried
+/// `KMSOptInRequired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_errors_end_both_publishers_with_failed() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    env.put(5, "kms").await?;
+    let polling = PollingRetrievalFactory::new(RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        retry: kcl_core::RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(50), None),
+        ..RetrievalConfig::default()
+    });
+    let fan_out = FanOutRetrievalFactory::new(FanOutConfig {
+        retry: kcl_core::RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(50), None),
+        ..FanOutConfig::new(unique("kms"))
+    })?;
+    fan_out
+        .initialize(&env.kinesis, &env.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for code in KMS_ERRORS {
+        let message = format!("injected {code}");
+        let cases: [(&str, &dyn RetrievalFactory, &'static str, kcl_tests::Fault); 3] = [
+            ("polling", &polling, "GetRecords", kcl_tests::Fault::Error(code)),
+            ("fan-out", &fan_out, "SubscribeToShard", kcl_tests::Fault::Error(code)),
+            (
+                "fan-out event stream",
+                &fan_out,
+                "SubscribeToShard",
+                kcl_tests::Fault::EventStream(vec![kcl_tests::StreamMessage::Exception(code, message.clone())]),
+            ),
+        ];
+        for (name, factory, operation, fault) in cases {
+            let faults = kcl_tests::FaultInjector::default();
+            faults.set_sticky(operation, None, fault);
+            let cancel = CancellationToken::new();
+            let mut publisher = factory.start(PublisherStart::new(
+                faults.client(&env.backend.kinesis_sdk_config()),
+                env.stream.clone(),
+                SHARD0.to_owned(),
+                StartingPosition::new(ExtendedSequenceNumber::TRIM_HORIZON, None),
+                cancel.clone(),
+            ));
+            let event = final_event(&mut publisher, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("{name}, {code}"))?;
+            cancel.cancel();
+            let PublisherEvent::Failed { source, .. } = event else {
+                anyhow::bail!("{name}, {code}: expected Failed, got {event:?}");
+            };
+            let text = kcl_core::error::ErrorChain(source.as_ref()).to_string();
+            assert!(
+                text.contains(code) && text.contains("KMS key"),
+                "{name}, {code}: the error names the cause: {text}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -34,12 +34,13 @@ use aws_sdk_kinesis::operation::describe_stream_consumer::DescribeStreamConsumer
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardError;
+use aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError;
 use aws_sdk_kinesis::types::{ShardIteratorType, SubscribeToShardEventStream};
 use aws_smithy_types::DateTime;
 use kcl_core::error::{BoxError, ErrorChain};
 use kcl_core::retrieval::{
     ChildShard, Delivered, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
-    RetrievalFactory,
+    RetrievalError, RetrievalFactory,
 };
 use kcl_core::retry::with_timeout;
 use kcl_core::{Checkpoint, ConfigError, SequenceNumber};
@@ -397,6 +398,20 @@ impl FanOutPublisher {
                             debug!("the shard's subscription is still in use; retrying");
                             return (Replaced::Failed, false);
                         }
+                        // Kinesis ends a subscription with these when the stream's key
+                        // stops being usable: as in polling, retrying cannot fix them.
+                        if matches!(
+                            s.err(),
+                            SubscribeToShardEventStreamError::KmsAccessDeniedException(_)
+                                | SubscribeToShardEventStreamError::KmsDisabledException(_)
+                                | SubscribeToShardEventStreamError::KmsInvalidStateException(_)
+                                | SubscribeToShardEventStreamError::KmsNotFoundException(_)
+                                | SubscribeToShardEventStreamError::KmsOptInRequired(_)
+                        ) {
+                            let code = s.err().meta().code().map(str::to_owned);
+                            let _ = self.sink.send(kms_failed(code.as_deref(), BoxError::from(e))).await;
+                            return (Replaced::Ended, true);
+                        }
                     }
                     warn!(error = %DisplayErrorContext(&e), "the subscription failed; subscribing again");
                     return (Replaced::Failed, false);
@@ -504,12 +519,17 @@ impl FanOutPublisher {
                 Err(Subscribe::CheckpointExpired)
             }
             Some(
-                SubscribeToShardError::AccessDeniedException(_)
-                | SubscribeToShardError::InvalidArgumentException(_)
-                | SubscribeToShardError::KmsAccessDeniedException(_)
+                SubscribeToShardError::KmsAccessDeniedException(_)
                 | SubscribeToShardError::KmsDisabledException(_)
                 | SubscribeToShardError::KmsInvalidStateException(_)
-                | SubscribeToShardError::KmsNotFoundException(_),
+                | SubscribeToShardError::KmsNotFoundException(_)
+                | SubscribeToShardError::KmsOptInRequired(_),
+            ) => {
+                let code = e.as_service_error().and_then(|s| s.meta().code()).map(str::to_owned);
+                Err(Subscribe::Final(kms_failed(code.as_deref(), BoxError::from(e))))
+            }
+            Some(
+                SubscribeToShardError::AccessDeniedException(_) | SubscribeToShardError::InvalidArgumentException(_),
             ) => Err(Subscribe::Final(PublisherEvent::Failed {
                 operation: "SubscribeToShard",
                 source: BoxError::from(e),
@@ -687,6 +707,19 @@ enum Subscribe {
     CheckpointExpired,
     /// Send this event and stop.
     Final(PublisherEvent),
+}
+
+/// `Failed` for a KMS error of `SubscribeToShard` (its response or its event stream),
+/// as polling reports one of `GetRecords`.
+fn kms_failed(code: Option<&str>, source: BoxError) -> PublisherEvent {
+    PublisherEvent::Failed {
+        operation: "SubscribeToShard",
+        source: Box::new(RetrievalError::Kms {
+            operation: "SubscribeToShard",
+            code: code.unwrap_or("a KMS error").to_owned(),
+            source,
+        }),
+    }
 }
 
 /// The shard's resubscription and subscription-error counters.

@@ -182,12 +182,38 @@ pub enum PublisherEvent {
         /// Its error.
         source: BoxError,
     },
-    /// The shard cannot be read and retrying will not fix it (access denied, an
-    /// invalid request).
+    /// The shard cannot be read and retrying will not fix it (access denied, a KMS key
+    /// that cannot be used, an invalid request). Where both publishers can meet the
+    /// cause, `source` is a [`RetrievalError`].
     Failed {
         /// The API operation that failed.
         operation: &'static str,
         /// Its error.
+        source: BoxError,
+    },
+}
+
+/// Why a shard cannot be read, for the errors retrying cannot fix that both publishers
+/// report alike: the `source` of [`PublisherEvent::Failed`], saying what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetrievalError {
+    /// The stream is encrypted and its KMS key cannot be used to read it
+    /// (`KMSAccessDeniedException`, `KMSDisabledException`, `KMSInvalidStateException`,
+    /// `KMSNotFoundException`, `KMSOptInRequired`): fix the key, its policy or the
+    /// worker's credentials. (`KMSThrottlingException` is throttling, retried.)
+    #[error(
+        "{operation} failed with {code}: the stream's KMS key cannot be used to read it (the key is \
+         disabled, deleted, in a state that cannot be used, not allowed to this worker's credentials, or the \
+         account is not subscribed to KMS); fix the key or its policy, the shard is not read until then"
+    )]
+    Kms {
+        /// The API operation that failed.
+        operation: &'static str,
+        /// The error code Kinesis returned, such as `KMSAccessDeniedException`.
+        code: String,
+        /// The SDK's error.
+        #[source]
         source: BoxError,
     },
 }

@@ -10,7 +10,8 @@
 //!
 //! Expired iterators are renewed after the last record fetched (or, with nothing
 //! fetched yet, where the first iterator stood); throttling, transient failures and
-//! calls that exceed `kinesis_call_timeout` are retried with backoff without end (each
+//! calls that exceed `kinesis_call_timeout` are retried with backoff without end; a KMS
+//! key that cannot be used ends the publisher with `Failed` ([`RetrievalError::Kms`]); (each
 //! one logged and counted), never sooner than 200 ms after the failed call started. A shard Kinesis does not know is reported as
 //! `ShardNotFound`; a checkpoint older than the retention resumes at `TRIM_HORIZON`.
 
@@ -25,8 +26,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use super::{
-    ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher, RetrievalFactory,
-    StartingPosition,
+    ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher, RetrievalError,
+    RetrievalFactory, StartingPosition,
 };
 use crate::config::RetrievalConfig;
 use crate::error::BoxError;
@@ -249,6 +250,19 @@ impl PollingPublisher {
                 }
                 GetRecordsError::AccessDeniedException(_) | GetRecordsError::InvalidArgumentException(_) => {
                     Step::Fatal("GetRecords", BoxError::from(SdkError::ServiceError(e)))
+                }
+                GetRecordsError::KmsAccessDeniedException(_)
+                | GetRecordsError::KmsDisabledException(_)
+                | GetRecordsError::KmsInvalidStateException(_)
+                | GetRecordsError::KmsNotFoundException(_)
+                | GetRecordsError::KmsOptInRequired(_) => {
+                    let code = e.err().meta().code().unwrap_or("KMS error").to_owned();
+                    let source = RetrievalError::Kms {
+                        operation: "GetRecords",
+                        code,
+                        source: BoxError::from(SdkError::ServiceError(e)),
+                    };
+                    Step::Fatal("GetRecords", source.into())
                 }
                 _ => {
                     let e = SdkError::ServiceError(e);
