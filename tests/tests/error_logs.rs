@@ -138,3 +138,60 @@ async fn a_deleted_stream_stops_with_a_warning_while_the_others_go_on() -> anyho
     stop_scheduler(handle, task, WAIT).await??;
     Ok(())
 }
+
+/// A checkpoint Kinesis refuses as past the stream's retention is resumed at
+/// `TRIM_HORIZON`, and the log says what that means: the checkpointed record is gone,
+/// but the records after it that are still in the stream are read from there (only
+/// those older than the retention are lost). Before, it said records past the
+/// checkpoint "were trimmed unread", as if everything after it were gone. (The message
+/// is illustrative: Kinesis does not document its exact text for this case.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_checkpoint_says_the_records_after_it_may_still_be_in_the_stream() -> anyhow::Result<()> {
+    use kcl_core::retrieval::{PublisherStart, RetrievalFactory, StartingPosition};
+    let logs = capture_logs();
+    let env = TestEnv::start(1).await?;
+    let written = env.put(3, "expired").await?;
+    let faults = FaultInjector::default();
+    faults.push(
+        "GetShardIterator",
+        Fault::ErrorMessage(
+            "InvalidArgumentException",
+            format!(
+                "StartingSequenceNumber {} is older than the stream's retention period (trimmed)",
+                written[0].sequence_number
+            ),
+        ),
+    );
+    let factory = kcl_core::PollingRetrievalFactory::new(RetrievalConfig {
+        idle_time_between_reads: Duration::from_millis(200),
+        ..RetrievalConfig::default()
+    });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut publisher = factory.start(PublisherStart::new(
+        faults.client(&env.backend.kinesis_sdk_config()),
+        env.stream.clone(),
+        "shardId-000000000000".to_owned(),
+        StartingPosition::new(
+            kcl_core::ExtendedSequenceNumber::new(written[0].sequence_number.clone(), 0),
+            None,
+        ),
+        cancel.clone(),
+    ));
+    let event = tokio::time::timeout(WAIT, publisher.next()).await?;
+    cancel.cancel();
+    assert!(
+        matches!(&event, Some(kcl_core::retrieval::PublisherEvent::Batch(b)) if !b.records.is_empty()),
+        "resumed at TRIM_HORIZON: {event:?}"
+    );
+    logs.wait_for("TRIM_HORIZON", WAIT).await?;
+    let contents = logs.contents();
+    let line = contents
+        .lines()
+        .find(|l| l.contains("TRIM_HORIZON"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("still in the stream"),
+        "the log says the records after the checkpoint may still be there: {line}"
+    );
+    Ok(())
+}

@@ -471,7 +471,14 @@ async fn a_checkpoint_older_than_the_retention_resumes_at_trim_horizon() -> anyh
 
     let second = env.put(10, "second").await?;
     let faults = FaultInjector::default();
-    faults.push_for_shard("GetShardIterator", SHARD0, Fault::InvalidArgument);
+    let refusal = Fault::ErrorMessage(
+        "InvalidArgumentException",
+        format!(
+            "StartingSequenceNumber {} is older than the stream's retention period (trimmed)",
+            last.sequence_number
+        ),
+    );
+    faults.push_for_shard("GetShardIterator", SHARD0, refusal.clone());
     let recorder = Recorder::default();
     let scheduler = env
         .scheduler(&recorder, CheckpointMode::EveryBatch)
@@ -481,7 +488,7 @@ async fn a_checkpoint_older_than_the_retention_resumes_at_trim_horizon() -> anyh
     let (handle, task) = spawn_scheduler(scheduler);
     recorder.wait_for_records(second.len(), WAIT).await?;
     stop_scheduler(handle, task, WAIT).await??;
-    assert_eq!(faults.injected(), [("GetShardIterator", Fault::InvalidArgument)]);
+    assert_eq!(faults.injected(), [("GetShardIterator", refusal)]);
     assert_eq!(initialized(&recorder, SHARD0), 1, "resumed on the first try, no bounce");
     assert_eq!(
         recorder.state().by_shard(),

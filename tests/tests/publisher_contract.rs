@@ -345,3 +345,50 @@ async fn kms_errors_end_both_publishers_with_failed() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An `InvalidArgumentException` for a checkpoint's sequence number that is not about
+/// the retention (here Kinesis's message for a sequence number of another shard) is not
+/// an expired checkpoint: both publishers end with `Failed` naming the checkpoint and
+/// Kinesis's message, and deliver nothing. Before, any such refusal restarted the shard
+/// at `TRIM_HORIZON` (re-reading up to a year of data; polling), or reported an
+/// `InvalidArgumentException` at `TRIM_HORIZON` (fan-out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_number_refused_for_another_reason_fails_both_publishers() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(5, "refused").await?;
+    let message = "Invalid StartingSequenceNumber. It encodes shardId-000000000001, while it was used in a call \
+                   to a shard with shardId-000000000000";
+    for (name, factory) in factories(&env).await? {
+        let faults = kcl_tests::FaultInjector::default();
+        let operation = if name == "polling" {
+            "GetShardIterator"
+        } else {
+            "SubscribeToShard"
+        };
+        faults.push(
+            operation,
+            kcl_tests::Fault::ErrorMessage("InvalidArgumentException", message.to_owned()),
+        );
+        let cancel = CancellationToken::new();
+        let mut publisher = factory.start(PublisherStart::new(
+            faults.client(&env.backend.kinesis_sdk_config()),
+            env.stream.clone(),
+            SHARD0.to_owned(),
+            StartingPosition::new(ExtendedSequenceNumber::new(written[2].sequence_number.clone(), 0), None),
+            cancel.clone(),
+        ));
+        let event = tokio::time::timeout(WAIT, publisher.next())
+            .await
+            .with_context(|| format!("{name}: no event"))?;
+        cancel.cancel();
+        let Some(PublisherEvent::Failed { source, .. }) = event else {
+            anyhow::bail!("{name}: expected Failed, got {event:?}");
+        };
+        let text = kcl_core::error::ErrorChain(source.as_ref()).to_string();
+        assert!(
+            text.contains("checkpoint") && text.contains("It encodes shardId-000000000001"),
+            "{name}: names the checkpoint and Kinesis's message: {text}"
+        );
+    }
+    Ok(())
+}

@@ -39,13 +39,13 @@ use aws_sdk_kinesis::types::{ShardIteratorType, SubscribeToShardEventStream};
 use aws_smithy_types::DateTime;
 use kcl_core::error::{BoxError, ErrorChain};
 use kcl_core::retrieval::{
-    ChildShard, Delivered, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher,
-    RetrievalError, RetrievalFactory,
+    refused_for_retention, ChildShard, Delivered, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart,
+    RecordsPublisher, RetrievalError, RetrievalFactory,
 };
 use kcl_core::retry::with_timeout;
 use kcl_core::{Checkpoint, ConfigError, SequenceNumber};
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::FanOutConfig;
 use crate::registration::{register_stream_consumer, StreamConsumer};
@@ -298,14 +298,9 @@ impl FanOutPublisher {
                     tokio::time::sleep(self.config.retry.backoff(failures)).await;
                     continue;
                 }
-                Err(Subscribe::CheckpointExpired) => {
-                    metrics::counter!("kcl_checkpoints_expired_total", "stream" => self.stream_name.clone(), "shard_id" => self.shard_id.clone())
-                        .increment(1);
-                    error!(
-                        position = ?position,
-                        "Kinesis refuses the checkpoint's sequence number: it is older than the stream's retention \
-                         (records past it were trimmed unread). Resuming at TRIM_HORIZON, the oldest record left"
-                    );
+                Err(Subscribe::CheckpointExpired(error)) => {
+                    let checkpoint = position.sequence_number().unwrap_or_default().to_owned();
+                    kcl_core::retrieval::checkpoint_expired(&self.stream_name, &self.shard_id, &checkpoint, &error);
                     position = Position::TrimHorizon;
                     continue;
                 }
@@ -513,10 +508,22 @@ impl FanOutPublisher {
                 Err(Subscribe::Retry)
             }
             Some(SubscribeToShardError::ResourceNotFoundException(_)) => Err(self.not_found(BoxError::from(e)).await),
-            Some(SubscribeToShardError::InvalidArgumentException(_))
+            Some(SubscribeToShardError::InvalidArgumentException(refusal))
                 if matches!(position, Position::AtSequence(_) | Position::AfterSequence(_)) =>
             {
-                Err(Subscribe::CheckpointExpired)
+                if refused_for_retention(refusal.message()) {
+                    Err(Subscribe::CheckpointExpired(DisplayErrorContext(&e).to_string()))
+                } else {
+                    let source = RetrievalError::CheckpointRefused {
+                        operation: "SubscribeToShard",
+                        checkpoint: position.sequence_number().unwrap_or_default().to_owned(),
+                        source: BoxError::from(e),
+                    };
+                    Err(Subscribe::Final(PublisherEvent::Failed {
+                        operation: "SubscribeToShard",
+                        source: source.into(),
+                    }))
+                }
             }
             Some(
                 SubscribeToShardError::KmsAccessDeniedException(_)
@@ -703,8 +710,9 @@ impl FanOutPublisher {
 enum Subscribe {
     /// Try again after the backoff.
     Retry,
-    /// The checkpoint is older than the retention: resume at `TRIM_HORIZON`.
-    CheckpointExpired,
+    /// The checkpoint is older than the retention (Kinesis's error, for the log):
+    /// resume at `TRIM_HORIZON`.
+    CheckpointExpired(String),
     /// Send this event and stop.
     Final(PublisherEvent),
 }

@@ -216,6 +216,65 @@ pub enum RetrievalError {
         #[source]
         source: BoxError,
     },
+    /// Kinesis refused the sequence number to resume at (the checkpoint, or the last
+    /// record read) with an `InvalidArgumentException` that is not about the stream's
+    /// retention: a sequence number of another shard or stream, or a malformed one.
+    /// Restarting at `TRIM_HORIZON` would re-read up to the whole retention (a year,
+    /// at most), so the shard is not read: check the lease's checkpoint.
+    #[error(
+        "{operation} refused the sequence number {checkpoint} for a reason other than the stream's retention \
+         (it may belong to another shard or stream); not restarting at TRIM_HORIZON, which would read the whole \
+         retention again: check the shard's checkpoint in the lease table"
+    )]
+    CheckpointRefused {
+        /// The API operation that failed.
+        operation: &'static str,
+        /// The sequence number refused.
+        checkpoint: String,
+        /// The SDK's error, with Kinesis's message.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// Whether Kinesis's message for an `InvalidArgumentException` at a sequence number
+/// (`GetShardIterator` or `SubscribeToShard` at `AT_`/`AFTER_SEQUENCE_NUMBER`) says the
+/// record is past the stream's retention, rather than another refusal. Kinesis gives
+/// no error code for the difference, only the message: its other refusals ("Invalid
+/// StartingSequenceNumber. It encodes shardId-..., while it was used in a call to a
+/// shard with ...", "... is invalid because it did not come from this stream", a
+/// malformed number) never speak of retention, trimming or expiry. No message, or any
+/// other, is not an expiry: the shard then fails clearly instead of re-reading the
+/// whole retention.
+pub fn refused_for_retention(message: Option<&str>) -> bool {
+    let Some(message) = message else {
+        return false;
+    };
+    let message = message.to_ascii_lowercase();
+    ["retention", "trim", "expired", "older than", "no longer available"]
+        .iter()
+        .any(|word| message.contains(word))
+}
+
+/// Logs and counts (`kcl_checkpoints_expired_total`) a sequence number Kinesis refused
+/// as past the stream's retention, before the publisher resumes at `TRIM_HORIZON`: one
+/// message for both publishers.
+pub fn checkpoint_expired(
+    stream_name: &str,
+    shard_id: &str,
+    checkpoint: &dyn std::fmt::Display,
+    error: &dyn std::fmt::Display,
+) {
+    metrics::checkpoint_expired(stream_name, shard_id);
+    error!(
+        shard_id,
+        %checkpoint,
+        %error,
+        "Kinesis refuses the checkpoint's sequence number as older than the stream's retention: the checkpointed \
+         record was trimmed. Resuming at TRIM_HORIZON, the oldest record still in the stream: records after the \
+         checkpoint that are still in the stream are read from there; only those older than the retention were \
+         lost unread"
+    );
 }
 
 /// A batch of records waiting for the processor. Holds its share of the prefetch
@@ -653,6 +712,32 @@ mod tests {
         );
         drop(publisher.next().await);
         assert_eq!(sink.budget.bytes.load(Ordering::SeqCst), 0, "released");
+    }
+
+    /// Only a refusal that speaks of the retention restarts a shard at `TRIM_HORIZON`;
+    /// Kinesis's other `InvalidArgumentException`s for a sequence number (its messages,
+    /// as kinesalite reproduces them) and a missing message do not.
+    #[test]
+    fn only_retention_refusals_count_as_expired_checkpoints() {
+        for expired in [
+            "StartingSequenceNumber 123 is older than the stream's retention period",
+            "The record was trimmed from the stream",
+            "Sequence number has expired",
+        ] {
+            assert!(refused_for_retention(Some(expired)), "{expired}");
+        }
+        for other in [
+            "Invalid StartingSequenceNumber. It encodes shardId-000000000007, while it was used in a call to a \
+             shard with shardId-000000000000",
+            "StartingSequenceNumber 123 used in GetShardIterator on shard shardId-000000000000 in stream s under \
+             account 1 is invalid because it did not come from this stream.",
+            "StartingSequenceNumber x used in GetShardIterator on shard shardId-000000000000 in stream s under \
+             account 1 is invalid.",
+            "injected by the test",
+        ] {
+            assert!(!refused_for_retention(Some(other)), "{other}");
+        }
+        assert!(!refused_for_retention(None));
     }
 
     #[tokio::test]

@@ -13,7 +13,8 @@
 //! calls that exceed `kinesis_call_timeout` are retried with backoff without end; a KMS
 //! key that cannot be used ends the publisher with `Failed` ([`RetrievalError::Kms`]); (each
 //! one logged and counted), never sooner than 200 ms after the failed call started. A shard Kinesis does not know is reported as
-//! `ShardNotFound`; a checkpoint older than the retention resumes at `TRIM_HORIZON`.
+//! `ShardNotFound`; a checkpoint older than the retention resumes at `TRIM_HORIZON`,
+//! while a sequence number refused for another reason fails the publisher.
 
 use std::time::{Duration, SystemTime};
 
@@ -23,11 +24,11 @@ use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_smithy_types::DateTime;
 use tokio::time::Instant;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use super::{
-    ChildShard, PrefetchLimits, PublisherEvent, PublisherSink, PublisherStart, RecordsPublisher, RetrievalError,
-    RetrievalFactory, StartingPosition,
+    checkpoint_expired, refused_for_retention, ChildShard, PrefetchLimits, PublisherEvent, PublisherSink,
+    PublisherStart, RecordsPublisher, RetrievalError, RetrievalFactory, StartingPosition,
 };
 use crate::config::RetrievalConfig;
 use crate::error::BoxError;
@@ -280,9 +281,10 @@ impl PollingPublisher {
     /// A shard iterator at `start`: sentinels map to their iterator types, and a
     /// sequence number to `AT_SEQUENCE_NUMBER` (the consumer drops what it has already
     /// delivered, which keeps the remaining user records of a partly checkpointed
-    /// aggregated record). A sequence number Kinesis refuses as invalid is a checkpoint
-    /// older than the stream's retention: reading resumes at `TRIM_HORIZON`, the oldest
-    /// record left, with a loud warning and `kcl_checkpoints_expired_total`.
+    /// aggregated record). A sequence number Kinesis refuses as past the stream's
+    /// retention ([`refused_for_retention`]) resumes at `TRIM_HORIZON`, the oldest record
+    /// left, with a loud warning and `kcl_checkpoints_expired_total`; any other refusal
+    /// ends the publisher with `Failed` ([`RetrievalError::CheckpointRefused`]).
     async fn get_iterator(&self, start: &StartingPosition) -> Option<String> {
         let mut attempt = 0u32;
         let mut checkpoint = start.checkpoint.checkpoint.clone();
@@ -336,15 +338,27 @@ impl PollingPublisher {
                     let _ = self.sink.send(event).await;
                     return None;
                 }
-                Some(GetShardIteratorError::InvalidArgumentException(_))
+                Some(GetShardIteratorError::InvalidArgumentException(refusal))
                     if matches!(checkpoint, Checkpoint::Sequence(_)) =>
                 {
-                    metrics::checkpoint_expired(&self.stream_name, &self.shard_id);
-                    error!(
-                        checkpoint = %start.checkpoint,
-                        error = %DisplayErrorContext(&e),
-                        "Kinesis refuses the checkpoint's sequence number: it is older than the stream's retention \
-                         (records past it were trimmed unread). Resuming at TRIM_HORIZON, the oldest record left"
+                    if !refused_for_retention(refusal.message()) {
+                        let source = RetrievalError::CheckpointRefused {
+                            operation: "GetShardIterator",
+                            checkpoint: checkpoint.to_string(),
+                            source: BoxError::from(e),
+                        };
+                        let event = PublisherEvent::Failed {
+                            operation: "GetShardIterator",
+                            source: source.into(),
+                        };
+                        let _ = self.sink.send(event).await;
+                        return None;
+                    }
+                    checkpoint_expired(
+                        &self.stream_name,
+                        &self.shard_id,
+                        &start.checkpoint,
+                        &DisplayErrorContext(&e),
                     );
                     checkpoint = Checkpoint::TrimHorizon;
                 }
