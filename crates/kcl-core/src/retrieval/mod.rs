@@ -455,7 +455,7 @@ impl PublisherSink {
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0usize;
         let mut delivered = 0;
-        while let Some(record) = converter.next() {
+        for record in converter.by_ref() {
             if !admit(&record) {
                 continue;
             }
