@@ -23,8 +23,8 @@ use kcl_core::{
     RecordProcessor, RetrievalConfig, RetryPolicy, SchedulerError,
 };
 use kcl_tests::{
-    by_shard, spawn_scheduler, split_shard_in_half, stop_scheduler, CheckpointMode, Event, Fault, FaultInjector,
-    FaultyLeaseStore, HangingHttpClient, Recorder, RecordingProcessor, TestEnv,
+    by_shard, fast_config, spawn_scheduler, split_shard_in_half, steal_lease, stop_scheduler, CheckpointMode, Event,
+    Fault, FaultInjector, FaultyLeaseStore, HangingHttpClient, Recorder, RecordingProcessor, TestEnv,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -657,5 +657,53 @@ async fn a_throttled_get_records_is_retried_no_sooner_than_200_ms() -> anyhow::R
         elapsed >= Duration::from_millis(5 * 200),
         "5 retries after throttling in {elapsed:?}: under 200 ms apart"
     );
+    Ok(())
+}
+
+/// Guards issue 21 item 7: a consumer that cannot tell whether its stream still exists
+/// (its shard is unknown to Kinesis, and `DescribeStreamSummary` keeps failing) still
+/// watches its lease: losing the lease ends it (`lease_lost`), and when this worker
+/// takes the lease back, a new consumer reads the shard. Before, the consumer retried
+/// `DescribeStreamSummary` forever, and the retaken lease found the stuck task and
+/// never started a consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_asking_whether_its_stream_exists_still_gives_up_a_lost_lease() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let before = env.put(20, "before").await?;
+    let faults = FaultInjector::default();
+    let recorder = Recorder::default();
+    let scheduler = fast_config(env.scheduler(&recorder, CheckpointMode::EveryBatch))
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .retrieval_config(quick_retrieval())
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(before.len(), WAIT).await?;
+    // The next iterator is refused as for a shard Kinesis does not know, and whether the
+    // stream exists cannot be learned.
+    faults.set_sticky("DescribeStreamSummary", None, Fault::InternalFailure("unknown".into()));
+    faults.set_sticky("GetShardIterator", Some(SHARD0), Fault::ResourceNotFound);
+    faults.push("GetRecords", Fault::ExpiredIterator);
+    faults.wait_injected("DescribeStreamSummary", 2, WAIT).await?;
+    steal_lease(&env.lease_store(), SHARD0, "thief").await?;
+    recorder
+        .wait_until("lease_lost", WAIT, |s| {
+            s.count(|e| matches!(e, Event::LeaseLost { .. })) == 1
+        })
+        .await?;
+    // The thief never renews: this worker takes the lease back after the failover time.
+    faults.clear_sticky("DescribeStreamSummary");
+    faults.clear_sticky("GetShardIterator");
+    let after = env.put(10, "after").await?;
+    recorder.wait_for_records(before.len() + after.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(
+        initialized(&recorder, SHARD0),
+        2,
+        "a second consumer read the retaken lease"
+    );
+    let mut written = before;
+    written.extend(after);
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
     Ok(())
 }

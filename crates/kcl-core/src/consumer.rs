@@ -348,7 +348,15 @@ impl ShardConsumer {
                             self.signal(ShutdownReason::Requested);
                         }
                         Some(PublisherEvent::ShardNotFound { operation, source }) => {
-                            if stream_exists(&self.ctx, &self.stream).await {
+                            let exists = tokio::select! {
+                                biased;
+                                // Cancel safety: abandoning the question loses nothing; the
+                                // next owner meets the unknown shard again.
+                                () = self.held.lost.cancelled() => continue,
+                                () = self.shutdown.cancelled() => continue,
+                                exists = stream_exists(&self.ctx, &self.stream) => exists,
+                            };
+                            if exists {
                                 metrics::shard_gone(self.stream(), self.shard_id());
                                 warn!(
                                     operation,
@@ -742,7 +750,7 @@ impl ShardConsumer {
 /// After a `ResourceNotFoundException` for this consumer's shard: whether the stream
 /// itself still exists (then the shard is gone: it aged out past retention, or the stream
 /// was resharded while nobody read it). Keeps asking with backoff while the answer is
-/// unknown (a graceful shutdown's bound ends the wait, as for any processor call).
+/// unknown; the caller stops asking when the lease is lost or a shutdown is requested.
 async fn stream_exists(ctx: &ConsumerContext, stream: &StreamHandle) -> bool {
     use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
     use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
