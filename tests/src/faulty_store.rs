@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 ///   inner store is returned as is.)
 /// - `fail_get_lease`: while positive, `get_lease` fails without reaching the store.
 /// - `fail_takes`: while positive, `take_lease` fails without reaching the store.
+/// - `fail_creates`: while set, `create_lease_if_not_exists` fails without reaching
+///   the store (a lease whose creation keeps failing).
 /// - `fail_evictions`: while positive, `evict_lease` (a release) fails without reaching
 ///   the store, as a release that timed out.
 ///
@@ -59,8 +61,12 @@ pub struct FaultyLeaseStore {
     pub fail_evictions: Arc<AtomicUsize>,
     /// While positive: `take_lease` fails without writing (decrements).
     pub fail_takes: Arc<AtomicUsize>,
+    /// While set: `create_lease_if_not_exists` fails without writing.
+    pub fail_creates: Arc<AtomicBool>,
     /// `take_lease` calls so far (including failed ones).
     pub takes: Arc<AtomicUsize>,
+    /// `create_lease_if_not_exists` calls so far (including failed ones).
+    pub creates: Arc<AtomicUsize>,
     /// `update_lease_checkpoint` calls so far (including failed ones).
     pub checkpoints: Arc<AtomicUsize>,
     /// Calls that started hanging in a partition so far (cumulative: a call counts from
@@ -68,6 +74,7 @@ pub struct FaultyLeaseStore {
     pub hung_calls: Arc<AtomicUsize>,
     /// Of those, full reads of the table (`list_leases`, `list_readable_leases`).
     pub hung_scans: Arc<AtomicUsize>,
+    /// Notified when a counter the `wait_*` methods watch moves.
     hung: Arc<Notify>,
 }
 
@@ -94,7 +101,9 @@ impl FaultyLeaseStore {
             fail_get_lease: Arc::default(),
             fail_evictions: Arc::default(),
             fail_takes: Arc::default(),
+            fail_creates: Arc::default(),
             takes: Arc::default(),
+            creates: Arc::default(),
             checkpoints: Arc::default(),
             hung_calls: Arc::default(),
             hung_scans: Arc::default(),
@@ -114,6 +123,17 @@ impl FaultyLeaseStore {
     pub async fn wait_hung_scans(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         self.wait_counter(&self.hung_scans, "hanging lease-table scans", n, timeout)
             .await
+    }
+
+    /// Waits until at least `n` `take_lease` calls were made; fails after `timeout`.
+    pub async fn wait_takes(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_counter(&self.takes, "lease takes", n, timeout).await
+    }
+
+    /// Waits until at least `n` `create_lease_if_not_exists` calls were made; fails
+    /// after `timeout`.
+    pub async fn wait_creates(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_counter(&self.creates, "lease creations", n, timeout).await
     }
 
     async fn wait_counter(&self, counter: &AtomicUsize, what: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
@@ -221,7 +241,12 @@ impl LeaseStore for FaultyLeaseStore {
     }
 
     async fn create_lease_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        self.creates.fetch_add(1, Ordering::SeqCst);
+        self.hung.notify_waiters();
         self.gate().await?;
+        if self.fail_creates.load(Ordering::SeqCst) {
+            return Err(self.injected("injected: lease creation failed", "injected"));
+        }
         self.inner.create_lease_if_not_exists(lease).await
     }
 
@@ -239,6 +264,7 @@ impl LeaseStore for FaultyLeaseStore {
 
     async fn take_lease(&self, lease: &mut Lease, owner: &str) -> Result<bool, LeaseStoreError> {
         self.takes.fetch_add(1, Ordering::SeqCst);
+        self.hung.notify_waiters();
         self.gate().await?;
         if take_one(&self.fail_takes) {
             return Err(self.injected("injected: take failed", "injected"));

@@ -13,6 +13,7 @@
 //! own lease period (`coordinator`), config validation (`config`), unparseable sequence
 //! numbers (`retrieval`).
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -705,5 +706,109 @@ async fn a_consumer_asking_whether_its_stream_exists_still_gives_up_a_lost_lease
     let mut written = before;
     written.extend(after);
     assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    Ok(())
+}
+
+const SHARD1: &str = "shardId-000000000001";
+const SHARD2: &str = "shardId-000000000002";
+const SHARD3: &str = "shardId-000000000003";
+
+/// Issue 21 item 10's lineage: shard 0 split into 1 and 2, which were then merged into
+/// 3, with records in 1, 2 and 3. The leases are those left when 1's lease was never
+/// created (its creation at 0's end and the shard syncs after failed): 0 and 2 at
+/// `SHARD_END`, 3 at `TRIM_HORIZON` (2 created it at its end), none for 1. Returns the
+/// records that are still to be read: 1's and 3's.
+async fn merged_child_of_a_parent_without_lease(env: &TestEnv) -> anyhow::Result<Vec<kcl_tests::Written>> {
+    split_shard_in_half(&env.kinesis, &env.stream, SHARD0).await?;
+    let split = env.put(40, "split").await?;
+    kcl_tests::merge_shards(&env.kinesis, &env.stream, SHARD1, SHARD2).await?;
+    let merged = env.put(20, "merged").await?;
+    let store = env.lease_store();
+    store.create_lease_table_if_not_exists().await?;
+    let lease = |shard: &str, checkpoint: ExtendedSequenceNumber, parents: &[&str], children: &[&str]| {
+        let mut lease =
+            kcl_core::Lease::new(shard.to_owned(), checkpoint).with_parents(parents.iter().map(|p| p.to_string()));
+        lease.child_shard_ids = children.iter().map(|c| c.to_string()).collect();
+        lease
+    };
+    for l in [
+        lease(SHARD0, ExtendedSequenceNumber::SHARD_END, &[], &[SHARD1, SHARD2]),
+        lease(SHARD2, ExtendedSequenceNumber::SHARD_END, &[SHARD0], &[SHARD3]),
+        lease(SHARD3, ExtendedSequenceNumber::TRIM_HORIZON, &[SHARD1, SHARD2], &[]),
+    ] {
+        anyhow::ensure!(store.create_lease_if_not_exists(&l).await?, "{} existed", l.lease_key);
+    }
+    let expected: Vec<_> = split
+        .iter()
+        .filter(|w| w.shard_id == SHARD1)
+        .chain(merged.iter())
+        .cloned()
+        .collect();
+    anyhow::ensure!(expected.len() > merged.len(), "some records went to shard 1");
+    Ok(expected)
+}
+
+/// Asserts that `expected` (from [`merged_child_of_a_parent_without_lease`]) was
+/// delivered once, shard 1's records before any of shard 3's.
+fn assert_parent_read_first(recorder: &Recorder, expected: &[kcl_tests::Written]) {
+    let state = recorder.state();
+    assert_eq!(state.by_shard(), by_shard(expected));
+    let last_of_parent = state.deliveries.iter().rposition(|d| d.shard_id == SHARD1);
+    let first_of_child = state.deliveries.iter().position(|d| d.shard_id == SHARD3);
+    assert!(last_of_parent < first_of_child, "the parent was read first");
+}
+
+/// Guards issue 21 item 10, on the shard sync's side: a parent whose lease was never
+/// created is not finished. 1's records are read, all before 3's. Before, the shard
+/// sync took 3's lease for proof that 1 was read (and 3's consumer took the missing
+/// lease for a finished parent): 1's records were skipped forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_whose_lease_was_never_created_is_read_before_its_child() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let expected = merged_child_of_a_parent_without_lease(&env).await?;
+    let recorder = Recorder::default();
+    let scheduler = fast_config(env.scheduler(&recorder, CheckpointMode::EveryBatch))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(expected.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_parent_read_first(&recorder, &expected);
+    Ok(())
+}
+
+/// Guards issue 21 item 10, on the consumer's side: while the parent's lease cannot be
+/// created (every creation fails), 3's consumer waits instead of taking the missing
+/// lease for a finished parent; once creations succeed again, 1's records are read,
+/// all before 3's. Before, 3 was read at once and, once 3 had checkpointed, no shard
+/// sync created 1's lease any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_waits_for_a_parent_lease_that_cannot_be_created_yet() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let expected = merged_child_of_a_parent_without_lease(&env).await?;
+    let store = FaultyLeaseStore::new(env.lease_store(), Duration::ZERO, 0);
+    store.fail_creates.store(true, Ordering::SeqCst);
+    let recorder = Recorder::default();
+    let (handle, task) = spawn_scheduler(with_store(&env, &recorder, &store)?);
+    // 3 is the only lease to take; its consumer starts after the take.
+    store.wait_takes(1, WAIT).await?;
+    let creates = store.creates.load(Ordering::SeqCst);
+    let child_started = |s: &kcl_tests::RecorderState| {
+        s.events
+            .iter()
+            .any(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == SHARD3))
+    };
+    tokio::select! {
+        // Two more creations: the consumer keeps trying while it waits.
+        r = store.wait_creates(creates + 2, WAIT) => r?,
+        r = recorder.wait_until("shard 3 initialized", WAIT, child_started) => {
+            r?;
+            panic!("shard 3 started while its parent shard 1 had no lease");
+        }
+    }
+    store.fail_creates.store(false, Ordering::SeqCst);
+    recorder.wait_for_records(expected.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_parent_read_first(&recorder, &expected);
     Ok(())
 }

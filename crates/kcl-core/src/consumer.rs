@@ -53,7 +53,8 @@ use crate::processor::{
 use crate::record::Record;
 use crate::retrieval::{ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, StartingPosition};
 use crate::retry::{retry, RetryPolicy};
-use crate::sequence::ExtendedSequenceNumber;
+use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
+use crate::shard_sync::sync_shards;
 use crate::streams::StreamHandle;
 
 /// The states of a shard consumer, as in the Java KCL.
@@ -271,7 +272,10 @@ impl ShardConsumer {
                         .iter()
                         .map(|p| lease.related_lease_key(p))
                         .collect();
-                    if self.wait_for_parents(&parents).await {
+                    // A lease still at TRIM_HORIZON or AT_TIMESTAMP reads its
+                    // ancestors' records first; one at LATEST reads none of them.
+                    let reads_ancestors = matches!(start.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp);
+                    if self.wait_for_parents(&parents, reads_ancestors).await {
                         self.transition(self.state.on_success());
                     }
                 }
@@ -440,16 +444,53 @@ impl ShardConsumer {
 
     /// Waits until every parent lease is gone or at `SHARD_END`. Returns false when a
     /// shutdown signal came first.
-    async fn wait_for_parents(&mut self, parents: &[String]) -> bool {
+    ///
+    /// A parent without a lease is not taken for finished at once when this lease
+    /// reads its ancestors (`reads_ancestors`): the parent's lease may never have been
+    /// created (its creation at the grandparent's end failed, then this shard was made
+    /// by a merge). One shard sync of this stream runs first, which creates the
+    /// parent's lease unless the parent is finished (a started lease descends from it)
+    /// or gone from the stream; the parent is then waited on like any other.
+    async fn wait_for_parents(&mut self, parents: &[String], reads_ancestors: bool) -> bool {
+        let mut synced = !reads_ancestors;
         loop {
             let mut pending = Vec::new();
+            let mut missing = Vec::new();
             for parent in parents {
                 match self.ctx.coordinator.store().get_lease(parent).await {
                     Ok(Some(l)) if !l.checkpoint.is_shard_end() => pending.push(parent.clone()),
+                    Ok(None) if !synced => missing.push(parent.clone()),
                     Ok(_) => {}
                     Err(e) => {
                         warn!(parent, error = %ErrorChain(&e), "cannot read a parent lease; waiting");
                         pending.push(parent.clone());
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                let store = self.ctx.coordinator.store().as_ref();
+                let result = tokio::select! {
+                    biased;
+                    () = self.held.lost.cancelled() => return false,
+                    () = self.shutdown.cancelled() => return false,
+                    r = sync_shards(std::slice::from_ref(&self.stream), store) => r,
+                };
+                match result.map(|mut per_stream| per_stream.pop().map(|(_, r)| r)) {
+                    Ok(Some(Ok(created))) => {
+                        if created > 0 {
+                            info!(?missing, created, "created the leases of parent shards that had none");
+                        }
+                        synced = true;
+                        // Reads the parents again at once: the new leases are waited on.
+                        continue;
+                    }
+                    Ok(Some(Err(e))) | Err(e) => {
+                        warn!(?missing, error = %ErrorChain(&e), "cannot sync shards for parents without a lease; waiting");
+                        pending.extend(missing);
+                    }
+                    Ok(None) => {
+                        synced = true;
+                        continue;
                     }
                 }
             }

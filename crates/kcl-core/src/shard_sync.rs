@@ -9,6 +9,14 @@
 //! `TRIM_HORIZON` (its parents are read to their end first); any other shard starts at
 //! the configured initial position, and with `LATEST` closed shards get no lease (they
 //! have nothing new to read).
+//!
+//! A shard without a lease is taken for finished when a descendant's lease has
+//! started (its checkpoint is past `TRIM_HORIZON` or `AT_TIMESTAMP`, or is `LATEST`):
+//! the lease cleanup deletes a finished parent only then. A descendant that has not
+//! started proves nothing, since it waits on its ancestors: should a parent's lease
+//! never have been created (its creation at the grandparent's end failed, then the
+//! child was merged into a shard whose lease the other parent created), the parent
+//! gets its lease at the next sync instead of being hidden by its grandchild's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +30,7 @@ use crate::config::InitialPositionInStream;
 use crate::error::{BoxError, ErrorChain, LeaseStoreError, SchedulerError};
 use crate::lease::{HashKeyRange, Lease, LeaseStore};
 use crate::retry::{retry, with_timeout, RetryPolicy};
-use crate::sequence::ExtendedSequenceNumber;
+use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
 use crate::streams::StreamHandle;
 
 /// A shard as the syncer needs it.
@@ -172,6 +180,7 @@ impl ShardDetector {
 pub(crate) fn new_leases(
     shards: &[ShardInfo],
     existing: &HashSet<String>,
+    unstarted: &HashSet<String>,
     initial: InitialPositionInStream,
 ) -> Vec<Lease> {
     let by_id: HashMap<&str, &ShardInfo> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
@@ -201,9 +210,12 @@ pub(crate) fn new_leases(
         memo.insert(id.to_owned(), v);
         v
     }
-    // A shard none of whose descendants has a lease still needs reading; one with a
-    // leased descendant was finished (its lease may have been cleaned up since) and must
-    // not be read again.
+    // A shard none of whose descendants has a started lease still needs reading; one
+    // with a started descendant was finished (its lease may have been cleaned up since:
+    // the cleanup waits for every child to start) and must not be read again. A
+    // descendant still at `TRIM_HORIZON` or `AT_TIMESTAMP` proves nothing: it waits on
+    // its ancestors, whose leases may never have been created. One at `LATEST` counts
+    // as started: it reads none of its ancestors' records, as in the Java KCL.
     let mut children: HashMap<&str, Vec<&str>> = HashMap::new();
     for s in shards {
         for p in &s.parents {
@@ -213,10 +225,10 @@ pub(crate) fn new_leases(
     // Both walks are memoized: lineage is a DAG whose paths double with every
     // split-then-merge generation, so an unmemoized walk of k generations within the
     // retention period visits ~2^k paths.
-    fn leased_descendant<'a>(
+    fn started_descendant<'a>(
         id: &'a str,
         children: &HashMap<&'a str, Vec<&'a str>>,
-        existing: &HashSet<String>,
+        started: &dyn Fn(&str) -> bool,
         memo: &mut HashMap<&'a str, bool>,
         depth: usize,
     ) -> bool {
@@ -226,16 +238,17 @@ pub(crate) fn new_leases(
         let v = depth < 10_000
             && children.get(id).is_some_and(|cs| {
                 cs.iter()
-                    .any(|c| existing.contains(*c) || leased_descendant(c, children, existing, memo, depth + 1))
+                    .any(|c| started(c) || started_descendant(c, children, started, memo, depth + 1))
             });
         memo.insert(id, v);
         v
     }
+    let started = |id: &str| existing.contains(id) && !unstarted.contains(id);
     let mut descendant_memo: HashMap<&str, bool> = HashMap::new();
     let mut out = Vec::new();
     for shard in shards {
         if existing.contains(&shard.shard_id)
-            || leased_descendant(&shard.shard_id, &children, existing, &mut descendant_memo, 0)
+            || started_descendant(&shard.shard_id, &children, &started, &mut descendant_memo, 0)
         {
             continue;
         }
@@ -312,19 +325,24 @@ pub(crate) async fn sync_shards(
     // A corrupt item still stands for its shard: it is neither recreated nor taken for
     // absent when deciding where its children start.
     let corrupt: HashSet<String> = report_corrupt(&listing.corrupt).into_iter().collect();
-    // The shard ids that have a lease, per `streamName` (one pass over the table).
-    let mut by_stream: HashMap<Option<&str>, HashSet<String>> = HashMap::new();
+    // The shard ids that have a lease, and those whose lease has not started and
+    // reads its ancestors first (`TRIM_HORIZON`, `AT_TIMESTAMP`), per `streamName`
+    // (one pass over the table).
+    let mut by_stream: HashMap<Option<&str>, (HashSet<String>, HashSet<String>)> = HashMap::new();
     for lease in &listing.leases {
-        by_stream
-            .entry(lease.stream_name.as_deref())
-            .or_default()
-            .insert(lease.shard().to_owned());
+        let (existing, unstarted) = by_stream.entry(lease.stream_name.as_deref()).or_default();
+        existing.insert(lease.shard().to_owned());
+        if matches!(
+            lease.checkpoint.checkpoint,
+            Checkpoint::TrimHorizon | Checkpoint::AtTimestamp
+        ) {
+            unstarted.insert(lease.shard().to_owned());
+        }
     }
     let mut out = Vec::with_capacity(streams.len());
     for stream in streams {
-        let existing: HashSet<String> = by_stream
-            .remove(&stream.key.as_deref())
-            .unwrap_or_default()
+        let (existing, unstarted) = by_stream.remove(&stream.key.as_deref()).unwrap_or_default();
+        let existing: HashSet<String> = existing
             .into_iter()
             .chain(corrupt.iter().map(|key| {
                 match &stream.key {
@@ -337,22 +355,24 @@ pub(crate) async fn sync_shards(
                 }
             }))
             .collect();
-        let result = sync_stream(stream, store, &existing).await;
+        let result = sync_stream(stream, store, &existing, &unstarted).await;
         out.push((stream.clone(), result));
     }
     Ok(out)
 }
 
 /// Lists one stream's shards and creates the leases its shards miss (`existing` holds
-/// the shard ids that have one).
+/// the shard ids that have one, `unstarted` those of them still at `TRIM_HORIZON` or
+/// `AT_TIMESTAMP`).
 async fn sync_stream(
     stream: &StreamHandle,
     store: &dyn LeaseStore,
     existing: &HashSet<String>,
+    unstarted: &HashSet<String>,
 ) -> Result<usize, SchedulerError> {
     let shards = stream.detector.list_shards().await?;
     let mut created = 0;
-    for lease in new_leases(&shards, existing, stream.initial_position) {
+    for lease in new_leases(&shards, existing, unstarted, stream.initial_position) {
         let lease = stream.qualify(lease);
         let ok = retry(&RetryPolicy::default(), LeaseStoreError::is_retryable, || {
             store.create_lease_if_not_exists(&lease)
@@ -421,7 +441,12 @@ mod tests {
     #[test]
     fn first_sync_uses_the_initial_position() {
         let shards = vec![shard("a", &[], false), shard("b", &[], false)];
-        let leases = new_leases(&shards, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+        let leases = new_leases(
+            &shards,
+            &HashSet::new(),
+            &HashSet::new(),
+            InitialPositionInStream::TrimHorizon,
+        );
         assert_eq!(
             checkpoints(&leases),
             [("a".into(), "TRIM_HORIZON".into()), ("b".into(), "TRIM_HORIZON".into())]
@@ -429,6 +454,7 @@ mod tests {
         assert!(new_leases(
             &shards,
             &["a".to_string(), "b".to_string()].into(),
+            &HashSet::new(),
             InitialPositionInStream::Latest
         )
         .is_empty());
@@ -445,7 +471,7 @@ mod tests {
             shard("f", &["c", "e"], false),
         ];
         let existing: HashSet<String> = ["a".to_string()].into();
-        let leases = new_leases(&shards, &existing, InitialPositionInStream::Latest);
+        let leases = new_leases(&shards, &existing, &HashSet::new(), InitialPositionInStream::Latest);
         assert_eq!(
             checkpoints(&leases),
             [
@@ -469,7 +495,10 @@ mod tests {
         ];
         let existing: HashSet<String> = ["c1".to_string(), "c2".to_string()].into();
         for initial in [InitialPositionInStream::TrimHorizon, InitialPositionInStream::Latest] {
-            assert!(new_leases(&shards, &existing, initial).is_empty(), "{initial:?}");
+            assert!(
+                new_leases(&shards, &existing, &HashSet::new(), initial).is_empty(),
+                "{initial:?}"
+            );
         }
         // Grandparents too.
         let shards = vec![
@@ -478,7 +507,42 @@ mod tests {
             shard("c", &["p"], false),
         ];
         let existing: HashSet<String> = ["c".to_string()].into();
-        assert!(new_leases(&shards, &existing, InitialPositionInStream::TrimHorizon).is_empty());
+        assert!(new_leases(
+            &shards,
+            &existing,
+            &HashSet::new(),
+            InitialPositionInStream::TrimHorizon
+        )
+        .is_empty());
+    }
+
+    /// Guards issue 21 item 10: a leased descendant proves its ancestors finished only
+    /// once it has started. Here b's lease was never created (its creation at a's end
+    /// and the shard syncs after failed) and b was then merged with d into e, whose
+    /// lease e's other parent created at its end: b still has every record and gets
+    /// its lease. Before, e's lease hid b from every later sync.
+    #[test]
+    fn a_shard_whose_only_leased_descendants_have_not_started_gets_a_lease() {
+        let shards = vec![
+            shard("a", &[], true),
+            shard("b", &["a"], true),
+            shard("c", &["a"], false),
+            shard("d", &[], true),
+            shard("e", &["b", "d"], false),
+        ];
+        let existing: HashSet<String> = ["a", "c", "d", "e"].map(String::from).into();
+        let unstarted: HashSet<String> = ["c", "e"].map(String::from).into();
+        for initial in [InitialPositionInStream::TrimHorizon, InitialPositionInStream::Latest] {
+            let leases = new_leases(&shards, &existing, &unstarted, initial);
+            assert_eq!(
+                checkpoints(&leases),
+                [("b".into(), "TRIM_HORIZON".into())],
+                "{initial:?}"
+            );
+        }
+        // Once e has started, b was read before it: no lease.
+        let started = HashSet::from(["c".to_string()]);
+        assert!(new_leases(&shards, &existing, &started, InitialPositionInStream::TrimHorizon).is_empty());
     }
 
     #[test]
@@ -488,7 +552,12 @@ mod tests {
             shard("a-parent", &["m-grandparent"], true),
             shard("m-grandparent", &[], true),
         ];
-        let leases = new_leases(&shards, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+        let leases = new_leases(
+            &shards,
+            &HashSet::new(),
+            &HashSet::new(),
+            InitialPositionInStream::TrimHorizon,
+        );
         let order: Vec<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
         assert_eq!(order, ["m-grandparent", "a-parent", "z-child"]);
     }
@@ -510,10 +579,15 @@ mod tests {
         let worker = shards.clone();
         // On a thread with a deadline, so that a regression fails instead of hanging.
         std::thread::spawn(move || {
-            let fresh = new_leases(&worker, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+            let fresh = new_leases(
+                &worker,
+                &HashSet::new(),
+                &HashSet::new(),
+                InitialPositionInStream::TrimHorizon,
+            );
             // Only the last generation has a lease: every ancestor is finished.
             let leased: HashSet<String> = ["g40".to_string()].into();
-            let after = new_leases(&worker, &leased, InitialPositionInStream::TrimHorizon);
+            let after = new_leases(&worker, &leased, &HashSet::new(), InitialPositionInStream::TrimHorizon);
             let _ = tx.send((fresh, after));
         });
         let (fresh, after) = rx
@@ -536,12 +610,22 @@ mod tests {
             shard("c1", &["p"], false),
             shard("c2", &["p"], false),
         ];
-        let latest = new_leases(&shards, &HashSet::new(), InitialPositionInStream::Latest);
+        let latest = new_leases(
+            &shards,
+            &HashSet::new(),
+            &HashSet::new(),
+            InitialPositionInStream::Latest,
+        );
         assert_eq!(
             checkpoints(&latest),
             [("c1".into(), "LATEST".into()), ("c2".into(), "LATEST".into())]
         );
-        let th = new_leases(&shards, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+        let th = new_leases(
+            &shards,
+            &HashSet::new(),
+            &HashSet::new(),
+            InitialPositionInStream::TrimHorizon,
+        );
         assert_eq!(th.len(), 3);
         assert!(th.iter().all(|l| l.checkpoint == ExtendedSequenceNumber::TRIM_HORIZON));
     }
