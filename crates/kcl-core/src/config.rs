@@ -14,6 +14,21 @@ use serde::{Deserialize, Serialize};
 use crate::error::ConfigError;
 use crate::retry::RetryPolicy;
 
+/// The longest duration any setting may have (365 days): far beyond any useful
+/// value, and far from where `Instant + Duration` overflows. `build()` refuses more.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses the first of `fields` (`(name, value)`) longer than [`MAX_DURATION`].
+///
+/// # Errors
+/// [`ConfigError`] naming the field.
+pub fn check_max_durations(fields: &[(&'static str, Duration)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|(_, d)| *d > MAX_DURATION) {
+        Some((field, d)) => Err(ConfigError::new(field, format!("must be at most 365 days; got {d:?}"))),
+        None => Ok(()),
+    }
+}
+
 /// Where to start reading a shard that has no checkpoint yet (the Java KCL's
 /// `InitialPositionInStream`). Shards that already have a checkpoint resume after it.
 ///
@@ -133,6 +148,21 @@ impl LeaseManagementConfig {
     /// # Errors
     /// [`ConfigError`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_max_durations(&[
+            ("lease.failover_time", self.failover_time),
+            ("lease.renewal_interval", self.renewal_interval),
+            ("lease.lease_taking_interval", self.lease_taking_interval),
+            ("lease.lease_store_call_timeout", self.lease_store_call_timeout),
+            ("lease.lease_table_scan_timeout", self.lease_table_scan_timeout),
+            (
+                "lease.completed_lease_cleanup_delay",
+                self.completed_lease_cleanup_delay,
+            ),
+            (
+                "lease.graceful_lease_handoff_timeout",
+                self.graceful_lease_handoff_timeout,
+            ),
+        ])?;
         if self.failover_time < Duration::from_millis(100) {
             return Err(ConfigError::new("lease.failover_time", "must be at least 100 ms"));
         }
@@ -245,6 +275,12 @@ impl RetrievalConfig {
     /// # Errors
     /// [`ConfigError`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_max_durations(&[
+            ("retrieval.idle_time_between_reads", self.idle_time_between_reads),
+            ("retrieval.backlog_time_between_reads", self.backlog_time_between_reads),
+            ("retrieval.kinesis_call_timeout", self.kinesis_call_timeout),
+        ])?;
+        self.retry.validate("retrieval.retry")?;
         if !(1..=10_000).contains(&self.max_records) {
             return Err(ConfigError::new("retrieval.max_records", "must be 1 to 10,000"));
         }
@@ -374,6 +410,16 @@ impl CoordinatorConfig {
     /// # Errors
     /// [`ConfigError`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_max_durations(&[
+            ("coordinator.shard_sync_interval", self.shard_sync_interval),
+            (
+                "coordinator.parent_shard_poll_interval",
+                self.parent_shard_poll_interval,
+            ),
+            ("coordinator.graceful_shutdown_timeout", self.graceful_shutdown_timeout),
+        ])?;
+        self.shard_failure_backoff
+            .validate("coordinator.shard_failure_backoff")?;
         if self.shard_sync_interval.is_zero() {
             return Err(ConfigError::new(
                 "coordinator.shard_sync_interval",
@@ -401,6 +447,72 @@ impl CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guards issue 21 item 12: a duration far too large (a config file can say
+    /// "584942417355y") is refused by name, instead of panicking later where it is
+    /// added to an `Instant`.
+    #[test]
+    fn a_duration_beyond_a_year_is_refused_by_name() {
+        let huge = Duration::MAX;
+        type Set<C> = fn(&mut C, Duration);
+        let lease: [(&str, Set<LeaseManagementConfig>); 7] = [
+            ("lease.failover_time", |c, d| c.failover_time = d),
+            ("lease.renewal_interval", |c, d| c.renewal_interval = d),
+            ("lease.lease_taking_interval", |c, d| c.lease_taking_interval = d),
+            ("lease.lease_store_call_timeout", |c, d| c.lease_store_call_timeout = d),
+            ("lease.lease_table_scan_timeout", |c, d| c.lease_table_scan_timeout = d),
+            ("lease.completed_lease_cleanup_delay", |c, d| {
+                c.completed_lease_cleanup_delay = d
+            }),
+            ("lease.graceful_lease_handoff_timeout", |c, d| {
+                c.graceful_lease_handoff_timeout = d
+            }),
+        ];
+        for (field, set) in lease {
+            let mut c = LeaseManagementConfig::default();
+            set(&mut c, huge);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+        let retrieval: [(&str, Set<RetrievalConfig>); 5] = [
+            ("retrieval.idle_time_between_reads", |c, d| {
+                c.idle_time_between_reads = d
+            }),
+            ("retrieval.backlog_time_between_reads", |c, d| {
+                c.backlog_time_between_reads = d
+            }),
+            ("retrieval.kinesis_call_timeout", |c, d| c.kinesis_call_timeout = d),
+            ("retrieval.retry", |c, d| c.retry.initial_backoff = d),
+            ("retrieval.retry", |c, d| c.retry.max_backoff = d),
+        ];
+        for (field, set) in retrieval {
+            let mut c = RetrievalConfig::default();
+            set(&mut c, huge);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+        let coordinator: [(&str, Set<CoordinatorConfig>); 4] = [
+            ("coordinator.shard_sync_interval", |c, d| c.shard_sync_interval = d),
+            ("coordinator.parent_shard_poll_interval", |c, d| {
+                c.parent_shard_poll_interval = d
+            }),
+            ("coordinator.graceful_shutdown_timeout", |c, d| {
+                c.graceful_shutdown_timeout = d
+            }),
+            ("coordinator.shard_failure_backoff", |c, d| {
+                c.shard_failure_backoff.max_backoff = d
+            }),
+        ];
+        for (field, set) in coordinator {
+            let mut c = CoordinatorConfig::default();
+            set(&mut c, huge);
+            assert_eq!(c.validate().map_err(|e| e.field), Err(field));
+        }
+        // A year itself is allowed.
+        let c = CoordinatorConfig {
+            shard_sync_interval: MAX_DURATION,
+            ..CoordinatorConfig::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+    }
 
     #[test]
     fn defaults_match_the_java_kcl_and_validate() {

@@ -80,8 +80,8 @@ mod streams;
 
 pub use checkpoint::{Checkpointer, PreparedCheckpointer};
 pub use config::{
-    CoordinatorConfig, InitialPositionInStream, LeaseBalancing, LeaseManagementConfig, OnProcessorFailure,
-    ProcessorErrorPolicy, RetrievalConfig,
+    check_max_durations, CoordinatorConfig, InitialPositionInStream, LeaseBalancing, LeaseManagementConfig,
+    OnProcessorFailure, ProcessorErrorPolicy, RetrievalConfig, MAX_DURATION,
 };
 pub use consumer::{ShardConsumerState, ShutdownReason};
 pub use error::{CheckpointError, ConfigError, LeaseStoreError, ProcessorError, SchedulerError};

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::error::ConfigError;
+
 /// Exponential backoff with full jitter: the wait before attempt `n` (counting the
 /// first retry as 1) is uniform in `[0, min(max_backoff, initial_backoff * 2^(n-1))]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,6 +56,15 @@ impl RetryPolicy {
     pub fn unbounded(mut self) -> Self {
         self.max_attempts = None;
         self
+    }
+
+    /// Refuses backoffs longer than [`MAX_DURATION`](crate::config::MAX_DURATION)
+    /// (`field` names the policy in the error).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `field`.
+    pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
+        crate::config::check_max_durations(&[(field, self.initial_backoff), (field, self.max_backoff)])
     }
 
     /// True when a call that failed on attempt `attempt` (1-based) may be tried again.

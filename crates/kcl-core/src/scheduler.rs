@@ -251,6 +251,7 @@ impl SchedulerBuilder {
         self.lease.validate()?;
         self.retrieval.validate()?;
         self.coordinator.validate()?;
+        self.error_policy.retry.validate("processor_error_policy.retry")?;
         if self.error_policy.on_exhausted == OnProcessorFailure::Bisect && self.dead_letters.is_none() {
             return Err(ConfigError::new(
                 "processor_error_policy.on_exhausted",

@@ -353,6 +353,10 @@ impl MultiStreamConfig {
     /// # Errors
     /// [`ConfigError`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::config::check_max_durations(&[("multi_stream.stream_tracker_interval", self.stream_tracker_interval)])?;
+        if let FormerStreamsLeasesDeletion::AfterDelay(delay) = self.former_streams_leases_deletion {
+            crate::config::check_max_durations(&[("multi_stream.former_streams_leases_deletion", delay)])?;
+        }
         if self.stream_tracker_interval.is_zero() {
             return Err(ConfigError::new(
                 "multi_stream.stream_tracker_interval",

@@ -99,6 +99,8 @@ impl FanOutConfig {
             ("fan_out.shard_end_check_interval", self.shard_end_check_interval),
             ("fan_out.call_timeout", self.call_timeout),
         ];
+        kcl_core::check_max_durations(&positive)?;
+        self.retry.validate("fan_out.retry")?;
         for (field, value) in positive {
             if value.is_zero() {
                 return Err(ConfigError {
@@ -194,6 +196,18 @@ mod tests {
             ..FanOutConfig::new("app")
         };
         assert_eq!(zero.validate().map_err(|e| e.field), Err("fan_out.idle_timeout"));
+        // Issue 21 item 12: a duration that would overflow `Instant + Duration` later.
+        let huge = FanOutConfig {
+            subscription_lifetime: Duration::MAX,
+            ..FanOutConfig::new("app")
+        };
+        assert_eq!(
+            huge.validate().map_err(|e| e.field),
+            Err("fan_out.subscription_lifetime")
+        );
+        let mut huge = FanOutConfig::new("app");
+        huge.retry.max_backoff = Duration::MAX;
+        assert_eq!(huge.validate().map_err(|e| e.field), Err("fan_out.retry"));
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Default for ProducerConfig {
 impl ProducerConfig {
     /// The longest duration any setting may have (365 days): far beyond any useful
     /// value, and far from where `Instant + Duration` overflows.
-    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    pub const MAX_DURATION: Duration = kcl_core::MAX_DURATION;
 
     /// The largest `max_record_size` (10 MiB), Kinesis's largest record.
     pub const MAX_RECORD_SIZE: usize = 10 << 20;
