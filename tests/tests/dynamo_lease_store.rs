@@ -714,6 +714,34 @@ async fn taking_a_lease_one_already_owns_does_not_count_a_switch() -> anyhow::Re
     Ok(())
 }
 
+/// Issue 21 item 5: where a `LATEST` lease first started is written with a checkpoint
+/// write, kept by renewals, and removed by the first checkpoint past `LATEST`.
+#[tokio::test]
+async fn the_latest_start_is_kept_until_the_first_checkpoint() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    let mut lease = f
+        .create_and_read(&Lease::new(shard(0), ExtendedSequenceNumber::LATEST))
+        .await?;
+    assert!(f.store.take_lease(&mut lease, "worker-a").await?);
+    let started = std::time::UNIX_EPOCH + Duration::from_millis(1_764_700_000_123);
+    lease.latest_start_timestamp = Some(started);
+    assert!(f.store.update_lease_checkpoint(&mut lease).await?);
+    assert!(f.store.renew_lease(&mut lease).await?);
+    let raw = f.get_raw(&shard(0)).await?;
+    assert_eq!(raw.get("latestStartTimestamp"), Some(&n(1_764_700_000_123)));
+    assert_eq!(raw.get("checkpoint"), Some(&s("LATEST")), "Java still reads LATEST");
+    let stored = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert_eq!(stored.latest_start(), Some(started));
+
+    lease.checkpoint = seq("10")?;
+    assert!(f.store.update_lease_checkpoint(&mut lease).await?);
+    assert!(!f.get_raw(&shard(0)).await?.contains_key("latestStartTimestamp"));
+    let stored = f.store.get_lease(&shard(0)).await?.context("missing")?;
+    assert_eq!(stored.latest_start_timestamp, None);
+    f.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn pending_checkpoint_with_state_round_trips_and_a_plain_checkpoint_removes_it() -> anyhow::Result<()> {
     let f = Fixture::with_table().await?;

@@ -812,3 +812,134 @@ async fn a_child_waits_for_a_parent_lease_that_cannot_be_created_yet() -> anyhow
     assert_parent_read_first(&recorder, &expected);
     Ok(())
 }
+
+/// Issue 21 item 5's scenario: a lease started at `LATEST` changes hands before its
+/// first checkpoint. A first worker starts it (`retrieval` picks polling or fan-out),
+/// reads records written after it started and never checkpoints; it stops and a
+/// second worker takes the lease over. The second must deliver every record the
+/// first did (all written after the lease first started), not start at a new
+/// `LATEST` that skips them. With `exact_timestamps` (the backend honours
+/// `AT_TIMESTAMP`), records written before the lease started stay unread; without
+/// (the embedded backend's `SubscribeToShard` starts at the shard's first record
+/// instead), they may be read again, but nothing after them is skipped.
+async fn a_latest_lease_handed_on_before_its_first_checkpoint_skips_nothing(
+    retrieval: fn(kcl_core::SchedulerBuilder) -> anyhow::Result<kcl_core::SchedulerBuilder>,
+    exact_timestamps: bool,
+) -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    env.put(5, "before").await?;
+    past_the_next_whole_second(std::time::SystemTime::now()).await;
+    let first = Recorder::default();
+    let scheduler = retrieval(env.scheduler(&first, CheckpointMode::Never))?
+        .initial_position(InitialPositionInStream::Latest)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    // The lease's start is stored before `initialize`.
+    first
+        .wait_until("shard 0 initialized", WAIT, |s| {
+            s.events
+                .iter()
+                .any(|e| matches!(e, Event::Initialized { shard_id, .. } if shard_id == SHARD0))
+        })
+        .await?;
+    let lease = env.lease_store().get_lease(SHARD0).await?.context("lease")?;
+    let started = lease
+        .latest_start()
+        .context("the first consumer stored where it started")?;
+    past_the_next_whole_second(started).await;
+    // Writes one record at a time until the first worker reads one: its reading
+    // position is then settled.
+    let mut probes = 0;
+    while first.state().deliveries.is_empty() {
+        anyhow::ensure!(probes < 60, "the first worker never read a record");
+        env.put(1, "probe").await?;
+        probes += 1;
+        let _ = first
+            .wait_until("a record read", Duration::from_secs(2), |s| !s.deliveries.is_empty())
+            .await;
+    }
+    env.put(20, "after").await?;
+    let read_so_far = first.state().deliveries.len();
+    let read_by_first = records_read(&first, read_so_far + 20).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    let stored = env.lease_store().get_lease(SHARD0).await?.context("lease")?;
+    assert_eq!(
+        stored.checkpoint,
+        ExtendedSequenceNumber::LATEST,
+        "no checkpoint was written"
+    );
+
+    let second = Recorder::default();
+    let scheduler = retrieval(env.scheduler(&second, CheckpointMode::EveryBatch))?
+        .initial_position(InitialPositionInStream::Latest)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    second.wait_for_records(read_by_first.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    let by_second: Vec<_> = second
+        .state()
+        .deliveries
+        .iter()
+        .map(|d| d.sequence_number.clone())
+        .collect();
+    if exact_timestamps {
+        assert_eq!(
+            by_second, read_by_first,
+            "the second worker read what the first read, no more"
+        );
+    } else {
+        // Nothing skipped; what came before may be read again.
+        assert!(
+            by_second.ends_with(&read_by_first),
+            "the second worker read all the first read: {by_second:?} vs {read_by_first:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Sleeps until the wall clock is past the whole second after `t`. The embedded
+/// backend keeps arrival times in whole seconds (DESIGN.md's backends), so a record
+/// written in the same second as an `AT_TIMESTAMP` start would fall before it: a wait
+/// for a clock, not for an event.
+async fn past_the_next_whole_second(t: std::time::SystemTime) {
+    let since_epoch = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let next = std::time::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs() + 1) + Duration::from_millis(50);
+    if let Ok(wait) = next.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Waits until `recorder` holds `n` deliveries; returns their sequence numbers.
+async fn records_read(recorder: &Recorder, n: usize) -> anyhow::Result<Vec<kcl_core::SequenceNumber>> {
+    recorder.wait_for_records(n, WAIT).await?;
+    Ok(recorder
+        .state()
+        .deliveries
+        .iter()
+        .map(|d| d.sequence_number.clone())
+        .collect())
+}
+
+/// Guards issue 21 item 5 with polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_lease_restarted_before_its_first_checkpoint_skips_nothing_polling() -> anyhow::Result<()> {
+    a_latest_lease_handed_on_before_its_first_checkpoint_skips_nothing(Ok, true).await
+}
+
+/// Guards issue 21 item 5 with fan-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_lease_restarted_before_its_first_checkpoint_skips_nothing_fan_out() -> anyhow::Result<()> {
+    a_latest_lease_handed_on_before_its_first_checkpoint_skips_nothing(
+        |builder| {
+            use kcl_efo::SchedulerBuilderExt as _;
+            let fan_out = kcl_efo::FanOutConfig {
+                shard_end_check_interval: Duration::from_secs(1),
+                registration_timeout: Duration::from_secs(20),
+                ..kcl_efo::FanOutConfig::new(kcl_tests::unique("consumer"))
+            };
+            Ok(builder.retrieval_mode(kcl_efo::RetrievalMode::FanOut(fan_out))?)
+        },
+        false,
+    )
+    .await
+}

@@ -34,7 +34,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Checkpointer;
 use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy};
-use crate::coordinator::{HeldLease, LeaseCoordinator};
+use crate::coordinator::{HeldLease, LeaseCoordinator, WriteOutcome};
 use crate::error::{BoxError, ErrorChain, SchedulerError};
 use crate::lease::Lease;
 use crate::metrics;
@@ -258,6 +258,8 @@ impl ShardConsumer {
         let _stop_publisher = publisher_cancel.clone().drop_guard();
         let mut events: Option<RecordsPublisher> = None;
         let mut last_delivered = start.clone();
+        // Where the publisher starts, settled once the parents are done.
+        let mut position: Option<StartingPosition> = None;
         let mut outcome = None;
         loop {
             self.poll_signals();
@@ -276,7 +278,10 @@ impl ShardConsumer {
                     // ancestors' records first; one at LATEST reads none of them.
                     let reads_ancestors = matches!(start.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp);
                     if self.wait_for_parents(&parents, reads_ancestors).await {
-                        self.transition(self.state.on_success());
+                        if let Some(p) = self.starting_position(&lease, &start).await {
+                            position = Some(p);
+                            self.transition(self.state.on_success());
+                        }
                     }
                 }
                 ShardConsumerState::Initializing => {
@@ -303,7 +308,9 @@ impl ShardConsumer {
                                 stream_name: self.stream.name().to_owned(),
                                 stream_arn: self.stream.arn.clone(),
                                 shard_id: self.shard_id().to_owned(),
-                                position: StartingPosition::new(start.clone(), self.stream.initial_timestamp()),
+                                position: position.clone().unwrap_or_else(|| {
+                                    StartingPosition::new(start.clone(), self.stream.initial_timestamp())
+                                }),
                                 cancel: publisher_cancel.child_token(),
                             }));
                             self.transition(self.state.on_success());
@@ -504,6 +511,68 @@ impl ShardConsumer {
                 () = tokio::time::sleep(self.ctx.coordinator_config.parent_shard_poll_interval) => {}
             }
         }
+    }
+
+    /// Where the publisher starts: the lease's checkpoint, except for a lease still at
+    /// `LATEST`. Its first consumer stores the moment it started in the lease
+    /// (`latestStartTimestamp`) before it asks for a `LATEST` iterator; every later
+    /// consumer until the first checkpoint (after a handoff, a failover or a restart)
+    /// reads from `AT_TIMESTAMP` of that moment instead of a new `LATEST` that would
+    /// skip what was written in between. Returns `None` when the lease was lost or a
+    /// shutdown was requested first; a failed write is retried, and nothing is read
+    /// until it succeeds.
+    async fn starting_position(&mut self, lease: &Lease, start: &ExtendedSequenceNumber) -> Option<StartingPosition> {
+        let at = |t: SystemTime| StartingPosition::new(ExtendedSequenceNumber::AT_TIMESTAMP, Some(t));
+        if start.checkpoint != Checkpoint::Latest {
+            return Some(StartingPosition::new(start.clone(), self.stream.initial_timestamp()));
+        }
+        if let Some(t) = lease.latest_start() {
+            info!(started_at = ?t, "a LATEST lease resumes where it first started (AT_TIMESTAMP)");
+            return Some(at(t));
+        }
+        // Taken before the iterator is asked for: AT_TIMESTAMP of it covers what the
+        // LATEST iterator will read.
+        let now = SystemTime::now();
+        let policy = &self.ctx.coordinator_config.shard_failure_backoff;
+        let set_here = std::sync::atomic::AtomicBool::new(false);
+        for attempt in 1u32.. {
+            let write = self
+                .ctx
+                .coordinator
+                .update_checkpoint(&self.held, |l| {
+                    let unset = l.checkpoint.checkpoint == Checkpoint::Latest && l.latest_start().is_none();
+                    if unset {
+                        l.latest_start_timestamp = Some(now);
+                    }
+                    set_here.store(unset, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .await;
+            match write {
+                Ok(WriteOutcome::Written) => {
+                    let stored = self.held.lease.lock().await;
+                    return match stored.latest_start() {
+                        // Another process of ours started the lease meanwhile.
+                        Some(t) if !set_here.load(std::sync::atomic::Ordering::Relaxed) => Some(at(t)),
+                        _ => {
+                            info!("a LATEST lease starts here; until its first checkpoint, its consumers read from this moment");
+                            Some(StartingPosition::new(start.clone(), None))
+                        }
+                    };
+                }
+                Ok(WriteOutcome::LeaseLost) => return None,
+                Ok(WriteOutcome::Failed(e)) => {
+                    warn!(attempt, error = %ErrorChain(&e), "cannot store where this LATEST lease starts; retrying before reading");
+                }
+                Err(never) => match never {},
+            }
+            tokio::select! {
+                () = self.held.lost.cancelled() => return None,
+                () = self.shutdown.cancelled() => return None,
+                () = tokio::time::sleep(policy.backoff(attempt)) => {}
+            }
+        }
+        None
     }
 
     /// Delivers one batch: drops what was already delivered, records the new last

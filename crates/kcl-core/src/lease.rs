@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -70,6 +71,13 @@ pub struct Lease {
     /// `shardId`: in a multi-stream application, the shard id (the lease key's last
     /// part); `None` in a single-stream application, whose lease key is the shard id.
     pub shard_id: Option<String>,
+    /// `latestStartTimestamp` (ours; the Java KCL neither reads nor writes it): while
+    /// the checkpoint is `LATEST`, the moment the lease's first consumer started. Every
+    /// consumer of the lease reads from `AT_TIMESTAMP` of it until the first
+    /// checkpoint, so that records written after the lease first started are never
+    /// skipped by a new `LATEST` iterator. Dropped by the first checkpoint write past
+    /// `LATEST`; see [`latest_start`](Self::latest_start).
+    pub latest_start_timestamp: Option<SystemTime>,
 }
 
 impl Lease {
@@ -90,7 +98,17 @@ impl Lease {
             throughput_kbps: None,
             stream_name: None,
             shard_id: None,
+            latest_start_timestamp: None,
         }
+    }
+
+    /// Where a lease still at `LATEST` starts: [`latest_start_timestamp`], and `None`
+    /// once the checkpoint is past `LATEST` (or no consumer has started yet).
+    ///
+    /// [`latest_start_timestamp`]: Self::latest_start_timestamp
+    pub fn latest_start(&self) -> Option<SystemTime> {
+        self.latest_start_timestamp
+            .filter(|_| self.checkpoint.checkpoint == crate::sequence::Checkpoint::Latest)
     }
 
     /// The shard this lease is for: the `shardId` attribute in a multi-stream
@@ -373,7 +391,8 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError>;
 
     /// Writes the checkpoint fields (`checkpoint`, `checkpointSubSequenceNumber`, the
-    /// three pending-checkpoint attributes — removed when `None` —, and
+    /// three pending-checkpoint attributes — removed when `None` —,
+    /// `latestStartTimestamp` as [`Lease::latest_start`] says — removed when `None` —,
     /// `ownerSwitchesSinceCheckpoint` reset to 0, and `childShardIds` when non-empty):
     /// conditional on counter and owner; increments the counter.
     ///
@@ -641,11 +660,13 @@ impl LeaseStore for InMemoryLeaseStore {
 
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError> {
         let wanted = lease.clone();
+        let latest_start = wanted.latest_start();
         Ok(self.write(lease, move |l| {
             l.checkpoint = wanted.checkpoint;
             l.pending_checkpoint = wanted.pending_checkpoint;
             l.pending_checkpoint_state = wanted.pending_checkpoint_state;
             l.owner_switches_since_checkpoint = 0;
+            l.latest_start_timestamp = latest_start;
             l.child_shard_ids = wanted.child_shard_ids;
         }))
     }

@@ -18,6 +18,7 @@
 //! | `checkpointOwner` | S | optional (graceful handoff) |
 //! | `throughputKBps` | N | optional, a decimal (written with renewals and checkpoints) |
 //! | `streamName`, `shardId` | S, S | multi-stream only: the stream identifier (`account-id:stream-name:creation-epoch`) and the shard id |
+//! | `latestStartTimestamp` | N | ours, optional: while `checkpoint` is `LATEST`, when the lease first started (milliseconds since the Unix epoch); the Java KCL ignores it |
 //!
 //! An item is a lease when it has `leaseKey` as a string and a `checkpoint` attribute;
 //! anything else sharing the table is not ours and is skipped. A lease item whose
@@ -68,6 +69,8 @@ pub(crate) const CHECKPOINT_OWNER: &str = "checkpointOwner";
 pub(crate) const THROUGHPUT_KBPS: &str = "throughputKBps";
 /// `streamName` (S): the stream identifier of a multi-stream lease.
 pub(crate) const STREAM_NAME: &str = "streamName";
+/// `latestStartTimestamp` (N): milliseconds since the Unix epoch (ours).
+pub(crate) const LATEST_START_TIMESTAMP: &str = "latestStartTimestamp";
 /// `shardId` (S): the shard id of a multi-stream lease.
 pub(crate) const SHARD_ID: &str = "shardId";
 
@@ -150,7 +153,18 @@ pub(crate) fn lease_to_item(lease: &Lease) -> Item {
     if let Some(shard_id) = &lease.shard_id {
         put(SHARD_ID, s(shard_id));
     }
+    if let Some(start) = lease.latest_start() {
+        put(LATEST_START_TIMESTAMP, epoch_millis(start));
+    }
     item
+}
+
+/// A time as a number of milliseconds since the Unix epoch (0 before it).
+pub(crate) fn epoch_millis(t: std::time::SystemTime) -> AttributeValue {
+    let millis = t
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    n(millis)
 }
 
 /// Reads a lease from an item.
@@ -208,6 +222,14 @@ pub(crate) fn item_to_lease(item: &Item) -> Result<Option<Lease>, LeaseStoreErro
     });
     lease.stream_name = reader.string(STREAM_NAME)?.map(str::to_owned);
     lease.shard_id = reader.string(SHARD_ID)?.map(str::to_owned);
+    lease.latest_start_timestamp = match reader.u64(LATEST_START_TIMESTAMP)? {
+        Some(ms) => Some(
+            std::time::SystemTime::UNIX_EPOCH
+                .checked_add(std::time::Duration::from_millis(ms))
+                .ok_or_else(|| reader.corrupt(LATEST_START_TIMESTAMP, "beyond the clock's range"))?,
+        ),
+        None => None,
+    };
     Ok(Some(lease))
 }
 
@@ -389,6 +411,23 @@ mod tests {
         assert_eq!(item.get(PARENT_SHARD_ID).map(type_name), Some("SS"));
         assert_eq!(item.get(PENDING_CHECKPOINT_STATE).map(type_name), Some("B"));
         assert_eq!(item_to_lease(&item).expect("readable"), Some(lease));
+    }
+
+    /// Issue 21 item 5: where a `LATEST` lease first started, in milliseconds, kept
+    /// only while the checkpoint is `LATEST`.
+    #[test]
+    fn the_latest_start_round_trips_while_the_checkpoint_is_latest() {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_700_000_123);
+        let mut lease = Lease::new("shardId-000000000000", ExtendedSequenceNumber::LATEST);
+        lease.latest_start_timestamp = Some(t);
+        let item = lease_to_item(&lease);
+        assert_eq!(item.get(LATEST_START_TIMESTAMP), Some(&n(1_764_700_000_123)));
+        assert_eq!(item_to_lease(&item).expect("readable"), Some(lease.clone()));
+        lease.checkpoint = ExtendedSequenceNumber::TRIM_HORIZON;
+        assert_eq!(lease_to_item(&lease).get(LATEST_START_TIMESTAMP), None);
+        let mut item = lease_to_item(&Lease::new("s", ExtendedSequenceNumber::LATEST));
+        item.insert(LATEST_START_TIMESTAMP.to_owned(), AttributeValue::S("soon".into()));
+        assert_eq!(corrupt_attribute(&item).1, LATEST_START_TIMESTAMP);
     }
 
     #[test]

@@ -801,6 +801,10 @@ impl LeaseStore for DynamoLeaseStore {
         );
         update.set(item::OWNER_SWITCHES_SINCE_CHECKPOINT, n(0));
         update.set(item::LEASE_COUNTER, n(next));
+        match lease.latest_start() {
+            Some(start) => update.set(item::LATEST_START_TIMESTAMP, item::epoch_millis(start)),
+            None => update.remove(item::LATEST_START_TIMESTAMP),
+        }
         match &lease.pending_checkpoint {
             Some(pending) => {
                 update.set(item::PENDING_CHECKPOINT, s(pending.checkpoint.as_str()));
