@@ -62,7 +62,7 @@ pub(crate) async fn put_clicks(
         .unwrap_or_default()
         .as_millis();
     let timestamp = u64::try_from(now_millis).unwrap_or(u64::MAX);
-    let producer = KinesisProducer::new(client.clone(), stream, ProducerConfig::default());
+    let producer = KinesisProducer::try_new(client.clone(), stream, ProducerConfig::default())?;
     let mut acknowledgements = Vec::new();
     for i in 0..count {
         let event = ClickEvent::made_up(i, timestamp);

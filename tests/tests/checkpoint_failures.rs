@@ -88,3 +88,68 @@ async fn a_failed_checkpoint_is_retried_and_its_batch_is_not_delivered_again() -
     assert!(twice.is_empty(), "records delivered more than once: {}", twice.len());
     Ok(())
 }
+
+/// Checkpoints every batch and keeps each checkpoint error: whether it is retryable,
+/// and its source chain.
+#[derive(Debug)]
+struct KeepCheckpointErrors {
+    errors: Arc<Mutex<Vec<(bool, String)>>>,
+    delivered: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl RecordProcessor for KeepCheckpointErrors {
+    async fn process_records(&mut self, input: ProcessRecordsInput) -> Result<(), ProcessorError> {
+        self.delivered.fetch_add(input.records.len(), SeqCst);
+        if let Err(e) = input.checkpointer.checkpoint().await {
+            let chain = format!("{}", kcl_core::error::ErrorChain(&e));
+            self.errors.lock().expect("lock").push((e.is_retryable(), chain));
+        }
+        Ok(())
+    }
+}
+
+/// Guards the review of issue 21 (finding 4): a checkpoint the lease store refuses for
+/// a reason retrying cannot fix (here the lease table was deleted) is not reported as
+/// retryable, and names the table. Before, it was `CheckpointError::Dependency`, whose
+/// `is_retryable()` told the processor to carry on without checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_into_a_deleted_table_is_not_retryable() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (e, d) = (errors.clone(), delivered.clone());
+    let scheduler = fast_config(
+        Scheduler::builder(env.stream.clone())
+            .kinesis_client(env.kinesis.clone())
+            .lease_store(env.lease_store()),
+    )
+    .initial_position(InitialPositionInStream::TrimHorizon)
+    .processor_factory(move |_: &str| KeepCheckpointErrors {
+        errors: e.clone(),
+        delivered: d.clone(),
+    })
+    .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    env.put(10, "before").await?;
+    let deadline = Instant::now() + WAIT;
+    while delivered.load(SeqCst) < 10 {
+        anyhow::ensure!(Instant::now() < deadline, "the first records were never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.dynamodb.delete_table().table_name(&env.table).send().await?;
+    env.put(10, "after").await?;
+    while errors.lock().expect("lock").is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no checkpoint failed after the table was deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The scheduler fails or stops: either way the test is done with it.
+    let _ = stop_scheduler(handle, task, WAIT).await;
+    let (retryable, chain) = errors.lock().expect("lock")[0].clone();
+    assert!(!retryable, "a deleted table is not retryable: {chain}");
+    assert!(chain.contains(&env.table), "the error names the table: {chain}");
+    Ok(())
+}

@@ -109,8 +109,9 @@ async fn resubscribes_without_loss_or_duplicates(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubscriptions_lose_nothing_and_duplicate_nothing() -> anyhow::Result<()> {
-    // ferrokinesis replays every subscription from the shard's start anyway.
-    resubscribes_without_loss_or_duplicates(TestEnv::start(2).await?, false, 10).await
+    // ferrokinesis replays every subscription from the shard's start anyway. Two
+    // shards for 3 s, each resubscribing at most once a second.
+    resubscribes_without_loss_or_duplicates(TestEnv::start(2).await?, false, 6).await
 }
 
 /// On kinesis-mock, which honours the position (and sends an event a second, and frees
@@ -181,6 +182,9 @@ async fn refused_subscriptions_are_retried_without_loss() -> anyhow::Result<()> 
         .initial_position(InitialPositionInStream::TrimHorizon)
         .retrieval_mode(RetrievalMode::FanOut(FanOutConfig {
             retry: kcl_core::RetryPolicy::new(Duration::from_millis(10), Duration::from_millis(100), None),
+            // Read by subscriptions, not by the shard-end check (which runs while they
+            // are refused, a second apart).
+            shard_end_check_interval: Duration::from_secs(30),
             ..fan_out()
         }))?
         .build()?;
@@ -480,6 +484,70 @@ async fn the_shard_end_check_spares_the_shard_read_limits() -> anyhow::Result<()
         gaps.iter().all(|g| *g >= Duration::from_millis(190)),
         "{} GetRecords calls in {window:?}, gaps {gaps:?}",
         calls.len()
+    );
+    Ok(())
+}
+
+/// Guards the review of issue 21 (fan-out gaps): a closed shard whose subscriptions
+/// keep being refused (`ResourceInUseException`: a subscription of a worker that lost
+/// the lease is still open) still ends, found by the shard-end check; and the refused
+/// subscriptions are at least a second apart, however small the jittered backoff.
+/// Before, a refused subscription skipped the shard-end check (the shard never ended)
+/// and was made again after a backoff of ~0 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_shard_whose_subscriptions_are_refused_still_ends() -> anyhow::Result<()> {
+    use kcl_core::retrieval::{PublisherEvent, PublisherStart, RetrievalFactory, StartingPosition};
+    let env = TestEnv::start(1).await?;
+    let written = env.put(10, "parent").await?;
+    kcl_tests::split_shard_in_half(&env.kinesis, &env.stream, "shardId-000000000000").await?;
+    let faults = FaultInjector::default();
+    faults.set_sticky(
+        "SubscribeToShard",
+        None,
+        kcl_tests::Fault::Error("ResourceInUseException"),
+    );
+    let factory = kcl_efo::FanOutRetrievalFactory::new(FanOutConfig {
+        shard_end_check_interval: Duration::from_millis(500),
+        retry: kcl_core::RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5), None),
+        ..fan_out()
+    })?;
+    factory
+        .initialize(&env.kinesis, &env.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = std::time::Instant::now();
+    let mut publisher = factory.start(PublisherStart::new(
+        faults.client(&env.backend.kinesis_sdk_config()),
+        env.stream.clone(),
+        "shardId-000000000000".to_owned(),
+        StartingPosition::new(kcl_core::ExtendedSequenceNumber::TRIM_HORIZON, None),
+        cancel.clone(),
+    ));
+    let mut records = 0;
+    let end = tokio::time::timeout(WAIT, async {
+        while let Some(event) = publisher.next().await {
+            match event {
+                PublisherEvent::Batch(batch) => records += batch.records.len(),
+                other => return Some(other),
+            }
+        }
+        None
+    })
+    .await;
+    let elapsed = started.elapsed();
+    cancel.cancel();
+    assert!(
+        matches!(end, Ok(Some(PublisherEvent::ShardEnd { .. }))),
+        "the shard ended: {end:?}"
+    );
+    assert_eq!(records, written.len(), "its records were read by the check");
+    let calls = faults.calls("SubscribeToShard");
+    assert!(calls >= 1, "subscriptions were tried");
+    let most = elapsed.as_secs() as usize + 1;
+    assert!(
+        calls <= most,
+        "{calls} subscriptions in {elapsed:?}: not a second apart"
     );
     Ok(())
 }

@@ -108,7 +108,7 @@ async fn with_producer(bench: &Bench, stream: &str, args: &ProduceArgs, aggregat
     let mut config = ProducerConfig::default();
     config.rate_limit_enabled = false;
     config.aggregation_enabled = aggregate;
-    let producer = KinesisProducer::new(bench.kinesis.clone(), stream, config);
+    let producer = KinesisProducer::try_new(bench.kinesis.clone(), stream, config)?;
     let mut acks = Vec::with_capacity(args.records);
     for i in 0..args.records {
         acks.push(

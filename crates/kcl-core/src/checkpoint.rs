@@ -287,7 +287,11 @@ impl Checkpointer {
                 shard_id: shard_id.clone(),
                 source,
             }),
-            Ok(WriteOutcome::Failed(source)) => Err(CheckpointError::Dependency {
+            Ok(WriteOutcome::Failed(source)) if source.is_retryable() => Err(CheckpointError::Dependency {
+                shard_id: shard_id.clone(),
+                source,
+            }),
+            Ok(WriteOutcome::Failed(source)) => Err(CheckpointError::LeaseTableUnusable {
                 shard_id: shard_id.clone(),
                 source,
             }),

@@ -158,6 +158,18 @@ pub enum CheckpointError {
         #[source]
         source: LeaseStoreError,
     },
+    /// The lease table cannot take the write and retrying will not change that: it is
+    /// gone, it is not a lease table, or the shard's lease item cannot be read. The
+    /// checkpoint was not written. Stop processing the shard and have an operator look
+    /// at the table (the Java KCL's `InvalidStateException`).
+    #[error("checkpoint of shard {shard_id} cannot be written to the lease table")]
+    LeaseTableUnusable {
+        /// The shard.
+        shard_id: String,
+        /// The store's error, naming the table or the item.
+        #[source]
+        source: LeaseStoreError,
+    },
 }
 
 impl CheckpointError {

@@ -14,12 +14,14 @@
 //! [`subscription_lifetime`](crate::FanOutConfig::subscription_lifetime), when it sends
 //! nothing for [`idle_timeout`](crate::FanOutConfig::idle_timeout), when its stream
 //! fails, and after a refused (`ResourceInUseException`) or throttled subscription,
-//! with backoff; each replacement is counted.
+//! with backoff; each replacement is counted. Two subscriptions of a shard are always
+//! at least a second apart (Kinesis's limit), however a subscription ended.
 //!
 //! Shard end: an event with `ChildShards` and no continuation sequence number. Where a
 //! backend never sends one, the publisher asks `GetRecords` whether the shard is closed
 //! and read through once the subscription has delivered no records for
-//! [`shard_end_check_interval`](crate::FanOutConfig::shard_end_check_interval), and
+//! [`shard_end_check_interval`](crate::FanOutConfig::shard_end_check_interval) (also
+//! while subscriptions are refused), and
 //! hands on any records it finds on the way (they follow the last delivered one). A
 //! check makes at most 3 `GetRecords` calls, each with a `Limit` of 1,000 and at least
 //! 200 ms after the previous one, to spare the shard's read limits.
@@ -264,6 +266,18 @@ struct FanOutPublisher {
     last_get_records: Mutex<Option<Instant>>,
 }
 
+/// The least time between two `SubscribeToShard` calls for one shard: Kinesis allows
+/// one a second per consumer and shard, and refuses more with `LimitExceededException`.
+const SUBSCRIBE_SPACING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When the next `SubscribeToShard` may go out, the last one having been sent at
+/// `sent`: after `backoff` from `now`, and never within [`SUBSCRIBE_SPACING`] of `sent`
+/// (a subscription that ended at once, or a jittered backoff near zero, must not make
+/// back-to-back calls).
+fn subscribe_due(sent: Instant, now: Instant, backoff: std::time::Duration) -> Instant {
+    (now + backoff).max(sent + SUBSCRIBE_SPACING)
+}
+
 /// `GetRecords` calls one shard-end check makes at most.
 const SHARD_END_CHECK_CALLS: usize = 3;
 
@@ -280,23 +294,59 @@ impl FanOutPublisher {
         let mut failures = 0u32;
         // When records last reached the sink (or the publisher started).
         let mut quiet_since = Instant::now();
-        let mut first = true;
+        // When the last `SubscribeToShard` was sent, and the backoff after it.
+        let mut last_subscribe: Option<Instant> = None;
+        let mut backoff = std::time::Duration::ZERO;
         loop {
             if self.sink.is_closed() {
                 return;
             }
-            if !first {
+            if let Some(sent) = last_subscribe {
+                tokio::time::sleep_until(subscribe_due(sent, Instant::now(), backoff)).await;
                 let (resubscriptions, _) = counters(&self.stream_name, &self.shard_id);
                 resubscriptions.increment(1);
             }
-            first = false;
+            backoff = std::time::Duration::ZERO;
             let asked_at = SystemTime::now();
-            let subscription = match self.subscribe(&position).await {
-                Ok(stream) => stream,
+            last_subscribe = Some(Instant::now());
+            match self.subscribe(&position).await {
+                Ok(subscription) => {
+                    if position == Position::Latest {
+                        // Nothing received yet: a new subscription must not skip what is
+                        // written from now on.
+                        position = Position::AtTimestamp(asked_at);
+                    }
+                    let (replaced, done) = self.read(subscription, &mut position, &mut quiet_since).await;
+                    if done {
+                        return;
+                    }
+                    match replaced {
+                        Replaced::NotFound => match self.not_found("the subscription's stream: not found".into()).await
+                        {
+                            Subscribe::Final(event) => {
+                                let _ = self.sink.send(event).await;
+                                return;
+                            }
+                            _ => {
+                                failures = failures.saturating_add(1);
+                                backoff = self.config.retry.backoff(failures);
+                            }
+                        },
+                        Replaced::Ended => failures = 0,
+                        Replaced::Idle => {
+                            warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again");
+                        }
+                        Replaced::Failed => {
+                            failures = failures.saturating_add(1);
+                            backoff = self.config.retry.backoff(failures);
+                        }
+                    }
+                }
+                // Refused or failed: the shard-end check below still runs, so that a
+                // closed shard whose subscriptions keep being refused still ends.
                 Err(Subscribe::Retry) => {
                     failures = failures.saturating_add(1);
-                    tokio::time::sleep(self.config.retry.backoff(failures)).await;
-                    continue;
+                    backoff = self.config.retry.backoff(failures);
                 }
                 Err(Subscribe::CheckpointExpired(error)) => {
                     let checkpoint = position.sequence_number().unwrap_or_default().to_owned();
@@ -307,35 +357,6 @@ impl FanOutPublisher {
                 Err(Subscribe::Final(event)) => {
                     let _ = self.sink.send(event).await;
                     return;
-                }
-            };
-            if position == Position::Latest {
-                // Nothing received yet: a new subscription must not skip what is written
-                // from now on.
-                position = Position::AtTimestamp(asked_at);
-            }
-            let (replaced, done) = self.read(subscription, &mut position, &mut quiet_since).await;
-            if done {
-                return;
-            }
-            match replaced {
-                Replaced::NotFound => match self.not_found("the subscription's stream: not found".into()).await {
-                    Subscribe::Final(event) => {
-                        let _ = self.sink.send(event).await;
-                        return;
-                    }
-                    _ => {
-                        failures = failures.saturating_add(1);
-                        tokio::time::sleep(self.config.retry.backoff(failures)).await;
-                    }
-                },
-                Replaced::Ended => failures = 0,
-                Replaced::Idle => {
-                    warn!(idle_timeout = ?self.config.idle_timeout, "the subscription sent nothing; subscribing again")
-                }
-                Replaced::Failed => {
-                    failures = failures.saturating_add(1);
-                    tokio::time::sleep(self.config.retry.backoff(failures)).await;
                 }
             }
             if quiet_since.elapsed() >= self.config.shard_end_check_interval {
@@ -745,6 +766,19 @@ mod tests {
 
     fn seq(n: &str) -> SequenceNumber {
         SequenceNumber::parse(n).expect("valid")
+    }
+
+    /// Guards the review of issue 21: resubscriptions after a refusal (whose jittered
+    /// backoff may be ~0 ms) or after a subscription that ended at once are spaced a
+    /// second from the previous call; a longer backoff counts from now.
+    #[test]
+    fn subscriptions_are_at_least_a_second_apart() {
+        let sent = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(subscribe_due(sent, sent + ms(5), ms(0)), sent + ms(1000));
+        assert_eq!(subscribe_due(sent, sent + ms(5), ms(3)), sent + ms(1000));
+        assert_eq!(subscribe_due(sent, sent + ms(300_000), ms(0)), sent + ms(300_000));
+        assert_eq!(subscribe_due(sent, sent + ms(900), ms(2000)), sent + ms(2900));
     }
 
     #[test]
