@@ -130,3 +130,26 @@ async fn leases_workers_and_lag_show_the_truth_and_checkpoints_move_only_when_re
     worker_c.1.await??;
     Ok(())
 }
+
+/// Guards the review of issue 21 item 5: setting a lease to `LATEST` starts it anew.
+/// Before, the lease kept where an earlier consumer had started
+/// (`latestStartTimestamp`), so the next owner read from that old moment instead of
+/// from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_a_lease_to_latest_forgets_where_it_started_before() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let store = env.lease_store();
+    store.create_lease_table_if_not_exists().await?;
+    let shard = "shardId-000000000000";
+    let created = kcl_core::Lease::new(shard, kcl_core::ExtendedSequenceNumber::LATEST);
+    anyhow::ensure!(store.create_lease_if_not_exists(&created).await?, "created");
+    let mut lease = store.get_lease(shard).await?.ok_or_else(|| anyhow::anyhow!("lease"))?;
+    lease.latest_start_timestamp = Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    anyhow::ensure!(store.update_lease_checkpoint(&mut lease).await?, "start stored");
+    assert!(store.get_lease(shard).await?.and_then(|l| l.latest_start()).is_some());
+    admin::set_checkpoint(&store, shard, NewCheckpoint::Latest, false).await?;
+    let after = store.get_lease(shard).await?.ok_or_else(|| anyhow::anyhow!("lease"))?;
+    assert_eq!(after.checkpoint, kcl_core::ExtendedSequenceNumber::LATEST);
+    assert_eq!(after.latest_start_timestamp, None, "the old start is gone");
+    Ok(())
+}

@@ -57,6 +57,11 @@ use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
 use crate::shard_sync::sync_shards;
 use crate::streams::StreamHandle;
 
+/// How far before its first consumer started a `LATEST` lease is taken to start, for
+/// the consumers after it: covers a worker clock up to this much ahead of Kinesis's,
+/// and backends that keep arrival times in whole seconds. Later owners may deliver
+/// the records of this last second before the start again; none is skipped.
+const LATEST_START_MARGIN: Duration = Duration::from_secs(1);
 /// The states of a shard consumer, as in the Java KCL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -519,8 +524,9 @@ impl ShardConsumer {
     /// consumer until the first checkpoint (after a handoff, a failover or a restart)
     /// reads from `AT_TIMESTAMP` of that moment instead of a new `LATEST` that would
     /// skip what was written in between. Returns `None` when the lease was lost or a
-    /// shutdown was requested first; a failed write is retried, and nothing is read
-    /// until it succeeds.
+    /// shutdown was requested first. A failed write is retried, and nothing is read
+    /// until it succeeds; after about a minute of failures the consumer reads from
+    /// `LATEST` without a stored start (an error log says what that risks).
     async fn starting_position(&mut self, lease: &Lease, start: &ExtendedSequenceNumber) -> Option<StartingPosition> {
         let at = |t: SystemTime| StartingPosition::new(ExtendedSequenceNumber::AT_TIMESTAMP, Some(t));
         if start.checkpoint != Checkpoint::Latest {
@@ -530,10 +536,14 @@ impl ShardConsumer {
             info!(started_at = ?t, "a LATEST lease resumes where it first started (AT_TIMESTAMP)");
             return Some(at(t));
         }
-        // Taken before the iterator is asked for: AT_TIMESTAMP of it covers what the
-        // LATEST iterator will read.
-        let now = SystemTime::now();
-        let policy = &self.ctx.coordinator_config.shard_failure_backoff;
+        // Taken before the iterator is asked for, and set back by a margin for a worker
+        // clock ahead of Kinesis's (and for backends that keep arrival times in whole
+        // seconds): AT_TIMESTAMP of it covers what the LATEST iterator will read.
+        let now = SystemTime::now()
+            .checked_sub(LATEST_START_MARGIN)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        // About a minute of retries.
+        let policy = RetryPolicy::default();
         let set_here = std::sync::atomic::AtomicBool::new(false);
         for attempt in 1u32.. {
             let write = self
@@ -561,8 +571,19 @@ impl ShardConsumer {
                     };
                 }
                 Ok(WriteOutcome::LeaseLost) => return None,
-                Ok(WriteOutcome::Failed(e)) => {
+                Ok(WriteOutcome::Failed(e)) if policy.should_retry(attempt) => {
                     warn!(attempt, error = %ErrorChain(&e), "cannot store where this LATEST lease starts; retrying before reading");
+                }
+                Ok(WriteOutcome::Failed(e)) => {
+                    // Reading matters more than the stronger start: the shard is not
+                    // pinned by a write the table keeps refusing.
+                    error!(
+                        attempt,
+                        error = %ErrorChain(&e),
+                        "cannot store where this LATEST lease starts; reading from LATEST without it: should the lease \
+                         change hands before its first checkpoint, records written in between may be skipped"
+                    );
+                    return Some(StartingPosition::new(start.clone(), None));
                 }
                 Err(never) => match never {},
             }

@@ -498,7 +498,9 @@ impl LeaseCoordinator {
                     Verdict::StillOurs(stored)
                         if stored.lease_counter == expected_counter + 1
                             && stored.checkpoint == next.checkpoint
-                            && stored.pending_checkpoint == next.pending_checkpoint =>
+                            && stored.pending_checkpoint == next.pending_checkpoint
+                            // Compared by presence: the store keeps milliseconds.
+                            && stored.latest_start().is_some() == next.latest_start().is_some() =>
                     {
                         next = *stored;
                         WriteOutcome::Written

@@ -801,9 +801,17 @@ impl LeaseStore for DynamoLeaseStore {
         );
         update.set(item::OWNER_SWITCHES_SINCE_CHECKPOINT, n(0));
         update.set(item::LEASE_COUNTER, n(next));
+        // Removed only when the lease has it or is set to `LATEST` without it (an
+        // operator's reset): a table whose IAM policy allows only the Java KCL's
+        // attributes still takes every other checkpoint.
         match lease.latest_start() {
             Some(start) => update.set(item::LATEST_START_TIMESTAMP, item::epoch_millis(start)),
-            None => update.remove(item::LATEST_START_TIMESTAMP),
+            None if lease.latest_start_timestamp.is_some()
+                || lease.checkpoint.checkpoint == kcl_core::Checkpoint::Latest =>
+            {
+                update.remove(item::LATEST_START_TIMESTAMP);
+            }
+            None => {}
         }
         match &lease.pending_checkpoint {
             Some(pending) => {

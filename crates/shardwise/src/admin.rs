@@ -315,6 +315,8 @@ pub async fn set_checkpoint(
     };
     lease.pending_checkpoint = None;
     lease.pending_checkpoint_state = None;
+    // A lease set to LATEST starts anew: where an earlier consumer started is void.
+    lease.latest_start_timestamp = None;
     if !store.update_lease_checkpoint(&mut lease).await? {
         return Err(AdminError::Changed(shard_id.to_owned()));
     }
