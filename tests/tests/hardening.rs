@@ -943,3 +943,31 @@ async fn a_latest_lease_restarted_before_its_first_checkpoint_skips_nothing_fan_
     )
     .await
 }
+
+/// Guards the review of issue 21 item 10: a lease at `TRIM_HORIZON` whose parent aged
+/// out of the stream (its lease long deleted, its shard no longer listed: the common
+/// case on a stream resharded long ago) starts without a shard sync of its own. Before,
+/// every such consumer start read the whole lease table and listed the stream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_gone_from_the_stream_costs_no_sync() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(10, "child").await?;
+    let store = env.lease_store();
+    store.create_lease_table_if_not_exists().await?;
+    let child = kcl_core::Lease::new(SHARD0, ExtendedSequenceNumber::TRIM_HORIZON)
+        .with_parents(["shardId-000000000099".to_owned()]);
+    anyhow::ensure!(store.create_lease_if_not_exists(&child).await?, "created");
+    let faults = FaultInjector::default();
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .kinesis_client(faults.client(&env.backend.kinesis_sdk_config()))
+        .initial_position(InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = spawn_scheduler(scheduler);
+    recorder.wait_for_records(written.len(), WAIT).await?;
+    stop_scheduler(handle, task, WAIT).await??;
+    assert_eq!(recorder.state().by_shard(), by_shard(&written));
+    assert_eq!(faults.calls("ListShards"), 1, "the scheduler's first sync only");
+    Ok(())
+}

@@ -282,7 +282,7 @@ impl ShardConsumer {
                     // A lease still at TRIM_HORIZON or AT_TIMESTAMP reads its
                     // ancestors' records first; one at LATEST reads none of them.
                     let reads_ancestors = matches!(start.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp);
-                    if self.wait_for_parents(&parents, reads_ancestors).await {
+                    if self.wait_for_parents(lease.shard(), &parents, reads_ancestors).await {
                         if let Some(p) = self.starting_position(&lease, &start).await {
                             position = Some(p);
                             self.transition(self.state.on_success());
@@ -460,10 +460,11 @@ impl ShardConsumer {
     /// A parent without a lease is not taken for finished at once when this lease
     /// reads its ancestors (`reads_ancestors`): the parent's lease may never have been
     /// created (its creation at the grandparent's end failed, then this shard was made
-    /// by a merge). One shard sync of this stream runs first, which creates the
-    /// parent's lease unless the parent is finished (a started lease descends from it)
-    /// or gone from the stream; the parent is then waited on like any other.
-    async fn wait_for_parents(&mut self, parents: &[String], reads_ancestors: bool) -> bool {
+    /// by a merge). Unless the stream's last listing shows the parent gone (it aged
+    /// out), one shard sync of this stream runs first, which creates the parent's
+    /// lease unless the parent is finished (a started lease descends from it) or gone
+    /// from the stream; the parent is then waited on like any other.
+    async fn wait_for_parents(&mut self, shard: &str, parents: &[String], reads_ancestors: bool) -> bool {
         let mut synced = !reads_ancestors;
         loop {
             let mut pending = Vec::new();
@@ -477,6 +478,23 @@ impl ShardConsumer {
                         warn!(parent, error = %ErrorChain(&e), "cannot read a parent lease; waiting");
                         pending.push(parent.clone());
                     }
+                }
+            }
+            // A parent the last listing of the stream no longer has (aged out past the
+            // retention: the common case) needs no sync; one still listed, or a listing
+            // too old to have this shard, does.
+            if !missing.is_empty() {
+                let listed = self.stream.detector.last_listing();
+                let needs_sync = match &listed {
+                    Some(ids) if ids.contains(shard) => missing
+                        .iter()
+                        .any(|key| ids.contains(key.rsplit(':').next().unwrap_or(key))),
+                    _ => true,
+                };
+                if !needs_sync {
+                    debug!(?missing, "parent shards without a lease are gone from the stream");
+                    missing.clear();
+                    synced = true;
                 }
             }
             if !missing.is_empty() {

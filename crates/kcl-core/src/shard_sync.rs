@@ -76,6 +76,8 @@ pub(crate) struct ShardDetector {
     retry: RetryPolicy,
     /// Bound of one `ListShards` call.
     call_timeout: std::time::Duration,
+    /// The shard ids of the last complete listing (shared by clones).
+    last_listing: Arc<std::sync::Mutex<Option<Arc<HashSet<String>>>>>,
 }
 
 fn list_shards_retryable(e: &SdkError<ListShardsError>) -> bool {
@@ -100,7 +102,13 @@ impl ShardDetector {
             page_size,
             retry: RetryPolicy::default(),
             call_timeout,
+            last_listing: Arc::default(),
         }
+    }
+
+    /// The shard ids of the last listing of this stream, if one succeeded.
+    pub(crate) fn last_listing(&self) -> Option<Arc<HashSet<String>>> {
+        self.last_listing.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Addresses the stream by this ARN alone (when `Some`).
@@ -158,6 +166,8 @@ impl ShardDetector {
             }
         }
         debug!(shards = shards.len(), "listed shards");
+        let ids: HashSet<String> = shards.iter().map(|s| s.shard_id.clone()).collect();
+        *self.last_listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ids));
         Ok(shards)
     }
 
