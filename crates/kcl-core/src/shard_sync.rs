@@ -407,6 +407,15 @@ async fn sync_stream(
 mod tests {
     use super::*;
 
+    /// `new_leases` for a table whose existing leases have all started.
+    fn started_leases(
+        shards: &[ShardInfo],
+        existing: &HashSet<String>,
+        initial: InitialPositionInStream,
+    ) -> Vec<Lease> {
+        new_leases(shards, existing, &HashSet::new(), initial)
+    }
+
     fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
         ShardInfo {
             shard_id: id.into(),
@@ -481,7 +490,7 @@ mod tests {
             shard("f", &["c", "e"], false),
         ];
         let existing: HashSet<String> = ["a".to_string()].into();
-        let leases = new_leases(&shards, &existing, &HashSet::new(), InitialPositionInStream::Latest);
+        let leases = started_leases(&shards, &existing, InitialPositionInStream::Latest);
         assert_eq!(
             checkpoints(&leases),
             [
@@ -505,10 +514,7 @@ mod tests {
         ];
         let existing: HashSet<String> = ["c1".to_string(), "c2".to_string()].into();
         for initial in [InitialPositionInStream::TrimHorizon, InitialPositionInStream::Latest] {
-            assert!(
-                new_leases(&shards, &existing, &HashSet::new(), initial).is_empty(),
-                "{initial:?}"
-            );
+            assert!(started_leases(&shards, &existing, initial).is_empty(), "{initial:?}");
         }
         // Grandparents too.
         let shards = vec![
@@ -517,13 +523,7 @@ mod tests {
             shard("c", &["p"], false),
         ];
         let existing: HashSet<String> = ["c".to_string()].into();
-        assert!(new_leases(
-            &shards,
-            &existing,
-            &HashSet::new(),
-            InitialPositionInStream::TrimHorizon
-        )
-        .is_empty());
+        assert!(started_leases(&shards, &existing, InitialPositionInStream::TrimHorizon).is_empty());
     }
 
     /// Guards issue 21 item 10: a leased descendant proves its ancestors finished only
@@ -597,7 +597,7 @@ mod tests {
             );
             // Only the last generation has a lease: every ancestor is finished.
             let leased: HashSet<String> = ["g40".to_string()].into();
-            let after = new_leases(&worker, &leased, &HashSet::new(), InitialPositionInStream::TrimHorizon);
+            let after = started_leases(&worker, &leased, InitialPositionInStream::TrimHorizon);
             let _ = tx.send((fresh, after));
         });
         let (fresh, after) = rx
