@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use kcl_core::{
-    Checkpoint, InitialPositionInStream, LeaseStore as _, ProcessRecordsInput, ProcessorError, RecordProcessor,
-    Scheduler,
-};
-use kcl_tests::{fast_config, spawn_scheduler, stop_scheduler, FaultyLeaseStore, TestEnv};
+use kcl_core::{Checkpoint, LeaseStore as _, ProcessRecordsInput, ProcessorError, RecordProcessor};
+use kcl_tests::{spawn_scheduler, stop_scheduler, FaultyLeaseStore, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -55,14 +52,11 @@ async fn a_failed_checkpoint_is_retried_and_its_batch_is_not_delivered_again() -
     store.land_then_fail_checkpoints.store(5, SeqCst);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let processors = seen.clone();
-    let scheduler = fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .lease_store(store.clone()),
-    )
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_factory(move |_: &str| CheckpointEveryBatch(processors.clone()))
-    .build()?;
+    let scheduler = env
+        .trim_horizon_builder(Arc::new(store.clone()), move |_: &str| {
+            CheckpointEveryBatch(processors.clone())
+        })
+        .build()?;
     let (handle, task) = spawn_scheduler(scheduler);
     let last = written.last().context("written")?;
     let deadline = Instant::now() + WAIT;
@@ -119,17 +113,12 @@ async fn a_checkpoint_into_a_deleted_table_is_not_retryable() -> anyhow::Result<
     let errors = Arc::new(Mutex::new(Vec::new()));
     let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (e, d) = (errors.clone(), delivered.clone());
-    let scheduler = fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .lease_store(env.lease_store()),
-    )
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_factory(move |_: &str| KeepCheckpointErrors {
-        errors: e.clone(),
-        delivered: d.clone(),
-    })
-    .build()?;
+    let scheduler = env
+        .trim_horizon_builder(Arc::new(env.lease_store()), move |_: &str| KeepCheckpointErrors {
+            errors: e.clone(),
+            delivered: d.clone(),
+        })
+        .build()?;
     let (handle, task) = spawn_scheduler(scheduler);
     env.put(10, "before").await?;
     let deadline = Instant::now() + WAIT;

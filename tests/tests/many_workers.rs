@@ -14,7 +14,7 @@ use kcl_core::{
     SequenceNumber,
 };
 use kcl_tests::{
-    by_shard, fast_config, load, poll_leases, worker_deliveries, CheckpointMode, Event, FaultyLeaseStore, Recorder,
+    by_shard, load, poll_leases, worker_deliveries, CheckpointMode, Event, FaultyLeaseStore, Recorder,
     RecordingProcessor, TestEnv, WorkerLine, WorkerProcess, WorkerSpec, Written,
 };
 use tokio::task::JoinHandle;
@@ -394,16 +394,13 @@ fn in_process(
     let recorder = recorder.clone();
     let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
     lease.lease_taking_interval = Duration::from_millis(500);
-    Ok(fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .shared_lease_store(store),
-    )
-    .lease_config(lease)
-    .worker_id(worker)
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_factory(move |shard: &str| RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch))
-    .build()?)
+    Ok(env
+        .trim_horizon_builder(store, move |shard: &str| {
+            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+        })
+        .lease_config(lease)
+        .worker_id(worker)
+        .build()?)
 }
 
 /// A worker whose processors are slow to let a shard go: `shutdown_requested` waits
@@ -417,21 +414,16 @@ fn hanging_worker(
     lease: LeaseManagementConfig,
 ) -> anyhow::Result<Scheduler> {
     let (recorder, hang) = (recorder.clone(), hang.clone());
-    Ok(fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .shared_lease_store(store.clone()),
-    )
-    .lease_config(lease)
-    .worker_id(worker)
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_factory(move |shard: &str| {
-        kcl_tests::HangingShutdownProcessor::new(
-            RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch),
-            hang.clone(),
-        )
-    })
-    .build()?)
+    Ok(env
+        .trim_horizon_builder(store.clone(), move |shard: &str| {
+            kcl_tests::HangingShutdownProcessor::new(
+                RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch),
+                hang.clone(),
+            )
+        })
+        .lease_config(lease)
+        .worker_id(worker)
+        .build()?)
 }
 
 async fn stop(scheduler: (kcl_core::ShutdownHandle, JoinHandle<Result<(), SchedulerError>>)) -> anyhow::Result<()> {
@@ -871,17 +863,11 @@ async fn balancing_by_throughput_gives_a_hot_shard_a_worker_of_its_own() -> anyh
         lease.lease_taking_interval = Duration::from_millis(500);
         lease.lease_balancing = kcl_core::LeaseBalancing::Throughput;
         Ok(spawn(
-            fast_config(
-                Scheduler::builder(env.stream.clone())
-                    .kinesis_client(env.kinesis.clone())
-                    .lease_store(env.lease_store()),
-            )
-            .lease_config(lease)
-            .worker_id(worker)
-            .initial_position(InitialPositionInStream::TrimHorizon)
-            .processor_factory(move |shard: &str| {
+            env.trim_horizon_builder(Arc::new(env.lease_store()), move |shard: &str| {
                 RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
             })
+            .lease_config(lease)
+            .worker_id(worker)
             .build()?,
         ))
     };
@@ -974,17 +960,11 @@ async fn a_graceful_stop_leaves_each_shard_unprocessed_for_under_a_second() -> a
     let start = |worker: &str, recorder: &Recorder| -> anyhow::Result<_> {
         let recorder = recorder.clone();
         Ok(spawn(
-            fast_config(
-                Scheduler::builder(env.stream.clone())
-                    .kinesis_client(env.kinesis.clone())
-                    .lease_store(env.lease_store()),
-            )
-            .lease_config(lease.clone())
-            .worker_id(worker)
-            .initial_position(InitialPositionInStream::TrimHorizon)
-            .processor_factory(move |shard: &str| {
+            env.trim_horizon_builder(Arc::new(env.lease_store()), move |shard: &str| {
                 RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
             })
+            .lease_config(lease.clone())
+            .worker_id(worker)
             .build()?,
         ))
     };

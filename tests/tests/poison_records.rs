@@ -9,10 +9,10 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kcl_core::{
-    Checkpoint, DeadLetterInput, DeadLetterSink, InitialPositionInStream, LeaseStore as _, OnProcessorFailure,
-    ProcessRecordsInput, ProcessorError, ProcessorErrorPolicy, RecordProcessor, RetryPolicy, Scheduler, SequenceNumber,
+    Checkpoint, DeadLetterInput, DeadLetterSink, LeaseStore as _, OnProcessorFailure, ProcessRecordsInput,
+    ProcessorError, ProcessorErrorPolicy, RecordProcessor, RetryPolicy, Scheduler, SequenceNumber,
 };
-use kcl_tests::{fast_config, TestEnv};
+use kcl_tests::TestEnv;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -74,19 +74,15 @@ fn bisect_policy() -> ProcessorErrorPolicy {
 /// `poison` and its sink collecting into `seen`.
 fn bisecting_scheduler(env: &TestEnv, poison: &Bytes, seen: &Arc<Mutex<Seen>>) -> anyhow::Result<Scheduler> {
     let (seen, poison) = (seen.clone(), poison.clone());
-    Ok(fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .lease_store(env.lease_store()),
-    )
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_error_policy(bisect_policy())
-    .dead_letter_sink(Collect(seen.clone()))
-    .processor_factory(move |_: &str| AllOrNothing {
-        poison: poison.clone(),
-        seen: seen.clone(),
-    })
-    .build()?)
+    let sink = Collect(seen.clone());
+    Ok(env
+        .trim_horizon_builder(Arc::new(env.lease_store()), move |_: &str| AllOrNothing {
+            poison: poison.clone(),
+            seen: seen.clone(),
+        })
+        .processor_error_policy(bisect_policy())
+        .dead_letter_sink(sink)
+        .build()?)
 }
 
 /// One failing record among 1,000 in one batch: it reaches the sink, the other 999 are
@@ -243,20 +239,15 @@ impl RecordProcessor for Recording {
 fn recording_scheduler(env: &TestEnv, poison: &Bytes, steps: &Steps, sink: SinkMode) -> anyhow::Result<Scheduler> {
     let (steps, poison) = (steps.clone(), poison.clone());
     let store: Arc<dyn kcl_core::LeaseStore> = Arc::new(env.lease_store());
-    Ok(fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .lease_store(env.lease_store()),
-    )
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    .processor_error_policy(bisect_policy())
-    .dead_letter_sink(BadSink(sink))
-    .processor_factory(move |_: &str| Recording {
-        poison: poison.clone(),
-        store: store.clone(),
-        steps: steps.clone(),
-    })
-    .build()?)
+    Ok(env
+        .trim_horizon_builder(Arc::new(env.lease_store()), move |_: &str| Recording {
+            poison: poison.clone(),
+            store: store.clone(),
+            steps: steps.clone(),
+        })
+        .processor_error_policy(bisect_policy())
+        .dead_letter_sink(BadSink(sink))
+        .build()?)
 }
 
 /// The checkpoint stored in `shard`'s lease.

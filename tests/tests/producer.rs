@@ -22,9 +22,9 @@ use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use bytes::Bytes;
 use futures::FutureExt as _;
-use kcl_core::{InitialPositionInStream, SequenceNumber};
+use kcl_core::SequenceNumber;
 use kcl_producer::{ConfigError, InvalidRecord, KinesisProducer, ProducerConfig, ProducerError, PutRecordResult};
-use kcl_tests::{fast_config, CheckpointMode, Recorder, RecordingProcessor, TestEnv};
+use kcl_tests::{CheckpointMode, Recorder, RecordingProcessor, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -215,13 +215,7 @@ async fn consume(env: &TestEnv, records: usize) -> anyhow::Result<Recorder> {
     let recorder = Recorder::default();
     let scheduler = {
         let recorder = recorder.clone();
-        fast_config(
-            kcl_core::Scheduler::builder(env.stream.clone())
-                .kinesis_client(env.kinesis.clone())
-                .lease_store(env.lease_store()),
-        )
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_factory(move |shard: &str| {
+        env.trim_horizon_builder(Arc::new(env.lease_store()), move |shard: &str| {
             RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
         })
         .build()?

@@ -357,23 +357,20 @@ async fn a_shard_end_without_the_checkpoint_is_retried_not_skipped() -> anyhow::
     lease.lease_taking_interval = Duration::from_millis(300);
     let factory_recorder = recorder.clone();
     let factory_forget = forget.clone();
-    let scheduler = fast_config(
-        Scheduler::builder(env.stream.clone())
-            .kinesis_client(env.kinesis.clone())
-            .lease_store(env.lease_store()),
-    )
-    .lease_config(lease)
-    .initial_position(InitialPositionInStream::TrimHorizon)
-    // One attempt: a forgotten SHARD_END releases the lease, and the shard is read again.
-    .processor_error_policy(kcl_core::ProcessorErrorPolicy {
-        retry: kcl_core::RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(1)),
-        ..Default::default()
-    })
-    .processor_factory(move |shard: &str| ForgetfulAtShardEnd {
-        inner: RecordingProcessor::new(shard, factory_recorder.clone(), CheckpointMode::EveryBatch),
-        forget: factory_forget.clone(),
-    })
-    .build()?;
+    let scheduler = env
+        .trim_horizon_builder(std::sync::Arc::new(env.lease_store()), move |shard: &str| {
+            ForgetfulAtShardEnd {
+                inner: RecordingProcessor::new(shard, factory_recorder.clone(), CheckpointMode::EveryBatch),
+                forget: factory_forget.clone(),
+            }
+        })
+        .lease_config(lease)
+        // One attempt: a forgotten SHARD_END releases the lease, and the shard is read again.
+        .processor_error_policy(kcl_core::ProcessorErrorPolicy {
+            retry: kcl_core::RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(1), Some(1)),
+            ..Default::default()
+        })
+        .build()?;
     let w = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
     recorder.wait_for_records(before.len() + after.len(), WAIT).await?;
     stop(w).await?;

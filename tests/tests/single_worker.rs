@@ -393,16 +393,14 @@ fn flaky_scheduler(
 ) -> anyhow::Result<Scheduler> {
     let recorder = recorder.clone();
     Ok(env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .processor_error_policy(policy)
-        .processor_factory(move |shard: &str| Flaky {
+        .trim_horizon_builder(std::sync::Arc::new(env.lease_store()), move |shard: &str| Flaky {
             inner: kcl_tests::RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch),
             shard: shard.to_owned(),
             recorder: recorder.clone(),
             failures,
             panic,
         })
+        .processor_error_policy(policy)
         .build()?)
 }
 

@@ -7,17 +7,17 @@
 //! ```
 //!
 //! The scenarios of `BENCHMARKS.md` (`drain`, `latency`, `failover`, `cold-start`,
-//! `lease-cost`, `backlog-memory`, `scale`, `overhead`, `produce`) run the backend in a process of
-//! its own (this program's hidden `serve` command: the `kcl-local serve` servers), so
-//! that the CPU time and memory they read from `/proc/self` are the consumer's alone;
-//! where it makes sense they measure a reference reader (a bare SDK loop) on the same
-//! backend and data and print the ratio. The older scenarios below (`startup`,
-//! `throughput`, `memory`) keep the backend in the measuring process.
+//! `lease-cost`, `backlog-memory`, `scale`, `overhead`, `produce`) are explained there,
+//! with their results. Those that read CPU time or memory from `/proc/self` run the
+//! backend in a process of its own (this program's hidden `serve` command: the
+//! `kcl-local serve` servers), so that what they read is the consumer's alone; where it
+//! makes sense they measure a reference reader (a bare SDK loop) on the same backend and
+//! data and print the ratio.
 //!
-//! The older scenarios start the embedded Kinesis + DynamoDB (`kcl-local`) in this process,
-//! uses a fresh stream and a new lease table (a new application), runs a real
-//! [`Scheduler`](kcl_core::Scheduler) with a `DynamoLeaseStore`, shuts it down
-//! gracefully, and prints ONE JSON object on stdout:
+//! `startup` and `latency` start the embedded Kinesis + DynamoDB (`kcl-local`) in this
+//! process, use a fresh stream and a new lease table (a new application), run a real
+//! [`Scheduler`](kcl_core::Scheduler) with a `DynamoLeaseStore`, shut it down
+//! gracefully, and print ONE JSON object on stdout:
 //! `{"scenario": ..., "config": {...}, "results": {...}, "note": "..."}`. Progress
 //! goes to stderr; `RUST_LOG=info` shows the library's logs there too. Nothing is
 //! asserted on timings: the numbers are for people (and notes) to compare.
@@ -29,7 +29,9 @@
 //!   record reaching a processor and to every shard's first record; repeated
 //!   `--iterations` times with a fresh stream and table each, reported as
 //!   min/median(p50)/max. This is what a first deployment pays: stream check, lease
-//!   table creation, shard sync, first lease-taking pass, first reads.
+//!   table creation, shard sync, first lease-taking pass, first reads. (`cold-start`
+//!   times a worker process from its spawn to its first record, of any shard; this one
+//!   times `run()` to every shard's first record, and the graceful shutdown after.)
 //! - `latency`: an idle single shard (the warm-up records are consumed first), then
 //!   single records written at jittered intervals (300-700 ms), for each
 //!   `--idle-ms` value (default 1500, the library's default, and 200, its minimum).
@@ -47,57 +49,35 @@
 //!   are bounded below by that cadence; it makes a consumer `ACTIVE` after a fixed
 //!   500 ms, ignores `AT_`/`AFTER_SEQUENCE_NUMBER` positions (always starts at the
 //!   shard's first record) and honours `TRIM_HORIZON` and `LATEST`.
-//! - `throughput`: `--records` (default 100,000) records on 4 shards, written first
-//!   (write rate reported), then consumed from `TRIM_HORIZON` by one scheduler whose
-//!   processor checkpoints every batch. Reports records/s and the time from `run()` to
-//!   the last record, with and without the startup part, and the process's CPU time
-//!   per record and resident peak while reading (`read.resources`).
-//!   With `--fan-out` the drain runs through fan-out and then through polling, each in
-//!   a fresh child process with its own backend and the same records (1 KiB by default,
-//!   `--record-size`), and both are printed side by side with their ratios; on the
-//!   embedded backend a fan-out drain is paced by its 200 ms event cadence (at most
-//!   10,000 records per shard per event).
-//! - `memory`: the bounded-prefetch promise. For each prefetch limit × backlog size, a
-//!   child process writes a backlog of ~1 KiB records, measures its resident memory as
-//!   a baseline, and runs a scheduler with a deliberately slow processor for a fixed
-//!   time while sampling RSS every 100 ms. `peak_rss_above_baseline_mib` should follow
-//!   `max_prefetch_bytes` and stay flat as the backlog grows;
-//!   `peak_library_outstanding_mib` (bytes fetched but not yet processed, counted
-//!   exactly) must stay within `bound_mib` (limit + one batch per shard). The emulator
-//!   keeps the whole stream in this process, hence the baseline; with
-//!   `--kinesis-endpoint`/`--dynamodb-endpoint` the cases use a backend in another
-//!   process instead (`kcl-local serve --kinesis-port 0 --dynamodb-port 0`), and RSS is
-//!   the consumer's alone.
-//! - `all`: every scenario with its defaults, one JSON object each, in the order above,
-//!   including `latency --fan-out` (but not `throughput --fan-out`).
+//! - `drain`, `backlog-memory`, `cold-start` and the other scenarios of `BENCHMARKS.md`:
+//!   explained there, with their results.
+//! - `all`: `startup`, `latency`, `latency --fan-out`, `drain` and `backlog-memory`, each
+//!   with its defaults, one JSON object each, in this order.
 //!
-//! Defaults are sized so that `all` takes a few minutes in a debug build on 2 cores.
-//! For bigger runs use a release build (`cargo run --release -p kcl-bench -- ...`) and,
-//! for example, `throughput --records 1000000`, `throughput --fan-out --records 200000`
-//! or `memory --records 200000,1000000`.
+//! Use a release build for real numbers (`cargo run --release -p kcl-bench -- ...`), and
+//! for bigger runs, for example, `drain --records 1000000` or
+//! `backlog-memory --records 200000,1000000`.
 //!
 //! # Modules
 //! - `support`: the backend, producer, instrumented Kinesis client (counts what
 //!   `GetRecords` returns), the benchmark processor, a stoppable running scheduler,
 //!   fan-out selection, statistics, process CPU time and resident memory.
 //! - `external`: the backend in its own process (`serve`).
-//! - `drain`, `latency`, `failover`, `cold_start`, `lease_cost`, `memory`
-//!   (`backlog-memory` and `memory`), `scale`, `overhead`, `produce`, `startup`,
-//!   `throughput`: one scenario each.
+//! - `drain`, `latency`, `failover`, `cold_start`, `lease_cost`, `backlog_memory`, `scale`,
+//!   `overhead`, `produce`, `startup`: one scenario each.
 
+mod backlog_memory;
 mod cold_start;
 mod drain;
 mod external;
 mod failover;
 mod latency;
 mod lease_cost;
-mod memory;
 mod overhead;
 mod produce;
 mod scale;
 mod startup;
 mod support;
-mod throughput;
 
 use clap::{Parser, Subcommand};
 use serde_json::Value;
@@ -119,12 +99,6 @@ enum Scenario {
     /// PutRecord-ack to processor latency on an idle shard, per idle_time_between_reads
     /// (or through fan-out, next to a bare SubscribeToShard reader, with --fan-out).
     Latency(latency::LatencyArgs),
-    /// Write rate, then read rate, CPU per record and peak RSS of one scheduler
-    /// checkpointing every batch (fan-out and polling side by side with --fan-out).
-    Throughput(throughput::ThroughputArgs),
-    /// Peak resident memory with a large backlog and a slow processor, per prefetch
-    /// limit and backlog size (each case in a child process).
-    Memory(memory::MemoryArgs),
     /// A backlog read by one worker (polling at idle 200 ms and default, fan-out) next
     /// to a bare SDK reference reader: records/s, CPU per record, peak RSS; the backend
     /// in its own process, each case in a fresh child process.
@@ -149,19 +123,15 @@ enum Scenario {
     Produce(produce::ProduceArgs),
     /// A slow processor on a large backlog, the backend in its own process: peak RSS
     /// per prefetch limit and backlog size (each case in a child process).
-    BacklogMemory(memory::MemoryArgs),
+    BacklogMemory(backlog_memory::MemoryArgs),
     /// Every scenario at a tiny size, to prove they still run (CI runs this).
     Smoke,
-    /// Every scenario with its default options (and latency --fan-out), one JSON object
-    /// each.
+    /// startup, latency, latency --fan-out, drain and backlog-memory with their default
+    /// options, one JSON object each.
     All,
-    /// One memory case in this process (used by `memory`; prints one JSON line).
+    /// One memory case in this process (used by `backlog-memory`; prints one JSON line).
     #[command(hide = true)]
-    MemoryCase(memory::MemoryCaseArgs),
-    /// One throughput drain in this process (used by `throughput --fan-out`; prints one
-    /// JSON line).
-    #[command(hide = true)]
-    ThroughputCase(throughput::ThroughputCaseArgs),
+    MemoryCase(backlog_memory::MemoryCaseArgs),
     /// The worker process of `scale`.
     #[command(hide = true)]
     ScaleWorker(scale::ScaleWorkerArgs),
@@ -194,8 +164,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::All => run_list(ALL).await,
         Scenario::Smoke => run_list(SMOKE).await,
-        Scenario::MemoryCase(args) => memory::run_case(&args).await,
-        Scenario::ThroughputCase(args) => throughput::run_case(&args).await,
+        Scenario::MemoryCase(args) => backlog_memory::run_case(&args).await,
         Scenario::DrainCase(args) => drain::run_case(&args).await,
         Scenario::ColdStartCase(args) => cold_start::run_case(&args).await,
         Scenario::FailoverWorker(args) => failover::worker(&args).await,
@@ -208,13 +177,13 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Every scenario with its defaults, in this order (`all`).
+/// The scenarios of `all`, with their defaults, in this order.
 const ALL: &[&[&str]] = &[
     &["startup"],
     &["latency"],
     &["latency", "--fan-out"],
-    &["throughput"],
-    &["memory"],
+    &["drain"],
+    &["backlog-memory"],
 ];
 
 /// Every scenario at a tiny size, to prove they still run (`smoke`, run by CI).
@@ -224,6 +193,7 @@ const SMOKE: &[&[&str]] = &[
     &["latency", "--fan-out", "--records", "5"],
     &["failover", "--failover-ms", "2000", "--rate", "50"],
     &["cold-start", "--iterations", "1"],
+    &["startup", "--iterations", "1"],
     &["lease-cost", "--fleets", "2x4", "--seconds", "3"],
     &[
         "backlog-memory",
@@ -265,15 +235,13 @@ async fn measure(scenario: Scenario) -> anyhow::Result<Value> {
     match scenario {
         Scenario::Startup(args) => startup::run(&args).await,
         Scenario::Latency(args) => latency::run(&args).await,
-        Scenario::Throughput(args) => throughput::run(&args).await,
-        Scenario::Memory(args) => memory::run(&args).await,
         Scenario::Drain(args) => drain::run(&args).await,
         Scenario::ColdStart(args) => cold_start::run(&args).await,
         Scenario::LeaseCost(args) => lease_cost::run(&args).await,
         Scenario::Failover(args) => failover::run(&args).await,
         Scenario::Overhead(args) => overhead::run(&args).await,
         Scenario::Scale(args) => scale::run(&args).await,
-        Scenario::BacklogMemory(args) => memory::run_backlog_memory(&args).await,
+        Scenario::BacklogMemory(args) => backlog_memory::run(&args).await,
         Scenario::Produce(args) => produce::run(&args).await,
         other => anyhow::bail!("{other:?} is not a measuring scenario"),
     }

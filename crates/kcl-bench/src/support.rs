@@ -43,8 +43,8 @@ pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos:09}-{n}", std::process::id())
 }
 
-/// The backend of one scenario, with its clients: the embedded one, or (for the memory
-/// scenario) one already running in another process, such as `kcl-local serve`.
+/// The backend of one scenario, with its clients: the embedded one, or one already
+/// running in another process, such as `kcl-local serve` (see `external`).
 #[derive(Debug)]
 pub(crate) struct Bench {
     /// The embedded Kinesis + DynamoDB, shut down by [`Bench::shutdown`]; `None` when the
@@ -343,7 +343,7 @@ pub(crate) struct ProcessorOptions {
     /// Where a [`Delivered`] is sent for every batch; `None` to send nothing.
     pub(crate) events: Option<mpsc::UnboundedSender<Delivered>>,
     /// Whether [`Delivered::payloads`] carries the records' payloads (latency needs
-    /// them; the memory scenario must not keep payloads alive).
+    /// them; `backlog-memory` must not keep payloads alive).
     pub(crate) keep_payloads: bool,
     /// Whether to checkpoint after every batch (and in `shutdown_requested`).
     pub(crate) checkpoint: bool,

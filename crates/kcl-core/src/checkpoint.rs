@@ -35,8 +35,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::coordinator::{HeldLease, LeaseCoordinator, WriteOutcome};
 use crate::error::{CheckpointError, InvalidCheckpointReason, LeaseStoreError};
+use crate::lease::coordinator::LeaseCoordinator;
+use crate::lease::held::HeldLease;
+use crate::lease::renewer::WriteOutcome;
 use crate::record::Record;
 use crate::retry::RetryPolicy;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};

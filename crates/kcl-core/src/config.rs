@@ -12,22 +12,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+pub use crate::limits::{check_max_durations, MAX_DURATION};
 use crate::retry::RetryPolicy;
-
-/// The longest duration any setting may have (365 days): far beyond any useful
-/// value, and far from where `Instant + Duration` overflows. `build()` refuses more.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Refuses the first of `fields` (`(name, value)`) longer than [`MAX_DURATION`].
-///
-/// # Errors
-/// [`ConfigError`] naming the field.
-pub fn check_max_durations(fields: &[(&'static str, Duration)]) -> Result<(), ConfigError> {
-    match fields.iter().find(|(_, d)| *d > MAX_DURATION) {
-        Some((field, d)) => Err(ConfigError::new(field, format!("must be at most 365 days; got {d:?}"))),
-        None => Ok(()),
-    }
-}
 
 /// Where to start reading a shard that has no checkpoint yet (the Java KCL's
 /// `InitialPositionInStream`). Shards that already have a checkpoint resume after it.

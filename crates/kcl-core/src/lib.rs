@@ -44,7 +44,8 @@
 //! - [`stream`]: stream identifiers, per-stream settings and the [`MultiStreamTracker`]
 //!   of an application that consumes many streams with one fleet and lease table.
 //! - [`config`]: one config struct per area, with the Java KCL's defaults.
-//! - [`lease`]: the [`Lease`] model and the [`LeaseStore`] trait.
+//! - [`lease`]: the [`Lease`] model, the [`LeaseStore`] trait, and lease management
+//!   (renewing, taking, handing over, cleaning up, the leader), one role per file.
 //! - [`consumer`]: the per-shard state machine ([`ShardConsumerState`], [`ShutdownReason`]).
 //! - [`record`]: the [`Record`] handed to processors.
 //! - [`sequence`]: sequence numbers, checkpoint sentinels, [`ExtendedSequenceNumber`].
@@ -55,18 +56,18 @@
 //! - [`metrics`]: the counters and gauges emitted, through the `metrics` facade.
 //! - [`error`]: typed errors, one variant per way to react.
 //!
-//! Internal modules: `coordinator` (lease renewal, taking, fenced writes), `shard_sync`
-//! (`ListShards` and lease creation), `streams` (the streams a scheduler consumes now).
+//! Internal modules: `shard_detector` (`ListShards`), `shard_sync` (lease creation for
+//! the shards listed), `streams` (the streams a scheduler consumes now), `limits` (the
+//! bound every configured duration shares).
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
 pub mod aggregation;
 pub mod checkpoint;
 pub mod config;
 pub mod consumer;
-mod coordinator;
 pub mod error;
-mod leader;
 pub mod lease;
+mod limits;
 pub mod metrics;
 pub mod processor;
 pub mod record;
@@ -74,6 +75,7 @@ pub mod retrieval;
 pub mod retry;
 pub mod scheduler;
 pub mod sequence;
+mod shard_detector;
 mod shard_sync;
 pub mod stream;
 mod streams;

@@ -64,7 +64,7 @@ impl RetryPolicy {
     /// # Errors
     /// [`ConfigError`] naming `field`.
     pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
-        crate::config::check_max_durations(&[(field, self.initial_backoff), (field, self.max_backoff)])
+        crate::limits::check_max_durations(&[(field, self.initial_backoff), (field, self.max_backoff)])
     }
 
     /// True when a call that failed on attempt `attempt` (1-based) may be tried again.

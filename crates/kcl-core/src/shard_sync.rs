@@ -1,9 +1,5 @@
-//! Shard discovery and lease creation (the Java KCL's `ShardDetector` and
-//! `HierarchicalShardSyncer`).
-//!
-//! `ListShards` is paged with `NextToken`. Should a page call fail (an expired token, or
-//! a backend that cannot page by token), listing continues from the last shard seen
-//! with `ExclusiveStartShardId`, which AWS accepts too.
+//! Lease creation for the shards a [`ShardDetector`](crate::shard_detector) lists (the
+//! Java KCL's `HierarchicalShardSyncer`).
 //!
 //! New leases start where they lose nothing: a shard with a leased ancestor starts at
 //! `TRIM_HORIZON` (its parents are read to their end first); any other shard starts at
@@ -21,170 +17,15 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
-use aws_sdk_kinesis::operation::list_shards::ListShardsError;
-use aws_sdk_kinesis::types::Shard;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::config::InitialPositionInStream;
-use crate::error::{BoxError, ErrorChain, LeaseStoreError, SchedulerError};
-use crate::lease::{HashKeyRange, Lease, LeaseStore};
-use crate::retry::{retry, with_timeout, RetryPolicy};
+use crate::error::{ErrorChain, LeaseStoreError, SchedulerError};
+use crate::lease::{Lease, LeaseStore};
+use crate::retry::{retry, RetryPolicy};
 use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
+use crate::shard_detector::ShardInfo;
 use crate::streams::StreamHandle;
-
-/// A shard as the syncer needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ShardInfo {
-    pub(crate) shard_id: String,
-    /// `ParentShardId` and `AdjacentParentShardId`, when present.
-    pub(crate) parents: Vec<String>,
-    pub(crate) hash_key_range: Option<HashKeyRange>,
-    /// True when the shard has an ending sequence number (it was split or merged).
-    pub(crate) closed: bool,
-}
-
-impl From<&Shard> for ShardInfo {
-    fn from(s: &Shard) -> Self {
-        let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
-            .into_iter()
-            .flatten()
-            .map(str::to_owned)
-            .collect();
-        Self {
-            shard_id: s.shard_id().to_owned(),
-            parents,
-            hash_key_range: s.hash_key_range().map(|r| HashKeyRange {
-                starting_hash_key: r.starting_hash_key().to_owned(),
-                ending_hash_key: r.ending_hash_key().to_owned(),
-            }),
-            closed: s
-                .sequence_number_range()
-                .is_some_and(|r| r.ending_sequence_number().is_some()),
-        }
-    }
-}
-
-/// Lists the shards of a stream.
-#[derive(Debug, Clone)]
-pub(crate) struct ShardDetector {
-    kinesis: aws_sdk_kinesis::Client,
-    stream_name: String,
-    /// Set when calls address the stream by ARN alone.
-    stream_arn: Option<String>,
-    page_size: i32,
-    retry: RetryPolicy,
-    /// Bound of one `ListShards` call.
-    call_timeout: std::time::Duration,
-    /// The shard ids of the last complete listing (shared by clones).
-    last_listing: Arc<std::sync::Mutex<Option<Arc<HashSet<String>>>>>,
-}
-
-fn list_shards_retryable(e: &SdkError<ListShardsError>) -> bool {
-    match e {
-        SdkError::ServiceError(s) => matches!(s.err(), ListShardsError::LimitExceededException(_)),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        _ => false,
-    }
-}
-
-impl ShardDetector {
-    pub(crate) fn new(
-        kinesis: aws_sdk_kinesis::Client,
-        stream_name: String,
-        page_size: i32,
-        call_timeout: std::time::Duration,
-    ) -> Self {
-        Self {
-            kinesis,
-            stream_name,
-            stream_arn: None,
-            page_size,
-            retry: RetryPolicy::default(),
-            call_timeout,
-            last_listing: Arc::default(),
-        }
-    }
-
-    /// The shard ids of the last listing of this stream, if one succeeded.
-    pub(crate) fn last_listing(&self) -> Option<Arc<HashSet<String>>> {
-        self.last_listing.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Addresses the stream by this ARN alone (when `Some`).
-    pub(crate) fn with_arn(mut self, arn: Option<String>) -> Self {
-        self.stream_arn = arn;
-        self
-    }
-
-    /// Every shard of the stream, all pages.
-    pub(crate) async fn list_shards(&self) -> Result<Vec<ShardInfo>, SchedulerError> {
-        let mut shards: Vec<ShardInfo> = Vec::new();
-        let mut next_token: Option<String> = None;
-        let mut exclusive_start: Option<String> = None;
-        let mut seen_tokens = HashSet::new();
-        let mut known: HashSet<String> = HashSet::new();
-        loop {
-            let page = retry(&self.retry, list_shards_retryable, || {
-                let mut req = self.kinesis.list_shards().max_results(self.page_size);
-                req = match &next_token {
-                    Some(token) => req.next_token(token),
-                    None => req
-                        .set_stream_name(self.stream_arn.is_none().then(|| self.stream_name.clone()))
-                        .set_stream_arn(self.stream_arn.clone())
-                        .set_exclusive_start_shard_id(exclusive_start.clone()),
-                };
-                with_timeout(self.call_timeout, req.send())
-            })
-            .await;
-            let page = match page {
-                Ok(page) => page,
-                Err(e) if next_token.is_some() && !shards.is_empty() => {
-                    warn!(error = %DisplayErrorContext(&e), "ListShards page by NextToken failed; continuing from the last shard");
-                    next_token = None;
-                    exclusive_start = shards.last().map(|s| s.shard_id.clone());
-                    continue;
-                }
-                Err(e) => return Err(self.map_error(e)),
-            };
-            let before = shards.len();
-            for s in page.shards() {
-                if known.insert(s.shard_id().to_owned()) {
-                    shards.push(ShardInfo::from(s));
-                }
-            }
-            match page.next_token() {
-                // A token seen before, or a full page that added nothing, would loop.
-                Some(token) if seen_tokens.insert(token.to_owned()) && shards.len() > before => {
-                    next_token = Some(token.to_owned());
-                }
-                Some(_) => {
-                    warn!("ListShards returned a repeating NextToken; stopping the listing there");
-                    break;
-                }
-                None => break,
-            }
-        }
-        debug!(shards = shards.len(), "listed shards");
-        let ids: HashSet<String> = shards.iter().map(|s| s.shard_id.clone()).collect();
-        *self.last_listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(ids));
-        Ok(shards)
-    }
-
-    fn map_error(&self, e: SdkError<ListShardsError>) -> SchedulerError {
-        if let SdkError::ServiceError(s) = &e {
-            if matches!(s.err(), ListShardsError::ResourceNotFoundException(_)) {
-                return SchedulerError::StreamNotFound {
-                    stream: self.stream_name.clone(),
-                };
-            }
-        }
-        SchedulerError::Kinesis {
-            operation: "ListShards",
-            source: BoxError::from(e),
-        }
-    }
-}
 
 /// The leases to create for shards that have none, per the rules in the module docs.
 pub(crate) fn new_leases(
@@ -199,27 +40,11 @@ pub(crate) fn new_leases(
         InitialPositionInStream::TrimHorizon => ExtendedSequenceNumber::TRIM_HORIZON,
         InitialPositionInStream::AtTimestamp(_) => ExtendedSequenceNumber::AT_TIMESTAMP,
     };
-    // Memoized "has an ancestor with a lease" walk; lineage is a DAG (merges join two).
+    // The walks (`leased_ancestor`, `started_descendant`, `depth`) are memoized:
+    // lineage is a DAG whose paths double with every split-then-merge generation, so
+    // an unmemoized walk of k generations within the retention period visits ~2^k
+    // paths.
     let mut memo: HashMap<String, bool> = HashMap::new();
-    fn leased_ancestor(
-        id: &str,
-        by_id: &HashMap<&str, &ShardInfo>,
-        existing: &HashSet<String>,
-        memo: &mut HashMap<String, bool>,
-        depth: usize,
-    ) -> bool {
-        if let Some(v) = memo.get(id) {
-            return *v;
-        }
-        let v = depth < 10_000
-            && by_id.get(id).is_some_and(|s| {
-                s.parents
-                    .iter()
-                    .any(|p| existing.contains(p) || leased_ancestor(p, by_id, existing, memo, depth + 1))
-            });
-        memo.insert(id.to_owned(), v);
-        v
-    }
     // A shard none of whose descendants has a started lease still needs reading; one
     // with a started descendant was finished (its lease may have been cleaned up since:
     // the cleanup waits for every child to start) and must not be read again. A
@@ -231,27 +56,6 @@ pub(crate) fn new_leases(
         for p in &s.parents {
             children.entry(p.as_str()).or_default().push(s.shard_id.as_str());
         }
-    }
-    // Both walks are memoized: lineage is a DAG whose paths double with every
-    // split-then-merge generation, so an unmemoized walk of k generations within the
-    // retention period visits ~2^k paths.
-    fn started_descendant<'a>(
-        id: &'a str,
-        children: &HashMap<&'a str, Vec<&'a str>>,
-        started: &dyn Fn(&str) -> bool,
-        memo: &mut HashMap<&'a str, bool>,
-        depth: usize,
-    ) -> bool {
-        if let Some(v) = memo.get(id) {
-            return *v;
-        }
-        let v = depth < 10_000
-            && children.get(id).is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| started(c) || started_descendant(c, children, started, memo, depth + 1))
-            });
-        memo.insert(id, v);
-        v
     }
     let started = |id: &str| existing.contains(id) && !unstarted.contains(id);
     let mut descendant_memo: HashMap<&str, bool> = HashMap::new();
@@ -276,27 +80,6 @@ pub(crate) fn new_leases(
     // Ancestors first: should a sync stop half-way, no child lease exists whose parent
     // lease was never created (the child would then hide the parent from later syncs).
     // The depth is the longest chain of known ancestors, memoized like the walks above.
-    fn depth<'a>(
-        id: &'a str,
-        by_id: &HashMap<&'a str, &'a ShardInfo>,
-        memo: &mut HashMap<&'a str, usize>,
-        guard: usize,
-    ) -> usize {
-        if let Some(d) = memo.get(id) {
-            return *d;
-        }
-        let d = match by_id.get(id) {
-            Some(s) if guard < 10_000 => s
-                .parents
-                .iter()
-                .map(|p| 1 + depth(p, by_id, memo, guard + 1))
-                .max()
-                .unwrap_or(0),
-            _ => 0,
-        };
-        memo.insert(id, d);
-        d
-    }
     let mut depth_memo: HashMap<&str, usize> = HashMap::new();
     let depths: HashMap<String, usize> = out
         .iter()
@@ -304,6 +87,71 @@ pub(crate) fn new_leases(
         .collect();
     out.sort_by_cached_key(|l| (depths.get(&l.lease_key).copied().unwrap_or(0), l.lease_key.clone()));
     out
+}
+
+/// Whether a shard has an ancestor with a lease (memoized: lineage is a DAG, merges
+/// join two).
+fn leased_ancestor(
+    id: &str,
+    by_id: &HashMap<&str, &ShardInfo>,
+    existing: &HashSet<String>,
+    memo: &mut HashMap<String, bool>,
+    depth: usize,
+) -> bool {
+    if let Some(v) = memo.get(id) {
+        return *v;
+    }
+    let v = depth < 10_000
+        && by_id.get(id).is_some_and(|s| {
+            s.parents
+                .iter()
+                .any(|p| existing.contains(p) || leased_ancestor(p, by_id, existing, memo, depth + 1))
+        });
+    memo.insert(id.to_owned(), v);
+    v
+}
+
+/// Whether a shard has a descendant whose lease has `started` (memoized).
+fn started_descendant<'a>(
+    id: &'a str,
+    children: &HashMap<&'a str, Vec<&'a str>>,
+    started: &dyn Fn(&str) -> bool,
+    memo: &mut HashMap<&'a str, bool>,
+    depth: usize,
+) -> bool {
+    if let Some(v) = memo.get(id) {
+        return *v;
+    }
+    let v = depth < 10_000
+        && children.get(id).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| started(c) || started_descendant(c, children, started, memo, depth + 1))
+        });
+    memo.insert(id, v);
+    v
+}
+
+/// The longest chain of known ancestors of a shard (memoized).
+fn depth<'a>(
+    id: &'a str,
+    by_id: &HashMap<&'a str, &'a ShardInfo>,
+    memo: &mut HashMap<&'a str, usize>,
+    guard: usize,
+) -> usize {
+    if let Some(d) = memo.get(id) {
+        return *d;
+    }
+    let d = match by_id.get(id) {
+        Some(s) if guard < 10_000 => s
+            .parents
+            .iter()
+            .map(|p| 1 + depth(p, by_id, memo, guard + 1))
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    };
+    memo.insert(id, d);
+    d
 }
 
 /// Logs and counts the corrupt items of a lease-table read, and returns their keys.
@@ -430,31 +278,6 @@ mod tests {
             .iter()
             .map(|l| (l.lease_key.clone(), l.checkpoint.to_string()))
             .collect()
-    }
-
-    #[tokio::test]
-    async fn list_shards_reads_every_page() {
-        let backend = kcl_local::LocalBackend::start().await.expect("backend");
-        let kinesis = backend.kinesis_client();
-        kcl_local::create_stream(&kinesis, "paged", 7).await.expect("stream");
-        // Two shards a page. The embedded backend refuses a page by NextToken alone, so
-        // this also exercises the fallback to ExclusiveStartShardId.
-        let detector = ShardDetector::new(kinesis, "paged".into(), 2, std::time::Duration::from_secs(30));
-        let shards = detector.list_shards().await.expect("listed");
-        let ids: Vec<String> = shards.into_iter().map(|s| s.shard_id).collect();
-        let expected: Vec<String> = (0..7).map(|i| format!("shardId-{i:012}")).collect();
-        assert_eq!(ids, expected);
-        let missing = ShardDetector::new(
-            backend.kinesis_client(),
-            "missing".into(),
-            2,
-            std::time::Duration::from_secs(30),
-        );
-        assert!(matches!(
-            missing.list_shards().await,
-            Err(SchedulerError::StreamNotFound { .. })
-        ));
-        backend.shutdown().await;
     }
 
     #[test]

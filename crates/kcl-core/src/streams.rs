@@ -18,7 +18,7 @@ use crate::error::{BoxError, ErrorChain, SchedulerError};
 use crate::lease::Lease;
 use crate::retrieval::RetrievalFactory;
 use crate::retry::{retry, with_timeout, RetryPolicy};
-use crate::shard_sync::ShardDetector;
+use crate::shard_detector::ShardDetector;
 use crate::stream::{MultiStreamTracker, StreamAddress, StreamConfig, StreamIdentifier};
 
 /// One stream being consumed.

@@ -1,13 +1,13 @@
 //! Configuration: [`FanOutConfig`], and [`RetrievalMode`], the one value that selects
-//! polling or fan-out.
+//! polling or fan-out. A leaf of the crate: the builder extension that applies a mode
+//! ([`SchedulerBuilderExt`](crate::SchedulerBuilderExt), in `builder`) and the publisher
+//! use it, never the other way round.
 
 use std::time::Duration;
 
 use kcl_core::retry::RetryPolicy;
-use kcl_core::{ConfigError, RetrievalConfig, SchedulerBuilder};
+use kcl_core::{ConfigError, RetrievalConfig};
 use serde::{Deserialize, Serialize};
-
-use crate::publisher::FanOutRetrievalFactory;
 
 /// Enhanced fan-out settings (the Java KCL's `FanOutConfig`). Durations are `Duration`
 /// (serde: human readable strings such as `"30s"`), every field has a default except
@@ -150,28 +150,6 @@ pub enum RetrievalMode {
 impl Default for RetrievalMode {
     fn default() -> Self {
         Self::Polling(RetrievalConfig::default())
-    }
-}
-
-/// Adds [`retrieval_mode`](SchedulerBuilderExt::retrieval_mode) to the scheduler builder.
-pub trait SchedulerBuilderExt: Sized {
-    /// Reads the shards as `mode` says.
-    ///
-    /// # Errors
-    /// [`ConfigError`] when the fan-out settings cannot work (polling settings are
-    /// checked by `build()`).
-    fn retrieval_mode(self, mode: RetrievalMode) -> Result<SchedulerBuilder, ConfigError>;
-}
-
-impl SchedulerBuilderExt for SchedulerBuilder {
-    fn retrieval_mode(self, mode: RetrievalMode) -> Result<SchedulerBuilder, ConfigError> {
-        Ok(match mode {
-            // Both: the factory replaces a fan-out one set before.
-            RetrievalMode::Polling(config) => self
-                .retrieval_factory(kcl_core::PollingRetrievalFactory::new(config.clone()))
-                .retrieval_config(config),
-            RetrievalMode::FanOut(config) => self.retrieval_factory(FanOutRetrievalFactory::new(config)?),
-        })
     }
 }
 

@@ -22,7 +22,9 @@
 //!
 //! ## Modules
 //! - `config`: [`FanOutConfig`] (consumer name, subscription lifetime, idle timeout,
-//!   backoff, prefetch limits) and [`RetrievalMode`] with [`SchedulerBuilderExt`].
+//!   backoff, prefetch limits) and [`RetrievalMode`]; a leaf the other modules use.
+//! - `builder`: [`SchedulerBuilderExt`], which applies a [`RetrievalMode`] to the
+//!   scheduler builder.
 //! - `registration`: [`register_stream_consumer`] (idempotent, waits for `ACTIVE`) and
 //!   [`deregister_stream_consumer`], an explicit operation never done by a worker that
 //!   merely stops.
@@ -57,12 +59,14 @@
 //! APIs, so streams are named, and the stream ARN is only used to register consumers.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+mod builder;
 mod config;
 mod error;
 mod publisher;
 mod registration;
 
-pub use config::{FanOutConfig, RetrievalMode, SchedulerBuilderExt};
+pub use builder::SchedulerBuilderExt;
+pub use config::{FanOutConfig, RetrievalMode};
 pub use error::FanOutError;
 pub use publisher::FanOutRetrievalFactory;
 pub use registration::{deregister_stream_consumer, register_stream_consumer, stream_arn, StreamConsumer};

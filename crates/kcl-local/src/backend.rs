@@ -1,4 +1,5 @@
 //! [`LocalBackend`]: both emulators, started and stopped together, and SDK clients for them.
+//! Its options, [`LocalOptions`], are in `options`, which the emulator modules read too.
 //!
 //! Starting binds two loopback listeners (Kinesis, then DynamoDB), starts each emulator on
 //! its own runtime thread, and returns once both are serving. All of the backend's threads
@@ -6,65 +7,13 @@
 //! threads; dropping the backend only cancels it (a `Drop` cannot await), and the threads
 //! then finish on their own.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
-use std::time::Duration;
-
 use aws_types::SdkConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::sdk_config_for_endpoint;
 use crate::error::LocalError;
+use crate::options::LocalOptions;
 use crate::thread::ServerThread;
-
-/// Options for the embedded backend.
-///
-/// Start from [`LocalOptions::default`] and change the fields you need:
-///
-/// ```
-/// let mut options = kcl_local::LocalOptions::default();
-/// options.shard_limit = 50;
-/// options.stream_delay = std::time::Duration::ZERO;
-/// ```
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct LocalOptions {
-    /// Port of the Kinesis emulator on `127.0.0.1`. Default `0`: any free port (read the
-    /// real one from [`LocalBackend::kinesis_endpoint`]).
-    pub kinesis_port: u16,
-    /// Port of the DynamoDB emulator on `127.0.0.1`. Default `0`: any free port.
-    pub dynamodb_port: u16,
-    /// Where to keep state across restarts. Default `None`: everything is in memory and
-    /// gone at shutdown. With a directory, DynamoDB tables live in the SQLite file
-    /// `dynamodb.sqlite` and Kinesis streams and records in the folder `kinesis/`.
-    /// Kinesis persistence writes the whole store on every mutation: fine for
-    /// development, too slow for benchmarks.
-    pub data_dir: Option<PathBuf>,
-    /// The AWS region the emulators report in ARNs, and that the SDK configs use.
-    /// Default `us-east-1`.
-    pub region: String,
-    /// How long a stream stays `CREATING` (or `UPDATING` after `UpdateShardCount`,
-    /// `SplitShard`, `MergeShards`; `DELETING` after `DeleteStream`) before the change
-    /// takes effect. Default 10 ms: short for fast tests, but not zero, so code that
-    /// forgets to wait for `ACTIVE` still fails. AWS takes tens of seconds.
-    pub stream_delay: Duration,
-    /// The most open shards all streams together may have; more gives
-    /// `LimitExceededException`. Default 1000 (ferrokinesis's own default is 10).
-    pub shard_limit: u32,
-}
-
-impl Default for LocalOptions {
-    fn default() -> Self {
-        Self {
-            kinesis_port: 0,
-            dynamodb_port: 0,
-            data_dir: None,
-            region: "us-east-1".to_owned(),
-            stream_delay: Duration::from_millis(10),
-            shard_limit: 1000,
-        }
-    }
-}
 
 /// An embedded Kinesis (ferrokinesis) and DynamoDB (dynoxide) on `127.0.0.1`.
 ///
@@ -211,10 +160,4 @@ impl Drop for LocalBackend {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
-}
-
-/// Binds a listener on `127.0.0.1:port` (never on another interface).
-pub(crate) fn bind_loopback(service: &'static str, port: u16) -> Result<std::net::TcpListener, LocalError> {
-    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
-    std::net::TcpListener::bind(addr).map_err(|source| LocalError::Bind { service, addr, source })
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::LocalOptions;
 use crate::error::LocalError;
+use crate::options::LocalOptions;
 use crate::thread::ServerThread;
 
 /// The name used in errors and logs.
@@ -60,7 +60,7 @@ pub(crate) async fn start(options: &LocalOptions, cancel: CancellationToken) -> 
             Some(path.to_owned())
         }
     };
-    let listener = crate::backend::bind_loopback(SERVICE, options.dynamodb_port)?;
+    let listener = crate::thread::bind_loopback(SERVICE, options.dynamodb_port)?;
 
     ServerThread::spawn(SERVICE, WORKER_THREADS, listener, cancel, move |listener, cancel| {
         let database = match &file {

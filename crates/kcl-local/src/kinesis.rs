@@ -24,8 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::LocalOptions;
 use crate::error::LocalError;
+use crate::options::LocalOptions;
 use crate::thread::{ServeResult, ServerThread};
 
 /// The name used in errors and logs.
@@ -86,7 +86,7 @@ pub(crate) async fn start(options: &LocalOptions, cancel: CancellationToken) -> 
             source,
         })?;
     }
-    let listener = crate::backend::bind_loopback(SERVICE, options.kinesis_port)?;
+    let listener = crate::thread::bind_loopback(SERVICE, options.kinesis_port)?;
 
     ServerThread::spawn(SERVICE, WORKER_THREADS, listener, cancel, move |listener, cancel| {
         // Inside the runtime: create_app may spawn background tasks, and loads durable

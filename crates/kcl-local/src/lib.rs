@@ -15,13 +15,14 @@
 //!
 //! # Modules
 //!
-//! - `backend`: [`LocalOptions`] and [`LocalBackend`], which starts, describes and stops
-//!   both emulators.
+//! - `backend`: [`LocalBackend`], which starts, describes and stops both emulators.
+//! - `options`: [`LocalOptions`], the backend's settings, read by `backend` and by both
+//!   emulator modules.
 //! - `kinesis`: the ferrokinesis server: an HTTP/1.1 + h2c accept loop with graceful
 //!   shutdown, and durable state under the data directory.
 //! - `dynamodb`: the dynoxide server, in memory or on a SQLite file.
 //! - `thread`: runs each emulator on a dedicated thread with its own Tokio runtime, and
-//!   waits for it without blocking the caller.
+//!   waits for it without blocking the caller; binds the loopback listeners.
 //! - `config`: [`sdk_config_for_endpoint`], SDK configuration with static test
 //!   credentials.
 //! - `setup`: [`create_stream`], a helper that creates a stream and waits for `ACTIVE`.
@@ -60,10 +61,12 @@ mod config;
 mod dynamodb;
 mod error;
 mod kinesis;
+mod options;
 mod setup;
 mod thread;
 
-pub use backend::{LocalBackend, LocalOptions};
+pub use backend::LocalBackend;
 pub use config::sdk_config_for_endpoint;
 pub use error::LocalError;
+pub use options::LocalOptions;
 pub use setup::{create_stream, put_records, PutResult};

@@ -11,10 +11,11 @@
 //! and connections queue in the backlog, before the server runs), lets the emulator
 //! build itself inside the new runtime, and waits asynchronously for it to report that
 //! it is serving. [`ServerThread::stop`] waits, again asynchronously, for the thread to
-//! finish after the shared [`CancellationToken`] was cancelled.
+//! finish after the shared [`CancellationToken`] was cancelled. [`bind_loopback`] binds
+//! that listener, on `127.0.0.1` only.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -183,4 +184,10 @@ fn run_thread<B, F>(
         }
     }
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+}
+
+/// Binds a listener on `127.0.0.1:port` (never on another interface).
+pub(crate) fn bind_loopback(service: &'static str, port: u16) -> Result<std::net::TcpListener, LocalError> {
+    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    std::net::TcpListener::bind(addr).map_err(|source| LocalError::Bind { service, addr, source })
 }

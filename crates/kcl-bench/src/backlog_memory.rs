@@ -1,17 +1,22 @@
-//! The `memory` scenario: checks the bounded-prefetch promise. A large backlog, a
-//! deliberately slow processor, and the process's resident memory sampled while the
+//! The `backlog-memory` scenario: checks the bounded-prefetch promise. A large backlog,
+//! a deliberately slow processor, and the consumer's resident memory sampled while the
 //! scheduler runs: peak memory should follow `max_prefetch_bytes`, not the backlog.
 //!
-//! Every case (one prefetch limit × one backlog size) runs in a fresh child process
-//! (this binary's hidden `memory-case` command), so that memory freed by one case and
-//! kept by the allocator cannot hide the next case's growth. In the child:
-//! 1. the embedded backend starts and the backlog is written. The emulator keeps the
-//!    whole stream in this process's memory, so
+//! The backend runs in a process of its own (started here, unless `--kinesis-endpoint`
+//! and `--dynamodb-endpoint` name one already running, such as `kcl-local serve`), so
+//! the resident memory measured is the consumer's alone. Every case (one prefetch limit
+//! × one backlog size) runs in a fresh child process (this binary's hidden `memory-case`
+//! command), so that memory freed by one case and kept by the allocator cannot hide the
+//! next case's growth. In the child:
+//! 1. the backlog is written;
 //! 2. the baseline is the resident size measured after writing, just before `run()`
 //!    (and the kernel's peak counter, `VmHWM`, is reset there);
 //! 3. the scheduler runs for a fixed time (or until the backlog is processed) while a
 //!    thread samples `VmRSS` every 100 ms; the peak is the larger of the highest sample
 //!    and `VmHWM`.
+//!
+//! (Run by hand without endpoints, `memory-case` starts the embedded backend in its own
+//! process instead; then the baseline also holds the whole stream.)
 //!
 //! Besides RSS, the benchmark counts what the library holds directly: payload bytes
 //! returned by `GetRecords` (seen by an SDK interceptor) minus bytes whose
@@ -40,7 +45,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// One timeline entry per this many samples (one per second).
 const TIMELINE_EVERY: usize = 10;
 
-/// Options of the `memory` scenario: the cases to run, and what they share.
+/// Options of the `backlog-memory` scenario: the cases to run, and what they share.
 #[derive(Args, Debug, Clone, Serialize)]
 pub(crate) struct MemoryArgs {
     /// Backlog sizes in records (comma-separated); every size runs with every limit.
@@ -85,9 +90,9 @@ pub(crate) struct MemoryCommon {
     /// the reads, so the prefetch queue fills up to its limit.
     #[arg(long, default_value_t = 500)]
     pub(crate) sleep_us_per_record: u64,
-    /// Use a Kinesis emulator running in another process (for example `kcl-local serve
-    /// --kinesis-port 0 --dynamodb-port 0`) instead of the embedded one, so that RSS is the
-    /// consumer's alone. Requires `--dynamodb-endpoint`.
+    /// Use a Kinesis emulator already running in another process (for example
+    /// `kcl-local serve --kinesis-port 0 --dynamodb-port 0`) instead of starting one.
+    /// Requires `--dynamodb-endpoint`.
     #[arg(long, requires = "dynamodb_endpoint")]
     pub(crate) kinesis_endpoint: Option<String>,
     /// The DynamoDB endpoint to use with `--kinesis-endpoint`.
@@ -109,9 +114,10 @@ pub(crate) struct MemoryCaseArgs {
     pub(crate) common: MemoryCommon,
 }
 
-/// `backlog-memory`: the memory cases against a backend in its own process (started
-/// here unless endpoints are given), so that each case's RSS is the consumer's alone.
-pub(crate) async fn run_backlog_memory(args: &MemoryArgs) -> anyhow::Result<Value> {
+/// Runs the scenario and returns its JSON object: the cases against a backend in its own
+/// process (started here unless endpoints are given), so that each case's RSS is the
+/// consumer's alone.
+pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
     let mut args = args.clone();
     let backend = match (&args.common.kinesis_endpoint, &args.common.dynamodb_endpoint) {
         (Some(_), Some(_)) => None,
@@ -122,28 +128,20 @@ pub(crate) async fn run_backlog_memory(args: &MemoryArgs) -> anyhow::Result<Valu
             Some(backend)
         }
     };
-    let mut value = run(&args).await?;
+    let value = cases(&args).await?;
     if let Some(backend) = backend {
         backend.stop().await?;
     }
-    value["scenario"] = json!("backlog-memory");
-    value["note"] = json!(
-        "Each case ran in a fresh child process against the backend in another process, so RSS is the \
-         consumer's own: the peak above the baseline (measured just before run()) should stay within the \
-         prefetch bound plus a fixed overhead whatever the backlog size. peak_library_outstanding_mib is exact: \
-         payload bytes fetched minus bytes whose process_records returned; bound_mib = shards x \
-         (max_prefetch_bytes + one batch of max_records x record_size)."
-    );
     Ok(value)
 }
 
 /// Runs every case, each in a child process, and returns the scenario's JSON object.
-pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
+async fn cases(args: &MemoryArgs) -> anyhow::Result<Value> {
     let mut runs = Vec::new();
     let mut table = Vec::new();
     for &kib in &args.prefetch_kib {
         for &records in &args.records {
-            eprintln!("memory: case prefetch {kib} KiB, backlog {records} records (child process)");
+            eprintln!("backlog-memory: case prefetch {kib} KiB, backlog {records} records (child process)");
             let c = &args.common;
             let mut child_args: Vec<String> = vec![
                 "memory-case".into(),
@@ -176,18 +174,14 @@ pub(crate) async fn run(args: &MemoryArgs) -> anyhow::Result<Value> {
         }
     }
     Ok(json!({
-        "scenario": "memory",
+        "scenario": "backlog-memory",
         "config": args,
         "results": { "summary": table, "runs": runs },
-        "note": "Each case ran in a fresh child process. The embedded backend runs in the same process and \
-                 holds the whole stream in memory, so RSS is reported above a baseline measured after the \
-                 backlog was written, just before run(); the peak is max(sampled VmRSS every 100 ms, VmHWM reset \
-                 at the baseline). RSS also moves with transient GetRecords buffers on both the emulator and SDK \
-                 sides and with allocator reuse of memory freed while writing, so read it as approximate. \
-                 peak_library_outstanding_mib is exact: payload bytes returned by GetRecords minus bytes whose \
-                 process_records returned (prefetch queue plus the batch in hand); bound_mib = shards x \
-                 (max_prefetch_bytes + one batch of max_records x record_size). Peaks should follow the limit \
-                 and stay flat as the backlog grows.",
+        "note": "Each case ran in a fresh child process against the backend in another process, so RSS is the \
+                 consumer's own: the peak above the baseline (measured just before run()) should stay within the \
+                 prefetch bound plus a fixed overhead whatever the backlog size. peak_library_outstanding_mib is \
+                 exact: payload bytes fetched minus bytes whose process_records returned; bound_mib = shards x \
+                 (max_prefetch_bytes + one batch of max_records x record_size).",
     }))
 }
 

@@ -31,6 +31,14 @@
 //! Shutdown reasons are ordered `Requested < ShardEnd < LeaseLost`: a higher reason
 //! overrides a lower one, never the reverse. Signals are acted on between processor
 //! calls, never by dropping a processor call half-way.
+//!
+//! - `delivery`: delivering a batch, and the processor error policy (retries, skips,
+//!   bisecting, dead letters).
+//! - `shard_end`: learning an ended shard's children, creating their leases, and
+//!   `shard_ended`.
+
+mod delivery;
+mod shard_end;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -41,18 +49,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Checkpointer;
-use crate::config::{CoordinatorConfig, OnProcessorFailure, ProcessorErrorPolicy};
-use crate::coordinator::{HeldLease, LeaseCoordinator, WriteOutcome};
-use crate::error::{BoxError, ErrorChain, SchedulerError};
+use crate::config::{CoordinatorConfig, ProcessorErrorPolicy};
+use crate::error::{ErrorChain, SchedulerError};
+use crate::lease::coordinator::LeaseCoordinator;
+use crate::lease::held::HeldLease;
+use crate::lease::renewer::WriteOutcome;
 use crate::lease::Lease;
-use crate::metrics;
-use crate::processor::{
-    DeadLetterInput, DeadLetterSink, InitializationInput, LeaseLostInput, ProcessRecordsInput, RecordProcessor,
-    ShardEndedInput, ShutdownRequestedInput,
-};
-use crate::record::Record;
-use crate::retrieval::{ChildShard, PublisherEvent, PublisherStart, RecordsBatch, RecordsPublisher, StartingPosition};
-use crate::retry::{retry, RetryPolicy};
+use crate::processor::{DeadLetterSink, InitializationInput, LeaseLostInput, RecordProcessor, ShutdownRequestedInput};
+use crate::retrieval::{PublisherEvent, PublisherStart, RecordsPublisher, StartingPosition};
+use crate::retry::RetryPolicy;
 use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
 use crate::shard_sync::sync_shards;
 use crate::streams::StreamHandle;
@@ -139,38 +144,6 @@ pub(crate) enum ConsumerOutcome {
     /// The stream (one of a multi-stream application's) was deleted: the scheduler
     /// stops consuming it.
     StreamGone,
-}
-
-/// Why a processor call under the error policy gave up.
-#[derive(Debug)]
-enum CallFailure {
-    /// The policy says to stop the scheduler.
-    StopScheduler(SchedulerError),
-    /// The policy (`SkipBatch`) would skip, but the call cannot be skipped: stop only
-    /// this consumer.
-    StopConsumer,
-    /// The lease was lost while the call kept failing: nothing was processed, nothing
-    /// more is called; the consumer picks up the loss.
-    LeaseLost,
-    /// The retries are exhausted and the policy is `Bisect`: the caller isolates the
-    /// failing records.
-    Bisect(BoxError),
-}
-
-/// What a batch's `process_records` calls share besides their records.
-struct Batch<'a> {
-    millis_behind_latest: Option<i64>,
-    fetched_at: std::time::Instant,
-    checkpointer: &'a Checkpointer,
-    /// The last record delivered before this batch: the checkpointer's bound while no
-    /// record of this batch is known to be processed.
-    previous_delivered: ExtendedSequenceNumber,
-}
-
-/// Splits records in two halves, returned so that popping yields the first half first.
-fn split(mut records: Vec<Record>) -> Vec<Vec<Record>> {
-    let second = records.split_off(records.len() / 2);
-    vec![second, records]
 }
 
 /// Everything a shard consumer needs, shared by all consumers of a scheduler.
@@ -297,35 +270,22 @@ impl ShardConsumer {
                         pending_checkpoint: lease.pending_checkpoint.clone(),
                         pending_checkpoint_state: lease.pending_checkpoint_state.clone(),
                     };
-                    // Never skipped: an uninitialized processor must not get records.
-                    let policy = self.ctx.error_policy.clone();
-                    let result = self
-                        .call_with_policy("initialize", false, &policy, |p| {
-                            let input = input.clone();
-                            async move { p.initialize(input).await }.boxed()
-                        })
-                        .await;
-                    match result {
-                        Ok(()) => {
-                            info!(checkpoint = %start, "shard consumer initialized");
-                            events = Some(self.stream.retrieval.start(PublisherStart {
-                                kinesis: self.ctx.kinesis.clone(),
-                                stream_name: self.stream.name().to_owned(),
-                                stream_arn: self.stream.arn.clone(),
-                                shard_id: self.shard_id().to_owned(),
-                                position: position.clone().unwrap_or_else(|| {
-                                    StartingPosition::new(start.clone(), self.stream.initial_timestamp())
-                                }),
-                                cancel: publisher_cancel.child_token(),
-                            }));
-                            self.transition(self.state.on_success());
-                        }
-                        Err(CallFailure::StopScheduler(e)) => return ConsumerOutcome::Failed(e),
-                        // A call that cannot be skipped is never bisected either.
-                        Err(CallFailure::StopConsumer | CallFailure::LeaseLost | CallFailure::Bisect(_)) => {
-                            return ConsumerOutcome::InitializeFailed
-                        }
+                    if let Err(outcome) = self.initialize_processor(input).await {
+                        return outcome;
                     }
+                    info!(checkpoint = %start, "shard consumer initialized");
+                    events = Some(self.stream.retrieval.start(PublisherStart {
+                        kinesis: self.ctx.kinesis.clone(),
+                        stream_name: self.stream.name().to_owned(),
+                        stream_arn: self.stream.arn.clone(),
+                        shard_id: self.shard_id().to_owned(),
+                        position:
+                            position.clone().unwrap_or_else(|| {
+                                StartingPosition::new(start.clone(), self.stream.initial_timestamp())
+                            }),
+                        cancel: publisher_cancel.child_token(),
+                    }));
+                    self.transition(self.state.on_success());
                 }
                 ShardConsumerState::Processing => {
                     let Some(rx) = events.as_mut() else {
@@ -352,11 +312,7 @@ impl ShardConsumer {
                             }
                         }
                         Some(PublisherEvent::ShardEnd { child_shards }) => {
-                            let children =
-                                create_child_leases(&self.ctx, &self.stream, &self.shard_id, child_shards).await;
-                            info!(children = ?children, "shard read to its end");
-                            checkpointer.set_shard_ended(children);
-                            self.signal(ShutdownReason::ShardEnd);
+                            self.on_shard_end(child_shards, &checkpointer).await;
                         }
                         Some(PublisherEvent::Failed { operation, source }) => {
                             error!(operation, error = %ErrorChain(source.as_ref()), "shard cannot be read; stopping its consumer");
@@ -364,37 +320,8 @@ impl ShardConsumer {
                             self.signal(ShutdownReason::Requested);
                         }
                         Some(PublisherEvent::ShardNotFound { operation, source }) => {
-                            let exists = tokio::select! {
-                                biased;
-                                // Cancel safety: abandoning the question loses nothing; the
-                                // next owner meets the unknown shard again.
-                                () = self.held.lost.cancelled() => continue,
-                                () = self.shutdown.cancelled() => continue,
-                                exists = stream_exists(&self.ctx, &self.stream) => exists,
-                            };
-                            if exists {
-                                metrics::shard_gone(self.stream(), self.shard_id());
-                                warn!(
-                                    operation,
-                                    error = %ErrorChain(source.as_ref()),
-                                    "Kinesis no longer knows this shard (aged out past retention, or resharded long \
-                                     ago); treating it as ended"
-                                );
-                                let children =
-                                    create_child_leases(&self.ctx, &self.stream, &self.shard_id, Vec::new()).await;
-                                checkpointer.set_shard_ended(children);
-                                self.signal(ShutdownReason::ShardEnd);
-                            } else if self.stream.key.is_some() {
-                                // One of many streams: the scheduler stops consuming it.
-                                warn!(stream = %self.stream.identifier, "the stream does not exist any more");
-                                outcome = Some(ConsumerOutcome::StreamGone);
-                                self.signal(ShutdownReason::Requested);
-                            } else {
-                                error!(stream = %self.stream.identifier, "the stream does not exist any more");
-                                outcome = Some(ConsumerOutcome::Failed(SchedulerError::StreamNotFound {
-                                    stream: self.stream.name().to_owned(),
-                                }));
-                                self.signal(ShutdownReason::Requested);
+                            if let Some(ended) = self.on_shard_not_found(operation, &source, &checkpointer).await {
+                                outcome = Some(ended);
                             }
                         }
                         None => {
@@ -613,393 +540,6 @@ impl ShardConsumer {
         }
         None
     }
-
-    /// Delivers one batch: drops what was already delivered, records the new last
-    /// position, and calls the processor under the error policy.
-    async fn deliver(
-        &mut self,
-        mut batch: RecordsBatch,
-        checkpointer: &Checkpointer,
-        last_delivered: &mut ExtendedSequenceNumber,
-    ) -> Result<(), SchedulerError> {
-        // `batch` keeps its share of the prefetch budget until this returns.
-        let records = &mut batch.records;
-        let (millis_behind_latest, fetched_at) = (batch.millis_behind_latest, batch.fetched_at);
-        records.retain(|r| {
-            r.extended_sequence_number()
-                .partial_cmp(last_delivered)
-                .is_none_or(|o| o.is_gt())
-        });
-        if let Some(m) = millis_behind_latest {
-            metrics::millis_behind_latest(self.stream(), self.shard_id(), m);
-        }
-        // Touches the shard's series at every read, so that an exporter with an idle
-        // timeout keeps them while this worker holds the shard and drops them after.
-        metrics::records_processed(self.stream(), self.shard_id(), 0);
-        if records.is_empty() && !self.ctx.coordinator_config.call_process_records_even_for_empty_list {
-            return Ok(());
-        }
-        let previous_delivered = last_delivered.clone();
-        if let Some(last) = records.last() {
-            *last_delivered = last.extended_sequence_number();
-            checkpointer.set_last_delivered(last_delivered.clone());
-        }
-        let count = records.len();
-        self.held
-            .record_bytes(records.iter().map(|r| r.data.len() as u64).sum());
-        let batch = Batch {
-            millis_behind_latest,
-            fetched_at,
-            checkpointer,
-            previous_delivered,
-        };
-        let policy = self.ctx.error_policy.clone();
-        match self.process(records, &batch, &policy).await {
-            Ok(()) => {
-                metrics::records_processed(self.stream(), self.shard_id(), count);
-                Ok(())
-            }
-            Err(CallFailure::StopScheduler(e)) => Err(e),
-            // Not reached: a batch is skippable, so the policy skips it instead.
-            Err(CallFailure::StopConsumer) => Ok(()),
-            // Not processed, and not counted: the loop picks up the lease loss.
-            Err(CallFailure::LeaseLost) => Ok(()),
-            Err(CallFailure::Bisect(error)) => self.bisect(std::mem::take(records), &batch, error).await,
-        }
-    }
-
-    /// Calls `process_records` with `records` under `policy`.
-    async fn process(
-        &mut self,
-        records: &[Record],
-        batch: &Batch<'_>,
-        policy: &ProcessorErrorPolicy,
-    ) -> Result<(), CallFailure> {
-        self.call_with_policy("process_records", true, policy, |p| {
-            let input = ProcessRecordsInput {
-                records: records.to_vec(),
-                millis_behind_latest: batch.millis_behind_latest,
-                cache_entry_time: batch.fetched_at,
-                checkpointer: batch.checkpointer.clone(),
-            };
-            async move { p.process_records(input).await }.boxed()
-        })
-        .await
-    }
-
-    /// The `Bisect` policy, after `records` kept failing as a whole: halves are
-    /// processed in order, once each; a half that fails is split again; a single record
-    /// gets the full retry policy and, if it still fails, goes to the dead-letter sink.
-    async fn bisect(&mut self, records: Vec<Record>, batch: &Batch<'_>, error: BoxError) -> Result<(), SchedulerError> {
-        if records.len() == 1 {
-            // A lone record already had the full retries.
-            return self.dead_letter(records, error).await;
-        }
-        warn!(records = records.len(), error = %ErrorChain(error.as_ref()), "processor kept failing on a batch; isolating the failing records");
-        let once = ProcessorErrorPolicy {
-            retry: RetryPolicy::new(Duration::ZERO, Duration::ZERO, Some(1)),
-            on_exhausted: OnProcessorFailure::Bisect,
-        };
-        let full = self.ctx.error_policy.clone();
-        // Inside a part, `checkpoint()` means "up to the end of this part": the bound of
-        // the checkpointer follows the parts, and falls back to the last record that was
-        // processed or dead-lettered whenever a part fails, so that no path (a sink that
-        // keeps failing, a crash, a lost lease) can store a checkpoint past a record that
-        // was neither.
-        let Some(batch_end) = records.last().map(Record::extended_sequence_number) else {
-            return Ok(());
-        };
-        let mut done = batch.previous_delivered.clone();
-        // Parts still to process, the next on top.
-        let mut parts = split(records);
-        while let Some(part) = parts.pop() {
-            let Some(part_end) = part.last().map(Record::extended_sequence_number) else {
-                continue;
-            };
-            if !self.ctx.coordinator.still_owned(&self.held) {
-                // The next owner re-reads from the stored checkpoint.
-                return Ok(());
-            }
-            let lone = part.len() == 1;
-            batch.checkpointer.set_last_delivered(part_end.clone());
-            let result = self.process(&part, batch, if lone { &full } else { &once }).await;
-            if result.is_err() {
-                batch.checkpointer.set_last_delivered(done.clone());
-            }
-            match result {
-                Ok(()) => metrics::records_processed(self.stream(), self.shard_id(), part.len()),
-                Err(CallFailure::Bisect(error)) if lone => self.dead_letter(part, error).await?,
-                Err(CallFailure::Bisect(_)) => {
-                    parts.extend(split(part));
-                    continue;
-                }
-                Err(CallFailure::StopScheduler(e)) => return Err(e),
-                // The lease is lost: nothing more is processed; the loop picks it up.
-                Err(CallFailure::StopConsumer | CallFailure::LeaseLost) => return Ok(()),
-            }
-            done = part_end;
-        }
-        batch.checkpointer.set_last_delivered(batch_end);
-        Ok(())
-    }
-
-    /// Hands records the processor cannot process to the dead-letter sink, retrying per
-    /// the policy; a sink that keeps failing stops the scheduler.
-    async fn dead_letter(&mut self, records: Vec<Record>, error: BoxError) -> Result<(), SchedulerError> {
-        let Some(sink) = self.ctx.dead_letters.clone() else {
-            return Err(SchedulerError::ProcessorFailed {
-                shard_id: self.shard_id().to_owned(),
-                source: error,
-            });
-        };
-        let error = ErrorChain(error.as_ref()).to_string();
-        let policy = self.ctx.error_policy.retry.clone();
-        let mut attempt = 1u32;
-        loop {
-            let input = DeadLetterInput {
-                shard_id: self.shard_id().to_owned(),
-                stream: self.stream.identifier.clone(),
-                records: records.clone(),
-                error: error.clone(),
-            };
-            let failure: BoxError = match AssertUnwindSafe(sink.dead_letter(input)).catch_unwind().await {
-                Ok(Ok(())) => {
-                    error!(records = records.len(), error = %error, "records the processor kept failing on were handed to the dead-letter sink");
-                    metrics::dead_lettered(self.stream(), self.shard_id(), records.len());
-                    return Ok(());
-                }
-                Ok(Err(e)) => e,
-                Err(panic) => BoxError::from(format!("dead-letter sink panicked: {}", panic_message(&panic))),
-            };
-            if !policy.should_retry(attempt) {
-                error!(error = %ErrorChain(failure.as_ref()), "the dead-letter sink kept failing; stopping the scheduler so that no record is dropped");
-                return Err(SchedulerError::ProcessorFailed {
-                    shard_id: self.shard_id().to_owned(),
-                    source: failure,
-                });
-            }
-            warn!(attempt, error = %ErrorChain(failure.as_ref()), "the dead-letter sink failed; retrying");
-            tokio::time::sleep(policy.backoff(attempt)).await;
-            attempt += 1;
-        }
-    }
-
-    /// Calls the processor, retrying errors and panics per the policy. `Ok` also when
-    /// the policy skipped the call; only a `skippable` call (a batch) is ever skipped:
-    /// for any other, `SkipBatch` stops this consumer instead.
-    async fn call_with_policy<F>(
-        &mut self,
-        what: &'static str,
-        skippable: bool,
-        policy: &ProcessorErrorPolicy,
-        mut call: F,
-    ) -> Result<(), CallFailure>
-    where
-        F: for<'a> FnMut(&'a mut Box<dyn RecordProcessor>) -> futures::future::BoxFuture<'a, Result<(), BoxError>>,
-    {
-        let mut attempt = 1u32;
-        loop {
-            let error: BoxError = match AssertUnwindSafe(call(&mut self.processor)).catch_unwind().await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => e,
-                Err(panic) => BoxError::from(format!("processor panicked in {what}: {}", panic_message(&panic))),
-            };
-            metrics::processor_failure(self.stream(), self.shard_id());
-            // A batch whose records were processed but whose checkpoint failed is not
-            // delivered again: the checkpointer already retried what retrying could fix,
-            // and the next checkpoint covers these records.
-            if skippable && !self.held.lost.is_cancelled() {
-                match checkpoint_error(error.as_ref()) {
-                    Some(e) if e.is_retryable() => {
-                        warn!(what, error = %ErrorChain(error.as_ref()), "the processor returned a failed checkpoint; its records are not delivered again (the next checkpoint covers them)");
-                        return Ok(());
-                    }
-                    _ => {}
-                }
-            }
-            if self.held.lost.is_cancelled() {
-                // Its checkpoints fail now anyway; stop retrying and let the lease go. A
-                // call that cannot be skipped (`initialize`) ends the consumer instead, so
-                // that a processor that failed to initialize is never handed anything.
-                warn!(what, error = %ErrorChain(error.as_ref()), "processor failed after the lease was lost");
-                return Err(Self::lost_failure(skippable));
-            }
-            if policy.retry.should_retry(attempt) {
-                let wait = policy.retry.backoff(attempt);
-                warn!(what, attempt, error = %ErrorChain(error.as_ref()), ?wait, "processor failed; retrying the same input");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = self.held.lost.cancelled() => return Err(Self::lost_failure(skippable)),
-                }
-                attempt += 1;
-                continue;
-            }
-            return match policy.on_exhausted {
-                OnProcessorFailure::Bisect if skippable => Err(CallFailure::Bisect(error)),
-                OnProcessorFailure::SkipBatch if skippable => {
-                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; skipping the input per policy");
-                    metrics::batch_skipped(self.stream(), self.shard_id());
-                    Ok(())
-                }
-                OnProcessorFailure::SkipBatch | OnProcessorFailure::Bisect => {
-                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping this shard's consumer (only batches are ever skipped or bisected)");
-                    Err(CallFailure::StopConsumer)
-                }
-                _ => {
-                    error!(what, attempts = attempt, error = %ErrorChain(error.as_ref()), "processor kept failing; stopping the scheduler per policy");
-                    Err(CallFailure::StopScheduler(SchedulerError::ProcessorFailed {
-                        shard_id: self.shard_id().to_owned(),
-                        source: error,
-                    }))
-                }
-            };
-        }
-    }
-
-    /// How a failing call ends once the lease is lost: a batch was not processed (never
-    /// reported as done); a call that cannot be skipped (`initialize`) ends the consumer.
-    fn lost_failure(skippable: bool) -> CallFailure {
-        if skippable {
-            CallFailure::LeaseLost
-        } else {
-            CallFailure::StopConsumer
-        }
-    }
-
-    /// Calls `shard_ended` and checks that `SHARD_END` was checkpointed, retrying per
-    /// the error policy. True when the shard is finished.
-    async fn finish_shard(&mut self, checkpointer: &Checkpointer) -> bool {
-        let policy = self.ctx.error_policy.retry.clone();
-        let mut attempt = 1u32;
-        loop {
-            let input = ShardEndedInput {
-                shard_id: self.shard_id().to_owned(),
-                checkpointer: checkpointer.clone(),
-            };
-            let result = AssertUnwindSafe(self.processor.shard_ended(input)).catch_unwind().await;
-            let done = checkpointer.last_checkpoint().await.is_shard_end();
-            match (result, done) {
-                (Ok(Ok(())), true) => return true,
-                (_, true) => return true,
-                (Ok(Ok(())), false) => {
-                    error!("shard_ended returned without checkpointing SHARD_END; the shard is not finished")
-                }
-                (Ok(Err(e)), false) => error!(error = %ErrorChain(e.as_ref()), "shard_ended failed"),
-                (Err(_), false) => error!("shard_ended panicked"),
-            }
-            if self.held.lost.is_cancelled() || !policy.should_retry(attempt) {
-                return false;
-            }
-            tokio::time::sleep(policy.backoff(attempt)).await;
-            attempt += 1;
-        }
-    }
-}
-
-/// After a `ResourceNotFoundException` for this consumer's shard: whether the stream
-/// itself still exists (then the shard is gone: it aged out past retention, or the stream
-/// was resharded while nobody read it). Keeps asking with backoff while the answer is
-/// unknown; the caller stops asking when the lease is lost or a shutdown is requested.
-async fn stream_exists(ctx: &ConsumerContext, stream: &StreamHandle) -> bool {
-    use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
-    use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
-    let mut attempt = 0u32;
-    loop {
-        match stream.describe(&ctx.kinesis, ctx.kinesis_call_timeout).await {
-            // A stream created again under the same name is another stream.
-            Ok(summary) => return stream.is_same_incarnation(&summary),
-            Err(SdkError::ServiceError(e))
-                if matches!(e.err(), DescribeStreamSummaryError::ResourceNotFoundException(_)) =>
-            {
-                return false
-            }
-            Err(e) => {
-                warn!(error = %DisplayErrorContext(&e), "cannot tell whether the stream still exists; retrying");
-                attempt = attempt.saturating_add(1);
-                tokio::time::sleep(ctx.kinesis_retry.backoff(attempt)).await;
-            }
-        }
-    }
-}
-
-/// Learns the children of this ended shard, from `GetRecords`'s `ChildShards` or,
-/// where the backend did not send them, from `ListShards` parent links, and creates
-/// their leases (at `TRIM_HORIZON`, with their parents) before the processor is told
-/// of the shard end, so that no child is left without a lease. Returns the child shard
-/// ids; when neither source knows them yet the periodic shard sync creates them later.
-async fn create_child_leases(
-    ctx: &ConsumerContext,
-    stream: &StreamHandle,
-    shard_id: &str,
-    child_shards: Vec<ChildShard>,
-) -> Vec<String> {
-    let source = if child_shards.is_empty() {
-        "ListShards"
-    } else {
-        "ChildShards"
-    };
-    debug!(source, "learning the child shards");
-    let children: Vec<Lease> = if child_shards.is_empty() {
-        match stream.detector.list_shards().await {
-            Ok(shards) => shards
-                .into_iter()
-                .filter(|s| s.parents.iter().any(|p| p == shard_id))
-                .map(|s| {
-                    let mut l =
-                        Lease::new(s.shard_id, crate::ExtendedSequenceNumber::TRIM_HORIZON).with_parents(s.parents);
-                    l.hash_key_range = s.hash_key_range;
-                    l
-                })
-                .collect(),
-            Err(e) => {
-                warn!(error = %ErrorChain(&e), "cannot list shards to find the children; the shard sync will create them");
-                Vec::new()
-            }
-        }
-    } else {
-        child_shards
-            .iter()
-            .map(|c| {
-                let mut l = Lease::new(c.shard_id.clone(), crate::ExtendedSequenceNumber::TRIM_HORIZON)
-                    .with_parents(c.parent_shard_ids.iter().cloned());
-                l.hash_key_range = c.hash_key_range.clone();
-                l
-            })
-            .collect()
-    };
-    let children: Vec<Lease> = children.into_iter().map(|l| stream.qualify(l)).collect();
-    let store = ctx.coordinator.store();
-    for child in &children {
-        let created = retry(&RetryPolicy::default(), crate::LeaseStoreError::is_retryable, || {
-            store.create_lease_if_not_exists(child)
-        })
-        .await;
-        match created {
-            Ok(true) => info!(child = %child.lease_key, "created child lease"),
-            Ok(false) => {}
-            Err(e) => {
-                warn!(child = %child.lease_key, error = %ErrorChain(&e), "cannot create child lease; the shard sync will")
-            }
-        }
-    }
-    children.into_iter().map(|l| l.shard().to_owned()).collect()
-}
-
-/// The [`CheckpointError`](crate::CheckpointError) in `error`'s source chain, if the
-/// processor returned one (directly or wrapped).
-fn checkpoint_error<'a>(
-    error: &'a (dyn std::error::Error + Send + Sync + 'static),
-) -> Option<&'a crate::CheckpointError> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    // Bounded: a cyclic chain (a bug elsewhere) must not hang the consumer.
-    for _ in 0..32 {
-        let e = current?;
-        if let Some(c) = e.downcast_ref::<crate::CheckpointError>() {
-            return Some(c);
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// The text of a panic payload (a `&str` or a `String`), for logs.

@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::model::LeaderLock;
+use super::store::LeaseStore;
 use crate::error::ErrorChain;
-use crate::lease::{LeaderLock, LeaseStore};
 
 /// The owner written into a lock given up: the next worker to read it takes it.
 const RESIGNED: &str = "(resigned)";
@@ -155,7 +156,8 @@ impl LeaderDecider {
 mod tests {
     use super::*;
     use crate::error::LeaseStoreError;
-    use crate::lease::{InMemoryLeaseStore, Lease};
+    use crate::lease::in_memory::InMemoryLeaseStore;
+    use crate::lease::model::Lease;
     use std::sync::Mutex;
 
     /// An in-memory store with a leader lock.
