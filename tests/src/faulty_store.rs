@@ -324,6 +324,11 @@ impl LeaseStore for FaultyLeaseStore {
         self.gate().await?;
         self.inner.delete_lease(lease).await
     }
+
+    async fn delete_lease_if_unchanged(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        self.gate().await?;
+        self.inner.delete_lease_if_unchanged(lease).await
+    }
 }
 
 #[cfg(test)]

@@ -405,6 +405,31 @@ async fn evict_clears_the_owner_only_for_the_owner_seen() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The cleanup's delete (issue 23, item 11): conditional on the counter and owners as
+/// read, so that a lease taken or renewed after it was judged stale is kept.
+#[tokio::test]
+async fn delete_if_unchanged_keeps_a_lease_written_since_it_was_read() -> anyhow::Result<()> {
+    let f = Fixture::with_table().await?;
+    let read = f
+        .create_and_read(&Lease::new(shard(0), ExtendedSequenceNumber::TRIM_HORIZON))
+        .await?;
+    let mut taken = read.clone();
+    assert!(f.store.take_lease(&mut taken, "worker-a").await?);
+    assert!(
+        !f.store.delete_lease_if_unchanged(&read).await?,
+        "changed since the read"
+    );
+    assert_eq!(f.store.get_lease(&shard(0)).await?.context("kept")?, taken);
+    assert!(
+        f.store.delete_lease_if_unchanged(&taken).await?,
+        "unchanged since this read"
+    );
+    assert!(f.store.get_lease(&shard(0)).await?.is_none());
+    assert!(!f.store.delete_lease_if_unchanged(&taken).await?, "gone");
+    f.shutdown().await;
+    Ok(())
+}
+
 /// The Java KCL 3.x handoff on the wire: `initiateGracefulLeaseHandoff` sets
 /// `leaseOwner` to the new owner and `checkpointOwner` to the old one without moving the
 /// counter; the old owner's writes that did not expect it fail, those that do pass;

@@ -870,6 +870,28 @@ impl LeaseStore for DynamoLeaseStore {
             .map_err(|e| self.error(e, "DeleteItem", &lease.lease_key))?;
         Ok(())
     }
+
+    async fn delete_lease_if_unchanged(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        // The same conditions as a write: the counter and owners as read.
+        let mut conditions = Update::default();
+        conditions.expect_counter(lease.lease_counter);
+        conditions.expect_owner(lease);
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table_name)
+            .set_key(Some(item::key(&lease.lease_key)))
+            .set_condition_expression(conditions.condition())
+            .set_expression_attribute_names(Some(conditions.names))
+            .set_expression_attribute_values(Some(conditions.values))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if kind_of(&err) == ErrorKind::ConditionalCheckFailed => Ok(false),
+            Err(err) => Err(self.error(err, "DeleteItem (if unchanged)", &lease.lease_key)),
+        }
+    }
 }
 
 /// Builds a [`DynamoLeaseStore`] with non-default options; [`build`](Self::build)

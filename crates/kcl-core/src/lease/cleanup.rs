@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::model::Lease;
 use super::store::LeaseStore;
@@ -50,9 +50,12 @@ impl LeaseCleanup {
     ) {
         let delay = config.completed_lease_cleanup_delay;
         for finished in self.leases_to_delete(leases, now, delay, config.failover_time) {
-            match store.delete_lease(&finished).await {
-                Ok(()) => {
+            match store.delete_lease_if_unchanged(&finished).await {
+                Ok(true) => {
                     info!(shard_id = %finished.lease_key, owner = ?finished.lease_owner, "deleted the lease of a finished shard")
+                }
+                Ok(false) => {
+                    debug!(shard_id = %finished.lease_key, "a finished lease changed since it was read; kept for now")
                 }
                 Err(e) => {
                     warn!(shard_id = %finished.lease_key, error = %ErrorChain(&e), "deleting a finished lease failed")
@@ -72,9 +75,14 @@ impl LeaseCleanup {
         delay: Duration,
     ) {
         for lease in self.former_stream_leases_to_delete(leases, consumed, now, delay) {
-            match store.delete_lease(&lease).await {
-                Ok(()) => {
+            // Conditional on the lease as judged: a worker whose tracker still lists
+            // the stream may have taken or renewed it since the read.
+            match store.delete_lease_if_unchanged(&lease).await {
+                Ok(true) => {
                     info!(shard_id = %lease.lease_key, stream = ?lease.stream_name, "deleted a lease of a stream no longer consumed")
+                }
+                Ok(false) => {
+                    info!(shard_id = %lease.lease_key, stream = ?lease.stream_name, "a lease of a former stream was written since it was judged stale; kept")
                 }
                 Err(e) => {
                     warn!(shard_id = %lease.lease_key, error = %ErrorChain(&e), "deleting a lease of a former stream failed")

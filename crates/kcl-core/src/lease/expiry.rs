@@ -44,7 +44,9 @@ impl Observations {
         let changed_since = now.checked_sub(renewal / 2).unwrap_or(now);
         for lease in leases {
             match self.observed.get_mut(&lease.lease_key) {
-                Some(o) if o.counter == lease.lease_counter => {}
+                // A handoff begins or is re-targeted without moving the counter: the
+                // owner is updated, the clock is not (expiry is the counter's alone).
+                Some(o) if o.counter == lease.lease_counter => o.owner.clone_from(&lease.lease_owner),
                 Some(o) => {
                     *o = Observation {
                         counter: lease.lease_counter,
@@ -72,14 +74,16 @@ impl Observations {
     }
 
     /// True when `lease` (as just read) is unowned, or its counter has stood still for
-    /// the failover time with the owner observed.
+    /// the failover time. The counter alone decides, as in the Java KCL: a handoff that
+    /// began (or was re-targeted) changed `leaseOwner` without moving it, and a lease
+    /// whose old owner and receiver both died must still expire.
     pub(crate) fn is_expired(&self, lease: &Lease, now: Instant, failover: Duration) -> bool {
         if lease.lease_owner.is_none() {
             return true;
         }
         self.observed
             .get(&lease.lease_key)
-            .is_some_and(|o| o.owner == lease.lease_owner && now.saturating_duration_since(o.since) >= failover)
+            .is_some_and(|o| o.counter == lease.lease_counter && now.saturating_duration_since(o.since) >= failover)
     }
 
     /// Whether the counter of `lease_key` is still `counter`, as last observed.

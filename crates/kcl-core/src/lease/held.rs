@@ -106,9 +106,13 @@ impl HeldLease {
     }
 
     /// Schedules another attempt after a failed renewal: a quarter interval, with
-    /// jitter, so that renewals throttled together do not retry together.
-    pub(super) fn retry_renewal(&self, now: Instant, renewal_interval: Duration) {
-        *lock(&self.next_renewal) = now + (renewal_interval / 4).mul_f64(rand::random_range(0.5..1.5));
+    /// jitter, so that renewals throttled together do not retry together, and at most
+    /// `at_most` from `now`.
+    pub(super) fn retry_renewal(&self, now: Instant, renewal_interval: Duration, at_most: Duration) {
+        *lock(&self.next_renewal) = now
+            + (renewal_interval / 4)
+                .mul_f64(rand::random_range(0.5..1.5))
+                .min(at_most);
     }
 
     pub(super) fn next_renewal(&self) -> Instant {

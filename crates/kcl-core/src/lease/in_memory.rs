@@ -152,6 +152,19 @@ impl LeaseStore for InMemoryLeaseStore {
         self.leases().remove(&lease.lease_key);
         Ok(())
     }
+
+    async fn delete_lease_if_unchanged(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        let mut map = self.leases();
+        let unchanged = map.get(&lease.lease_key).is_some_and(|stored| {
+            stored.lease_counter == lease.lease_counter
+                && stored.lease_owner == lease.lease_owner
+                && stored.checkpoint_owner == lease.checkpoint_owner
+        });
+        if unchanged {
+            map.remove(&lease.lease_key);
+        }
+        Ok(unchanged)
+    }
 }
 
 #[cfg(test)]

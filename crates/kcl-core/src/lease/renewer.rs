@@ -5,9 +5,12 @@
 //!
 //! Renewals are scheduled per lease, one renewal interval (less a random part, so that
 //! they spread over the interval) after the lease's last successful write: a lease
-//! checkpointed more often than that is never renewed separately. A failed renewal is
-//! tried again after a quarter interval, with jitter, until ownership can no longer be
-//! proven.
+//! checkpointed more often than that is never renewed separately. Renewals are
+//! independent (earliest deadline first, a bounded number in flight): one slow call
+//! holds back no other. Each is bounded by half the proof of ownership left, and a
+//! failed one is tried again after a quarter interval with jitter (within a quarter of
+//! the proof left), so that a hung call costs a retry, not the lease, until ownership
+//! can no longer be proven.
 //!
 //! A lease this worker holds counts as lost as soon as it could be expired for others:
 //! when no renewal sent in the last `failover_time - renewal_interval` succeeded; no
@@ -18,10 +21,11 @@
 //! `checkpointOwner` is this worker is being handed over, and is renewed and
 //! checkpointed on until the handoff completes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -156,20 +160,18 @@ impl LeaseRenewer {
     /// Renews the held leases whose renewal is due by `by`, at most
     /// [`MAX_CONCURRENT_RENEWALS`] at a time; declares lost those whose renewal was
     /// refused, and those not renewed in time to be sure no one else may take them.
+    #[cfg(test)]
     pub(crate) async fn renew_due(&self, by: Instant) {
         let due: Vec<Arc<HeldLease>> = self
             .held_leases()
             .into_iter()
             .filter(|h| h.next_renewal() <= by)
             .collect();
-        for chunk in due.chunks(MAX_CONCURRENT_RENEWALS) {
-            futures::future::join_all(chunk.iter().map(|h| self.renew_one(h))).await;
-        }
-    }
-
-    /// When the next held lease's renewal is due, if any lease is held.
-    pub(crate) fn next_renewal_due(&self) -> Option<Instant> {
-        lock(&self.held).values().map(|h| h.next_renewal()).min()
+        let mut due = due;
+        due.sort_by_key(|h| h.next_renewal());
+        futures::stream::iter(due)
+            .for_each_concurrent(MAX_CONCURRENT_RENEWALS, |h| async move { self.renew_one(&h).await })
+            .await;
     }
 
     /// The next moment a held lease stops being provably held, if nothing renews it.
@@ -207,13 +209,16 @@ impl LeaseRenewer {
             let mut next = guard.clone();
             let sent = Instant::now();
             next.throughput_kbps = held.sample_throughput(sent).or(next.throughput_kbps);
-            outcome = match self.store.renew_lease(&mut next).await {
+            outcome = match self.send_renewal(held, &mut next).await {
                 Ok(true) => {
                     *guard = next;
                     held.record_renewal(sent, self.config.renewal_interval);
                     Ok(true)
                 }
-                Ok(false) => match self.verify_refusal(&held.shard_id).await {
+                Ok(false) => match self
+                    .verify_refusal_within(&held.shard_id, self.provable_ownership_left(held))
+                    .await
+                {
                     Verdict::StillOurs(stored) => {
                         debug!(shard_id = %held.shard_id, counter = stored.lease_counter, "renewal refused but the lease is still ours; adopting the stored lease");
                         *guard = *stored;
@@ -237,11 +242,16 @@ impl LeaseRenewer {
             Err(e) => {
                 metrics::lease_renewal_failed();
                 warn!(shard_id = %held.shard_id, error = %ErrorChain(&e), "lease renewal failed");
-                let now = Instant::now();
-                if self.past_safe_ownership(held.last_renewal_sent(), now) {
-                    self.mark_lost(&held.shard_id, "not renewed within the failover time");
-                } else {
-                    held.retry_renewal(now, self.config.renewal_interval);
+                match self.provable_ownership_left(held) {
+                    None => self.mark_lost(&held.shard_id, "not renewed within the failover time"),
+                    // Tried again within a quarter of the proof left (but not sooner than
+                    // a fiftieth of an interval), so that another attempt fits before
+                    // it runs out without a storm of them.
+                    Some(left) => held.retry_renewal(
+                        Instant::now(),
+                        self.config.renewal_interval,
+                        (left / 4).max(self.config.renewal_interval / 50),
+                    ),
                 }
             }
         }
@@ -260,6 +270,19 @@ impl LeaseRenewer {
             }
             Ok(_) => Verdict::Lost,
             Err(e) => Verdict::Unknown(e),
+        }
+    }
+
+    /// [`Self::verify_refusal`], bounded by `left` (the proof of ownership left; none:
+    /// unknown at once), so that a hung read does not outlast the lease.
+    async fn verify_refusal_within(&self, shard_id: &str, left: Option<Duration>) -> Verdict {
+        let left = left.unwrap_or_default();
+        match tokio::time::timeout(left, self.verify_refusal(shard_id)).await {
+            Ok(verdict) => verdict,
+            Err(_) => Verdict::Unknown(LeaseStoreError::Dependency {
+                message: format!("reading lease {shard_id:?} after a refused renewal timed out after {left:?}"),
+                source: "lease store call timed out".into(),
+            }),
         }
     }
 
@@ -379,6 +402,25 @@ impl LeaseRenewer {
         }))
     }
 
+    /// Sends one renewal of `next`, bounded by the call timeout and by the proof of
+    /// ownership left less a quarter renewal interval, kept for another attempt (or
+    /// half what is left, when that is more): a renewal that hangs fails in time for
+    /// another to land while the lease is still provably held, a slow but healthy
+    /// table has most of the time left, and the attempts after a hang keep halving
+    /// what is left instead of giving up after one.
+    async fn send_renewal(&self, held: &HeldLease, next: &mut Lease) -> Result<bool, LeaseStoreError> {
+        let left = self.provable_ownership_left(held).unwrap_or_default();
+        let budget = (left / 2).max(left.saturating_sub(self.config.renewal_interval / 4));
+        let timeout = self.config.lease_store_call_timeout.min(budget);
+        match tokio::time::timeout(timeout, self.store.renew_lease(next)).await {
+            Ok(renewed) => renewed,
+            Err(_) => Err(LeaseStoreError::Dependency {
+                message: format!("renewal timed out after {timeout:?}"),
+                source: "lease store call timed out".into(),
+            }),
+        }
+    }
+
     /// Sends one checkpoint write of `next`, bounded by the call timeout and by the
     /// proof of ownership left: a write never outlives it (past that point another
     /// worker may own the lease, and this worker must already have stopped). `None`
@@ -395,26 +437,11 @@ impl LeaseRenewer {
         }))
     }
 
-    /// Runs until `stop`: renews each held lease when its renewal is due, waking at
-    /// least every fifth of a renewal interval so that a lease taken meanwhile is
-    /// renewed on time. Beside it, a watchdog marks a lease lost the moment it can no
+    /// Runs until `stop`: renews each held lease when its renewal is due ([`Self::renewals`]),
+    /// and beside it runs a watchdog that marks a lease lost the moment it can no
     /// longer be proven held, even while a renewal of it hangs.
     pub(crate) async fn run(&self, stop: CancellationToken) {
         let every = self.config.renewal_interval;
-        let renewals = async {
-            loop {
-                let now = Instant::now();
-                let wake = self
-                    .next_renewal_due()
-                    .map_or(now + every / 5, |due| due.min(now + every / 5));
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep_until(wake) => {}
-                }
-                // Leases due within the next few milliseconds go in the same round.
-                self.renew_due(Instant::now() + every / 50).await;
-            }
-        };
         let watchdog = async {
             loop {
                 let now = Instant::now();
@@ -428,6 +455,68 @@ impl LeaseRenewer {
                 self.expire_unprovable(Instant::now());
             }
         };
-        tokio::join!(renewals, watchdog);
+        tokio::join!(self.renewals(&stop), watchdog);
+    }
+
+    /// Renews each held lease when its renewal is due, earliest deadline first, with up
+    /// to [`MAX_CONCURRENT_RENEWALS`] in flight. Renewals are independent: one that
+    /// hangs until its timeout holds back no other (a new one starts whenever one
+    /// ends), and its own lease is tried again in time ([`Self::renew_one`]). Wakes at
+    /// least every fifth of a renewal interval, so that a lease taken meanwhile is
+    /// renewed on time.
+    async fn renewals(&self, stop: &CancellationToken) {
+        let every = self.config.renewal_interval;
+        let renew = |held: Arc<HeldLease>| async move {
+            self.renew_one(&held).await;
+            held
+        };
+        let mut in_flight = FuturesUnordered::new();
+        let mut renewing: HashSet<String> = HashSet::new();
+        loop {
+            let now = Instant::now();
+            // Leases due within the next few milliseconds go now too.
+            let soon = now + every / 50;
+            let mut due: Vec<(Instant, Arc<HeldLease>)> = self
+                .held_leases()
+                .into_iter()
+                .filter(|h| !renewing.contains(&h.shard_id))
+                .map(|h| (h.next_renewal(), h))
+                .collect();
+            due.sort_by_key(|(at, _)| *at);
+            let later = due.iter().map(|(at, _)| *at).find(|at| *at > soon);
+            // Due now, earliest first: started as slots free up, without another scan.
+            let mut ready: VecDeque<Arc<HeldLease>> = due
+                .into_iter()
+                .take_while(|(at, _)| *at <= soon)
+                .map(|(_, h)| h)
+                .collect();
+            while in_flight.len() < MAX_CONCURRENT_RENEWALS {
+                let Some(held) = ready.pop_front() else { break };
+                renewing.insert(held.shard_id.clone());
+                in_flight.push(renew(held));
+            }
+            let wake = later.map_or(now + every / 5, |at| at.min(now + every / 5));
+            let sleep = tokio::time::sleep_until(wake);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                        // A failed renewal is due again soon.
+                        let again = done.next_renewal();
+                        if again < sleep.deadline() {
+                            sleep.as_mut().reset(again);
+                        }
+                        if let Some(held) = ready.pop_front() {
+                            renewing.insert(held.shard_id.clone());
+                            in_flight.push(renew(held));
+                        }
+                        renewing.remove(&done.shard_id);
+                    }
+                    // Only once every lease due has started: the next scan finds the rest.
+                    () = &mut sleep, if ready.is_empty() => break,
+                }
+            }
+        }
     }
 }

@@ -200,9 +200,24 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
     /// Transient errors.
     async fn update_lease_checkpoint(&self, lease: &mut Lease) -> Result<bool, LeaseStoreError>;
 
-    /// Deletes a lease; conditional on nothing (used for finished shards' cleanup).
+    /// Deletes a lease; conditional on nothing (the admin tool's explicit deletes).
     ///
     /// # Errors
     /// Transient errors.
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
+
+    /// Deletes a lease if it is still as `lease` was read: conditional on its counter
+    /// (and owners), so that a lease judged stale from one read and written since (a
+    /// worker still consuming its stream took or renewed it) is kept. Returns false
+    /// when it changed (or is gone). The cleanup of finished and former streams'
+    /// leases deletes this way.
+    ///
+    /// The default deletes unconditionally and returns true; a store shared by many
+    /// workers should override it.
+    ///
+    /// # Errors
+    /// Transient errors.
+    async fn delete_lease_if_unchanged(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        self.delete_lease(lease).await.map(|()| true)
+    }
 }

@@ -212,12 +212,13 @@ impl LeaseTaker {
     /// worker is not given the same leases again and again. A worker with a lease that
     /// expired is taken for dead: its other leases expire within moments, and handing
     /// it more would only delay them. The worker that writes a lease is the one it
-    /// proves alive: during a handoff, the old owner (its checkpoint owner) renews it.
+    /// proves alive, or dead when it expires: during a handoff, the old owner (its
+    /// checkpoint owner) renews it.
     fn alive_workers<'a>(&self, live: &[&'a Lease], me: &str, now: Instant, failover: Duration) -> HashSet<&'a str> {
         let suspect: HashSet<&str> = live
             .iter()
-            .filter(|l| l.lease_owner.as_deref() != Some(me) && self.observed.is_expired(l, now, failover))
-            .filter_map(|l| l.lease_owner.as_deref())
+            .filter(|l| l.actual_owner() != Some(me) && self.observed.is_expired(l, now, failover))
+            .filter_map(|l| l.actual_owner())
             .collect();
         live.iter()
             .filter(|l| self.proves_owner_alive(l, now, failover))

@@ -130,4 +130,13 @@ impl LeaseStore for TimedLeaseStore {
     async fn delete_lease(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
         bounded("delete_lease", self.call, self.inner.delete_lease(lease)).await
     }
+
+    async fn delete_lease_if_unchanged(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        bounded(
+            "delete_lease_if_unchanged",
+            self.call,
+            self.inner.delete_lease_if_unchanged(lease),
+        )
+        .await
+    }
 }

@@ -180,6 +180,7 @@ impl<'a> Run<'a> {
     async fn step(&mut self) -> Step {
         let shutdown = &self.scheduler.shutdown;
         let next_retry = self.workers.next_retry();
+        let handoff_while_backing_off = self.workers.handoff_while_backing_off(&self.coordinator);
         tokio::select! {
             biased;
             // Cancel safety: every branch is cancel safe (token, JoinSet, intervals, a
@@ -192,6 +193,8 @@ impl<'a> Run<'a> {
             () = sleep_until_or_never(self.streams.next_poll()) => self.poll_tracker().await,
             // A shard's backoff ended: its consumer starts after the step.
             () = sleep_until_or_never(next_retry) => Step::Continue,
+            // A handoff of a backing-off lease: released after the step.
+            () = handoff_while_backing_off => Step::Continue,
             () = sleep_until_or_never(self.incoming.next_poll()) => self.poll_incoming().await,
         }
     }

@@ -2,6 +2,7 @@
 //! them, and backing off a shard whose consumer failed.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
@@ -66,7 +67,9 @@ impl Workers {
     }
 
     /// Starts a consumer for every held lease that has none and is not backing off.
-    /// Finished leases are released instead: there is nothing left to read.
+    /// Finished leases, and those of a stream no longer consumed, are released instead:
+    /// there is nothing to read. So are those being handed over, backing off or not:
+    /// the receiver reads them.
     /// Consumers of streams no longer consumed are asked to shut down gracefully, and
     /// their held leases without a consumer released.
     pub(super) async fn start_new(
@@ -89,7 +92,10 @@ impl Workers {
             if self.running.contains_key(&held.shard_id) || held.lost.is_cancelled() {
                 continue;
             }
-            if self.backoff.get(&held.shard_id).is_some_and(|b| b.retry_at > now) {
+            // Backing off: no consumer yet, unless a handoff was asked for meanwhile:
+            // it completes at once below (there is no consumer to stop).
+            let backing_off = self.backoff.get(&held.shard_id).is_some_and(|b| b.retry_at > now);
+            if backing_off && !held.shutdown_requested.is_cancelled() {
                 continue;
             }
             let (finished, stream, shard) = {
@@ -159,6 +165,26 @@ impl Workers {
         entry.retry_at = now + wait;
         metrics::shard_backoff(stream, shard_id);
         warn!(stream, shard_id, failures = entry.failures, retry_in = ?wait, "shard consumer failed; keeping the lease and starting it again after the backoff");
+    }
+
+    /// Resolves when a handoff is asked for a held lease whose consumer is backing off
+    /// (the step after it releases the lease at once: there is no consumer to stop);
+    /// never while there is none.
+    pub(super) fn handoff_while_backing_off(&self, coordinator: &LeaseCoordinator) -> impl Future<Output = ()> {
+        let now = Instant::now();
+        let tokens: Vec<CancellationToken> = coordinator
+            .held_leases()
+            .into_iter()
+            .filter(|h| !self.running.contains_key(&h.shard_id))
+            .filter(|h| self.backoff.get(&h.shard_id).is_some_and(|b| b.retry_at > now))
+            .map(|h| h.shutdown_requested.clone())
+            .collect();
+        async move {
+            if tokens.is_empty() {
+                return std::future::pending().await;
+            }
+            futures::future::select_all(tokens.iter().map(|t| Box::pin(t.cancelled()))).await;
+        }
     }
 
     /// When the next backing-off shard may start.
