@@ -153,3 +153,45 @@ async fn setting_a_lease_to_latest_forgets_where_it_started_before() -> anyhow::
     assert_eq!(after.latest_start_timestamp, None, "the old start is gone");
     Ok(())
 }
+
+/// Issue 23, item 12: `checkpoint reset --force` on a lease a running worker holds
+/// fences that worker: it loses the lease (`lease_lost`), and the next owner (here the
+/// same worker, taking the lease again) reads from the forced checkpoint, so the
+/// shard's records are delivered again. Before, the owner's next write was refused,
+/// its read-back still named it, and it adopted the stored lease and wrote its own
+/// checkpoint over the forced one: nothing was re-delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_reset_fences_the_running_owner_and_the_shard_is_read_again() -> anyhow::Result<()> {
+    let env = TestEnv::start(1).await?;
+    let written = env.put(20, "force").await?;
+    let store = env.lease_store();
+    let recorder = Recorder::default();
+    let scheduler = env
+        .scheduler(&recorder, CheckpointMode::EveryBatch)
+        .worker_id("owner")
+        .initial_position(kcl_core::InitialPositionInStream::TrimHorizon)
+        .build()?;
+    let (handle, task) = (scheduler.shutdown_handle(), tokio::spawn(scheduler.run()));
+    recorder
+        .wait_until("every record processed", WAIT, |s| s.deliveries.len() >= written.len())
+        .await?;
+    let shard = written[0].shard_id.clone();
+    let first = written[0].sequence_number.clone();
+    let row = admin::set_checkpoint(&store, &shard, NewCheckpoint::TrimHorizon, true).await?;
+    assert_eq!(row.checkpoint, "TRIM_HORIZON");
+    recorder
+        .wait_until(
+            "the owner lost the lease and read the shard again from its start",
+            WAIT,
+            |s| {
+                s.events
+                    .iter()
+                    .any(|e| matches!(e, Event::LeaseLost { shard_id } if *shard_id == shard))
+                    && s.deliveries.iter().filter(|d| d.sequence_number == first).count() >= 2
+            },
+        )
+        .await?;
+    handle.shutdown();
+    task.await??;
+    Ok(())
+}

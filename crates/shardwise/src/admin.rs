@@ -281,10 +281,12 @@ pub enum NewCheckpoint {
     Latest,
 }
 
-/// Moves a shard's checkpoint: refused while a worker holds the lease unless `force`
-/// (then the owner's next write fails and it loses the lease; the next owner starts
-/// from the new checkpoint). The write is conditional on the counter and owner read.
-/// Returns the lease as written.
+/// Moves a shard's checkpoint: refused while a worker holds the lease unless `force`.
+/// Forced, the lease is first taken in the name [`ADMIN_OWNER`] (which fences the
+/// owner: its next write is refused and its read-back shows another owner, so it loses
+/// the lease), then the checkpoint is written, then the lease is released, so that the
+/// next owner starts from the new checkpoint at once. Each write is conditional on the
+/// counter and owner read. Returns the lease as written.
 ///
 /// # Errors
 /// [`AdminError::NoSuchLease`], [`AdminError::Owned`], [`AdminError::Changed`],
@@ -295,17 +297,7 @@ pub async fn set_checkpoint(
     to: NewCheckpoint,
     force: bool,
 ) -> Result<LeaseRow, AdminError> {
-    let mut lease = store
-        .get_lease(shard_id)
-        .await?
-        .ok_or_else(|| AdminError::NoSuchLease(shard_id.to_owned()))?;
-    if let (Some(owner), false) = (&lease.lease_owner, force) {
-        return Err(AdminError::Owned {
-            shard_id: shard_id.to_owned(),
-            owner: owner.clone(),
-        });
-    }
-    lease.checkpoint = match to {
+    let checkpoint = match to {
         NewCheckpoint::Sequence(s) => ExtendedSequenceNumber::new(
             SequenceNumber::parse(&s).map_err(|e| AdminError::InvalidArgument(format!("{s:?}: {e}")))?,
             0,
@@ -313,15 +305,51 @@ pub async fn set_checkpoint(
         NewCheckpoint::TrimHorizon => ExtendedSequenceNumber::TRIM_HORIZON,
         NewCheckpoint::Latest => ExtendedSequenceNumber::LATEST,
     };
-    lease.pending_checkpoint = None;
-    lease.pending_checkpoint_state = None;
-    // A lease set to LATEST starts anew: where an earlier consumer started is void.
-    lease.latest_start_timestamp = None;
-    if !store.update_lease_checkpoint(&mut lease).await? {
-        return Err(AdminError::Changed(shard_id.to_owned()));
+    // Forced, the owner's renewals may move the counter between the read and the take:
+    // read again, a few times.
+    let attempts = if force { FORCED_ATTEMPTS } else { 1 };
+    for _ in 0..attempts {
+        let mut lease = store
+            .get_lease(shard_id)
+            .await?
+            .ok_or_else(|| AdminError::NoSuchLease(shard_id.to_owned()))?;
+        if let (Some(owner), false) = (&lease.lease_owner, force) {
+            return Err(AdminError::Owned {
+                shard_id: shard_id.to_owned(),
+                owner: owner.clone(),
+            });
+        }
+        // Fence the owner: a checkpoint write alone would leave the lease in its name,
+        // and the owner would adopt the stored lease and write its own checkpoint over
+        // this one.
+        let fenced = lease.lease_owner.is_some();
+        if fenced && !store.take_lease(&mut lease, ADMIN_OWNER).await? {
+            continue;
+        }
+        lease.checkpoint = checkpoint.clone();
+        lease.pending_checkpoint = None;
+        lease.pending_checkpoint_state = None;
+        // A lease set to LATEST starts anew: where an earlier consumer started is void.
+        lease.latest_start_timestamp = None;
+        if !store.update_lease_checkpoint(&mut lease).await? {
+            return Err(AdminError::Changed(shard_id.to_owned()));
+        }
+        // Released: any worker takes it at once, from the new checkpoint.
+        if fenced && !store.evict_lease(&mut lease).await? {
+            return Err(AdminError::Changed(shard_id.to_owned()));
+        }
+        return Ok(LeaseRow::from(&lease));
     }
-    Ok(LeaseRow::from(&lease))
+    Err(AdminError::Changed(shard_id.to_owned()))
 }
+
+/// How many times a forced checkpoint change reads and takes the lease before it gives
+/// up (each take loses only to a write between the read and the take).
+const FORCED_ATTEMPTS: usize = 5;
+
+/// The owner a forced checkpoint change writes for a moment, to fence the worker that
+/// held the lease.
+pub const ADMIN_OWNER: &str = "shardwise-admin";
 
 /// The stream's registered enhanced fan-out consumers: (name, ARN, status).
 ///
