@@ -242,16 +242,18 @@ impl LeaseRenewer {
             Err(e) => {
                 metrics::lease_renewal_failed();
                 warn!(shard_id = %held.shard_id, error = %ErrorChain(&e), "lease renewal failed");
+                let every = self.config.renewal_interval;
                 match self.provable_ownership_left(held) {
                     None => self.mark_lost(&held.shard_id, "not renewed within the failover time"),
+                    // Throttled: the table is answering, only slowly; the jittered
+                    // quarter interval spreads the retries (within half the proof left).
+                    Some(left) if matches!(e, LeaseStoreError::Throttled(_)) => {
+                        held.retry_renewal(Instant::now(), every, left / 2);
+                    }
                     // Tried again within a quarter of the proof left (but not sooner than
                     // a fiftieth of an interval), so that another attempt fits before
-                    // it runs out without a storm of them.
-                    Some(left) => held.retry_renewal(
-                        Instant::now(),
-                        self.config.renewal_interval,
-                        (left / 4).max(self.config.renewal_interval / 50),
-                    ),
+                    // it runs out after a hung call.
+                    Some(left) => held.retry_renewal(Instant::now(), every, (left / 4).max(every / 50)),
                 }
             }
         }
@@ -348,7 +350,10 @@ impl LeaseRenewer {
             };
             let outcome = match write {
                 Ok(true) => WriteOutcome::Written,
-                Ok(false) => match self.verify_refusal(&held.shard_id).await {
+                Ok(false) => match self
+                    .verify_refusal_within(&held.shard_id, self.provable_ownership_left(held))
+                    .await
+                {
                     // The SDK may have retried a write that had already landed; then
                     // the item holds exactly what we wrote, one counter step later.
                     Verdict::StillOurs(stored)
@@ -409,7 +414,14 @@ impl LeaseRenewer {
     /// table has most of the time left, and the attempts after a hang keep halving
     /// what is left instead of giving up after one.
     async fn send_renewal(&self, held: &HeldLease, next: &mut Lease) -> Result<bool, LeaseStoreError> {
-        let left = self.provable_ownership_left(held).unwrap_or_default();
+        // Nothing is sent once ownership can no longer be proven: a late write would
+        // move the counter of a lease others may be taking.
+        let Some(left) = self.provable_ownership_left(held) else {
+            return Err(LeaseStoreError::Dependency {
+                message: "no proof of ownership left to renew within".into(),
+                source: "not renewed within the failover time".into(),
+            });
+        };
         let budget = (left / 2).max(left.saturating_sub(self.config.renewal_interval / 4));
         let timeout = self.config.lease_store_call_timeout.min(budget);
         match tokio::time::timeout(timeout, self.store.renew_lease(next)).await {

@@ -109,6 +109,7 @@ impl Workers {
             let Some(stream) = stream.filter(|_| !finished && !held.shutdown_requested.is_cancelled()) else {
                 // Finished, being handed over before a consumer ran (releasing
                 // completes the handoff), or of a stream no longer consumed.
+                self.backoff.remove(&held.shard_id);
                 coordinator.release(&held).await;
                 continue;
             };
