@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kcl_core::{
     CoordinatorConfig, InitialPositionInStream, LeaseManagementConfig, LeaseStore, RecordProcessorFactory,
-    RetrievalConfig, SchedulerBuilder,
+    RetrievalConfig, RetryPolicy, SchedulerBuilder,
 };
 
 use crate::backends::TestEnv;
-use crate::recorder::{CheckpointMode, Recorder, RecordingProcessor};
+use crate::recorder::{CheckpointMode, Event, Recorder, RecordingProcessor};
 
 impl TestEnv {
     /// A scheduler builder with fast test timings (failover 3 s, reads every 200 ms).
@@ -42,6 +42,27 @@ impl TestEnv {
         )
         .initial_position(InitialPositionInStream::TrimHorizon)
         .processor_factory(factory)
+    }
+}
+
+impl TestEnv {
+    /// A scheduler builder ([`TestEnv::scheduler`]) reading from `TRIM_HORIZON` whose
+    /// processor factory notes [`Event::Failed`] and panics at every call, so that the
+    /// shard's consumer keeps failing, with `backoff` between its starts.
+    pub fn failing_factory_scheduler(&self, recorder: &Recorder, backoff: RetryPolicy) -> SchedulerBuilder {
+        let factory_recorder = recorder.clone();
+        self.scheduler(recorder, CheckpointMode::EveryBatch)
+            .processor_factory(move |shard_id: &str| -> RecordingProcessor {
+                factory_recorder.note(Event::Failed {
+                    shard_id: shard_id.to_owned(),
+                });
+                panic!("the processor factory fails on purpose")
+            })
+            .coordinator_config(CoordinatorConfig {
+                shard_failure_backoff: backoff,
+                ..CoordinatorConfig::default()
+            })
+            .initial_position(InitialPositionInStream::TrimHorizon)
     }
 }
 

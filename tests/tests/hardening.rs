@@ -406,21 +406,9 @@ async fn a_failing_initialize_is_never_skipped() -> anyhow::Result<()> {
 async fn a_failing_shard_backs_off_exponentially_and_keeps_its_lease() -> anyhow::Result<()> {
     let env = TestEnv::start(1).await?;
     let recorder = Recorder::default();
-    let factory_recorder = recorder.clone();
     let initial = Duration::from_millis(1500);
     let scheduler = env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .processor_factory(move |shard_id: &str| -> RecordingProcessor {
-            factory_recorder.note(Event::Failed {
-                shard_id: shard_id.to_owned(),
-            });
-            panic!("the processor factory fails on purpose")
-        })
-        .coordinator_config(CoordinatorConfig {
-            shard_failure_backoff: RetryPolicy::new(initial, Duration::from_secs(30), None),
-            ..CoordinatorConfig::default()
-        })
-        .initial_position(InitialPositionInStream::TrimHorizon)
+        .failing_factory_scheduler(&recorder, RetryPolicy::new(initial, Duration::from_secs(30), None))
         .build()?;
     let worker_id = scheduler.worker_id().to_owned();
     let (handle, task) = spawn_scheduler(scheduler);

@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kcl_core::{CoordinatorConfig, InitialPositionInStream, LeaseStore as _, RetryPolicy};
+use kcl_core::{LeaseStore as _, RetryPolicy};
 use kcl_tests::{
-    load, poll_leases, spawn_scheduler, stop_scheduler, worker_deliveries, CheckpointMode, Event, Recorder,
-    RecordingProcessor, TestEnv, WorkerProcess, WorkerSpec,
+    load, poll_leases, spawn_scheduler, stop_scheduler, worker_deliveries, Event, Recorder, TestEnv, WorkerProcess,
+    WorkerSpec,
 };
 
 const WORKER: &str = env!("CARGO_BIN_EXE_kcl-worker");
@@ -134,21 +134,8 @@ async fn cut_a_handoff_by_two_kills() -> anyhow::Result<Option<Duration>> {
 async fn a_handoff_of_a_backing_off_shard_completes_without_waiting_for_the_backoff() -> anyhow::Result<()> {
     let env = TestEnv::start(1).await?;
     let recorder = Recorder::default();
-    let factory_recorder = recorder.clone();
-    let scheduler = env
-        .scheduler(&recorder, CheckpointMode::EveryBatch)
-        .processor_factory(move |shard_id: &str| -> RecordingProcessor {
-            factory_recorder.note(Event::Failed {
-                shard_id: shard_id.to_owned(),
-            });
-            panic!("the processor factory fails on purpose")
-        })
-        .coordinator_config(CoordinatorConfig {
-            shard_failure_backoff: RetryPolicy::new(Duration::from_secs(60), Duration::from_secs(60), None),
-            ..CoordinatorConfig::default()
-        })
-        .initial_position(InitialPositionInStream::TrimHorizon)
-        .build()?;
+    let backoff = RetryPolicy::new(Duration::from_secs(60), Duration::from_secs(60), None);
+    let scheduler = env.failing_factory_scheduler(&recorder, backoff).build()?;
     let (handle, task) = spawn_scheduler(scheduler);
     recorder
         .wait_until("the factory failed", WAIT, |s| {
