@@ -33,6 +33,7 @@ use tracing::{debug, warn};
 use super::held::{lock, HeldLease};
 use super::model::Lease;
 use super::store::LeaseStore;
+use super::timed::bounded;
 use crate::config::LeaseManagementConfig;
 use crate::error::{ErrorChain, LeaseStoreError};
 use crate::metrics;
@@ -278,13 +279,16 @@ impl LeaseRenewer {
     /// [`Self::verify_refusal`], bounded by `left` (the proof of ownership left; none:
     /// unknown at once), so that a hung read does not outlast the lease.
     async fn verify_refusal_within(&self, shard_id: &str, left: Option<Duration>) -> Verdict {
-        let left = left.unwrap_or_default();
-        match tokio::time::timeout(left, self.verify_refusal(shard_id)).await {
+        let read = async { Ok(self.verify_refusal(shard_id).await) };
+        match bounded(
+            "reading the lease after a refused write",
+            left.unwrap_or_default(),
+            read,
+        )
+        .await
+        {
             Ok(verdict) => verdict,
-            Err(_) => Verdict::Unknown(LeaseStoreError::Dependency {
-                message: format!("reading lease {shard_id:?} after a refused renewal timed out after {left:?}"),
-                source: "lease store call timed out".into(),
-            }),
+            Err(e) => Verdict::Unknown(e),
         }
     }
 
@@ -424,13 +428,7 @@ impl LeaseRenewer {
         };
         let budget = (left / 2).max(left.saturating_sub(self.config.renewal_interval / 4));
         let timeout = self.config.lease_store_call_timeout.min(budget);
-        match tokio::time::timeout(timeout, self.store.renew_lease(next)).await {
-            Ok(renewed) => renewed,
-            Err(_) => Err(LeaseStoreError::Dependency {
-                message: format!("renewal timed out after {timeout:?}"),
-                source: "lease store call timed out".into(),
-            }),
-        }
+        bounded("renewal", timeout, self.store.renew_lease(next)).await
     }
 
     /// Sends one checkpoint write of `next`, bounded by the call timeout and by the
@@ -440,13 +438,7 @@ impl LeaseRenewer {
     async fn send_checkpoint(&self, held: &HeldLease, next: &mut Lease) -> Option<Result<bool, LeaseStoreError>> {
         let provable = self.provable_ownership_left(held)?;
         let timeout = self.config.lease_store_call_timeout.min(provable);
-        let write = tokio::time::timeout(timeout, self.store.update_lease_checkpoint(next)).await;
-        Some(write.unwrap_or_else(|_| {
-            Err(LeaseStoreError::Dependency {
-                message: format!("checkpoint write timed out after {timeout:?}"),
-                source: "lease store call timed out".into(),
-            })
-        }))
+        Some(bounded("checkpoint write", timeout, self.store.update_lease_checkpoint(next)).await)
     }
 
     /// Runs until `stop`: renews each held lease when its renewal is due ([`Self::renewals`]),

@@ -27,7 +27,8 @@ impl TimedLeaseStore {
     }
 }
 
-async fn bounded<T>(
+/// `call`, failed with an unknown outcome when it takes longer than `limit`.
+pub(super) async fn bounded<T>(
     operation: &'static str,
     limit: std::time::Duration,
     call: impl std::future::Future<Output = Result<T, LeaseStoreError>>,
