@@ -293,15 +293,6 @@ impl LeaseStore for FaultyLeaseStore {
         self.inner.initiate_graceful_lease_handoff(lease, new_owner).await
     }
 
-    async fn retarget_graceful_lease_handoff(
-        &self,
-        lease: &mut Lease,
-        new_owner: &str,
-    ) -> Result<bool, LeaseStoreError> {
-        self.gate().await?;
-        self.inner.retarget_graceful_lease_handoff(lease, new_owner).await
-    }
-
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
         self.gate().await?;
         self.inner.assign_lease(lease, new_owner).await

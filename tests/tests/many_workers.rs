@@ -1084,32 +1084,30 @@ async fn wait_for_leases(
     }
 }
 
-/// A rolling deploy: a worker that stops while a lease is being handed to it passes
-/// the handoff on to another live worker, which starts the shard once the old owner
-/// completes the handoff; before, the lease was left in the stopped worker's name and
-/// its shard waited for the failover time.
+/// Issue 23 items 3 and 5: a worker that stops while a lease is being handed to it
+/// leaves the handoff as the old owner read it (a Java KCL 3.x old owner completes it
+/// only to the receiver it read), and once the old owner completed it, passes the lease
+/// on before it exits: in a two-worker fleet, back to the old owner. Before, the
+/// handoff was left pending (the old owner was the only live worker, and never chosen),
+/// the old owner completed it to the stopped worker, and the shard waited for the
+/// failover time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_the_handoff_on() -> anyhow::Result<()> {
-    let env = TestEnv::start(3).await?;
+async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_it_on_once_handed_over() -> anyhow::Result<()> {
+    let env = TestEnv::start(4).await?;
     env.put(30, "before").await?;
     let store: Arc<dyn LeaseStore> = Arc::new(env.lease_store());
-    let (a, b, c) = (Recorder::default(), Recorder::default(), Recorder::default());
-    // `a` holds two shards and is slow to let one go: its handoffs stay under way.
+    let (a, b) = (Recorder::default(), Recorder::default());
+    // `a` holds three of four shards and is slow to let one go: its handoffs stay under way.
     let hang = CancellationToken::new();
     let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
     lease.lease_taking_interval = Duration::from_millis(500);
-    lease.max_leases_for_worker = 2;
+    lease.max_leases_for_worker = 3;
     let worker_a = spawn(hanging_worker(&env, &store, "a", &a, &hang, lease)?);
-    wait_for_leases(&store, "a holding two leases", |l| {
-        l.len() == 3 && l.iter().filter(|l| l.is_owned_by("a")).count() == 2
+    wait_for_leases(&store, "a holding three leases", |l| {
+        l.len() == 4 && l.iter().filter(|l| l.is_owned_by("a")).count() == 3
     })
     .await?;
-    // `c` takes the third; `b` then asks `a` for one of its two.
-    let worker_c = spawn(in_process(&env, store.clone(), "c", &c)?);
-    wait_for_leases(&store, "c holding the third lease", |l| {
-        l.iter().any(|l| l.is_owned_by("c"))
-    })
-    .await?;
+    // `b` takes the fourth, then asks `a` for one of its three (its share is two).
     let worker_b = spawn(in_process(&env, store.clone(), "b", &b)?);
     let leases = wait_for_leases(&store, "a lease being handed from a to b", |l| {
         l.iter()
@@ -1118,30 +1116,53 @@ async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_the_handoff_on
     .await?;
     let handed = leases
         .iter()
-        .find(|l| l.is_owned_by("b"))
+        .find(|l| l.is_owned_by("b") && l.checkpoint_owner.is_some())
         .map(|l| l.lease_key.clone())
         .context("the handed lease")?;
-    stop(worker_b).await?;
+    let own = leases
+        .iter()
+        .find(|l| l.is_owned_by("b") && l.checkpoint_owner.is_none())
+        .map(|l| l.lease_key.clone())
+        .context("b's own lease")?;
+    // `b` stops: its own lease's handoff to `a` shows that its first pass ran, with
+    // the handoff to it still under way.
+    worker_b.0.shutdown();
+    wait_for_leases(&store, "b handing its own lease to a", |l| {
+        l.iter()
+            .any(|l| l.lease_key == own && l.checkpoint_owner.as_deref() == Some("b"))
+    })
+    .await?;
+    let pending = store.get_lease(&handed).await?.context("the lease")?;
+    assert_eq!(
+        (pending.lease_owner.as_deref(), pending.checkpoint_owner.as_deref()),
+        (Some("b"), Some("a")),
+        "the handoff under way is left as the old owner read it"
+    );
+    // `a` lets go and completes the handoff to `b`, which gives the lease back.
+    hang.cancel();
+    tokio::time::timeout(WAIT, worker_b.1).await.context("b stops")???;
     let after = store.get_lease(&handed).await?.context("the lease")?;
     assert_eq!(
         (after.lease_owner.as_deref(), after.checkpoint_owner.as_deref()),
-        (Some("c"), Some("a")),
-        "the handoff goes on to c, the live worker other than a"
+        (Some("a"), None),
+        "before it exits, b gives the handed-over lease back to a, the only live worker"
     );
-    // `a` lets go; `c` starts the shard.
-    hang.cancel();
-    c.wait_until("c runs the handed shard", WAIT, |s| {
+    a.wait_until("a runs the shard again", WAIT, |s| {
         s.events
             .iter()
-            .any(|e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed))
+            .filter(|e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed))
+            .count()
+            == 2
     })
     .await?;
     assert_eq!(
-        count(&b, |e| matches!(e, Event::Initialized { .. })),
+        count(
+            &b,
+            |e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed)
+        ),
         0,
         "b never ran it"
     );
-    stop(worker_c).await?;
     stop(worker_a).await?;
     Ok(())
 }

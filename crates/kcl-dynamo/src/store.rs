@@ -730,36 +730,6 @@ impl LeaseStore for DynamoLeaseStore {
         }
     }
 
-    async fn retarget_graceful_lease_handoff(
-        &self,
-        lease: &mut Lease,
-        new_owner: &str,
-    ) -> Result<bool, LeaseStoreError> {
-        if lease.checkpoint_owner.is_none() {
-            return Ok(false);
-        }
-        let mut update = Update::default();
-        update.set(item::LEASE_OWNER, s(new_owner));
-        update.expect_owner(lease);
-        update.expect_exists();
-        match self
-            .update(
-                "UpdateItem (retarget handoff)",
-                &lease.lease_key,
-                update,
-                ReturnValue::AllNew,
-            )
-            .await?
-        {
-            Updated::Written(written) => {
-                tracing::debug!(lease_key = %lease.lease_key, from = ?lease.lease_owner, to = new_owner, "handoff given to another receiver");
-                apply(lease, written, |l| l.lease_owner = Some(new_owner.to_owned()));
-                Ok(true)
-            }
-            Updated::ConditionFailed => Ok(false),
-        }
-    }
-
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
         let owner_changes = lease.actual_owner() != Some(new_owner);
         let mut update = Update::default();

@@ -16,10 +16,13 @@
 //! with an assignment that moves the counter: the old owner's next write fails and its
 //! consumer gets `lease_lost`.
 //!
-//! At shutdown ([`hand_over_at_shutdown`]) a worker passes on the leases still on their
-//! way to it ([`IncomingHandoffs::pass_on`]: a retarget, or an assignment or eviction),
-//! then begins the handoffs of its own ([`announce_handoffs`]), which its releases
-//! complete once its consumers have stopped.
+//! At shutdown ([`hand_over_at_shutdown`]) a worker passes on the leases given to it but
+//! not taken yet ([`IncomingHandoffs::pass_on`]: an assignment, or an eviction), then
+//! begins the handoffs of its own ([`announce_handoffs`]), which its releases complete
+//! once its consumers have stopped. A handoff to it still under way is never given to
+//! another receiver (a Java KCL 3.x old owner completes a handoff only to the receiver
+//! it read): once its consumers stopped, the worker waits for such handoffs to complete
+//! and passes their leases on ([`finish_hand_over`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -69,73 +72,76 @@ impl IncomingHandoffs {
         self.next_poll
     }
 
-    /// At shutdown: passes every lease on its way to this worker on to a live worker
-    /// (`successors`, least loaded first), so that its shard does not wait for the
-    /// failover time once the old owner completes the handoff to a worker that left
-    /// (as in a rolling deploy, where the receiver of a stopping worker's lease stops a
-    /// moment later). A handoff still under way is given to another receiver; a lease
-    /// already handed over or assigned to this worker but not taken yet is assigned on.
-    /// The leases are the watched handoffs and those the owner index names; the
-    /// handing-over worker is never chosen. Without a live worker, a lease already
-    /// handed over is released instead. Returns how many were passed on.
+    /// At shutdown: passes every lease handed over or assigned to this worker but not
+    /// taken yet on to a live worker (`successors`, least loaded first), so that its
+    /// shard does not wait for the failover time (as in a rolling deploy, where the
+    /// receiver of a stopping worker's lease stops a moment later). The leases are the
+    /// watched handoffs and those the owner index names. Without a live worker, such a
+    /// lease is released instead.
+    ///
+    /// A handoff still under way is left as its old owner read it, and stays watched:
+    /// a Java KCL 3.x old owner completes a handoff only to the receiver it read
+    /// (`assignLease`, conditional on that `leaseOwner`), so that giving it to another
+    /// receiver would make the old owner drop the lease. [`finish_hand_over`] passes it
+    /// on once it is complete. Returns how many leases were passed on.
     pub(crate) async fn pass_on(
         &mut self,
         coordinator: &LeaseCoordinator,
-        mut successors: Vec<(String, usize)>,
+        successors: &mut [(String, usize)],
     ) -> usize {
         let me = coordinator.worker_id().to_owned();
         let store = coordinator.store();
         let held = coordinator.held_keys();
-        let mut keys: BTreeSet<String> = std::mem::take(&mut self.watched).into_keys().collect();
-        self.next_poll = None;
+        // The watched set changes only as each lease is judged, so that a pass cut
+        // short by its time bound forgets nothing.
+        let mut keys: BTreeSet<String> = self.watched.keys().cloned().collect();
         match store.list_lease_keys_for_owner(&me).await {
             Ok(owned) => keys.extend(owned),
             Err(e) => debug!(error = %ErrorChain(&e), "cannot list this worker's leases at shutdown"),
         }
         // Held leases are handed over by their own release.
         keys.retain(|k| !held.contains(k));
+        let now = Instant::now();
         let mut passed = 0;
         for key in keys {
-            // Twice: a handoff that completes between the read and the write is read
-            // again and assigned instead.
+            // Twice: a write refused because the lease changed since the read (a
+            // handoff completed, a renewal) is read again and tried once more.
             for _ in 0..2 {
                 let mut lease = match store.get_lease(&key).await {
                     Ok(Some(lease)) if lease.is_owned_by(&me) && !lease.checkpoint.is_shard_end() => lease,
-                    Ok(_) => break,
+                    Ok(_) => {
+                        self.watched.remove(&key);
+                        break;
+                    }
                     Err(e) => {
                         debug!(shard_id = %key, error = %ErrorChain(&e), "cannot read a lease on its way to this worker at shutdown");
+                        // Read again by the next pass.
+                        self.watched.entry(key.clone()).or_insert(now);
                         break;
                     }
                 };
-                let from = lease.checkpoint_owner.clone();
-                let Some(to) = successors
-                    .iter_mut()
-                    .filter(|(w, _)| Some(w) != from.as_ref())
-                    .min_by_key(|(w, n)| (*n, w.clone()))
-                else {
-                    // No live worker to pass it to: a lease already handed over is
-                    // released, so that the next worker takes it at once.
-                    if !lease.is_handoff_pending() {
-                        match store.evict_lease(&mut lease).await {
-                            Ok(true) => {
-                                info!(shard_id = %key, "a lease handed to this worker but not taken yet was released")
-                            }
-                            Ok(false) => continue,
-                            Err(e) => {
-                                debug!(shard_id = %key, error = %ErrorChain(&e), "releasing a lease not taken yet failed")
-                            }
+                if lease.is_handoff_pending() {
+                    self.watched.entry(key.clone()).or_insert(now);
+                    break;
+                }
+                self.watched.remove(&key);
+                let Some(to) = successors.iter_mut().min_by_key(|(w, n)| (*n, w.clone())) else {
+                    // No live worker to pass it to: released, so that the next worker
+                    // takes it at once.
+                    match store.evict_lease(&mut lease).await {
+                        Ok(true) => {
+                            info!(shard_id = %key, "a lease handed to this worker but not taken yet was released")
+                        }
+                        Ok(false) => continue,
+                        Err(e) => {
+                            debug!(shard_id = %key, error = %ErrorChain(&e), "releasing a lease not taken yet failed")
                         }
                     }
                     break;
                 };
-                let written = if lease.is_handoff_pending() {
-                    store.retarget_graceful_lease_handoff(&mut lease, &to.0).await
-                } else {
-                    store.assign_lease(&mut lease, &to.0).await
-                };
-                match written {
+                match store.assign_lease(&mut lease, &to.0).await {
                     Ok(true) => {
-                        info!(shard_id = %key, from = ?from, to = %to.0, "a lease on its way to this worker was passed on to a live worker");
+                        info!(shard_id = %key, to = %to.0, "a lease handed to this worker but not taken yet was passed on to a live worker");
                         to.1 += 1;
                         passed += 1;
                         break;
@@ -148,6 +154,7 @@ impl IncomingHandoffs {
                 }
             }
         }
+        self.next_poll = None;
         passed
     }
 
@@ -255,12 +262,16 @@ pub(crate) async fn announce_handoffs(coordinator: &LeaseCoordinator) -> usize {
 pub(crate) async fn hand_over_at_shutdown(
     coordinator: &LeaseCoordinator,
     incoming: &mut IncomingHandoffs,
-    live: Vec<(String, usize)>,
+    mut live: Vec<(String, usize)>,
     announce: bool,
     config: &LeaseManagementConfig,
 ) {
     coordinator.hand_released_leases_to(live.clone());
-    let _ = tokio::time::timeout(config.lease_store_call_timeout, incoming.pass_on(coordinator, live)).await;
+    let _ = tokio::time::timeout(
+        config.lease_store_call_timeout,
+        incoming.pass_on(coordinator, &mut live),
+    )
+    .await;
     if !announce {
         return;
     }
@@ -279,5 +290,36 @@ pub(crate) async fn hand_over_at_shutdown(
         );
         // A fixed wait: the receivers' reads are not visible to this worker.
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The end of a graceful shutdown, after the consumers stopped and the held leases were
+/// released: passes on the leases that reached this worker since [`hand_over_at_shutdown`]
+/// (assigned to it, or handed over by an old owner that completed a handoff to it),
+/// waiting for the handoffs still under way to complete, every
+/// [`HANDOFF_POLL_INTERVAL`], for at most the failover time (and at most
+/// `graceful_lease_handoff_timeout`). A handoff completed later leaves its lease in
+/// this worker's name until it expires.
+pub(crate) async fn finish_hand_over(
+    coordinator: &LeaseCoordinator,
+    incoming: &mut IncomingHandoffs,
+    mut live: Vec<(String, usize)>,
+    config: &LeaseManagementConfig,
+) {
+    let deadline = Instant::now() + config.failover_time.min(config.graceful_lease_handoff_timeout);
+    loop {
+        let pass = tokio::time::timeout_at(deadline, incoming.pass_on(coordinator, &mut live)).await;
+        if pass.is_err() || incoming.watched.is_empty() {
+            break;
+        }
+        if Instant::now() + HANDOFF_POLL_INTERVAL >= deadline {
+            let waiting: Vec<&String> = incoming.keys().collect();
+            info!(
+                leases = ?waiting,
+                "handoffs to this worker did not complete before it stopped; their leases move after the failover time"
+            );
+            break;
+        }
+        tokio::time::sleep(HANDOFF_POLL_INTERVAL).await;
     }
 }

@@ -120,17 +120,6 @@ impl LeaseStore for InMemoryLeaseStore {
         }))
     }
 
-    async fn retarget_graceful_lease_handoff(
-        &self,
-        lease: &mut Lease,
-        new_owner: &str,
-    ) -> Result<bool, LeaseStoreError> {
-        if lease.checkpoint_owner.is_none() {
-            return Ok(false);
-        }
-        Ok(self.write_if(lease, false, false, |l| l.lease_owner = Some(new_owner.to_owned())))
-    }
-
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
         Ok(self.write_if(lease, false, true, |l| set_owner(l, new_owner)))
     }
@@ -172,38 +161,32 @@ mod tests {
     use super::*;
     use crate::sequence::ExtendedSequenceNumber;
 
+    /// A Java KCL 3.x old owner completes a handoff with `assignLease` to the receiver
+    /// it read, conditional on that owner and not on the counter its renewals moved.
     #[tokio::test]
-    async fn the_in_memory_store_gives_a_handoff_on_only_from_the_receiver_seen() {
+    async fn the_in_memory_store_completes_a_handoff_as_the_java_old_owner_does() {
         let store = InMemoryLeaseStore::default();
         let mut lease = Lease::new("shard", ExtendedSequenceNumber::TRIM_HORIZON);
         assert!(store.create_lease_if_not_exists(&lease).await.expect("create"));
         assert!(store.take_lease(&mut lease, "a").await.expect("take"));
-        assert!(!store
-            .retarget_graceful_lease_handoff(&mut lease.clone(), "c")
-            .await
-            .expect("none under way"));
         assert!(store
             .initiate_graceful_lease_handoff(&mut lease, "b")
             .await
             .expect("handoff"));
-        let mut stale = lease.clone();
+        let read_by_old_owner = lease.clone();
+        assert!(store.renew_lease(&mut lease).await.expect("renewed"));
+        let mut stale = read_by_old_owner.clone();
         stale.lease_owner = Some("x".into());
-        assert!(!store
-            .retarget_graceful_lease_handoff(&mut stale, "c")
-            .await
-            .expect("refused"));
-        let counter = lease.lease_counter;
-        assert!(store
-            .retarget_graceful_lease_handoff(&mut lease, "c")
-            .await
-            .expect("retarget"));
+        assert!(!store.assign_lease(&mut stale, "x").await.expect("refused"));
+        let mut old_owner = read_by_old_owner;
+        assert!(store.assign_lease(&mut old_owner, "b").await.expect("assigned"));
         assert_eq!(
             (
-                lease.lease_owner.as_deref(),
-                lease.checkpoint_owner.as_deref(),
-                lease.lease_counter
+                old_owner.lease_owner.as_deref(),
+                old_owner.checkpoint_owner.as_deref(),
+                old_owner.lease_counter
             ),
-            (Some("c"), Some("a"), counter)
+            (Some("b"), None, lease.lease_counter + 1)
         );
     }
 }

@@ -30,8 +30,7 @@
 //!      |    counter unchanged,      |  +-- checkpoint SHARD_END (owner; +1) --> ENDED
 //!      |    leaseOwner = receiver,  |                                          |
 //!      |    checkpointOwner = old)  v                                          |
-//!      |                      HANDING OVER  <-- retarget (a receiver shutting  |
-//!      |                                        down; leaseOwner = next one)   |
+//!      |                      HANDING OVER                                     |
 //!      |        (old owner renews and checkpoints on)                          |
 //!      |            |                          |                               |
 //!      |  release (old owner; +1,              | timeout / old owner silent:   |
@@ -53,10 +52,9 @@
 //! | checkpoint | the owner (or checkpoint owner), never past its proof of ownership | counter and owners | `renewer` |
 //! | expire | nobody writes: each worker's own observation | counter unchanged for `failover_time` | `expiry` |
 //! | initiate handoff | the receiver, or the leader for it; the owner at shutdown, of its own leases | counter and owners; no handoff under way | `coordinator`, `taker`, `handoff` (`announce_handoffs`) |
-//! | retarget handoff | a receiver shutting down before the handoff to it completed | `leaseOwner` and `checkpointOwner` as read (counter unchanged) | `handoff` (`pass_on`) |
 //! | complete handoff | the old owner, once its consumer stopped | counter and owners | `coordinator` (`release`) |
 //! | end a stuck handoff | the receiver | owners as read (counter moves) | `handoff` |
-//! | assign | the leader (unowned/expired leases beyond its share), a stopping worker (its own, or one handed to it but not taken yet) | counter and owners | `taker`, `coordinator`, `handoff` (`pass_on`) |
+//! | assign | the leader (unowned/expired leases beyond its share), a stopping worker (its own, or one handed over or assigned to it but not taken yet, also once a handoff to it completed while it stopped: never a handoff under way, which a Java old owner completes only to the receiver it read) | owners as read | `taker`, `coordinator`, `handoff` (`pass_on`) |
 //! | release | the owner at shutdown or when a consumer stops; a stopping worker, of a lease handed to it but not taken yet, when no live worker is left | counter and owners | `coordinator`, `handoff` (`pass_on`) |
 //! | delete | the cleanup, of any worker | children started, delay passed, counter unchanged | `cleanup` |
 //! | leader lock | `leader` | version as read | `leader` |

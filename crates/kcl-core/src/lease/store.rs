@@ -159,27 +159,6 @@ pub trait LeaseStore: Send + Sync + Debug + 'static {
         new_owner: &str,
     ) -> Result<bool, LeaseStoreError>;
 
-    /// Gives a graceful handoff under way to another receiver: conditional on the lease
-    /// existing with the `leaseOwner` (the receiver so far) and `checkpointOwner` the
-    /// caller saw; sets `leaseOwner` to `new_owner` and leaves `checkpointOwner` and the
-    /// counter, so that the old owner goes on processing and completes the handoff to
-    /// `new_owner`. A receiver that shuts down before a handoff to it completed passes
-    /// it on this way, so that the shard does not wait for the failover time.
-    ///
-    /// The default returns `Ok(false)` (nothing written): the handoff then completes to
-    /// the receiver that left, and the lease moves on after the failover time.
-    ///
-    /// # Errors
-    /// Transient errors.
-    async fn retarget_graceful_lease_handoff(
-        &self,
-        lease: &mut Lease,
-        new_owner: &str,
-    ) -> Result<bool, LeaseStoreError> {
-        let _ = (lease, new_owner);
-        Ok(false)
-    }
-
     /// Assigns the lease to `new_owner` at once (the Java KCL 3.x's `assignLease`):
     /// conditional on the lease existing with the owner the caller saw; sets the owner,
     /// removes `checkpointOwner`, increments the counter (so the previous owner's next

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::cleanup::LeaseCleanup;
 use super::coordinator::LeaseCoordinator;
+use super::handoff::{finish_hand_over, hand_over_at_shutdown, IncomingHandoffs};
 use super::model::Lease;
 use super::renewer::WriteOutcome;
 use super::store::LeaseStore;
@@ -1086,5 +1087,50 @@ async fn a_former_streams_lease_taken_after_it_was_judged_stale_is_not_deleted()
     assert!(
         store.get_lease(&old.lease_key).await.expect("read").is_none(),
         "deleted once stale"
+    );
+}
+
+/// Issue 23 item 3: a receiver that stops while a lease is being handed to it leaves
+/// the handoff alone, so that a Java KCL 3.x old owner can complete it: Java completes
+/// with `assignLease(lease, receiver)`, conditional on the `leaseOwner` it read (the
+/// receiver). Re-targeting the handoff to another worker made that write fail and Java
+/// drop the lease. Once completed, the stopping receiver passes the lease on.
+#[tokio::test]
+async fn a_stopping_receiver_leaves_a_handoff_for_a_java_old_owner_to_complete_then_passes_it_on() {
+    let store = Arc::new(MemStore::default());
+    store
+        .create_lease_if_not_exists(&lease("s", None, 0))
+        .await
+        .expect("created");
+    let mut java = store.get_lease("s").await.expect("read").expect("exists");
+    assert!(store.take_lease(&mut java, "java").await.expect("take"));
+    let config = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+    let b = LeaseCoordinator::new(store.clone(), "b".into(), config.clone());
+    let mut seen = store.get_lease("s").await.expect("read").expect("exists");
+    assert!(b.initiate_handoff(&mut seen).await.expect("handoff"));
+    let mut incoming = IncomingHandoffs::default();
+    incoming.watch(seen, Instant::now());
+    // Java's renewal reads the handoff: its lease now names b as owner.
+    let mut java = store.get_lease("s").await.expect("read").expect("exists");
+
+    let live = vec![("c".to_owned(), 0)];
+    hand_over_at_shutdown(&b, &mut incoming, live.clone(), false, &config).await;
+    let stored = store.get_lease("s").await.expect("read").expect("exists");
+    assert_eq!(
+        (stored.lease_owner.as_deref(), stored.checkpoint_owner.as_deref()),
+        (Some("b"), Some("java")),
+        "the handoff under way is left as the old owner read it"
+    );
+    assert!(
+        store.assign_lease(&mut java, "b").await.expect("assign"),
+        "the Java old owner's completion lands"
+    );
+
+    finish_hand_over(&b, &mut incoming, live, &config).await;
+    let stored = store.get_lease("s").await.expect("read").expect("exists");
+    assert_eq!(
+        (stored.lease_owner.as_deref(), stored.checkpoint_owner.as_deref()),
+        (Some("c"), None),
+        "once handed over, the lease goes on to a live worker"
     );
 }

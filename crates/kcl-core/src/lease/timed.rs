@@ -105,18 +105,6 @@ impl LeaseStore for TimedLeaseStore {
         )
         .await
     }
-    async fn retarget_graceful_lease_handoff(
-        &self,
-        lease: &mut Lease,
-        new_owner: &str,
-    ) -> Result<bool, LeaseStoreError> {
-        bounded(
-            "retarget_graceful_lease_handoff",
-            self.call,
-            self.inner.retarget_graceful_lease_handoff(lease, new_owner),
-        )
-        .await
-    }
     async fn assign_lease(&self, lease: &mut Lease, new_owner: &str) -> Result<bool, LeaseStoreError> {
         bounded("assign_lease", self.call, self.inner.assign_lease(lease, new_owner)).await
     }

@@ -22,7 +22,7 @@ use crate::consumer::{ConsumerContext, ConsumerOutcome};
 use crate::error::{ErrorChain, LeaseStoreError, SchedulerError};
 use crate::lease::cleanup::LeaseCleanup;
 use crate::lease::coordinator::LeaseCoordinator;
-use crate::lease::handoff::{hand_over_at_shutdown, IncomingHandoffs};
+use crate::lease::handoff::{finish_hand_over, hand_over_at_shutdown, IncomingHandoffs};
 use crate::lease::held::HeldLease;
 use crate::lease::leader::LeaderDecider;
 use crate::lease::taker::{discover_own_leases, FullScans, LeaseTaker, FOLLOWER_FULL_READ_EVERY};
@@ -416,7 +416,8 @@ impl<'a> Run<'a> {
 
     /// The graceful shutdown, after the loop stopped (with `failure`, or on request):
     /// hands the leases over, stops the consumers, releases the leases, resigns the
-    /// leadership and stops the renewer.
+    /// leadership, passes on the leases that reached this worker meanwhile, and stops
+    /// the renewer.
     async fn shut_down(mut self, failure: Option<SchedulerError>) -> Result<(), SchedulerError> {
         info!(consumers = self.workers.running.len(), "shutting down");
         if failure.is_none() {
@@ -428,11 +429,12 @@ impl<'a> Run<'a> {
                 .observations()
                 .live_workers(self.coordinator.worker_id(), Instant::now(), config.failover_time);
         let announce = failure.is_none();
-        hand_over_at_shutdown(&self.coordinator, &mut self.incoming, live, announce, config).await;
+        hand_over_at_shutdown(&self.coordinator, &mut self.incoming, live.clone(), announce, config).await;
         let failure = self.stop_consumers(failure).await;
         // Concurrent and bounded by one lease-store call timeout, however many leases.
         self.coordinator.release_all().await;
         self.decider.resign(self.store.as_ref()).await;
+        finish_hand_over(&self.coordinator, &mut self.incoming, live, config).await;
         self.renewer_stop.cancel();
         let _ = (&mut self.renewer).await;
         info!("shutdown complete");
