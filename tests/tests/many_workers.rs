@@ -1065,7 +1065,7 @@ async fn a_graceful_stop_leaves_each_shard_unprocessed_for_under_a_second() -> a
 async fn wait_for_leases(
     store: &Arc<dyn LeaseStore>,
     what: &str,
-    pred: impl Fn(&[kcl_core::Lease]) -> bool,
+    mut pred: impl FnMut(&[kcl_core::Lease]) -> bool,
 ) -> anyhow::Result<Vec<kcl_core::Lease>> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -1087,10 +1087,10 @@ async fn wait_for_leases(
 /// Issue 23 items 3 and 5: a worker that stops while a lease is being handed to it
 /// leaves the handoff as the old owner read it (a Java KCL 3.x old owner completes it
 /// only to the receiver it read), and once the old owner completed it, passes the lease
-/// on before it exits: in a two-worker fleet, back to the old owner. Before, the
-/// handoff was left pending (the old owner was the only live worker, and never chosen),
-/// the old owner completed it to the stopped worker, and the shard waited for the
-/// failover time.
+/// on before it exits (here to the old owner, which is at `max_leases_for_worker` and
+/// releases it, so that the next worker with room takes it at once). Before, the handoff was left pending (the old owner was the only live
+/// worker, and never chosen), the old owner completed it to the stopped worker, and
+/// the shard waited for the failover time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_it_on_once_handed_over() -> anyhow::Result<()> {
     let env = TestEnv::start(4).await?;
@@ -1138,23 +1138,27 @@ async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_it_on_once_han
         (Some("b"), Some("a")),
         "the handoff under way is left as the old owner read it"
     );
-    // `a` lets go and completes the handoff to `b`, which gives the lease back.
+    // `a` lets go and completes the handoff to `b`, which passes the lease on; `a`
+    // holds three again (its two and b's own), its maximum.
     hang.cancel();
     tokio::time::timeout(WAIT, worker_b.1).await.context("b stops")???;
     let after = store.get_lease(&handed).await?.context("the lease")?;
-    assert_eq!(
-        (after.lease_owner.as_deref(), after.checkpoint_owner.as_deref()),
-        (Some("a"), None),
-        "before it exits, b gives the handed-over lease back to a, the only live worker"
+    assert!(
+        after.lease_owner.as_deref() != Some("b") && after.checkpoint_owner.is_none(),
+        "before it exits, b passes the handed-over lease on: {:?}",
+        (after.lease_owner, after.checkpoint_owner)
     );
-    a.wait_until("a runs the shard again", WAIT, |s| {
+    // `b` gives it back to `a` (its `max_leases_for_worker` is not in the table), and
+    // `a`, at its maximum, releases it; a worker with room takes it at once.
+    let c = Recorder::default();
+    let worker_c = spawn(in_process(&env, store.clone(), "c", &c)?);
+    c.wait_until("c runs the shard", WAIT, |s| {
         s.events
             .iter()
-            .filter(|e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed))
-            .count()
-            == 2
+            .any(|e| matches!(e, Event::Initialized { shard_id, .. } if *shard_id == handed))
     })
     .await?;
+    stop(worker_c).await?;
     assert_eq!(
         count(
             &b,
@@ -1164,5 +1168,71 @@ async fn a_worker_that_stops_while_a_lease_is_handed_to_it_passes_it_on_once_han
         "b never ran it"
     );
     stop(worker_a).await?;
+    Ok(())
+}
+
+/// Issue 23 item 4: `max_leases_for_worker` holds for leases given to a worker, not only
+/// for those it takes. Three workers capped at 10 hold 30 shards; one stops gracefully:
+/// its leases are not handed to the other two (which would then hold 15 each) but
+/// released, and a fourth worker that starts later takes them. At no read of the table
+/// does a worker own more than 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_gives_no_worker_more_than_max_leases_for_worker() -> anyhow::Result<()> {
+    const CAP: usize = 10;
+    let env = TestEnv::start(30).await?;
+    let store: Arc<dyn LeaseStore> = Arc::new(env.lease_store());
+    let recorder = Recorder::default();
+    let capped = |worker: &str| -> anyhow::Result<Scheduler> {
+        let mut lease = LeaseManagementConfig::with_failover_time(Duration::from_secs(3));
+        lease.lease_taking_interval = Duration::from_millis(500);
+        lease.max_leases_for_worker = CAP;
+        let recorder = recorder.clone();
+        Ok(env
+            .trim_horizon_builder(store.clone(), move |shard: &str| {
+                RecordingProcessor::new(shard, recorder.clone(), CheckpointMode::EveryBatch)
+            })
+            .lease_config(lease)
+            .worker_id(worker)
+            .build()?)
+    };
+    let owned_by = |leases: &[kcl_core::Lease], worker: &str| leases.iter().filter(|l| l.is_owned_by(worker)).count();
+    let most = |leases: &[kcl_core::Lease]| {
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|w| owned_by(leases, w))
+            .max()
+            .unwrap_or(0)
+    };
+    let settled = |leases: &[kcl_core::Lease], workers: [&str; 3]| {
+        leases.len() == 30
+            && leases.iter().all(|l| l.checkpoint_owner.is_none())
+            && workers.iter().all(|w| owned_by(leases, w) == CAP)
+    };
+    let a = spawn(capped("a")?);
+    let b = spawn(capped("b")?);
+    let c = spawn(capped("c")?);
+    wait_for_leases(&store, "a, b and c holding ten each", |l| settled(l, ["a", "b", "c"])).await?;
+
+    stop(c).await?;
+    let after = store.list_leases().await?;
+    assert_eq!(owned_by(&after, "c"), 0, "c let all its leases go");
+    assert!(
+        most(&after) <= CAP,
+        "no worker owns more than {CAP} after c stopped: a {}, b {}",
+        owned_by(&after, "a"),
+        owned_by(&after, "b")
+    );
+
+    let d = spawn(capped("d")?);
+    let mut highest = 0;
+    wait_for_leases(&store, "a, b and d holding ten each", |l| {
+        highest = highest.max(most(l));
+        settled(l, ["a", "b", "d"])
+    })
+    .await?;
+    assert!(highest <= CAP, "a worker owned {highest} leases at one read");
+    for worker in [a, b, d] {
+        stop(worker).await?;
+    }
     Ok(())
 }

@@ -57,11 +57,12 @@ pub(super) struct Weighed<'a> {
 impl<'a> Weighed<'a> {
     /// Up to `cap` moves, each of one lease (not already being handed over) from the
     /// most loaded live worker, when it carries more than `ceiling`, to `to` (or the
-    /// least loaded): the lease that best evens the two out among those that lower
-    /// the higher of their loads.
+    /// least loaded with `room` for one more lease): the lease that best evens the two
+    /// out among those that lower the higher of their loads.
     pub(super) fn moves(
         &self,
         load: &mut HashMap<&'a str, f64>,
+        room: &mut HashMap<&'a str, usize>,
         to: Option<&'a str>,
         cap: usize,
         ceiling: f64,
@@ -85,6 +86,7 @@ impl<'a> Weighed<'a> {
                 Some(me) => Some((me, load.get(me).copied().unwrap_or(0.0))),
                 None => load
                     .iter()
+                    .filter(|(w, _)| room.get(**w).is_some_and(|r| *r > 0))
                     .min_by(|a, b| a.1.total_cmp(b.1).then_with(|| a.0.cmp(b.0)))
                     .map(|(w, n)| (*w, *n)),
             };
@@ -110,6 +112,9 @@ impl<'a> Weighed<'a> {
             let lease = candidates.swap_remove(index);
             load.insert(giver, high - weight);
             load.insert(taker, low + weight);
+            if let Some(r) = room.get_mut(taker) {
+                *r = r.saturating_sub(1);
+            }
             moves.push((lease.clone(), taker.to_owned()));
         }
         if !moves.is_empty() {
@@ -123,38 +128,60 @@ impl<'a> Weighed<'a> {
     }
 }
 
-/// Assigns `leases` one by one to the least loaded live worker other than `me` (ties
-/// to the first name), each adding its `weight` to that worker's load; none when there
-/// is no other live worker. Counting leases is weighing each as 1.
+/// How many more leases each worker may hold: `max_leases_for_worker` less the leases
+/// `counted` for it. Every worker is taken to run with the same `max_leases_for_worker`
+/// as this one: its own cap is not in the table.
+pub(super) fn room<'a>(counted: &HashMap<&'a str, usize>, max_leases_for_worker: usize) -> HashMap<&'a str, usize> {
+    counted
+        .iter()
+        .map(|(w, n)| (*w, max_leases_for_worker.saturating_sub(*n)))
+        .collect()
+}
+
+/// Assigns `leases` one by one to the least loaded live worker other than `me` with
+/// `room` for one more (ties to the first name), each adding its `weight` to that
+/// worker's load; none when there is no such worker. Counting leases is weighing each
+/// as 1.
 pub(super) fn hand_out(
     leases: Vec<Lease>,
     load: &HashMap<&str, f64>,
+    room: &HashMap<&str, usize>,
     me: &str,
     weight: impl Fn(&Lease) -> f64,
 ) -> Vec<(Lease, String)> {
-    let mut others: Vec<(&str, f64)> = load.iter().filter(|(w, _)| **w != me).map(|(w, n)| (*w, *n)).collect();
+    let mut others: Vec<(&str, f64, usize)> = load
+        .iter()
+        .filter(|(w, _)| **w != me)
+        .map(|(w, n)| (*w, *n, room.get(w).copied().unwrap_or(0)))
+        .collect();
     others.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = Vec::new();
     for lease in leases {
         // The first of the least loaded: ties go to the first name.
-        let Some(least) = others.iter_mut().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        let Some(least) = others
+            .iter_mut()
+            .filter(|(_, _, room)| *room > 0)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+        else {
             break;
         };
         least.1 += weight(&lease);
+        least.2 -= 1;
         out.push((lease, least.0.to_owned()));
     }
     out
 }
 
 /// The leader's balancing moves: while the most loaded live worker holds more than
-/// the fair share rounded up and the least loaded fewer than rounded down, one of the
-/// former's leases (not already being handed over) goes to the latter; at most one
-/// move per 20 leases of the table per pass.
+/// the fair share rounded up and the least loaded fewer than rounded down (and than
+/// `max_leases_for_worker`), one of the former's leases (not already being handed
+/// over) goes to the latter; at most one move per 20 leases of the table per pass.
 pub(super) fn rebalance(
     live: &[&Lease],
     load: &HashMap<&str, usize>,
     alive: &HashSet<&str>,
     me: &str,
+    max_leases_for_worker: usize,
 ) -> Vec<(Lease, String)> {
     let workers = load.len();
     if workers < 2 {
@@ -176,7 +203,7 @@ pub(super) fn rebalance(
         let (Some(&(most, giver)), Some(&(fewest, taker))) = (by_load.last(), by_load.first()) else {
             break;
         };
-        if most <= ceil || fewest >= floor || giver == taker {
+        if most <= ceil || fewest >= floor.min(max_leases_for_worker) || giver == taker {
             break;
         }
         let Some(lease) = movable.get_mut(giver).and_then(Vec::pop) else {

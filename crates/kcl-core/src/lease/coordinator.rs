@@ -38,6 +38,18 @@ pub(crate) struct LeaseCoordinator {
     /// released leases are assigned (least loaded first) instead of being left unowned,
     /// so that they find them through the owner index at their next pass.
     successors: Mutex<Vec<(String, usize)>>,
+    /// Acquisitions under way: with the held leases, they may not pass
+    /// `max_leases_for_worker`.
+    acquiring: Mutex<usize>,
+}
+
+/// A place among the leases this worker may hold, taken for one acquisition.
+struct Slot<'a>(&'a Mutex<usize>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) -= 1;
+    }
 }
 
 impl LeaseCoordinator {
@@ -46,6 +58,7 @@ impl LeaseCoordinator {
             renewer: LeaseRenewer::new(store, worker_id, config.clone()),
             config,
             successors: Mutex::new(Vec::new()),
+            acquiring: Mutex::new(0),
         }
     }
 
@@ -108,7 +121,38 @@ impl LeaseCoordinator {
         self.acquire(lease, Acquire::Assign).await
     }
 
+    /// A slot for one more lease, unless the held leases and the acquisitions under way
+    /// reach `max_leases_for_worker`.
+    fn reserve(&self) -> Option<Slot<'_>> {
+        let mut acquiring = lock(&self.acquiring);
+        if self.held_count() + *acquiring >= self.config.max_leases_for_worker {
+            return None;
+        }
+        *acquiring += 1;
+        Some(Slot(&self.acquiring))
+    }
+
+    /// A worker at `max_leases_for_worker` refuses a lease: one given to it (assigned,
+    /// or handed over to it) is released, so that a worker with room takes it at once;
+    /// any other is left as it is (a handoff to this worker that ran out of time is
+    /// then ended by its old owner, or expires).
+    async fn refuse(&self, mut lease: Lease) -> Result<bool, LeaseStoreError> {
+        let key = lease.lease_key.clone();
+        let cap = self.config.max_leases_for_worker;
+        if lease.is_owned_by(self.worker_id()) && !lease.is_handoff_pending() {
+            if self.store().evict_lease(&mut lease).await? {
+                info!(shard_id = %key, max_leases_for_worker = cap, "a lease given to this worker was released: it holds its maximum");
+            }
+        } else {
+            debug!(shard_id = %key, max_leases_for_worker = cap, "not acquiring a lease: this worker holds its maximum");
+        }
+        Ok(false)
+    }
+
     async fn acquire(&self, lease: Lease, how: Acquire) -> Result<bool, LeaseStoreError> {
+        let Some(_slot) = self.reserve() else {
+            return self.refuse(lease).await;
+        };
         let sent = Instant::now();
         let seen_counter = lease.lease_counter;
         let mut taken = lease;
@@ -233,12 +277,20 @@ impl LeaseCoordinator {
         *lock(&self.successors) = workers;
     }
 
-    /// The least loaded successor, counted one lease more.
+    /// The least loaded successor below `max_leases_for_worker`, counted one lease more.
     pub(super) fn next_successor(&self) -> Option<String> {
         let mut successors = lock(&self.successors);
-        let next = successors.iter_mut().min_by_key(|(w, n)| (*n, w.clone()))?;
+        let next = least_loaded(&mut successors, self.config.max_leases_for_worker)?;
         next.1 += 1;
         Some(next.0.clone())
+    }
+
+    /// Takes back the lease [`Self::next_successor`] counted for `worker`, when it did
+    /// not reach it.
+    pub(super) fn uncount_successor(&self, worker: &str) {
+        if let Some(entry) = lock(&self.successors).iter_mut().find(|(w, _)| w == worker) {
+            entry.1 = entry.1.saturating_sub(1);
+        }
     }
 
     /// Releases every held lease, concurrently: bounded by one
@@ -248,4 +300,14 @@ impl LeaseCoordinator {
         let held = self.held_leases();
         futures::future::join_all(held.iter().map(|h| self.release(h))).await;
     }
+}
+
+/// The least loaded of `workers` (worker id and load; ties to the first name) that holds
+/// fewer than `cap` leases. Every worker is taken to run with the same
+/// `max_leases_for_worker` as this one: its own cap is not in the table.
+fn least_loaded(workers: &mut [(String, usize)], cap: usize) -> Option<&mut (String, usize)> {
+    workers
+        .iter_mut()
+        .filter(|(_, n)| *n < cap)
+        .min_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)))
 }

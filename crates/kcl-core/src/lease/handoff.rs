@@ -73,22 +73,18 @@ impl IncomingHandoffs {
     }
 
     /// At shutdown: passes every lease handed over or assigned to this worker but not
-    /// taken yet on to a live worker (`successors`, least loaded first), so that its
-    /// shard does not wait for the failover time (as in a rolling deploy, where the
-    /// receiver of a stopping worker's lease stops a moment later). The leases are the
-    /// watched handoffs and those the owner index names. Without a live worker, such a
-    /// lease is released instead.
+    /// taken yet on to a live worker (the coordinator's successors, least loaded first, below
+    /// `max_leases_for_worker`), so that its shard does not wait for the failover time
+    /// (as in a rolling deploy, where the receiver of a stopping worker's lease stops a
+    /// moment later). The leases are the watched handoffs and those the owner index
+    /// names. Without a live worker with room, such a lease is released instead.
     ///
     /// A handoff still under way is left as its old owner read it, and stays watched:
     /// a Java KCL 3.x old owner completes a handoff only to the receiver it read
     /// (`assignLease`, conditional on that `leaseOwner`), so that giving it to another
     /// receiver would make the old owner drop the lease. [`finish_hand_over`] passes it
     /// on once it is complete. Returns how many leases were passed on.
-    pub(crate) async fn pass_on(
-        &mut self,
-        coordinator: &LeaseCoordinator,
-        successors: &mut [(String, usize)],
-    ) -> usize {
+    pub(crate) async fn pass_on(&mut self, coordinator: &LeaseCoordinator) -> usize {
         let me = coordinator.worker_id().to_owned();
         let store = coordinator.store();
         let held = coordinator.held_keys();
@@ -125,9 +121,9 @@ impl IncomingHandoffs {
                     break;
                 }
                 self.watched.remove(&key);
-                let Some(to) = successors.iter_mut().min_by_key(|(w, n)| (*n, w.clone())) else {
-                    // No live worker to pass it to: released, so that the next worker
-                    // takes it at once.
+                let Some(to) = coordinator.next_successor() else {
+                    // No live worker with room for it: released, so that the next
+                    // worker with room takes it at once.
                     match store.evict_lease(&mut lease).await {
                         Ok(true) => {
                             info!(shard_id = %key, "a lease handed to this worker but not taken yet was released")
@@ -139,15 +135,18 @@ impl IncomingHandoffs {
                     }
                     break;
                 };
-                match store.assign_lease(&mut lease, &to.0).await {
+                match store.assign_lease(&mut lease, &to).await {
                     Ok(true) => {
-                        info!(shard_id = %key, to = %to.0, "a lease handed to this worker but not taken yet was passed on to a live worker");
-                        to.1 += 1;
+                        info!(shard_id = %key, to = %to, "a lease handed to this worker but not taken yet was passed on to a live worker");
                         passed += 1;
                         break;
                     }
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        coordinator.uncount_successor(&to);
+                        continue;
+                    }
                     Err(e) => {
+                        coordinator.uncount_successor(&to);
                         debug!(shard_id = %key, error = %ErrorChain(&e), "passing a lease on at shutdown failed; it moves after the failover time");
                         break;
                     }
@@ -262,16 +261,12 @@ pub(crate) async fn announce_handoffs(coordinator: &LeaseCoordinator) -> usize {
 pub(crate) async fn hand_over_at_shutdown(
     coordinator: &LeaseCoordinator,
     incoming: &mut IncomingHandoffs,
-    mut live: Vec<(String, usize)>,
+    live: Vec<(String, usize)>,
     announce: bool,
     config: &LeaseManagementConfig,
 ) {
-    coordinator.hand_released_leases_to(live.clone());
-    let _ = tokio::time::timeout(
-        config.lease_store_call_timeout,
-        incoming.pass_on(coordinator, &mut live),
-    )
-    .await;
+    coordinator.hand_released_leases_to(live);
+    let _ = tokio::time::timeout(config.lease_store_call_timeout, incoming.pass_on(coordinator)).await;
     if !announce {
         return;
     }
@@ -294,21 +289,24 @@ pub(crate) async fn hand_over_at_shutdown(
 }
 
 /// The end of a graceful shutdown, after the consumers stopped and the held leases were
-/// released: passes on the leases that reached this worker since [`hand_over_at_shutdown`]
-/// (assigned to it, or handed over by an old owner that completed a handoff to it),
-/// waiting for the handoffs still under way to complete, every
+/// released: passes on the leases whose handoff to this worker was still under way at
+/// [`hand_over_at_shutdown`] (once an old owner completed it), waiting for them every
 /// [`HANDOFF_POLL_INTERVAL`], for at most the failover time (and at most
-/// `graceful_lease_handoff_timeout`). A handoff completed later leaves its lease in
-/// this worker's name until it expires.
+/// `graceful_lease_handoff_timeout`). A handoff completed later, or a lease assigned
+/// to this worker after [`hand_over_at_shutdown`], stays in this worker's name until it
+/// expires. With no handoff under way it costs no call, so that a hanging table does
+/// not lengthen the shutdown.
 pub(crate) async fn finish_hand_over(
     coordinator: &LeaseCoordinator,
     incoming: &mut IncomingHandoffs,
-    mut live: Vec<(String, usize)>,
     config: &LeaseManagementConfig,
 ) {
+    if incoming.watched.is_empty() {
+        return;
+    }
     let deadline = Instant::now() + config.failover_time.min(config.graceful_lease_handoff_timeout);
     loop {
-        let pass = tokio::time::timeout_at(deadline, incoming.pass_on(coordinator, &mut live)).await;
+        let pass = tokio::time::timeout_at(deadline, incoming.pass_on(coordinator)).await;
         if pass.is_err() || incoming.watched.is_empty() {
             break;
         }

@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::assignment::{hand_out, rebalance, Weighed, Weigher, THROUGHPUT_TOLERANCE};
+use super::assignment::{hand_out, rebalance, room, Weighed, Weigher, THROUGHPUT_TOLERANCE};
 use super::coordinator::LeaseCoordinator;
 use super::expiry::Observations;
 use super::handoff::IncomingHandoffs;
@@ -299,12 +299,13 @@ impl LeaseTaker {
             if self.hand_out {
                 #[allow(clippy::cast_precision_loss)] // a count of leases
                 let counted: HashMap<&str, f64> = load.iter().map(|(w, n)| (*w, *n as f64)).collect();
-                plan.assign = hand_out(rest, &counted, fleet.me, |_| 1.0);
+                let room = room(&load, config.max_leases_for_worker);
+                plan.assign = hand_out(rest, &counted, &room, fleet.me, |_| 1.0);
             }
             return;
         }
         if self.hand_out && fleet.leader_balances {
-            plan.rebalance = rebalance(fleet.live, &load, fleet.alive, fleet.me);
+            plan.rebalance = rebalance(fleet.live, &load, fleet.alive, fleet.me, config.max_leases_for_worker);
             return;
         }
         if needed == 0 || fleet.defer {
@@ -334,9 +335,11 @@ impl LeaseTaker {
             weighed: mut load,
         } = tally;
         // How many more leases this worker may hold (`max_leases_for_worker`).
-        let room = config
+        let my_room = config
             .max_leases_for_worker
             .saturating_sub(counted.get(fleet.me).copied().unwrap_or(0));
+        // And how many more each worker may be given.
+        let mut rooms = room(&counted, config.max_leases_for_worker);
         let total: f64 = fleet.live.iter().map(|l| weigh.weight(l)).sum();
         #[allow(clippy::cast_precision_loss)] // a count of workers
         let mean = total / load.len() as f64;
@@ -346,7 +349,7 @@ impl LeaseTaker {
             expired.shuffle(&mut rand::rng());
             let mut rest = Vec::new();
             for lease in expired {
-                if mine < mean && plan.take.len() < room {
+                if mine < mean && plan.take.len() < my_room {
                     mine += weigh.weight(&lease);
                     plan.take.push(lease);
                 } else {
@@ -355,7 +358,7 @@ impl LeaseTaker {
             }
             if self.hand_out {
                 load.insert(fleet.me, mine);
-                plan.assign = hand_out(rest, &load, fleet.me, |l| weigh.weight(l));
+                plan.assign = hand_out(rest, &load, &rooms, fleet.me, |l| weigh.weight(l));
             }
             return;
         }
@@ -366,10 +369,10 @@ impl LeaseTaker {
             weigh,
         };
         if self.hand_out && fleet.leader_balances {
-            plan.rebalance = weighed.moves(&mut load, None, (fleet.live.len() / 20).max(1), ceiling);
-        } else if mine < mean && !fleet.defer && room > 0 {
-            let cap = config.max_leases_to_steal_at_one_time.min(room);
-            let moves = weighed.moves(&mut load, Some(fleet.me), cap, ceiling);
+            plan.rebalance = weighed.moves(&mut load, &mut rooms, None, (fleet.live.len() / 20).max(1), ceiling);
+        } else if mine < mean && !fleet.defer && my_room > 0 {
+            let cap = config.max_leases_to_steal_at_one_time.min(my_room);
+            let moves = weighed.moves(&mut load, &mut rooms, Some(fleet.me), cap, ceiling);
             plan.steal = moves.into_iter().map(|(lease, _)| lease).collect();
         }
     }

@@ -1114,7 +1114,7 @@ async fn a_stopping_receiver_leaves_a_handoff_for_a_java_old_owner_to_complete_t
     let mut java = store.get_lease("s").await.expect("read").expect("exists");
 
     let live = vec![("c".to_owned(), 0)];
-    hand_over_at_shutdown(&b, &mut incoming, live.clone(), false, &config).await;
+    hand_over_at_shutdown(&b, &mut incoming, live, false, &config).await;
     let stored = store.get_lease("s").await.expect("read").expect("exists");
     assert_eq!(
         (stored.lease_owner.as_deref(), stored.checkpoint_owner.as_deref()),
@@ -1126,11 +1126,62 @@ async fn a_stopping_receiver_leaves_a_handoff_for_a_java_old_owner_to_complete_t
         "the Java old owner's completion lands"
     );
 
-    finish_hand_over(&b, &mut incoming, live, &config).await;
+    finish_hand_over(&b, &mut incoming, &config).await;
     let stored = store.get_lease("s").await.expect("read").expect("exists");
     assert_eq!(
         (stored.lease_owner.as_deref(), stored.checkpoint_owner.as_deref()),
         (Some("c"), None),
         "once handed over, the lease goes on to a live worker"
     );
+}
+
+#[test]
+fn the_leader_gives_no_worker_more_than_max_leases_for_worker() {
+    let cfg = LeaseManagementConfig {
+        max_leases_for_worker: 3,
+        ..Default::default()
+    };
+    let mut taker = leader();
+    let t0 = Instant::now();
+    // me 3 (full), b 3 (full), c 1, dead 4: only c has room, for 2.
+    let mut table = owned("me", "me", 3);
+    table.extend(owned("b", "b", 3));
+    table.extend(owned("c", "c", 1));
+    table.extend(owned("dead", "dead", 4));
+    let held = set(&["me0", "me1", "me2"]);
+    taker.leases_to_take(&table, "me", &held, t0, &cfg);
+    for l in &mut table {
+        if l.lease_owner.as_deref() != Some("dead") {
+            l.lease_counter += 1;
+        }
+    }
+    let plan = taker.leases_to_take(&table, "me", &held, t0 + cfg.failover_time, &cfg);
+    assert!(plan.take.is_empty(), "the leader is full");
+    let given: Vec<&str> = plan.assign.iter().map(|(_, w)| w.as_str()).collect();
+    assert_eq!(given, ["c", "c"], "only c has room, for two");
+}
+
+#[tokio::test]
+async fn a_worker_at_max_leases_for_worker_releases_a_lease_assigned_to_it() {
+    let store = Arc::new(MemStore::default());
+    for key in ["s0", "s1"] {
+        store
+            .create_lease_if_not_exists(&lease(key, None, 0))
+            .await
+            .expect("created");
+    }
+    let config = LeaseManagementConfig {
+        max_leases_for_worker: 1,
+        ..LeaseManagementConfig::with_failover_time(Duration::from_secs(3))
+    };
+    let me = LeaseCoordinator::new(store.clone(), "me".into(), config);
+    let s0 = store.get_lease("s0").await.expect("read").expect("exists");
+    assert!(me.take(s0).await.expect("take"));
+    // Another worker (a leader that ignores the cap) assigns s1 to this full one.
+    let mut s1 = store.get_lease("s1").await.expect("read").expect("exists");
+    assert!(store.assign_lease(&mut s1, "me").await.expect("assign"));
+    assert!(!me.assign_to_self(s1).await.expect("refused"), "not acquired");
+    assert_eq!(me.held_count(), 1);
+    let stored = store.get_lease("s1").await.expect("read").expect("exists");
+    assert_eq!(stored.lease_owner, None, "released, for a worker with room");
 }

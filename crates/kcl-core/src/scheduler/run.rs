@@ -429,12 +429,12 @@ impl<'a> Run<'a> {
                 .observations()
                 .live_workers(self.coordinator.worker_id(), Instant::now(), config.failover_time);
         let announce = failure.is_none();
-        hand_over_at_shutdown(&self.coordinator, &mut self.incoming, live.clone(), announce, config).await;
+        hand_over_at_shutdown(&self.coordinator, &mut self.incoming, live, announce, config).await;
         let failure = self.stop_consumers(failure).await;
         // Concurrent and bounded by one lease-store call timeout, however many leases.
         self.coordinator.release_all().await;
         self.decider.resign(self.store.as_ref()).await;
-        finish_hand_over(&self.coordinator, &mut self.incoming, live, config).await;
+        finish_hand_over(&self.coordinator, &mut self.incoming, config).await;
         self.renewer_stop.cancel();
         let _ = (&mut self.renewer).await;
         info!("shutdown complete");
